@@ -1,0 +1,584 @@
+//! `reauth.toml`: the deployment's providers and the host's runtime settings.
+//!
+//! Every provider, whatever it is, has the same shape (`[providers.<name>]`), so an
+//! operator learns one concept. Unknown keys are errors, and every error names the
+//! file, the line, the provider and the key, because a typo in an auth config
+//! should fail loudly at `reauth check`, not silently at 3 a.m.
+//!
+//! ```toml
+//! [runtime]
+//! state_dir = ".reauth/state"   # where providers' `state` is persisted
+//! cache_dir = ".reauth/cache"   # precompiled plugin artifacts
+//!
+//! [providers.orders-db]
+//! plugin = "plugins/oauth2_client_credentials.wasm"   # relative to this file
+//! sha256 = "…"                                        # optional pin
+//! allowed_hosts = ["127.0.0.1:9400"]
+//!
+//! [providers.orders-db.config]
+//! token_url = "http://127.0.0.1:9400/token"
+//! client_id = "orders"
+//! client_secret = { env = "ORDERS_CLIENT_SECRET" }
+//!
+//! [providers.orders-db.cache]
+//! default_ttl_secs = 300
+//!
+//! [providers.orders-db.limits]
+//! timeout_ms = 2000
+//! memory_mib = 64
+//! ```
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// An invalid configuration. The message names the file, the line where known, the
+/// provider and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", .file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "<config>".into()), .line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The config file, if the config came from one.
+    pub file: Option<PathBuf>,
+    /// 1-based line of the offending key, where known.
+    pub line: Option<usize>,
+    /// What is wrong, starting with the dotted key path (`providers.x.limits.timeout_ms`).
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(file: Option<&Path>, key: impl fmt::Display, message: impl fmt::Display) -> Self {
+        ConfigError {
+            file: file.map(Path::to_path_buf),
+            line: None,
+            message: format!("{key}: {message}"),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Host-wide settings.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Providers by name.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// The directory relative paths are resolved against (the config file's).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The file this was read from.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[runtime]`: host-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Directory where each provider's `state` is persisted (one JSON file per
+    /// provider). Unset: state lives in memory and is lost on restart.
+    pub state_dir: Option<PathBuf>,
+    /// Directory for precompiled plugin artifacts. Unset: plugins are compiled at
+    /// every start.
+    pub cache_dir: Option<PathBuf>,
+    /// Largest linear memory any plugin may grow to, in MiB; per-provider
+    /// `limits.memory_mib` must not exceed it. Default 512.
+    #[serde(default = "defaults::max_memory_mib")]
+    pub max_memory_mib: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            state_dir: None,
+            cache_dir: None,
+            max_memory_mib: defaults::max_memory_mib(),
+        }
+    }
+}
+
+/// `[providers.<name>]`: one provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Path to the provider's WebAssembly component (relative to the config file).
+    pub plugin: PathBuf,
+    /// Optional hex SHA-256 of the component; checked at every load.
+    pub sha256: Option<String>,
+    /// Hosts the plugin may reach over HTTP: `host`, `host:port`, `*.domain`,
+    /// `*.domain:port`, `host:*`. Empty: no egress at all.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Handed to the plugin through `wasi:config`.
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigValue>,
+    /// Token cache settings.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Sandbox limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+impl ProviderConfig {
+    /// A provider running the component at `plugin`, with defaults everywhere else.
+    pub fn new(plugin: impl Into<PathBuf>) -> Self {
+        ProviderConfig {
+            plugin: plugin.into(),
+            sha256: None,
+            allowed_hosts: Vec::new(),
+            config: BTreeMap::new(),
+            cache: CacheConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+
+    /// Allow egress to `host` (same syntax as `allowed_hosts`).
+    pub fn allow_host(mut self, host: impl Into<String>) -> Self {
+        self.allowed_hosts.push(host.into());
+        self
+    }
+
+    /// Set a plain config value.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config
+            .insert(key.into(), ConfigValue::Value(Secret::new(value.into())));
+        self
+    }
+
+    /// Set a config value read from an environment variable at load.
+    pub fn config_env(mut self, key: impl Into<String>, var: impl Into<String>) -> Self {
+        self.config
+            .insert(key.into(), ConfigValue::Env { env: var.into() });
+        self
+    }
+}
+
+/// A config value: inline, or a reference resolved by the host at load time.
+/// Inline values are treated as secrets too (they often are), so `Debug` never
+/// prints them.
+#[derive(Clone, PartialEq)]
+pub enum ConfigValue {
+    /// An inline value (strings, numbers and booleans are all handed over as text).
+    Value(Secret),
+    /// `{ env = "NAME" }`: the value of an environment variable.
+    Env {
+        /// Variable name.
+        env: String,
+    },
+    /// `{ file = "path" }`: a file's contents, trailing newline trimmed (relative to
+    /// the config file).
+    File {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+impl fmt::Debug for ConfigValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigValue::Value(_) => f.write_str("[redacted]"),
+            ConfigValue::Env { env } => write!(f, "{{ env = {env:?} }}"),
+            ConfigValue::File { file } => write!(f, "{{ file = {file:?} }}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let expected = "a string, number, boolean, { env = \"NAME\" } or { file = \"path\" }";
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => Ok(ConfigValue::Value(Secret::new(s))),
+            toml::Value::Integer(i) => Ok(ConfigValue::Value(Secret::new(i.to_string()))),
+            toml::Value::Float(x) => Ok(ConfigValue::Value(Secret::new(x.to_string()))),
+            toml::Value::Boolean(b) => Ok(ConfigValue::Value(Secret::new(b.to_string()))),
+            toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
+                Some((k, toml::Value::String(v))) if k == "env" => {
+                    Ok(ConfigValue::Env { env: v.clone() })
+                }
+                Some((k, toml::Value::String(v))) if k == "file" => Ok(ConfigValue::File {
+                    file: PathBuf::from(v),
+                }),
+                Some((k, _)) => Err(D::Error::custom(format!(
+                    "unsupported reference `{k}`: expected {expected}"
+                ))),
+                None => Err(D::Error::custom(format!("expected {expected}"))),
+            },
+            _ => Err(D::Error::custom(format!("expected {expected}"))),
+        }
+    }
+}
+
+/// `[providers.<name>.cache]`: how long credentials are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Lifetime assumed for credentials that carry no expiry (no `expires-at`, no
+    /// JWT `exp`). Default 3600 s.
+    #[serde(default = "defaults::default_ttl_secs")]
+    pub default_ttl_secs: u64,
+    /// Upper bound on any credential's cached lifetime. Unset: no cap.
+    pub max_lifetime_secs: Option<u64>,
+    /// Treat credentials as expired this long before their stated expiry, to absorb
+    /// clock skew between us, the IdP and the server. Default 30 s.
+    #[serde(default = "defaults::skew_secs")]
+    pub skew_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            default_ttl_secs: defaults::default_ttl_secs(),
+            max_lifetime_secs: None,
+            skew_secs: defaults::skew_secs(),
+        }
+    }
+}
+
+/// `[providers.<name>.limits]`: the sandbox around each call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Wall-clock limit for one plugin call (including its HTTP requests). Default 5000.
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    /// Linear memory cap per call, in MiB. Default 64.
+    #[serde(default = "defaults::memory_mib")]
+    pub memory_mib: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            timeout_ms: defaults::timeout_ms(),
+            memory_mib: defaults::memory_mib(),
+        }
+    }
+}
+
+/// Every default in one place.
+pub mod defaults {
+    /// `runtime.max_memory_mib`.
+    pub fn max_memory_mib() -> u64 {
+        512
+    }
+    /// `cache.default_ttl_secs`.
+    pub fn default_ttl_secs() -> u64 {
+        3600
+    }
+    /// `cache.skew_secs`.
+    pub fn skew_secs() -> u64 {
+        30
+    }
+    /// `limits.timeout_ms`.
+    pub fn timeout_ms() -> u64 {
+        5000
+    }
+    /// `limits.memory_mib`.
+    pub fn memory_mib() -> u64 {
+        64
+    }
+}
+
+impl HostConfig {
+    /// Read and validate `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            line: None,
+            message: format!("cannot read config file: {e}"),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::from_toml(&text, Some(path), base)
+    }
+
+    /// Parse and validate TOML text; relative paths resolve against `base_dir`.
+    pub fn from_toml(
+        text: &str,
+        file: Option<&Path>,
+        base_dir: PathBuf,
+    ) -> Result<Self, ConfigError> {
+        let parse_error = |e: toml::de::Error, path: Option<String>| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            let message = e.message().trim().to_string();
+            ConfigError {
+                file: file.map(Path::to_path_buf),
+                line,
+                message: match path.filter(|p| !p.is_empty() && p != ".") {
+                    Some(p) => format!("{p}: {message}"),
+                    None => message,
+                },
+            }
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| parse_error(e, None))?;
+        let mut config: HostConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            parse_error(e.into_inner(), Some(path))
+        })?;
+        config.base_dir = base_dir;
+        config.source = file.map(Path::to_path_buf);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check what serde cannot: ranges, formats and names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let file = self.source.as_deref();
+        if self.runtime.max_memory_mib == 0 {
+            return Err(ConfigError::at(
+                file,
+                "runtime.max_memory_mib",
+                "must be at least 1",
+            ));
+        }
+        for (name, p) in &self.providers {
+            validate_provider(file, name, p, &self.runtime)?;
+        }
+        Ok(())
+    }
+
+    /// Resolve `path` against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+}
+
+/// Provider names appear in URLs, metrics and file names: keep them plain.
+pub(crate) fn valid_provider_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn validate_provider(
+    file: Option<&Path>,
+    name: &str,
+    p: &ProviderConfig,
+    runtime: &RuntimeConfig,
+) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("providers.{name}.{k}");
+    if !valid_provider_name(name) {
+        return Err(ConfigError::at(
+            file,
+            format!("providers.{name}"),
+            "provider names use only letters, digits, `-` and `_` (at most 64)",
+        ));
+    }
+    if let Some(sha) = &p.sha256
+        && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(ConfigError::at(
+            file,
+            key("sha256"),
+            "expected 64 hex digits",
+        ));
+    }
+    for (i, host) in p.allowed_hosts.iter().enumerate() {
+        if let Err(why) = crate::runtime::egress::HostPattern::parse(host) {
+            return Err(ConfigError::at(
+                file,
+                format!("{}[{i}]", key("allowed_hosts")),
+                format!("`{host}`: {why}"),
+            ));
+        }
+    }
+    if p.limits.timeout_ms == 0 || p.limits.timeout_ms > 600_000 {
+        return Err(ConfigError::at(
+            file,
+            key("limits.timeout_ms"),
+            "must be between 1 and 600000",
+        ));
+    }
+    if p.limits.memory_mib == 0 || p.limits.memory_mib > runtime.max_memory_mib {
+        return Err(ConfigError::at(
+            file,
+            key("limits.memory_mib"),
+            format!(
+                "must be between 1 and runtime.max_memory_mib ({})",
+                runtime.max_memory_mib
+            ),
+        ));
+    }
+    if p.cache.default_ttl_secs == 0 {
+        return Err(ConfigError::at(
+            file,
+            key("cache.default_ttl_secs"),
+            "must be at least 1",
+        ));
+    }
+    if p.cache.max_lifetime_secs == Some(0) {
+        return Err(ConfigError::at(
+            file,
+            key("cache.max_lifetime_secs"),
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+/// Resolve a provider's config values (`{ env }`, `{ file }`) into plain secrets.
+/// Errors name the provider and the key, never the value.
+pub(crate) fn resolve_values(
+    file: Option<&Path>,
+    base_dir: &Path,
+    provider: &str,
+    values: &BTreeMap<String, ConfigValue>,
+) -> Result<Vec<(String, Secret)>, ConfigError> {
+    values
+        .iter()
+        .map(|(k, v)| {
+            let key = format!("providers.{provider}.config.{k}");
+            let value = match v {
+                ConfigValue::Value(s) => s.clone(),
+                ConfigValue::Env { env } => Secret::new(std::env::var(env).map_err(|_| {
+                    ConfigError::at(
+                        file,
+                        &key,
+                        format!("environment variable `{env}` is not set"),
+                    )
+                })?),
+                ConfigValue::File { file: path } => {
+                    let path = if path.is_absolute() {
+                        path.clone()
+                    } else {
+                        base_dir.join(path)
+                    };
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        ConfigError::at(
+                            file,
+                            &key,
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?;
+                    Secret::new(text.trim_end_matches(['\n', '\r']).to_string())
+                }
+            };
+            Ok((k.clone(), value))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<HostConfig, ConfigError> {
+        HostConfig::from_toml(text, Some(Path::new("reauth.toml")), PathBuf::from("."))
+    }
+
+    #[test]
+    fn minimal_provider_gets_defaults() {
+        let c = parse("[providers.a]\nplugin = \"a.wasm\"\n").unwrap();
+        let a = &c.providers["a"];
+        assert_eq!(a.limits.timeout_ms, 5000);
+        assert_eq!(a.cache.skew_secs, 30);
+        assert!(a.allowed_hosts.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_provider_and_key() {
+        let e = parse("[providers.a]\nplugin = \"a.wasm\"\n\n[providers.a.limits]\ntimeout_ms = 10\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "reauth.toml:6: providers.a.limits: unknown field `bogus`, expected `timeout_ms` or `memory_mib`"
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_key() {
+        let e = parse("[provider.a]\nplugin = \"a.wasm\"\n").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "reauth.toml:1: unknown field `provider`, expected `runtime` or `providers`"
+        );
+    }
+
+    #[test]
+    fn bad_toml_names_line() {
+        let e = parse("[providers.a]\nplugin = \n").unwrap_err().to_string();
+        assert!(e.starts_with("reauth.toml:2: "), "{e}");
+    }
+
+    #[test]
+    fn missing_plugin_key() {
+        let e = parse("[providers.a]\nallowed_hosts = []\n").unwrap_err().to_string();
+        assert_eq!(e, "reauth.toml:1: providers.a: missing field `plugin`");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = parse("[providers.a]\nplugin = \"a.wasm\"\n[providers.a.limits]\ntimeout_ms = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("reauth.toml:4: providers.a.limits.timeout_ms: invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn range_errors_name_key() {
+        let e = parse("[providers.a]\nplugin = \"a.wasm\"\nlimits = { timeout_ms = 0 }\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "reauth.toml: providers.a.limits.timeout_ms: must be between 1 and 600000"
+        );
+        let e = parse("[providers.a]\nplugin = \"a.wasm\"\nallowed_hosts = [\"ok:1\", \"a b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("reauth.toml: providers.a.allowed_hosts[1]: `a b`: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn config_values_and_references() {
+        let c = parse(
+            "[providers.a]\nplugin = \"a.wasm\"\n[providers.a.config]\nplain = \"p\"\nnum = 5\nsecret = { env = \"REAUTH_TEST_UNSET_VAR\" }\n",
+        )
+        .unwrap();
+        let cfg = &c.providers["a"].config;
+        assert_eq!(cfg["num"], ConfigValue::Value(Secret::new("5")));
+        let e = resolve_values(c.source.as_deref(), &c.base_dir, "a", cfg)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "reauth.toml: providers.a.config.secret: environment variable `REAUTH_TEST_UNSET_VAR` is not set"
+        );
+        let e = parse("[providers.a]\nplugin = \"a.wasm\"\nconfig = { x = { vault = \"y\" } }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("providers.a.config.x: unsupported reference `vault`"), "{e}");
+    }
+
+    #[test]
+    fn debug_of_config_shows_no_inline_secret() {
+        let c = parse(
+            "[providers.a]\nplugin = \"a.wasm\"\n[providers.a.config]\nclient_secret = \"s3cr3t-VALUE\"\n",
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t-VALUE"), "{shown}");
+        assert!(shown.contains("client_secret"));
+    }
+}

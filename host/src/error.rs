@@ -1,0 +1,116 @@
+//! The library's error type.
+
+use crate::types::{ProviderError, SecurityError};
+use std::path::PathBuf;
+
+/// A boxed underlying cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in the host. Every variant about a provider names it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid; the message names file, provider and key.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+
+    /// No provider of that name is configured.
+    #[error("unknown provider `{provider}`")]
+    UnknownProvider {
+        /// The name asked for.
+        provider: String,
+    },
+
+    /// The provider's component could not be read, compiled or linked.
+    #[error("provider `{provider}`: failed to load plugin {path}: {source}")]
+    Load {
+        /// Provider name.
+        provider: String,
+        /// The plugin file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The provider answered with a `provider-error`.
+    #[error("provider `{provider}`: {error}")]
+    Provider {
+        /// Provider name.
+        provider: String,
+        /// What the plugin reported.
+        error: ProviderError,
+    },
+
+    /// The plugin trapped, exceeded a limit or broke the contract. Its instance was
+    /// discarded; the next call starts afresh.
+    #[error("provider `{provider}`: plugin failed during `{function}`: {source}")]
+    Plugin {
+        /// Provider name.
+        provider: String,
+        /// The exported function being called.
+        function: &'static str,
+        /// The trap or failure.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The call exceeded the provider's `timeout_ms`.
+    #[error("provider `{provider}`: `{function}` exceeded its {timeout_ms} ms timeout")]
+    Timeout {
+        /// Provider name.
+        provider: String,
+        /// The exported function being called.
+        function: &'static str,
+        /// The limit.
+        timeout_ms: u64,
+    },
+
+    /// An operation run through the host failed with a security error that the
+    /// retry policy could not resolve.
+    #[error("provider `{provider}`: operation rejected after {attempts} attempt(s): {error}")]
+    Rejected {
+        /// Provider name.
+        provider: String,
+        /// The last security error.
+        error: SecurityError,
+        /// How many times the operation ran.
+        attempts: u32,
+    },
+
+    /// An I/O failure of the host itself (state or cache directory).
+    #[error("{context}: {source}")]
+    Io {
+        /// What the host was doing.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The provider this error is about, if any.
+    pub fn provider(&self) -> Option<&str> {
+        match self {
+            Error::UnknownProvider { provider }
+            | Error::Load { provider, .. }
+            | Error::Provider { provider, .. }
+            | Error::Plugin { provider, .. }
+            | Error::Timeout { provider, .. }
+            | Error::Rejected { provider, .. } => Some(provider),
+            Error::Config(_) | Error::Io { .. } => None,
+        }
+    }
+
+    /// The `provider-error` the plugin returned, if that is what this is.
+    pub fn provider_error(&self) -> Option<&ProviderError> {
+        match self {
+            Error::Provider { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,291 @@
+//! [`Host`]: the embedder's entry point.
+
+use crate::cache::{CacheKey, Lookup, TokenCache};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
+use crate::error::{Error, Result};
+use crate::runtime::egress::HostPattern;
+use crate::runtime::{CompileSource, ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
+use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+/// The outcome of loading one provider.
+#[derive(Debug, Clone)]
+pub enum ProviderStatus {
+    /// Loaded and instantiable.
+    Ready {
+        /// Hex SHA-256 of the component.
+        sha256: String,
+        /// Whether the compiled code came from the precompiled cache.
+        from_cache: bool,
+    },
+    /// Failed to load; calls to it return this error's message.
+    Failed(String),
+}
+
+enum Slot {
+    Ready {
+        runtime: Arc<ProviderRuntime>,
+        cache: config::CacheConfig,
+    },
+    Failed(String),
+}
+
+/// Hosts auth providers: loads them, caches what they return and asks them what to
+/// do when a server rejects a credential.
+///
+/// Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    runtime: Runtime,
+    providers: BTreeMap<String, Slot>,
+    cache: TokenCache,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("providers", &self.inner.providers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Host`] from a config file or programmatically.
+pub struct HostBuilder {
+    config: HostConfig,
+    clock: Arc<dyn Clock>,
+}
+
+impl HostBuilder {
+    /// Add (or replace) a provider.
+    pub fn provider(mut self, name: impl Into<String>, provider: ProviderConfig) -> Self {
+        self.config.providers.insert(name.into(), provider);
+        self
+    }
+
+    /// Persist providers' state under `dir`.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.runtime.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Keep precompiled artifacts under `dir`.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.runtime.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// Use `clock` for expiry decisions and as the plugins' wall clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Validate the configuration, start the engine and load every provider.
+    ///
+    /// Configuration errors fail the build. A provider whose plugin fails to load
+    /// does not: it is reported by [`Host::status`] and its calls return the load
+    /// error, while every other provider serves.
+    pub fn build(self) -> Result<Host> {
+        let config = self.config;
+        config.validate()?;
+        let runtime = Runtime::new(
+            RuntimeOptions {
+                cache_dir: config.runtime.cache_dir.as_deref().map(|d| config.resolve(d)),
+                max_memory_bytes: config.runtime.max_memory_mib << 20,
+            },
+            self.clock.clone(),
+        )
+        .map_err(|e| Error::Io {
+            context: "starting the WebAssembly engine".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut providers = BTreeMap::new();
+        for (name, p) in &config.providers {
+            let slot = match load_provider(&runtime, &config, name, p) {
+                Ok(runtime) => {
+                    tracing::info!(provider = %name, sha256 = runtime.sha256(), "provider loaded");
+                    Slot::Ready {
+                        runtime: Arc::new(runtime),
+                        cache: p.cache.clone(),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(provider = %name, error = %e, "provider failed to load");
+                    Slot::Failed(e.to_string())
+                }
+            };
+            providers.insert(name.clone(), slot);
+        }
+        Ok(Host {
+            inner: Arc::new(Inner {
+                runtime,
+                providers,
+                cache: TokenCache::new(self.clock),
+            }),
+        })
+    }
+}
+
+fn load_provider(
+    runtime: &Runtime,
+    config: &HostConfig,
+    name: &str,
+    p: &ProviderConfig,
+) -> Result<ProviderRuntime> {
+    let file = config.source.as_deref();
+    let values = config::resolve_values(file, &config.base_dir, name, &p.config)?;
+    let allowed_hosts = p
+        .allowed_hosts
+        .iter()
+        .map(|h| HostPattern::parse(h))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|why| ConfigError {
+            file: file.map(Path::to_path_buf),
+            line: None,
+            message: format!("providers.{name}.allowed_hosts: {why}"),
+        })?;
+    let spec = ProviderSpec {
+        name: name.to_string(),
+        plugin: config.resolve(&p.plugin),
+        sha256: p.sha256.clone(),
+        allowed_hosts,
+        config: values,
+        limits: p.limits.clone(),
+        state_file: config
+            .runtime
+            .state_dir
+            .as_deref()
+            .map(|d| config.resolve(d).join(format!("{name}.json"))),
+    };
+    ProviderRuntime::load(runtime, spec)
+}
+
+impl Host {
+    /// A builder with no providers and default settings.
+    pub fn builder() -> HostBuilder {
+        HostBuilder {
+            config: HostConfig::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A builder seeded from a parsed configuration.
+    pub fn builder_from_config(config: HostConfig) -> HostBuilder {
+        HostBuilder {
+            config,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Read `path` and build a host from it.
+    pub fn from_config_file(path: impl AsRef<Path>) -> Result<Host> {
+        Self::builder_from_config(HostConfig::from_file(path)?).build()
+    }
+
+    /// Every configured provider and whether it loaded.
+    pub fn status(&self) -> BTreeMap<String, ProviderStatus> {
+        self.inner
+            .providers
+            .iter()
+            .map(|(name, slot)| {
+                let status = match slot {
+                    Slot::Ready { runtime, .. } => ProviderStatus::Ready {
+                        sha256: runtime.sha256().to_string(),
+                        from_cache: runtime.compile_source() == CompileSource::Cache,
+                    },
+                    Slot::Failed(e) => ProviderStatus::Failed(e.clone()),
+                };
+                (name.clone(), status)
+            })
+            .collect()
+    }
+
+    fn provider(&self, name: &str) -> Result<(&Arc<ProviderRuntime>, &config::CacheConfig)> {
+        match self.inner.providers.get(name) {
+            Some(Slot::Ready { runtime, cache }) => Ok((runtime, cache)),
+            Some(Slot::Failed(message)) => Err(Error::Load {
+                provider: name.to_string(),
+                path: PathBuf::new(),
+                source: message.clone().into(),
+            }),
+            None => Err(Error::UnknownProvider {
+                provider: name.to_string(),
+            }),
+        }
+    }
+
+    /// Credentials for `request` from `provider`: cached while valid, fetched (once,
+    /// however many callers ask at the same time) when missing or expired.
+    pub async fn get_credentials(&self, provider: &str, request: &Request) -> Result<Credentials> {
+        self.get_credentials_traced(provider, request)
+            .await
+            .map(|(c, _)| c)
+    }
+
+    /// Like [`Host::get_credentials`], also saying whether the cache served it.
+    pub async fn get_credentials_traced(
+        &self,
+        provider: &str,
+        request: &Request,
+    ) -> Result<(Credentials, Lookup)> {
+        let (runtime, settings) = self.provider(provider)?;
+        let key = CacheKey::new(Arc::from(provider), request);
+        self.inner
+            .cache
+            .get_or_fetch(&key, settings, |reason| async move {
+                let mut request = request.clone();
+                // A caller's explicit reason (e.g. after a security error) wins.
+                if request.reason == Reason::Initial {
+                    request.reason = reason;
+                }
+                runtime.get_credentials(&self.inner.runtime, &request).await
+            })
+            .await
+    }
+
+    /// When the host stops serving the cached credential for `request`, if one is
+    /// cached.
+    pub async fn cached_until(&self, provider: &str, request: &Request) -> Option<SystemTime> {
+        let key = CacheKey::new(Arc::from(provider), request);
+        self.inner.cache.use_until(&key).await
+    }
+
+    /// Ask `provider` what to do now that a server rejected `credentials` with
+    /// `error`. On [`Decision::RefreshAndRetry`] the cached entry is dropped — only
+    /// if it still holds `credentials`, so a burst of failures with the same old
+    /// credential drops it once.
+    pub async fn handle_security_error(
+        &self,
+        provider: &str,
+        request: &Request,
+        credentials: &Credentials,
+        error: &SecurityError,
+    ) -> Result<Decision> {
+        let (runtime, _) = self.provider(provider)?;
+        let decision = runtime
+            .handle_security_error(&self.inner.runtime, request, credentials, error)
+            .await?;
+        if decision == Decision::RefreshAndRetry {
+            let key = CacheKey::new(Arc::from(provider), request);
+            let dropped = self.inner.cache.invalidate_if(&key, credentials).await;
+            tracing::debug!(provider, dropped, "security error: refresh-and-retry");
+        }
+        Ok(decision)
+    }
+
+    /// Number of `get-credentials` calls made to `provider`'s plugin so far.
+    pub fn plugin_calls(&self, provider: &str) -> u64 {
+        self.provider(provider)
+            .map(|(r, _)| r.stats().get_credentials.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,62 @@
+//! # reauth: a WebAssembly plugin host for custom auth providers
+//!
+//! Services that talk to databases, brokers and APIs hold credentials that expire
+//! or rotate. reauth moves the logic that fetches, caches, refreshes and re-tries
+//! them into **sandboxed WebAssembly components** ("providers") that a deployment
+//! drops in without recompiling anything. The host loads them with wasmtime, runs
+//! every call in a fresh sandbox, caches what they return (single-flight per key)
+//! and asks them what to do when a server rejects a credential.
+//!
+//! ```no_run
+//! use reauth::{Host, ProviderConfig, Request, SecurityError, SecurityErrorKind, Decision};
+//!
+//! # async fn demo() -> Result<(), reauth::Error> {
+//! let host = Host::builder()
+//!     .provider(
+//!         "orders-db",
+//!         ProviderConfig::new("plugins/target/wasm32-wasip2/release/oauth2_client_credentials.wasm")
+//!             .allow_host("127.0.0.1:9400")
+//!             .config("token_url", "http://127.0.0.1:9400/token")
+//!             .config("client_id", "orders")
+//!             .config_env("client_secret", "ORDERS_CLIENT_SECRET"),
+//!     )
+//!     .build()?;
+//!
+//! let request = Request::new().scope("orders:read");
+//! let credentials = host.get_credentials("orders-db", &request).await?;   // fetched
+//! let again = host.get_credentials("orders-db", &request).await?;         // cached
+//! assert_eq!(credentials, again);
+//!
+//! // The server said the token expired: ask the provider, which says refresh.
+//! let error = SecurityError::new(SecurityErrorKind::TokenExpired).status(401);
+//! let decision = host.handle_security_error("orders-db", &request, &credentials, &error).await?;
+//! assert_eq!(decision, Decision::RefreshAndRetry);
+//! let fresh = host.get_credentials("orders-db", &request).await?;        // fetched anew
+//! # let _ = fresh; Ok(()) }
+//! ```
+//!
+//! Configuration files are described in [`config`]; the sandbox in [`runtime`];
+//! the cache's semantics in [`cache`]. [`issuer`] is a development-only OAuth2
+//! token endpoint the demo and tests run against.
+
+#![deny(missing_docs)]
+
+pub mod cache;
+pub mod clock;
+pub mod config;
+mod error;
+mod host;
+pub mod issuer;
+pub mod runtime;
+mod secret;
+mod types;
+
+pub use cache::Lookup;
+pub use config::{ConfigError, HostConfig, ProviderConfig};
+pub use error::{BoxError, Error, Result};
+pub use host::{Host, HostBuilder, ProviderStatus};
+pub use secret::Secret;
+pub use types::{
+    Credential, Credentials, Decision, ProviderError, Reason, Request, SecurityError,
+    SecurityErrorKind,
+};
