@@ -85,11 +85,13 @@ impl TokenCache {
     }
 
     /// The cached credential for `key`, or the result of `fetch` (called at most
-    /// once at a time per key).
+    /// once at a time per key). `requested` is the caller's reason; when it is not
+    /// [`Reason::Initial`] it overrides the one the cache infers.
     pub(crate) async fn get_or_fetch<F, Fut, E>(
         &self,
         key: &CacheKey,
         settings: &CacheConfig,
+        requested: Reason,
         fetch: F,
     ) -> Result<(Credentials, Lookup), E>
     where
@@ -103,6 +105,7 @@ impl TokenCache {
             Some(entry) if now < entry.use_until => {
                 return Ok((entry.credentials.clone(), Lookup::Hit));
             }
+            _ if requested != Reason::Initial => requested,
             Some(_) => Reason::Expired,
             None => Reason::Initial,
         };
@@ -224,7 +227,7 @@ mod tests {
                 (cache.clone(), key.clone(), calls.clone(), settings.clone());
             tasks.push(tokio::spawn(async move {
                 cache
-                    .get_or_fetch(&key, &settings, |_| async {
+                    .get_or_fetch(&key, &settings, Reason::Initial, |_| async {
                         let n = calls.fetch_add(1, Ordering::SeqCst);
                         tokio::task::yield_now().await;
                         Ok::<_, ()>(bearer(&format!("t{n}"), None))
@@ -243,7 +246,7 @@ mod tests {
         assert!(cache.invalidate_if(&key, &bearer("t0", None)).await);
         assert!(!cache.invalidate_if(&key, &bearer("t0", None)).await);
         let (c, how) = cache
-            .get_or_fetch(&key, &settings, |r| async move {
+            .get_or_fetch(&key, &settings, Reason::Initial, |r| async move {
                 assert_eq!(r, Reason::Initial);
                 Ok::<_, ()>(bearer("t1", None))
             })
@@ -255,7 +258,7 @@ mod tests {
         // Expiry on the injected clock.
         clock.advance(Duration::from_secs(3600));
         let (_, how) = cache
-            .get_or_fetch(&key, &settings, |_| async { Ok::<_, ()>(bearer("t2", None)) })
+            .get_or_fetch(&key, &settings, Reason::Initial, |_| async { Ok::<_, ()>(bearer("t2", None)) })
             .await
             .unwrap();
         assert_eq!(how, Lookup::Fetched(Reason::Expired));

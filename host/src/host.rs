@@ -209,6 +209,20 @@ impl Host {
             .collect()
     }
 
+    /// Like [`Host::status`], but also instantiates every loaded provider once, so
+    /// that a component whose start-up traps is reported too.
+    pub async fn check(&self) -> BTreeMap<String, ProviderStatus> {
+        let mut status = self.status();
+        for (name, slot) in &self.inner.providers {
+            if let Slot::Ready { runtime, .. } = slot
+                && let Err(e) = runtime.instantiate_check(&self.inner.runtime).await
+            {
+                status.insert(name.clone(), ProviderStatus::Failed(e.to_string()));
+            }
+        }
+        status
+    }
+
     fn provider(&self, name: &str) -> Result<(&Arc<ProviderRuntime>, &config::CacheConfig)> {
         match self.inner.providers.get(name) {
             Some(Slot::Ready { runtime, cache }) => Ok((runtime, cache)),
@@ -241,12 +255,11 @@ impl Host {
         let key = CacheKey::new(Arc::from(provider), request);
         self.inner
             .cache
-            .get_or_fetch(&key, settings, |reason| async move {
-                let mut request = request.clone();
-                // A caller's explicit reason (e.g. after a security error) wins.
-                if request.reason == Reason::Initial {
-                    request.reason = reason;
-                }
+            .get_or_fetch(&key, settings, request.reason, |reason| async move {
+                let request = Request {
+                    reason,
+                    ..request.clone()
+                };
                 runtime.get_credentials(&self.inner.runtime, &request).await
             })
             .await

@@ -42,6 +42,7 @@
 #![deny(missing_docs)]
 
 pub mod cache;
+pub mod cli;
 pub mod clock;
 pub mod config;
 mod error;

@@ -448,6 +448,18 @@ impl ProviderRuntime {
         }
     }
 
+    /// Instantiate the component once in a fresh Store (what `reauth check` does to
+    /// prove a provider can run), without calling it.
+    pub async fn instantiate_check(&self, runtime: &Runtime) -> Result<(), Error> {
+        let (mut store, _, _) = self.new_store(runtime);
+        let instantiate = self.pre.instantiate_async(&mut store);
+        match tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await {
+            Err(_) => Err(self.timeout("instantiate")),
+            Ok(Err(e)) => Err(self.fault("instantiate", e)),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
     /// Call `get-credentials` in a fresh instance.
     pub async fn get_credentials(
         &self,

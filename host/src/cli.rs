@@ -1,0 +1,432 @@
+//! The `reauth` command line. The binary is a thin wrapper around [`run`], so the
+//! commands are tested in-process exactly as users run them.
+
+use crate::config::HostConfig;
+use crate::error::BoxError;
+use crate::host::{Host, ProviderStatus};
+use crate::issuer::{DevClient, DevIssuer, DevIssuerConfig};
+use crate::types::{Credential, Credentials, Decision, Request, SecurityError, SecurityErrorKind};
+use crate::{Lookup, ProviderConfig, Reason};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Where `reauth demo` looks for the shipped OAuth2 plugin unless told otherwise.
+pub const DEMO_PLUGIN: &str = "plugins/target/wasm32-wasip2/release/oauth2_client_credentials.wasm";
+
+/// reauth: sandboxed WebAssembly auth providers with caching and re-authentication.
+#[derive(Debug, Parser)]
+#[command(name = "reauth", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config, load and instantiate every provider, report each.
+    Check {
+        /// The config file.
+        #[arg(long, short, env = "REAUTH_CONFIG", default_value = "reauth.toml")]
+        config: PathBuf,
+    },
+    /// Print credentials from a provider.
+    Get {
+        /// Provider name.
+        provider: String,
+        /// The config file.
+        #[arg(long, short, env = "REAUTH_CONFIG", default_value = "reauth.toml")]
+        config: PathBuf,
+        /// Subject (per-user credentials).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Scope (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Audience / resource.
+        #[arg(long)]
+        audience: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Run the development OAuth2 issuer on loopback until interrupted.
+    DevIssuer {
+        /// Address to listen on (loopback only).
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        listen: SocketAddr,
+        /// Accepted client as `id:secret` (repeatable).
+        #[arg(long = "client", value_parser = parse_client, required = true)]
+        clients: Vec<DevClient>,
+        /// Token lifetime in seconds.
+        #[arg(long, default_value_t = 300)]
+        lifetime: u64,
+    },
+    /// Show the whole cycle against an in-process dev issuer: fetch, cached hits,
+    /// refresh after expiry, re-authentication after a `token-expired` error.
+    Demo {
+        /// The oauth2-client-credentials plugin.
+        #[arg(long, env = "REAUTH_DEMO_PLUGIN", default_value = DEMO_PLUGIN)]
+        plugin: PathBuf,
+        /// Token lifetime in seconds.
+        #[arg(long, default_value_t = 3)]
+        lifetime: u64,
+    },
+}
+
+/// Output format of `reauth get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// A JSON object with the credential, expiry and principal.
+    Json,
+    /// HTTP header lines (`Authorization: …` or the provider's headers).
+    Header,
+}
+
+fn parse_client(s: &str) -> Result<DevClient, String> {
+    let (id, secret) = s
+        .split_once(':')
+        .ok_or_else(|| "expected `id:secret`".to_string())?;
+    if id.is_empty() || secret.is_empty() {
+        return Err("expected `id:secret` with both parts non-empty".into());
+    }
+    Ok(DevClient::new(id, secret))
+}
+
+/// Run a parsed command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
+    match cli.command {
+        Command::Check { config } => check(config, out).await,
+        Command::Get {
+            provider,
+            config,
+            subject,
+            scopes,
+            audience,
+            format,
+        } => {
+            let host = Host::from_config_file(&config)?;
+            let request = Request {
+                subject,
+                scopes,
+                audience,
+                reason: Reason::Initial,
+            };
+            let credentials = host.get_credentials(&provider, &request).await?;
+            print_credentials(&credentials, format, out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DevIssuer {
+            listen,
+            clients,
+            lifetime,
+        } => {
+            let issuer = DevIssuer::start(DevIssuerConfig {
+                listen,
+                clients,
+                token_lifetime: Duration::from_secs(lifetime),
+                ..DevIssuerConfig::default()
+            })
+            .await?;
+            writeln!(out, "dev issuer (development only) at {}", issuer.url())?;
+            writeln!(out, "  token endpoint: {}", issuer.token_url())?;
+            writeln!(out, "  jwks:           {}", issuer.jwks_url())?;
+            out.flush()?;
+            tokio::signal::ctrl_c().await?;
+            issuer.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { plugin, lifetime } => demo(plugin, lifetime, out).await,
+    }
+}
+
+async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
+    let parsed = match HostConfig::from_file(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            writeln!(out, "FAIL config: {e}")?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let host = Host::builder_from_config(parsed).build()?;
+    let mut failed = 0;
+    let status = host.check().await;
+    for (name, status) in &status {
+        match status {
+            ProviderStatus::Ready { sha256, from_cache } => writeln!(
+                out,
+                "ok   {name}: sha256 {}… ({})",
+                &sha256[..12],
+                if *from_cache { "precompiled cache" } else { "compiled" }
+            )?,
+            ProviderStatus::Failed(e) => {
+                failed += 1;
+                writeln!(out, "FAIL {name}: {e}")?;
+            }
+        }
+    }
+    writeln!(
+        out,
+        "{} provider(s): {} ok, {failed} failed",
+        status.len(),
+        status.len() - failed
+    )?;
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_credentials(
+    c: &Credentials,
+    format: Format,
+    out: &mut (dyn Write + Send),
+) -> Result<(), BoxError> {
+    // Printing the credential is this command's job: this is the one place where
+    // secrets are exposed on purpose.
+    match format {
+        Format::Header => match &c.credential {
+            Credential::Headers(headers) => {
+                for (k, v) in headers {
+                    writeln!(out, "{k}: {}", v.expose())?;
+                }
+            }
+            other => {
+                let value = other
+                    .authorization_header()
+                    .ok_or("credential has no Authorization form")?;
+                writeln!(out, "Authorization: {}", value.expose())?;
+            }
+        },
+        Format::Json => {
+            let mut v = match &c.credential {
+                Credential::Bearer(t) => serde_json::json!({"kind": "bearer", "token": t.expose()}),
+                Credential::Basic { username, password } => serde_json::json!(
+                    {"kind": "basic", "username": username, "password": password.expose()}
+                ),
+                Credential::Headers(h) => serde_json::json!({
+                    "kind": "headers",
+                    "headers": h.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect::<HashMap<_, _>>(),
+                }),
+            };
+            if let Some(at) = c.expires_at {
+                v["expires_at"] = serde_json::json!(rfc3339(at));
+            }
+            if let Some(p) = &c.principal {
+                v["principal"] = serde_json::json!(p);
+            }
+            writeln!(out, "{v}")?;
+        }
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a system time (UTC).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Numbers tokens in order of first appearance so the demo never prints one.
+struct TokenNames(HashMap<String, usize>);
+
+impl TokenNames {
+    fn name(&mut self, c: &Credentials) -> String {
+        let key = match &c.credential {
+            Credential::Bearer(t) => t.expose().to_string(),
+            other => format!("{other:?}"),
+        };
+        let next = self.0.len() + 1;
+        format!("token #{}", self.0.entry(key).or_insert(next))
+    }
+}
+
+async fn demo(
+    plugin: PathBuf,
+    lifetime: u64,
+    out: &mut (dyn Write + Send),
+) -> Result<ExitCode, BoxError> {
+    if !plugin.exists() {
+        return Err(format!(
+            "demo plugin not found at {}: build the shipped plugins first (`make plugins`) or pass --plugin",
+            plugin.display()
+        )
+        .into());
+    }
+    let lifetime = lifetime.max(1);
+    let issuer = DevIssuer::start(DevIssuerConfig {
+        clients: vec![DevClient::new("demo-client", "demo-secret")],
+        token_lifetime: Duration::from_secs(lifetime),
+        default_audience: Some("demo-api".into()),
+        ..DevIssuerConfig::default()
+    })
+    .await?;
+    let host = Host::builder()
+        .provider(
+            "demo",
+            ProviderConfig::new(&plugin)
+                .allow_host(issuer.addr().to_string())
+                .config("token_url", issuer.token_url())
+                .config("client_id", "demo-client")
+                .config("client_secret", "demo-secret"),
+        )
+        .build()?;
+    if let Some(ProviderStatus::Failed(e)) = host.status().get("demo") {
+        return Err(e.clone().into());
+    }
+
+    let started = Instant::now();
+    let mut names = TokenNames(HashMap::new());
+    let request = Request::new();
+    writeln!(out, "reauth demo")?;
+    writeln!(
+        out,
+        "  identity provider: dev issuer at {} (tokens live {lifetime}s)",
+        issuer.url()
+    )?;
+    writeln!(
+        out,
+        "  provider `demo`:   {} (sandboxed WebAssembly component)",
+        plugin.display()
+    )?;
+    writeln!(out)?;
+
+    macro_rules! step {
+        ($($arg:tt)*) => {{
+            writeln!(out, "[{:>6.3}s] {}", started.elapsed().as_secs_f64(), format!($($arg)*))?;
+            out.flush()?;
+        }};
+    }
+    let describe = |lookup: Lookup| match lookup {
+        Lookup::Hit => "cache hit".to_string(),
+        Lookup::Fetched(reason) => format!("fetched from the IdP ({})", reason_name(reason)),
+    };
+
+    // 1. First fetch.
+    let (creds, lookup) = host.get_credentials_traced("demo", &request).await?;
+    let expires_in = creds
+        .expires_at
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
+    step!(
+        "get-credentials → {}: {}, expires in {:.1}s, principal {}",
+        describe(lookup),
+        names.name(&creds),
+        expires_in.as_secs_f64(),
+        creds.principal.as_deref().unwrap_or("-")
+    );
+    // 2. Cached hits.
+    for _ in 0..3 {
+        let (c, lookup) = host.get_credentials_traced("demo", &request).await?;
+        step!("get-credentials → {}: {}", describe(lookup), names.name(&c));
+    }
+    // 3. Refresh after expiry.
+    if let Some(until) = host.cached_until("demo", &request).await {
+        let wait = until
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_millis(50);
+        step!("… waiting {:.1}s for the cached token to expire", wait.as_secs_f64());
+        tokio::time::sleep(wait).await;
+    }
+    let (creds, lookup) = host.get_credentials_traced("demo", &request).await?;
+    step!("get-credentials → {}: {}", describe(lookup), names.name(&creds));
+    let token = match &creds.credential {
+        Credential::Bearer(t) => t.clone(),
+        _ => return Err("the demo provider returned a non-bearer credential".into()),
+    };
+    match issuer.verify(token.expose(), Some("demo-api")) {
+        Ok(_) => step!("resource server → 200: {} verified against the issuer's JWKS", names.name(&creds)),
+        Err(e) => step!("resource server → 401: {e}"),
+    }
+    // 4. Re-authentication after a server-side token-expired error.
+    let error = SecurityError::new(SecurityErrorKind::TokenExpired)
+        .status(401)
+        .code("invalid_token")
+        .message("the access token expired");
+    step!(
+        "resource server → 401 invalid_token for {} (simulated: revoked early)",
+        names.name(&creds)
+    );
+    let decision = host
+        .handle_security_error("demo", &request, &creds, &error)
+        .await?;
+    step!("handle-security-error → provider decides {}", decision_name(decision));
+    if decision == Decision::RefreshAndRetry {
+        let retry = Request {
+            reason: Reason::AfterSecurityError,
+            ..request.clone()
+        };
+        let (fresh, lookup) = host.get_credentials_traced("demo", &retry).await?;
+        step!("get-credentials → {}: {}", describe(lookup), names.name(&fresh));
+        let (again, lookup) = host.get_credentials_traced("demo", &request).await?;
+        step!("get-credentials → {}: {}", describe(lookup), names.name(&again));
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "summary: {} plugin calls, {} tokens issued by the IdP, {:.1}s",
+        host.plugin_calls("demo"),
+        issuer.issued(),
+        started.elapsed().as_secs_f64()
+    )?;
+    issuer.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reason_name(r: Reason) -> &'static str {
+    match r {
+        Reason::Initial => "initial",
+        Reason::RefreshAhead => "refresh-ahead",
+        Reason::Expired => "expired",
+        Reason::AfterSecurityError => "after-security-error",
+    }
+}
+
+fn decision_name(d: Decision) -> String {
+    match d {
+        Decision::RefreshAndRetry => "refresh-and-retry".into(),
+        Decision::RetryAfter(t) => format!("retry-after {} ms", t.as_millis()),
+        Decision::Fail => "fail".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_100_000)),
+            "2025-11-25T19:46:40Z"
+        );
+    }
+}
