@@ -252,13 +252,18 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!((c, how), (bearer("t1", None), Lookup::Fetched(Reason::Initial)));
+        assert_eq!(
+            (c, how),
+            (bearer("t1", None), Lookup::Fetched(Reason::Initial))
+        );
         assert!(!cache.invalidate_if(&key, &bearer("t0", None)).await);
 
         // Expiry on the injected clock.
         clock.advance(Duration::from_secs(3600));
         let (_, how) = cache
-            .get_or_fetch(&key, &settings, Reason::Initial, |_| async { Ok::<_, ()>(bearer("t2", None)) })
+            .get_or_fetch(&key, &settings, Reason::Initial, |_| async {
+                Ok::<_, ()>(bearer("t2", None))
+            })
             .await
             .unwrap();
         assert_eq!(how, Lookup::Fetched(Reason::Expired));

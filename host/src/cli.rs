@@ -163,7 +163,11 @@ async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
                 out,
                 "ok   {name}: sha256 {}… ({})",
                 &sha256[..12],
-                if *from_cache { "precompiled cache" } else { "compiled" }
+                if *from_cache {
+                    "precompiled cache"
+                } else {
+                    "compiled"
+                }
             )?,
             ProviderStatus::Failed(e) => {
                 failed += 1;
@@ -348,21 +352,29 @@ async fn demo(
     }
     // 3. Refresh after expiry.
     if let Some(until) = host.cached_until("demo", &request).await {
-        let wait = until
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            + Duration::from_millis(50);
-        step!("… waiting {:.1}s for the cached token to expire", wait.as_secs_f64());
+        let wait =
+            until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(50);
+        step!(
+            "… waiting {:.1}s for the cached token to expire",
+            wait.as_secs_f64()
+        );
         tokio::time::sleep(wait).await;
     }
     let (creds, lookup) = host.get_credentials_traced("demo", &request).await?;
-    step!("get-credentials → {}: {}", describe(lookup), names.name(&creds));
+    step!(
+        "get-credentials → {}: {}",
+        describe(lookup),
+        names.name(&creds)
+    );
     let token = match &creds.credential {
         Credential::Bearer(t) => t.clone(),
         _ => return Err("the demo provider returned a non-bearer credential".into()),
     };
     match issuer.verify(token.expose(), Some("demo-api")) {
-        Ok(_) => step!("resource server → 200: {} verified against the issuer's JWKS", names.name(&creds)),
+        Ok(_) => step!(
+            "resource server → 200: {} verified against the issuer's JWKS",
+            names.name(&creds)
+        ),
         Err(e) => step!("resource server → 401: {e}"),
     }
     // 4. Re-authentication after a server-side token-expired error.
@@ -377,16 +389,27 @@ async fn demo(
     let decision = host
         .handle_security_error("demo", &request, &creds, &error)
         .await?;
-    step!("handle-security-error → provider decides {}", decision_name(decision));
+    step!(
+        "handle-security-error → provider decides {}",
+        decision_name(decision)
+    );
     if decision == Decision::RefreshAndRetry {
         let retry = Request {
             reason: Reason::AfterSecurityError,
             ..request.clone()
         };
         let (fresh, lookup) = host.get_credentials_traced("demo", &retry).await?;
-        step!("get-credentials → {}: {}", describe(lookup), names.name(&fresh));
+        step!(
+            "get-credentials → {}: {}",
+            describe(lookup),
+            names.name(&fresh)
+        );
         let (again, lookup) = host.get_credentials_traced("demo", &request).await?;
-        step!("get-credentials → {}: {}", describe(lookup), names.name(&again));
+        step!(
+            "get-credentials → {}: {}",
+            describe(lookup),
+            names.name(&again)
+        );
     }
     writeln!(out)?;
     writeln!(

@@ -305,9 +305,13 @@ impl HostConfig {
         base_dir: PathBuf,
     ) -> Result<Self, ConfigError> {
         let parse_error = |e: toml::de::Error, path: Option<String>| {
-            let line = e
-                .span()
-                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map(|span| {
+                text.as_bytes()[..span.start.min(text.len())]
+                    .iter()
+                    .filter(|b| **b == b'\n')
+                    .count()
+                    + 1
+            });
             let message = e.message().trim().to_string();
             ConfigError {
                 file: file.map(Path::to_path_buf),
@@ -458,11 +462,7 @@ pub(crate) fn resolve_values(
                         base_dir.join(path)
                     };
                     let text = std::fs::read_to_string(&path).map_err(|e| {
-                        ConfigError::at(
-                            file,
-                            &key,
-                            format!("cannot read {}: {e}", path.display()),
-                        )
+                        ConfigError::at(file, &key, format!("cannot read {}: {e}", path.display()))
                     })?;
                     Secret::new(text.trim_end_matches(['\n', '\r']).to_string())
                 }
@@ -490,22 +490,24 @@ mod tests {
     }
 
     #[test]
-    fn unknown_key_names_file_line_provider_and_key() {
+    fn unknown_key_names_file_line_provider_and_key_snapshot() {
         let e = parse("[providers.a]\nplugin = \"a.wasm\"\n\n[providers.a.limits]\ntimeout_ms = 10\nbogus = 1\n")
             .unwrap_err()
             .to_string();
         assert_eq!(
             e,
-            "reauth.toml:6: providers.a.limits: unknown field `bogus`, expected `timeout_ms` or `memory_mib`"
+            "reauth.toml:6: providers.a.limits.bogus: unknown field `bogus`, expected `timeout_ms` or `memory_mib`"
         );
     }
 
     #[test]
     fn unknown_top_level_key() {
-        let e = parse("[provider.a]\nplugin = \"a.wasm\"\n").unwrap_err().to_string();
+        let e = parse("[provider.a]\nplugin = \"a.wasm\"\n")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
-            "reauth.toml:1: unknown field `provider`, expected `runtime` or `providers`"
+            "reauth.toml:1: provider: unknown field `provider`, expected `runtime` or `providers`"
         );
     }
 
@@ -517,15 +519,19 @@ mod tests {
 
     #[test]
     fn missing_plugin_key() {
-        let e = parse("[providers.a]\nallowed_hosts = []\n").unwrap_err().to_string();
+        let e = parse("[providers.a]\nallowed_hosts = []\n")
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "reauth.toml:1: providers.a: missing field `plugin`");
     }
 
     #[test]
     fn wrong_type_names_key() {
-        let e = parse("[providers.a]\nplugin = \"a.wasm\"\n[providers.a.limits]\ntimeout_ms = \"soon\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse(
+            "[providers.a]\nplugin = \"a.wasm\"\n[providers.a.limits]\ntimeout_ms = \"soon\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.starts_with("reauth.toml:4: providers.a.limits.timeout_ms: invalid type"),
             "{e}"
@@ -568,7 +574,10 @@ mod tests {
         let e = parse("[providers.a]\nplugin = \"a.wasm\"\nconfig = { x = { vault = \"y\" } }\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("providers.a.config.x: unsupported reference `vault`"), "{e}");
+        assert!(
+            e.contains("providers.a.config.x: unsupported reference `vault`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
 use crate::runtime::egress::HostPattern;
 use crate::runtime::{CompileSource, ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
-use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
+use crate::types::{Credentials, Decision, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,7 +53,10 @@ struct Inner {
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host")
-            .field("providers", &self.inner.providers.keys().collect::<Vec<_>>())
+            .field(
+                "providers",
+                &self.inner.providers.keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -99,7 +102,11 @@ impl HostBuilder {
         config.validate()?;
         let runtime = Runtime::new(
             RuntimeOptions {
-                cache_dir: config.runtime.cache_dir.as_deref().map(|d| config.resolve(d)),
+                cache_dir: config
+                    .runtime
+                    .cache_dir
+                    .as_deref()
+                    .map(|d| config.resolve(d)),
                 max_memory_bytes: config.runtime.max_memory_mib << 20,
             },
             self.clock.clone(),

@@ -102,7 +102,9 @@ pub struct DevIssuer {
 
 impl std::fmt::Debug for DevIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevIssuer").field("addr", &self.addr).finish()
+        f.debug_struct("DevIssuer")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -139,10 +141,12 @@ impl DevIssuer {
                 addr: config.listen,
                 source,
             })?;
-        let addr = listener.local_addr().map_err(|source| DevIssuerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| DevIssuerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
         let (encoding, decoding, jwk, kid) = generate_key()?;
         let state = Arc::new(IssuerState {
             issuer: format!("http://{addr}"),
@@ -273,11 +277,16 @@ fn generate_key() -> Result<(EncodingKey, DecodingKey, Value, String), DevIssuer
             break k;
         }
     };
-    let pem = secret.to_pkcs8_pem(LineEnding::LF).map_err(|e| key_err(&e))?;
+    let pem = secret
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| key_err(&e))?;
     let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| key_err(&e))?;
-    let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
+    let point =
+        p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
     let (Some(x), Some(y)) = (point.x(), point.y()) else {
-        return Err(DevIssuerError::Key("public key has no affine coordinates".into()));
+        return Err(DevIssuerError::Key(
+            "public key has no affine coordinates".into(),
+        ));
     };
     let (x, y) = (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y));
     let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| key_err(&e))?;
@@ -308,13 +317,16 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
         Json(json!({"error": error, "error_description": description})),
     )
         .into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, "no-store".parse().expect("static header"));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        "no-store".parse().expect("static header"),
+    );
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
-            "Basic realm=\"reauth-dev-issuer\"".parse().expect("static header"),
+            "Basic realm=\"reauth-dev-issuer\""
+                .parse()
+                .expect("static header"),
         );
     }
     response
@@ -347,7 +359,10 @@ fn client_auth(headers: &HeaderMap, form: &HashMap<String, String>) -> Option<(S
         let (id, secret) = decoded.split_once(':')?;
         return Some((form_decode(id)?, form_decode(secret)?));
     }
-    Some((form.get("client_id")?.clone(), form.get("client_secret")?.clone()))
+    Some((
+        form.get("client_id")?.clone(),
+        form.get("client_secret")?.clone(),
+    ))
 }
 
 async fn token(
@@ -364,12 +379,20 @@ async fn token(
         );
     }
     let Some((client_id, client_secret)) = client_auth(&headers, &form) else {
-        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication missing");
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication missing",
+        );
     };
     let client = match s.clients.get(&client_id) {
         Some(c) if constant_time_eq(c.secret.expose().as_bytes(), client_secret.as_bytes()) => c,
         _ => {
-            return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "unknown client or wrong secret");
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "unknown client or wrong secret",
+            );
         }
     };
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
@@ -384,7 +407,9 @@ async fn token(
         .map(|s| s.split_whitespace().collect())
         .unwrap_or_default();
     if !client.scopes.is_empty()
-        && let Some(bad) = scopes.iter().find(|s| !client.scopes.iter().any(|c| c == *s))
+        && let Some(bad) = scopes
+            .iter()
+            .find(|s| !client.scopes.iter().any(|c| c == *s))
     {
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -424,7 +449,11 @@ async fn token(
     let token = match jsonwebtoken::encode(&header, &claims, &s.encoding) {
         Ok(t) => t,
         Err(e) => {
-            return oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &e.to_string());
+            return oauth_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                &e.to_string(),
+            );
         }
     };
     let mut body = json!({
@@ -436,9 +465,10 @@ async fn token(
         body["scope"] = json!(scopes.join(" "));
     }
     let mut response = Json(body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, "no-store".parse().expect("static header"));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        "no-store".parse().expect("static header"),
+    );
     response
 }
 

@@ -255,6 +255,9 @@ mod tests {
             "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
         );
         let bearer = Credential::Bearer(Secret::new("abc"));
-        assert_eq!(bearer.authorization_header().unwrap().expose(), "Bearer abc");
+        assert_eq!(
+            bearer.authorization_header().unwrap().expose(),
+            "Bearer abc"
+        );
     }
 }

@@ -176,24 +176,35 @@ impl Request {
             .body()
             .map_err(|()| HttpError::Transport("request body unavailable".into()))?;
         let pending = outgoing_handler::handle(request, Some(options)).map_err(transport)?;
+        // If the host refuses the request (egress denied, connection failed) the body
+        // stream closes early; the response future then carries the real reason.
+        let mut body_error = None;
         {
             let stream = outgoing_body
                 .write()
                 .map_err(|()| HttpError::Transport("request body stream unavailable".into()))?;
             for chunk in self.body.chunks(4096) {
-                stream
-                    .blocking_write_and_flush(chunk)
-                    .map_err(|e| HttpError::Transport(format!("writing request body: {e:?}")))?;
+                if let Err(e) = stream.blocking_write_and_flush(chunk) {
+                    body_error = Some(HttpError::Transport(format!("writing request body: {e:?}")));
+                    break;
+                }
             }
         }
-        OutgoingBody::finish(outgoing_body, None).map_err(transport)?;
+        if body_error.is_none()
+            && let Err(code) = OutgoingBody::finish(outgoing_body, None)
+        {
+            body_error = Some(transport(code));
+        }
 
         pending.subscribe().block();
-        let response = match pending.get() {
-            Some(Ok(Ok(response))) => response,
-            Some(Ok(Err(code))) => return Err(transport(code)),
-            Some(Err(())) => return Err(HttpError::Transport("response already taken".into())),
-            None => return Err(HttpError::Transport("response not ready".into())),
+        let response = match (pending.get(), body_error) {
+            (Some(Ok(Err(code))), _) => return Err(transport(code)),
+            (_, Some(e)) => return Err(e),
+            (Some(Ok(Ok(response))), None) => response,
+            (Some(Err(())), None) => {
+                return Err(HttpError::Transport("response already taken".into()));
+            }
+            (None, None) => return Err(HttpError::Transport("response not ready".into())),
         };
 
         let status = response.status();

@@ -51,11 +51,13 @@ impl HostPattern {
             }
             None => (s, None),
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
         let valid = |h: &str| {
             !h.is_empty()
-                && h
-                    .bytes()
+                && h.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':'))
         };
         let host = if host == "*" {
@@ -79,7 +81,10 @@ impl HostPattern {
     /// Whether a request to `host`:`port` (`port` already defaulted from the scheme,
     /// `default_port` the scheme's default) is allowed by this pattern.
     pub fn allows(&self, host: &str, port: u16, default_port: u16) -> bool {
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
         let host = host.trim_end_matches('.');
         let host_ok = match &self.host {
             HostMatch::Exact(h) => h == host,
@@ -131,12 +136,18 @@ impl WasiHttpHooks for EgressHooks {
         &mut self,
         request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
-        fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send>,
+        fut: Box<
+            dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send,
+        >,
     ) -> Box<
         dyn Future<
                 Output = wasmtime_wasi_http::Result<(
                     http::Response<WasiBody>,
-                    Box<dyn Future<Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    Box<
+                        dyn Future<
+                                Output = wasmtime_wasi_http::Result<(), wasmtime_wasi_http::Error>,
+                            > + Send,
+                    >,
                 )>,
             > + Send,
     > {
@@ -165,7 +176,8 @@ impl WasiHttpHooks for EgressHooks {
         let _ = fut;
         Box::new(async move {
             use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let (response, io) =
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = _> + Send>,
@@ -179,7 +191,9 @@ mod tests {
     use super::*;
 
     fn allows(pattern: &str, host: &str, port: u16, default: u16) -> bool {
-        HostPattern::parse(pattern).unwrap().allows(host, port, default)
+        HostPattern::parse(pattern)
+            .unwrap()
+            .allows(host, port, default)
     }
 
     #[test]

@@ -151,14 +151,17 @@ impl Runtime {
         let mut linker = Linker::<StoreState>::new(&engine);
         let link = |r: wasmtime::Result<()>| r.map_err(|e| e.into_boxed_dyn_error());
         link(wasmtime_wasi::p2::add_to_linker_async(&mut linker))?;
-        link(wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))?;
-        link(wasmtime_wasi_config::add_to_linker(&mut linker, |s: &mut StoreState| {
-            WasiConfig::from(&*s.config)
-        }))?;
-        link(bindings::reauth::provider::state::add_to_linker::<_, HasSelf<_>>(
+        link(wasmtime_wasi_http::p2::add_only_http_to_linker_async(
             &mut linker,
-            |s| s,
         ))?;
+        link(wasmtime_wasi_config::add_to_linker(
+            &mut linker,
+            |s: &mut StoreState| WasiConfig::from(&*s.config),
+        ))?;
+        link(bindings::reauth::provider::state::add_to_linker::<
+            _,
+            HasSelf<_>,
+        >(&mut linker, |s| s))?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -180,7 +183,8 @@ impl Runtime {
         sha256: &str,
     ) -> Result<(Component, CompileSource), BoxError> {
         let Some(dir) = &self.cache_dir else {
-            let component = Component::new(&self.engine, bytes).map_err(|e| e.into_boxed_dyn_error())?;
+            let component =
+                Component::new(&self.engine, bytes).map_err(|e| e.into_boxed_dyn_error())?;
             return Ok((component, CompileSource::Compiled));
         };
         let path = dir.join(format!("{sha256}-{:016x}.cwasm", self.engine_hash));
@@ -194,14 +198,17 @@ impl Runtime {
             let loaded = unsafe { Component::deserialize_file(&self.engine, &path) };
             match loaded {
                 Ok(component) => return Ok((component, CompileSource::Cache)),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring unusable precompiled artifact"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unusable precompiled artifact")
+                }
             }
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| e.into_boxed_dyn_error())?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| e.into_boxed_dyn_error())?;
         match component.serialize() {
             Ok(artifact) => {
-                if let Err(e) = create_private_dir(dir)
-                    .and_then(|()| state::write_atomically(&path, &artifact))
+                if let Err(e) =
+                    create_private_dir(dir).and_then(|()| state::write_atomically(&path, &artifact))
                 {
                     tracing::warn!(path = %path.display(), error = %e, "could not store precompiled artifact");
                 }
@@ -370,7 +377,10 @@ impl ProviderRuntime {
         &self.stats
     }
 
-    fn new_store(&self, runtime: &Runtime) -> (Store<StoreState>, MemoryOutputPipe, MemoryOutputPipe) {
+    fn new_store(
+        &self,
+        runtime: &Runtime,
+    ) -> (Store<StoreState>, MemoryOutputPipe, MemoryOutputPipe) {
         let stdout = MemoryOutputPipe::new(OUTPUT_CAPTURE);
         let stderr = MemoryOutputPipe::new(OUTPUT_CAPTURE);
         // Nothing inherited: no env, args, preopened dirs or network.
@@ -399,7 +409,11 @@ impl ProviderRuntime {
             },
         );
         store.limiter(|s| &mut s.limits);
-        let ticks = self.limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1;
+        let ticks = self
+            .limits
+            .timeout_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            + 1;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
         (store, stdout, stderr)
@@ -453,7 +467,8 @@ impl ProviderRuntime {
     pub async fn instantiate_check(&self, runtime: &Runtime) -> Result<(), Error> {
         let (mut store, _, _) = self.new_store(runtime);
         let instantiate = self.pre.instantiate_async(&mut store);
-        match tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await {
+        match tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await
+        {
             Err(_) => Err(self.timeout("instantiate")),
             Ok(Err(e)) => Err(self.fault("instantiate", e)),
             Ok(Ok(_)) => Ok(()),
@@ -478,7 +493,8 @@ impl ProviderRuntime {
                 .call_get_credentials(&mut store, &wit_request)
                 .await
         };
-        let outcome = tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
+        let outcome =
+            tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
         self.log_output(FUNCTION, &stdout, &stderr);
         tracing::debug!(provider = %self.name, elapsed_us = started.elapsed().as_micros() as u64, "get-credentials done");
         match outcome {
@@ -501,7 +517,9 @@ impl ProviderRuntime {
         error: &types::SecurityError,
     ) -> Result<types::Decision, Error> {
         const FUNCTION: &str = "handle-security-error";
-        self.stats.handle_security_error.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .handle_security_error
+            .fetch_add(1, Ordering::Relaxed);
         let (mut store, stdout, stderr) = self.new_store(runtime);
         let wit_request = wit::Request::from(request);
         let wit_credentials = wit::Credentials::from(credentials);
@@ -513,7 +531,8 @@ impl ProviderRuntime {
                 .call_handle_security_error(&mut store, &wit_request, &wit_credentials, &wit_error)
                 .await
         };
-        let outcome = tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
+        let outcome =
+            tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
         self.log_output(FUNCTION, &stdout, &stderr);
         match outcome {
             Err(_) => Err(self.timeout(FUNCTION)),

@@ -45,7 +45,9 @@ impl StateStore {
 
     pub(crate) fn set(&self, key: String, value: String) -> Result<(), String> {
         if key.len() > MAX_VALUE || value.len() > MAX_VALUE {
-            return Err(format!("state keys and values are limited to {MAX_VALUE} bytes"));
+            return Err(format!(
+                "state keys and values are limited to {MAX_VALUE} bytes"
+            ));
         }
         let mut values = self.lock();
         if !values.contains_key(&key) && values.len() >= MAX_KEYS {
@@ -81,9 +83,12 @@ impl StateStore {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        write_atomically(path, &serde_json::to_vec(values).map_err(|e| e.to_string())?)
-            // The message names the file, never the values.
-            .map_err(|e| format!("persisting state to {}: {e}", path.display()))
+        write_atomically(
+            path,
+            &serde_json::to_vec(values).map_err(|e| e.to_string())?,
+        )
+        // The message names the file, never the values.
+        .map_err(|e| format!("persisting state to {}: {e}", path.display()))
     }
 }
 

@@ -1,0 +1,674 @@
+//! The shipped providers and the fixtures, through the real host, against real
+//! peers on loopback.
+
+use reauth::issuer::{DevClient, DevIssuer, DevIssuerConfig};
+use reauth::{
+    Credential, Decision, Error, Host, HostConfig, ProviderConfig, ProviderError, Reason, Request,
+    SecurityError, SecurityErrorKind,
+};
+use reauth_tests::{CapturedLogs, plugins};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+const SECRET: &str = "client-secret-9f8e7d";
+
+async fn issuer(lifetime: Duration) -> DevIssuer {
+    let mut limited = DevClient::new("limited", "limited-secret");
+    limited.scopes = vec!["read".into()];
+    DevIssuer::start(DevIssuerConfig {
+        clients: vec![DevClient::new("svc", SECRET), limited],
+        token_lifetime: lifetime,
+        default_audience: Some("api".into()),
+        ..DevIssuerConfig::default()
+    })
+    .await
+    .expect("starting the dev issuer")
+}
+
+fn oauth2(issuer: &DevIssuer, client_id: &str, secret: &str) -> ProviderConfig {
+    ProviderConfig::new(&plugins().oauth2)
+        .allow_host(issuer.addr().to_string())
+        .config("token_url", issuer.token_url())
+        .config("client_id", client_id)
+        .config("client_secret", secret)
+}
+
+fn bearer(c: &Credential) -> String {
+    match c {
+        Credential::Bearer(t) => t.expose().to_string(),
+        other => panic!("expected a bearer credential, got {other:?}"),
+    }
+}
+
+fn provider_error(result: Result<reauth::Credentials, Error>) -> ProviderError {
+    match result {
+        Err(Error::Provider { error, .. }) => error,
+        other => panic!("expected a provider error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn static_provider_serves_each_credential_shape_and_never_retries() {
+    let p = &plugins().static_;
+    let host = Host::builder()
+        .provider(
+            "token",
+            ProviderConfig::new(p)
+                .config("token", "tok-1")
+                .config("principal", "svc-a"),
+        )
+        .provider(
+            "userpass",
+            ProviderConfig::new(p)
+                .config("username", "neo4j")
+                .config("password", "pw"),
+        )
+        .provider(
+            "apikey",
+            ProviderConfig::new(p).config("header.x-api-key", "k-1"),
+        )
+        .provider("empty", ProviderConfig::new(p))
+        .build()
+        .unwrap();
+    let r = Request::new();
+    let c = host.get_credentials("token", &r).await.unwrap();
+    assert_eq!(bearer(&c.credential), "tok-1");
+    assert_eq!(c.principal.as_deref(), Some("svc-a"));
+    assert_eq!(c.expires_at, None);
+    match host
+        .get_credentials("userpass", &r)
+        .await
+        .unwrap()
+        .credential
+    {
+        Credential::Basic { username, password } => {
+            assert_eq!((username.as_str(), password.expose()), ("neo4j", "pw"))
+        }
+        other => panic!("{other:?}"),
+    }
+    match host.get_credentials("apikey", &r).await.unwrap().credential {
+        Credential::Headers(h) => {
+            assert_eq!(h.len(), 1);
+            assert_eq!((h[0].0.as_str(), h[0].1.expose()), ("x-api-key", "k-1"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        provider_error(host.get_credentials("empty", &r).await),
+        ProviderError::Misconfigured(_)
+    ));
+    for kind in [
+        SecurityErrorKind::TokenExpired,
+        SecurityErrorKind::Unauthorized,
+    ] {
+        let d = host
+            .handle_security_error("token", &r, &c, &SecurityError::new(kind))
+            .await
+            .unwrap();
+        assert_eq!(d, Decision::Fail);
+    }
+    // A cached hit does not call the plugin again.
+    host.get_credentials("token", &r).await.unwrap();
+    assert_eq!(host.plugin_calls("token"), 1);
+}
+
+/// A stand-in secrets endpoint (e.g. a vault's KV read) whose password rotates.
+async fn secret_server(
+    password: Arc<std::sync::Mutex<String>>,
+    hits: Arc<AtomicUsize>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/v1/secret/db",
+        get(move |headers: axum::http::HeaderMap| {
+            let password = password.clone();
+            let hits = hits.clone();
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                if headers.get("authorization").and_then(|v| v.to_str().ok())
+                    != Some("Bearer vault-token")
+                {
+                    return (axum::http::StatusCode::FORBIDDEN, "{}".to_string());
+                }
+                let pw = password.lock().unwrap().clone();
+                (
+                    axum::http::StatusCode::OK,
+                    serde_json::json!({"data": {"user": "app", "password": pw}}).to_string(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn basic_provider_picks_up_a_rotated_password_after_unauthorized() {
+    let password = Arc::new(std::sync::Mutex::new("pw-v1".to_string()));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (addr, server) = secret_server(password.clone(), hits.clone()).await;
+    let p = &plugins().basic;
+    let host = Host::builder()
+        .provider(
+            "db",
+            ProviderConfig::new(p)
+                .allow_host(addr.to_string())
+                .config("secret_url", format!("http://{addr}/v1/secret/db"))
+                .config("secret_token", "vault-token")
+                .config("username_field", "/data/user")
+                .config("password_field", "/data/password"),
+        )
+        .provider(
+            "bad-token",
+            ProviderConfig::new(p)
+                .allow_host(addr.to_string())
+                .config("secret_url", format!("http://{addr}/v1/secret/db"))
+                .config("secret_token", "wrong"),
+        )
+        .provider(
+            "fixed",
+            ProviderConfig::new(p)
+                .config("username", "u")
+                .config("password", "p"),
+        )
+        .build()
+        .unwrap();
+    let r = Request::new();
+    let first = host.get_credentials("db", &r).await.unwrap();
+    let Credential::Basic {
+        username,
+        password: pw,
+    } = &first.credential
+    else {
+        panic!()
+    };
+    assert_eq!((username.as_str(), pw.expose()), ("app", "pw-v1"));
+
+    // The password rotates; the database answers "unauthorized" to the old one.
+    *password.lock().unwrap() = "pw-v2".into();
+    assert_eq!(
+        host.get_credentials("db", &r).await.unwrap(),
+        first,
+        "still cached"
+    );
+    let decision = host
+        .handle_security_error(
+            "db",
+            &r,
+            &first,
+            &SecurityError::new(SecurityErrorKind::Unauthorized).code("28P01"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(decision, Decision::RefreshAndRetry);
+    let second = host.get_credentials("db", &r).await.unwrap();
+    let Credential::Basic { password: pw, .. } = &second.credential else {
+        panic!()
+    };
+    assert_eq!(pw.expose(), "pw-v2");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+
+    // Forbidden is final for passwords.
+    let d = host
+        .handle_security_error(
+            "db",
+            &r,
+            &second,
+            &SecurityError::new(SecurityErrorKind::Forbidden),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d, Decision::Fail);
+    assert!(matches!(
+        provider_error(host.get_credentials("bad-token", &r).await),
+        ProviderError::Denied(_)
+    ));
+    assert!(host.get_credentials("fixed", &r).await.is_ok());
+    server.abort();
+}
+
+#[tokio::test]
+async fn oauth2_against_the_dev_issuer() {
+    let issuer = issuer(Duration::from_secs(120)).await;
+    let host = Host::builder()
+        .provider("good", oauth2(&issuer, "svc", SECRET))
+        .provider(
+            "post",
+            oauth2(&issuer, "svc", SECRET).config("auth_method", "client_secret_post"),
+        )
+        .provider("wrong-secret", oauth2(&issuer, "svc", "not-the-secret"))
+        .provider("limited", oauth2(&issuer, "limited", "limited-secret"))
+        .build()
+        .unwrap();
+    let r = Request::new().scope("orders:read").audience("orders-api");
+    let before = SystemTime::now();
+    let c = host.get_credentials("good", &r).await.unwrap();
+    let token = bearer(&c.credential);
+    // A real ES256 JWT from the issuer, for the requested audience and scope.
+    let claims = issuer
+        .verify(&token, Some("orders-api"))
+        .expect("token verifies");
+    assert_eq!(claims["scope"], "orders:read");
+    assert_eq!(claims["sub"], "svc");
+    assert_eq!(
+        c.principal.as_deref(),
+        Some(format!("{}|svc", issuer.url()).as_str())
+    );
+    // expires_in = 120 s was turned into an absolute expiry.
+    let expires = c.expires_at.expect("expiry parsed");
+    let lifetime = expires.duration_since(before).unwrap();
+    assert!(
+        lifetime > Duration::from_secs(117) && lifetime <= Duration::from_secs(121),
+        "{lifetime:?}"
+    );
+    // Cached: no second token.
+    assert_eq!(host.get_credentials("good", &r).await.unwrap(), c);
+    assert_eq!(issuer.issued(), 1);
+    // Different scopes are a different key.
+    let other = host
+        .get_credentials("good", &Request::new().scope("orders:write"))
+        .await
+        .unwrap();
+    assert_ne!(bearer(&other.credential), token);
+    // client_secret_post authenticates too.
+    host.get_credentials("post", &Request::new()).await.unwrap();
+
+    // Refused client secret: denied.
+    let e = provider_error(host.get_credentials("wrong-secret", &Request::new()).await);
+    assert!(
+        matches!(&e, ProviderError::Denied(m) if m.contains("invalid_client")),
+        "{e:?}"
+    );
+    // Scope the client may not have: misconfigured.
+    let e = provider_error(
+        host.get_credentials("limited", &Request::new().scope("admin"))
+            .await,
+    );
+    assert!(
+        matches!(&e, ProviderError::Misconfigured(m) if m.contains("invalid_scope")),
+        "{e:?}"
+    );
+
+    // Decisions: expired/unauthorized refresh, forbidden fails.
+    for (kind, expected) in [
+        (SecurityErrorKind::Forbidden, Decision::Fail),
+        (SecurityErrorKind::Unauthorized, Decision::RefreshAndRetry),
+    ] {
+        let d = host
+            .handle_security_error("good", &r, &c, &SecurityError::new(kind).status(401))
+            .await
+            .unwrap();
+        assert_eq!(d, expected);
+    }
+    // The refresh-and-retry dropped the entry: the next get fetches a new token,
+    // and a second report about the old token changes nothing.
+    let fresh = host
+        .get_credentials(
+            "good",
+            &Request {
+                reason: Reason::AfterSecurityError,
+                ..r.clone()
+            },
+        )
+        .await
+        .unwrap();
+    assert_ne!(bearer(&fresh.credential), token);
+    let d = host
+        .handle_security_error(
+            "good",
+            &r,
+            &c,
+            &SecurityError::new(SecurityErrorKind::TokenExpired),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d, Decision::RefreshAndRetry);
+    assert_eq!(host.get_credentials("good", &r).await.unwrap(), fresh);
+
+    // The IdP answers 503: unavailable.
+    issuer.set_unavailable(true);
+    let e = provider_error(
+        host.get_credentials("good", &Request::new().scope("x"))
+            .await,
+    );
+    assert!(
+        matches!(&e, ProviderError::Unavailable(m) if m.contains("temporarily_unavailable")),
+        "{e:?}"
+    );
+    issuer.set_unavailable(false);
+
+    // The IdP is down: unavailable.
+    issuer.shutdown().await;
+    let e = provider_error(
+        host.get_credentials("good", &Request::new().scope("y"))
+            .await,
+    );
+    assert!(matches!(e, ProviderError::Unavailable(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn egress_outside_allowed_hosts_is_refused() {
+    let issuer = issuer(Duration::from_secs(60)).await;
+    let other_port = issuer.addr().port().wrapping_add(1).max(1);
+    let host = Host::builder()
+        .provider(
+            "no-egress",
+            ProviderConfig::new(&plugins().oauth2)
+                .config("token_url", issuer.token_url())
+                .config("client_id", "svc")
+                .config("client_secret", SECRET),
+        )
+        .provider(
+            "wrong-port",
+            ProviderConfig::new(&plugins().oauth2)
+                .allow_host(format!("127.0.0.1:{other_port}"))
+                .config("token_url", issuer.token_url())
+                .config("client_id", "svc")
+                .config("client_secret", SECRET),
+        )
+        .provider(
+            "fetch",
+            ProviderConfig::new(&plugins().testkit)
+                .allow_host(issuer.addr().to_string())
+                .config("mode", "fetch")
+                .config("url", "http://localhost:1/elsewhere"),
+        )
+        .build()
+        .unwrap();
+    for name in ["no-egress", "wrong-port", "fetch"] {
+        let e = provider_error(host.get_credentials(name, &Request::new()).await);
+        assert!(
+            matches!(&e, ProviderError::Unavailable(m) if m.contains("HttpRequestDenied")),
+            "{name}: {e:?}"
+        );
+    }
+    assert_eq!(issuer.token_requests(), 0, "nothing reached the issuer");
+    issuer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_trap_returns_err_and_the_next_call_gets_a_fresh_instance() {
+    let host = Host::builder()
+        .provider(
+            "trap",
+            ProviderConfig::new(&plugins().testkit).config("mode", "trap-once"),
+        )
+        .provider(
+            "ok",
+            ProviderConfig::new(&plugins().static_).config("token", "t"),
+        )
+        .build()
+        .unwrap();
+    let e = host
+        .get_credentials("trap", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Plugin { provider, function: "get-credentials", .. } if provider == "trap"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("provider `trap`"), "{e}");
+    let c = host.get_credentials("trap", &Request::new()).await.unwrap();
+    assert_eq!(bearer(&c.credential), "after-trap");
+    assert!(host.get_credentials("ok", &Request::new()).await.is_ok());
+}
+
+#[tokio::test]
+async fn state_persists_across_calls_and_hosts_and_keys_are_per_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = || {
+        Host::builder()
+            .state_dir(dir.path())
+            .provider(
+                "counter",
+                ProviderConfig::new(&plugins().testkit).config("mode", "counter"),
+            )
+            .build()
+            .unwrap()
+    };
+    let host = build();
+    let alice = host
+        .get_credentials("counter", &Request::new().subject("alice"))
+        .await
+        .unwrap();
+    let bob = host
+        .get_credentials("counter", &Request::new().subject("bob"))
+        .await
+        .unwrap();
+    assert_eq!(bearer(&alice.credential), "count-1-alice");
+    assert_eq!(bearer(&bob.credential), "count-2-bob");
+    // Cached per subject.
+    assert_eq!(
+        host.get_credentials("counter", &Request::new().subject("alice"))
+            .await
+            .unwrap(),
+        alice
+    );
+    drop(host);
+    let host = build();
+    let carol = host
+        .get_credentials("counter", &Request::new().subject("carol"))
+        .await
+        .unwrap();
+    assert_eq!(bearer(&carol.credential), "count-3-carol");
+    assert!(dir.path().join("counter.json").exists());
+}
+
+#[tokio::test]
+async fn the_sandbox_grants_no_files_env_args_or_sockets() {
+    // SAFETY-free: the variable only needs to exist in the host process.
+    let host = Host::builder()
+        .provider(
+            "sandbox",
+            ProviderConfig::new(&plugins().testkit).config("mode", "sandbox"),
+        )
+        .build()
+        .unwrap();
+    let c = host
+        .get_credentials("sandbox", &Request::new())
+        .await
+        .unwrap();
+    let Credential::Headers(h) = c.credential else {
+        panic!()
+    };
+    let get = |k: &str| {
+        h.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.expose().to_string())
+            .unwrap()
+    };
+    assert!(get("passwd").starts_with("refused"), "{}", get("passwd"));
+    assert_eq!(get("env"), "0");
+    assert_eq!(get("args"), "0");
+    assert!(get("tcp").starts_with("refused"), "{}", get("tcp"));
+}
+
+#[tokio::test]
+async fn config_references_reach_the_plugin_through_wasi_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "from-a-file\n").unwrap();
+    let plugin = plugins().testkit.display().to_string();
+    let toml = format!(
+        "[providers.echo]\nplugin = {plugin:?}\n[providers.echo.config]\nmode = \"echo-config\"\nnum = 42\nfrom_file = {{ file = \"secret.txt\" }}\nfrom_env = {{ env = \"CARGO_PKG_NAME\" }}\n"
+    );
+    let path = dir.path().join("reauth.toml");
+    std::fs::write(&path, toml).unwrap();
+    let host = Host::from_config_file(&path).unwrap();
+    let c = host.get_credentials("echo", &Request::new()).await.unwrap();
+    let Credential::Headers(h) = c.credential else {
+        panic!()
+    };
+    let mut got: Vec<(String, String)> = h
+        .into_iter()
+        .map(|(k, v)| (k, v.expose().to_string()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("from_env".into(), "reauth-tests".into()),
+            ("from_file".into(), "from-a-file".into()),
+            ("mode".into(), "echo-config".into()),
+            ("num".into(), "42".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_broken_provider_does_not_take_down_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let static_ = plugins().static_.display().to_string();
+    std::fs::write(dir.path().join("not-a-component.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    let toml = format!(
+        r#"
+[providers.good]
+plugin = {static_:?}
+config = {{ token = "t" }}
+
+[providers.missing]
+plugin = "does-not-exist.wasm"
+
+[providers.pinned]
+plugin = {static_:?}
+sha256 = "{zeros}"
+
+[providers.core-module]
+plugin = "not-a-component.wasm"
+"#,
+        zeros = "0".repeat(64)
+    );
+    let path = dir.path().join("reauth.toml");
+    std::fs::write(&path, toml).unwrap();
+    let host = Host::from_config_file(&path).unwrap();
+    let status = host.check().await;
+    assert!(matches!(
+        status["good"],
+        reauth::ProviderStatus::Ready { .. }
+    ));
+    let failed = |name: &str| match &status[name] {
+        reauth::ProviderStatus::Failed(m) => m.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    let missing = failed("missing");
+    assert!(
+        missing.starts_with("provider `missing`: failed to load plugin"),
+        "{missing}"
+    );
+    assert!(missing.contains("does-not-exist.wasm"), "{missing}");
+    assert!(
+        failed("pinned").contains("sha256 mismatch"),
+        "{}",
+        failed("pinned")
+    );
+    assert!(
+        failed("core-module").starts_with("provider `core-module`"),
+        "{}",
+        failed("core-module")
+    );
+    assert!(host.get_credentials("good", &Request::new()).await.is_ok());
+    let e = host
+        .get_credentials("missing", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.provider(), Some("missing"));
+    let e = host
+        .get_credentials("nope", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "unknown provider `nope`");
+}
+
+#[test]
+fn config_file_errors_name_file_provider_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reauth.toml");
+    let err = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        HostConfig::from_file(&path)
+            .unwrap_err()
+            .to_string()
+            .replace(&path.display().to_string(), "reauth.toml")
+    };
+    // Snapshots of the messages an operator sees.
+    assert_eq!(
+        err("[providers.db]\nplugin = \"x.wasm\"\nallowed_host = [\"a\"]\n"),
+        "reauth.toml:3: providers.db.allowed_host: unknown field `allowed_host`, expected one of `plugin`, `sha256`, `allowed_hosts`, `config`, `cache`, `limits`"
+    );
+    assert_eq!(
+        err("[providers.db]\nplugin = \"x.wasm\"\n[providers.db.limits]\nmemory_mib = 4096\n"),
+        "reauth.toml: providers.db.limits.memory_mib: must be between 1 and runtime.max_memory_mib (512)"
+    );
+    let bad = err("[providers.db\nplugin = \"x.wasm\"\n");
+    assert!(bad.starts_with("reauth.toml:1: "), "{bad}");
+    assert_eq!(
+        HostConfig::from_file(dir.path().join("absent.toml"))
+            .unwrap_err()
+            .to_string(),
+        format!(
+            "{}: cannot read config file: No such file or directory (os error 2)",
+            dir.path().join("absent.toml").display()
+        )
+    );
+}
+
+/// Secrets (client secret, issued tokens, passwords) never appear in logs, error
+/// messages or `Debug` output, across a run that exercises success and failures.
+#[tokio::test]
+async fn secrets_stay_out_of_logs_errors_and_debug() {
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let issuer = issuer(Duration::from_secs(60)).await;
+    let host = Host::builder()
+        .provider("good", oauth2(&issuer, "svc", SECRET))
+        .provider("bad", oauth2(&issuer, "svc", "wrong-secret-5a4b3c"))
+        .provider(
+            "static",
+            ProviderConfig::new(&plugins().static_)
+                .config("username", "u")
+                .config("password", "static-pw-1q2w3e"),
+        )
+        .build()
+        .unwrap();
+    let c = host.get_credentials("good", &Request::new()).await.unwrap();
+    let token = bearer(&c.credential);
+    let e = host
+        .get_credentials("bad", &Request::new())
+        .await
+        .unwrap_err();
+    let s = host
+        .get_credentials("static", &Request::new())
+        .await
+        .unwrap();
+    host.handle_security_error(
+        "good",
+        &Request::new(),
+        &c,
+        &SecurityError::new(SecurityErrorKind::TokenExpired),
+    )
+    .await
+    .unwrap();
+    let shown = format!(
+        "{c:?} {s:?} {e} {e:?} {host:?} {:?}",
+        oauth2(&issuer, "svc", SECRET)
+    );
+    let logged = logs.contents();
+    assert!(
+        logged.contains("provider loaded"),
+        "logs were captured: {logged}"
+    );
+    for secret in [
+        SECRET,
+        "wrong-secret-5a4b3c",
+        "static-pw-1q2w3e",
+        token.as_str(),
+    ] {
+        assert!(!shown.contains(secret), "secret in output: {shown}");
+        assert!(!logged.contains(secret), "secret in logs");
+    }
+    issuer.shutdown().await;
+}
