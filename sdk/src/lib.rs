@@ -61,9 +61,9 @@ pub mod jwt;
 pub mod state;
 pub mod time;
 
-pub use bindings::exports::reauth::provider::auth_provider::Guest as Provider;
 /// Export a type implementing [`Provider`] as the component's `auth-provider`.
 pub use bindings::export_provider;
+pub use bindings::exports::reauth::provider::auth_provider::Guest as Provider;
 pub use bindings::reauth::provider::types::{
     BasicAuth, Credential, Credentials, Datetime, Decision, ProviderError, Reason, Request,
     SecurityError, SecurityErrorKind,

@@ -4,9 +4,7 @@
 //! `header.<Name>` keys (headers); optional `principal`. Never handles security
 //! errors: a fixed credential cannot be refreshed, so every rejection is final.
 
-use reauth_sdk::{
-    Credentials, Decision, Provider, ProviderError, Request, SecurityError, config,
-};
+use reauth_sdk::{Credentials, Decision, Provider, ProviderError, Request, SecurityError, config};
 
 struct Static;
 

@@ -1,0 +1,45 @@
+# One place for the project's commands. `make demo` and `make test` are the
+# README's two set-up commands; both install what a fresh machine lacks.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: setup plugins demo test lint wit-check bench clean
+
+## Toolchain pieces a fresh machine lacks (RUSTUP_AUTO_INSTALL=0 here: be explicit).
+setup:
+	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+
+## Build the shipped providers and the test fixtures (guest workspace, wasm32-wasip2).
+plugins: setup
+	cd plugins && $(CARGO) build --release --target wasm32-wasip2
+
+## The main job: fetch → cached hits → refresh after expiry → re-authentication,
+## against the embedded dev issuer.
+demo: plugins
+	$(CARGO) run --release -p reauth --bin reauth -- demo
+
+## Everything CI checks: formatting, lints, WIT drift, unit + integration tests.
+test: lint plugins
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --doc
+
+lint: setup wit-check
+	$(CARGO) fmt --all -- --check
+	cd plugins && $(CARGO) fmt --all -- --check
+	cd sdk && $(CARGO) fmt -- --check
+	cd sdk && $(CARGO) clippy --target wasm32-wasip2 -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd plugins && $(CARGO) clippy --release --target wasm32-wasip2 --workspace -- -D warnings
+
+## wit/deps must match the WIT inside the pinned wasmtime crates.
+wit-check:
+	scripts/vendor-wit.sh --check
+
+bench: plugins
+	$(CARGO) bench -p reauth --bench runtime
+
+clean:
+	$(CARGO) clean
+	cd plugins && $(CARGO) clean

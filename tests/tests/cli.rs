@@ -1,0 +1,115 @@
+//! `reauth check` and `reauth demo`, through `reauth::cli::run` — the function the
+//! binary calls — with real plugins and the in-process dev issuer.
+
+use clap::Parser;
+use reauth::cli::{Cli, run};
+use reauth_tests::plugins;
+use std::process::ExitCode;
+
+async fn reauth(args: &[&str]) -> (ExitCode, String) {
+    let cli = Cli::try_parse_from(std::iter::once("reauth").chain(args.iter().copied()))
+        .expect("arguments parse");
+    let mut out = Vec::new();
+    let code = run(cli, &mut out).await.expect("command runs");
+    (code, String::from_utf8(out).unwrap())
+}
+
+#[tokio::test]
+async fn check_reports_every_provider_and_fails_if_one_is_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reauth.toml");
+    let static_ = plugins().static_.display().to_string();
+    let oauth2 = plugins().oauth2.display().to_string();
+    std::fs::write(
+        &path,
+        format!(
+            "[runtime]\ncache_dir = \"cache\"\n\n[providers.api]\nplugin = {static_:?}\nconfig = {{ token = \"t\" }}\n\n[providers.sso]\nplugin = {oauth2:?}\n"
+        ),
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let (code, out) = reauth(&["check", "--config", config]).await;
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    assert!(out.contains("ok   api: sha256 "), "{out}");
+    assert!(out.contains("(compiled)"), "{out}");
+    assert!(out.contains("2 provider(s): 2 ok, 0 failed"), "{out}");
+    // The second run loads both from the precompiled cache.
+    let (_, out) = reauth(&["check", "--config", config]).await;
+    assert_eq!(out.matches("(precompiled cache)").count(), 2, "{out}");
+
+    std::fs::write(
+        &path,
+        format!(
+            "[providers.api]\nplugin = {static_:?}\n\n[providers.gone]\nplugin = \"gone.wasm\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out) = reauth(&["check", "--config", config]).await;
+    assert_eq!(code, ExitCode::FAILURE);
+    assert!(out.contains("ok   api"), "{out}");
+    assert!(
+        out.contains("FAIL gone: provider `gone`: failed to load plugin"),
+        "{out}"
+    );
+    assert!(out.contains("2 provider(s): 1 ok, 1 failed"), "{out}");
+
+    std::fs::write(&path, "[providers.api]\nplugin = 3\n").unwrap();
+    let (code, out) = reauth(&["check", "--config", config]).await;
+    assert_eq!(code, ExitCode::FAILURE);
+    assert!(out.starts_with("FAIL config: "), "{out}");
+    assert!(
+        out.contains("reauth.toml:2: providers.api.plugin: invalid type"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn get_prints_the_credential_in_each_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reauth.toml");
+    let static_ = plugins().static_.display().to_string();
+    std::fs::write(
+        &path,
+        format!("[providers.db]\nplugin = {static_:?}\nconfig = {{ username = \"neo4j\", password = \"pw\", principal = \"neo4j\" }}\n"),
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let (_, out) = reauth(&["get", "db", "--config", config]).await;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"kind": "basic", "username": "neo4j", "password": "pw", "principal": "neo4j"})
+    );
+    let (_, out) = reauth(&["get", "db", "--config", config, "--format", "header"]).await;
+    assert_eq!(out, "Authorization: Basic bmVvNGo6cHc=\n");
+}
+
+#[tokio::test]
+async fn demo_prints_the_whole_timeline() {
+    let plugin = plugins().oauth2.display().to_string();
+    let (code, out) = reauth(&["demo", "--plugin", &plugin, "--lifetime", "2"]).await;
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    let steps = [
+        "get-credentials → fetched from the IdP (initial): token #1",
+        "get-credentials → cache hit: token #1",
+        "waiting",
+        "get-credentials → fetched from the IdP (expired): token #2",
+        "resource server → 200: token #2 verified against the issuer's JWKS",
+        "resource server → 401 invalid_token for token #2",
+        "handle-security-error → provider decides refresh-and-retry",
+        "get-credentials → fetched from the IdP (after-security-error): token #3",
+        "get-credentials → cache hit: token #3",
+        "summary: 3 plugin calls, 3 tokens issued by the IdP",
+    ];
+    let mut rest = out.as_str();
+    for step in steps {
+        let at = rest
+            .find(step)
+            .unwrap_or_else(|| panic!("missing `{step}` in order in:\n{out}"));
+        rest = &rest[at + step.len()..];
+    }
+    assert!(
+        !out.contains("eyJ"),
+        "the demo must not print tokens:\n{out}"
+    );
+}
