@@ -33,6 +33,16 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The provider is configured but failed to load; `reason` is the load error,
+    /// which names the provider. Other providers are unaffected.
+    #[error("{reason}")]
+    NotLoaded {
+        /// Provider name.
+        provider: String,
+        /// Why it did not load.
+        reason: String,
+    },
+
     /// The provider answered with a `provider-error`.
     #[error("provider `{provider}`: {error}")]
     Provider {
@@ -95,6 +105,7 @@ impl Error {
         match self {
             Error::UnknownProvider { provider }
             | Error::Load { provider, .. }
+            | Error::NotLoaded { provider, .. }
             | Error::Provider { provider, .. }
             | Error::Plugin { provider, .. }
             | Error::Timeout { provider, .. }

@@ -233,10 +233,9 @@ impl Host {
     fn provider(&self, name: &str) -> Result<(&Arc<ProviderRuntime>, &config::CacheConfig)> {
         match self.inner.providers.get(name) {
             Some(Slot::Ready { runtime, cache }) => Ok((runtime, cache)),
-            Some(Slot::Failed(message)) => Err(Error::Load {
+            Some(Slot::Failed(reason)) => Err(Error::NotLoaded {
                 provider: name.to_string(),
-                path: PathBuf::new(),
-                source: message.clone().into(),
+                reason: reason.clone(),
             }),
             None => Err(Error::UnknownProvider {
                 provider: name.to_string(),
