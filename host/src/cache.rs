@@ -1,22 +1,44 @@
-//! The token cache: one entry per (provider, subject, scopes, audience).
+//! The token cache: one entry per (provider, subject, scopes, audience), with
+//! refresh-ahead, single-flight, compare-and-invalidate, backoff and events.
 //!
-//! Why per-key single-flight: when a credential expires, every caller that needs it
-//! at that moment would otherwise ask the identity provider at once. Each key has
-//! its own async lock; the first caller fetches while the others wait and then find
-//! the fresh entry, so N callers cause one plugin call.
+//! **Two tiers (botocore).** A credential is *fresh* until its refresh time,
+//! *advisory* from then until its use-until time, and *mandatory* after. In the
+//! advisory window exactly one caller starts a background refresh and everyone
+//! keeps getting the cached credential; if the refresh fails, the old one is kept.
+//! In the mandatory window callers wait for the single in-flight fetch.
 //!
-//! Why compare-and-invalidate: after a server rejects a credential, every operation
-//! that used it fails at about the same time. Only the first report may drop the
-//! entry; later reports carry a credential that is no longer cached and change
-//! nothing, so a burst of failures causes one refresh, not N.
+//! **Refresh time (Kafka's OAUTHBEARER knobs).** `issued + lifetime × (window_factor
+//! + window_jitter × rand)`, but never sooner than `min_period` after issue and never
+//! later than `buffer` before expiry — unless the token is too short-lived for those
+//! clamps, in which case only the window applies (a 5 s token is refreshed at ~4 s).
+//! The jitter spreads the refreshes of many keys so they do not hit the IdP at once.
+//!
+//! **Single-flight.** Each key has one fetch lock. However many callers find a key
+//! missing or expired at the same moment, one plugin call is made; the others wait
+//! and take its result — its credential, or its error (they do not each retry).
+//!
+//! **Compare-and-invalidate.** After a server rejects a credential every operation
+//! that used it fails at about the same time. Only a report about the credential the
+//! entry *still holds* drops it, so a burst of failures with the same old credential
+//! causes one refresh, not N.
+//!
+//! **Never flood the IdP.** Failed fetches back off exponentially with jitter
+//! (`backoff_initial_ms` → `backoff_max_ms`); `denied` and `misconfigured` wait the
+//! maximum at once; two plugin calls for one key are at least `min_interval_ms`
+//! apart. While backing off, a credential that is past its use-until time but not
+//! yet expired is still served (stale-if-error); otherwise the last error is.
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
+use crate::error::Error;
 use crate::types::{Credential, Credentials, Reason, Request};
 use base64::Engine as _;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::broadcast;
 
 /// Identifies one cached credential.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -35,8 +57,10 @@ impl CacheKey {
     /// The key of `request` for `provider`.
     pub fn new(provider: Arc<str>, request: &Request) -> Self {
         let mut scopes = request.scopes.clone();
-        scopes.sort();
-        scopes.dedup();
+        if scopes.len() > 1 {
+            scopes.sort();
+            scopes.dedup();
+        }
         CacheKey {
             provider,
             subject: request.subject.clone(),
@@ -46,117 +70,430 @@ impl CacheKey {
     }
 }
 
-/// A cached credential and when the host stops using it.
-#[derive(Clone, Debug)]
-pub(crate) struct Entry {
-    pub(crate) credentials: Credentials,
-    /// The host's own deadline: stated expiry minus the skew margin.
-    pub(crate) use_until: SystemTime,
-}
-
-type Slot = Arc<tokio::sync::Mutex<Option<Entry>>>;
-
 /// Where a credential came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
     /// Served from the cache.
     Hit,
+    /// Served from the cache after its use-until time because a refresh failed and
+    /// it has not expired yet.
+    Stale,
     /// Fetched from the provider for the given reason.
     Fetched(Reason),
 }
 
-/// The cache of every provider's credentials.
-pub(crate) struct TokenCache {
-    slots: Mutex<HashMap<CacheKey, Slot>>,
+/// What happened to a key, for embedders holding long-lived connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheEvent {
+    /// The key's credential was replaced by a newly fetched one
+    /// (`generation` counts the credentials this key has had).
+    Rotated {
+        /// The key.
+        key: CacheKey,
+        /// The new credential's generation.
+        generation: u64,
+        /// Why it was fetched.
+        reason: Reason,
+    },
+    /// The key's credential was dropped after a server rejected it.
+    Invalidated {
+        /// The key.
+        key: CacheKey,
+        /// The dropped credential's generation.
+        generation: u64,
+    },
+    /// The key was evicted for being idle while the cache was full.
+    Evicted {
+        /// The key.
+        key: CacheKey,
+    },
+}
+
+/// Fetches a credential for a request; called with the fetch lock held.
+pub(crate) type Fetcher = Arc<
+    dyn Fn(Request) -> Pin<Box<dyn Future<Output = Result<Credentials, Error>> + Send>>
+        + Send
+        + Sync,
+>;
+
+#[derive(Clone, Debug)]
+struct Entry {
+    credentials: Credentials,
+    generation: u64,
+    /// Start of the advisory window.
+    refresh_at: SystemTime,
+    /// Start of the mandatory window.
+    use_until: SystemTime,
+    /// Stated expiry: served as stale-if-error until then.
+    expires: SystemTime,
+}
+
+#[derive(Default)]
+struct SlotState {
+    entry: Option<Entry>,
+    generation: u64,
+    refreshing: bool,
+    last_fetch: Option<SystemTime>,
+    failures: u32,
+    retry_at: Option<SystemTime>,
+    last_error: Option<Error>,
+    last_used: Option<SystemTime>,
+}
+
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    fetch: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Inner {
+    slots: Mutex<HashMap<CacheKey, Arc<Slot>>>,
     clock: Arc<dyn Clock>,
+    events: broadcast::Sender<CacheEvent>,
+    max_entries: usize,
+}
+
+/// The cache of every provider's credentials. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct TokenCache(Arc<Inner>);
+
+/// Counts of what the cache did for one key (for tests, metrics and the demo).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyStats {
+    /// Consecutive failed fetches.
+    pub failures: u32,
+    /// Generation of the cached credential (0: never fetched).
+    pub generation: u64,
 }
 
 impl TokenCache {
-    pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
-        TokenCache {
+    pub(crate) fn new(clock: Arc<dyn Clock>, max_entries: usize) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        TokenCache(Arc::new(Inner {
             slots: Mutex::new(HashMap::new()),
             clock,
-        }
+            events,
+            max_entries: max_entries.max(1),
+        }))
     }
 
-    fn slot(&self, key: &CacheKey) -> Slot {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+    /// Receive every later [`CacheEvent`].
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<CacheEvent> {
+        self.0.events.subscribe()
+    }
+
+    fn slot(&self, key: &CacheKey) -> Arc<Slot> {
+        let mut slots = self.0.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = slots.get(key) {
+            return slot.clone();
+        }
+        if slots.len() >= self.0.max_entries {
+            self.evict_idle(&mut slots);
+        }
         slots.entry(key.clone()).or_default().clone()
     }
 
-    /// The cached credential for `key`, or the result of `fetch` (called at most
-    /// once at a time per key). `requested` is the caller's reason; when it is not
-    /// [`Reason::Initial`] it overrides the one the cache infers.
-    pub(crate) async fn get_or_fetch<F, Fut, E>(
-        &self,
-        key: &CacheKey,
-        settings: &CacheConfig,
-        requested: Reason,
-        fetch: F,
-    ) -> Result<(Credentials, Lookup), E>
-    where
-        F: FnOnce(Reason) -> Fut,
-        Fut: Future<Output = Result<Credentials, E>>,
-    {
-        let slot = self.slot(key);
-        let mut guard = slot.lock().await;
-        let now = self.clock.now();
-        let reason = match &*guard {
-            Some(entry) if now < entry.use_until => {
-                return Ok((entry.credentials.clone(), Lookup::Hit));
-            }
-            _ if requested != Reason::Initial => requested,
-            Some(_) => Reason::Expired,
-            None => Reason::Initial,
-        };
-        let credentials = fetch(reason).await?;
-        let use_until = use_until(&credentials, settings, self.clock.now());
-        *guard = Some(Entry {
-            credentials: credentials.clone(),
-            use_until,
-        });
-        Ok((credentials, Lookup::Fetched(reason)))
+    fn existing_slot(&self, key: &CacheKey) -> Option<Arc<Slot>> {
+        let slots = self.0.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.get(key).cloned()
     }
 
-    /// Drop `key`'s entry if it still holds `failed`; returns whether it did.
-    pub(crate) async fn invalidate_if(&self, key: &CacheKey, failed: &Credentials) -> bool {
-        let slot = self.slot(key);
-        let mut guard = slot.lock().await;
-        if guard
-            .as_ref()
-            .is_some_and(|e| e.credentials.credential == failed.credential)
-        {
-            *guard = None;
-            true
-        } else {
-            false
+    /// Drop the least recently used tenth of the keys that nobody is fetching.
+    fn evict_idle(&self, slots: &mut HashMap<CacheKey, Arc<Slot>>) {
+        let mut idle: Vec<(CacheKey, Option<SystemTime>)> = slots
+            .iter()
+            .filter(|(_, s)| Arc::strong_count(s) == 1 && s.fetch.try_lock().is_ok())
+            .map(|(k, s)| (k.clone(), s.lock().last_used))
+            .collect();
+        idle.sort_by_key(|(_, used)| *used);
+        let excess = slots.len() + 1 - self.0.max_entries;
+        let target = excess.max(self.0.max_entries / 10).min(idle.len());
+        for (key, _) in idle.into_iter().take(target) {
+            slots.remove(&key);
+            let _ = self.0.events.send(CacheEvent::Evicted { key });
         }
     }
 
-    /// When the entry for `key` stops being served, if there is one.
-    pub(crate) async fn use_until(&self, key: &CacheKey) -> Option<SystemTime> {
+    /// Number of keys held.
+    pub(crate) fn len(&self) -> usize {
+        self.0.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The cached credential for `key`, fetching it with `fetch` when missing or
+    /// expired (see the module docs for the exact rules).
+    pub(crate) async fn get(
+        &self,
+        key: &CacheKey,
+        request: &Request,
+        settings: &Arc<CacheConfig>,
+        fetch: &Fetcher,
+    ) -> Result<(Credentials, Lookup), Error> {
         let slot = self.slot(key);
-        let guard = slot.lock().await;
-        guard.as_ref().map(|e| e.use_until)
+        {
+            let mut st = slot.lock();
+            let now = self.0.clock.now();
+            st.last_used = Some(now);
+            if let Some(entry) = &st.entry
+                && now < entry.use_until
+            {
+                let credentials = entry.credentials.clone();
+                if now >= entry.refresh_at && !st.refreshing && st.retry_at.is_none_or(|t| now >= t)
+                {
+                    st.refreshing = true;
+                    self.spawn_refresh(slot.clone(), key.clone(), request, settings, fetch);
+                }
+                return Ok((credentials, Lookup::Hit));
+            }
+        }
+
+        // Mandatory: one fetch at a time; whoever comes later takes its outcome.
+        let _fetching = slot.fetch.lock().await;
+        let reason = {
+            let st = slot.lock();
+            let now = self.0.clock.now();
+            if let Some(entry) = &st.entry
+                && now < entry.use_until
+            {
+                return Ok((entry.credentials.clone(), Lookup::Hit));
+            }
+            if let Some(retry_at) = st.retry_at
+                && now < retry_at
+            {
+                if let Some(entry) = &st.entry
+                    && now < entry.expires
+                {
+                    return Ok((entry.credentials.clone(), Lookup::Stale));
+                }
+                if let Some(error) = &st.last_error {
+                    return Err(error.replay());
+                }
+            }
+            if request.reason != Reason::Initial {
+                request.reason
+            } else if st.entry.is_some() {
+                Reason::Expired
+            } else {
+                Reason::Initial
+            }
+        };
+        self.pace(&slot, settings).await;
+        let result = fetch(Request {
+            reason,
+            ..request.clone()
+        })
+        .await;
+        let now = self.0.clock.now();
+        let mut st = slot.lock();
+        match result {
+            Ok(credentials) => {
+                self.store(&mut st, key, credentials.clone(), settings, now, reason);
+                Ok((credentials, Lookup::Fetched(reason)))
+            }
+            Err(error) => {
+                record_failure(&mut st, &error, settings, now);
+                if let Some(entry) = &st.entry
+                    && now < entry.expires
+                    && !error.is_permanent()
+                {
+                    tracing::warn!(provider = %key.provider, error = %error, "refresh failed; serving the still-valid cached credential");
+                    return Ok((entry.credentials.clone(), Lookup::Stale));
+                }
+                st.last_error = Some(error.replay());
+                Err(error)
+            }
+        }
+    }
+
+    /// Keep plugin calls for one key at least `min_interval_ms` apart.
+    async fn pace(&self, slot: &Slot, settings: &CacheConfig) {
+        let last = slot.lock().last_fetch;
+        if let Some(last) = last {
+            let next = last + Duration::from_millis(settings.min_interval_ms);
+            if let Ok(wait) = next.duration_since(self.0.clock.now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        slot.lock().last_fetch = Some(self.0.clock.now());
+    }
+
+    fn store(
+        &self,
+        st: &mut SlotState,
+        key: &CacheKey,
+        credentials: Credentials,
+        settings: &CacheConfig,
+        now: SystemTime,
+        reason: Reason,
+    ) {
+        st.generation += 1;
+        st.failures = 0;
+        st.retry_at = None;
+        st.last_error = None;
+        st.entry = Some(schedule(
+            credentials,
+            settings,
+            now,
+            st.generation,
+            rand::random(),
+        ));
+        let _ = self.0.events.send(CacheEvent::Rotated {
+            key: key.clone(),
+            generation: st.generation,
+            reason,
+        });
+    }
+
+    fn spawn_refresh(
+        &self,
+        slot: Arc<Slot>,
+        key: CacheKey,
+        request: &Request,
+        settings: &Arc<CacheConfig>,
+        fetch: &Fetcher,
+    ) {
+        let (cache, settings, fetch) = (self.clone(), settings.clone(), fetch.clone());
+        let request = Request {
+            reason: Reason::RefreshAhead,
+            ..request.clone()
+        };
+        tokio::spawn(async move {
+            let _fetching = slot.fetch.lock().await;
+            let still_needed = {
+                let st = slot.lock();
+                let now = cache.0.clock.now();
+                st.entry.as_ref().is_some_and(|e| now >= e.refresh_at)
+            };
+            if still_needed {
+                cache.pace(&slot, &settings).await;
+                let result = fetch(request).await;
+                let now = cache.0.clock.now();
+                let mut st = slot.lock();
+                match result {
+                    Ok(credentials) => cache.store(
+                        &mut st,
+                        &key,
+                        credentials,
+                        &settings,
+                        now,
+                        Reason::RefreshAhead,
+                    ),
+                    Err(error) => {
+                        tracing::warn!(provider = %key.provider, error = %error, "refresh-ahead failed; keeping the cached credential");
+                        record_failure(&mut st, &error, &settings, now);
+                    }
+                }
+            }
+            slot.lock().refreshing = false;
+        });
+    }
+
+    /// Drop `key`'s entry if it still holds `failed`; returns whether it did.
+    pub(crate) fn invalidate_if(&self, key: &CacheKey, failed: &Credentials) -> bool {
+        let Some(slot) = self.existing_slot(key) else {
+            return false;
+        };
+        let mut st = slot.lock();
+        let generation = match &st.entry {
+            Some(e) if e.credentials.credential == failed.credential => e.generation,
+            _ => return false,
+        };
+        st.entry = None;
+        let _ = self.0.events.send(CacheEvent::Invalidated {
+            key: key.clone(),
+            generation,
+        });
+        true
+    }
+
+    /// When the entry for `key` stops being served, if there is one.
+    pub(crate) fn use_until(&self, key: &CacheKey) -> Option<SystemTime> {
+        let slot = self.existing_slot(key)?;
+        let st = slot.lock();
+        st.entry.as_ref().map(|e| e.use_until)
+    }
+
+    /// When the entry for `key` enters its advisory (refresh-ahead) window.
+    pub(crate) fn refresh_at(&self, key: &CacheKey) -> Option<SystemTime> {
+        let slot = self.existing_slot(key)?;
+        let st = slot.lock();
+        st.entry.as_ref().map(|e| e.refresh_at)
+    }
+
+    /// Failure and generation counters for `key`.
+    pub(crate) fn stats(&self, key: &CacheKey) -> KeyStats {
+        self.existing_slot(key)
+            .map(|slot| {
+                let st = slot.lock();
+                KeyStats {
+                    failures: st.failures,
+                    generation: st.generation,
+                }
+            })
+            .unwrap_or_default()
     }
 }
 
-/// The stated expiry: the provider's `expires-at`, else the bearer JWT's `exp`,
-/// else `default_ttl`; capped by `max_lifetime`. Then minus the skew margin, which
-/// for short-lived tokens shrinks to a tenth of the lifetime so that a 5-second
-/// token is still used for most of its life.
-pub(crate) fn use_until(c: &Credentials, s: &CacheConfig, now: SystemTime) -> SystemTime {
-    let stated = c
+fn record_failure(st: &mut SlotState, error: &Error, s: &CacheConfig, now: SystemTime) {
+    st.failures = st.failures.saturating_add(1);
+    let delay = if error.is_permanent() {
+        Duration::from_millis(s.backoff_max_ms)
+    } else {
+        backoff(s, st.failures, rand::random())
+    };
+    st.retry_at = Some(now + delay);
+}
+
+/// Exponential backoff with ±20 % jitter (`unit` in [0, 1)), capped at the maximum.
+pub(crate) fn backoff(s: &CacheConfig, failures: u32, unit: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let base = (s.backoff_initial_ms as f64) * f64::from(1u32 << exp.min(20));
+    let jittered = base * (0.8 + 0.4 * unit);
+    Duration::from_millis(jittered.min(s.backoff_max_ms as f64) as u64)
+}
+
+/// Place a freshly fetched credential on the timeline: stated expiry (the
+/// provider's `expires-at`, else the bearer JWT's `exp`, else `default_ttl`, capped
+/// by `max_lifetime`), use-until (expiry minus skew, the skew at most a tenth of the
+/// lifetime) and refresh-at (see the module docs). `unit` in [0, 1) is the jitter.
+fn schedule(
+    credentials: Credentials,
+    s: &CacheConfig,
+    now: SystemTime,
+    generation: u64,
+    unit: f64,
+) -> Entry {
+    let stated = credentials
         .expires_at
-        .or_else(|| jwt_exp(&c.credential))
+        .or_else(|| jwt_exp(&credentials.credential))
         .unwrap_or(now + Duration::from_secs(s.default_ttl_secs));
-    let stated = match s.max_lifetime_secs {
+    let expires = match s.max_lifetime_secs {
         Some(max) => stated.min(now + Duration::from_secs(max)),
         None => stated,
     };
-    let lifetime = stated.duration_since(now).unwrap_or(Duration::ZERO);
-    let skew = Duration::from_secs(s.skew_secs).min(lifetime / 10);
-    stated - skew
+    let lifetime = expires.duration_since(now).unwrap_or(Duration::ZERO);
+    let use_until = expires - Duration::from_secs(s.skew_secs).min(lifetime / 10);
+    let window = lifetime.mul_f64((s.window_factor + s.window_jitter * unit).min(1.0));
+    let min_period = Duration::from_secs(s.min_period_secs);
+    let buffer = Duration::from_secs(s.buffer_secs);
+    let refresh_in = if min_period + buffer < lifetime {
+        window.max(min_period).min(lifetime - buffer)
+    } else {
+        window
+    };
+    let refresh_at = (now + refresh_in).min(use_until);
+    Entry {
+        credentials,
+        generation,
+        refresh_at,
+        use_until,
+        expires,
+    }
 }
 
 /// The `exp` claim of a bearer JWT, read without verification (the host does not
@@ -175,97 +512,4 @@ pub(crate) fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::ManualClock;
-    use crate::secret::Secret;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    fn bearer(token: &str, expires_at: Option<SystemTime>) -> Credentials {
-        Credentials {
-            credential: Credential::Bearer(Secret::new(token)),
-            expires_at,
-            principal: None,
-        }
-    }
-
-    #[test]
-    fn expiry_sources_and_skew() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let s = CacheConfig::default();
-        // Stated expiry, minus 30 s skew.
-        let c = bearer("opaque", Some(now + Duration::from_secs(3600)));
-        assert_eq!(use_until(&c, &s, now), now + Duration::from_secs(3570));
-        // JWT exp when the provider states none.
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(format!("{{\"exp\":{}}}", 1_000_000 + 600));
-        let c = bearer(&format!("h.{payload}.s"), None);
-        assert_eq!(use_until(&c, &s, now), now + Duration::from_secs(570));
-        // Default TTL for opaque tokens; max lifetime caps it.
-        let c = bearer("opaque", None);
-        assert_eq!(use_until(&c, &s, now), now + Duration::from_secs(3570));
-        let capped = CacheConfig {
-            max_lifetime_secs: Some(100),
-            ..CacheConfig::default()
-        };
-        assert_eq!(use_until(&c, &capped, now), now + Duration::from_secs(90));
-        // A 5 s token keeps most of its life.
-        let c = bearer("short", Some(now + Duration::from_secs(5)));
-        assert_eq!(use_until(&c, &s, now), now + Duration::from_millis(4500));
-    }
-
-    #[tokio::test]
-    async fn single_flight_and_compare_and_invalidate() {
-        let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000));
-        let cache = Arc::new(TokenCache::new(Arc::new(clock.clone())));
-        let key = CacheKey::new(Arc::from("p"), &Request::new());
-        let calls = Arc::new(AtomicUsize::new(0));
-        let settings = CacheConfig::default();
-        let mut tasks = Vec::new();
-        for _ in 0..100 {
-            let (cache, key, calls, settings) =
-                (cache.clone(), key.clone(), calls.clone(), settings.clone());
-            tasks.push(tokio::spawn(async move {
-                cache
-                    .get_or_fetch(&key, &settings, Reason::Initial, |_| async {
-                        let n = calls.fetch_add(1, Ordering::SeqCst);
-                        tokio::task::yield_now().await;
-                        Ok::<_, ()>(bearer(&format!("t{n}"), None))
-                    })
-                    .await
-                    .unwrap()
-                    .0
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), bearer("t0", None));
-        }
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-
-        // Only the first report about t0 invalidates.
-        assert!(cache.invalidate_if(&key, &bearer("t0", None)).await);
-        assert!(!cache.invalidate_if(&key, &bearer("t0", None)).await);
-        let (c, how) = cache
-            .get_or_fetch(&key, &settings, Reason::Initial, |r| async move {
-                assert_eq!(r, Reason::Initial);
-                Ok::<_, ()>(bearer("t1", None))
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            (c, how),
-            (bearer("t1", None), Lookup::Fetched(Reason::Initial))
-        );
-        assert!(!cache.invalidate_if(&key, &bearer("t0", None)).await);
-
-        // Expiry on the injected clock.
-        clock.advance(Duration::from_secs(3600));
-        let (_, how) = cache
-            .get_or_fetch(&key, &settings, Reason::Initial, |_| async {
-                Ok::<_, ()>(bearer("t2", None))
-            })
-            .await
-            .unwrap();
-        assert_eq!(how, Lookup::Fetched(Reason::Expired));
-    }
-}
+mod tests;

@@ -5,8 +5,9 @@ use crate::config::HostConfig;
 use crate::error::BoxError;
 use crate::host::{Host, ProviderStatus};
 use crate::issuer::{DevClient, DevIssuer, DevIssuerConfig};
-use crate::types::{Credential, Credentials, Decision, Request, SecurityError, SecurityErrorKind};
-use crate::{Lookup, ProviderConfig, Reason};
+use crate::retry::Rejection;
+use crate::types::{Credential, Credentials, Request};
+use crate::{Lookup, ProviderConfig, Reason, classify};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::HashMap;
 use std::io::Write;
@@ -329,87 +330,131 @@ async fn demo(
     }
     let describe = |lookup: Lookup| match lookup {
         Lookup::Hit => "cache hit".to_string(),
+        Lookup::Stale => "stale cache hit (IdP failing)".to_string(),
         Lookup::Fetched(reason) => format!("fetched from the IdP ({})", reason_name(reason)),
+    };
+    let until = |t: Option<SystemTime>| {
+        t.and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default()
     };
 
     // 1. First fetch.
     let (creds, lookup) = host.get_credentials_traced("demo", &request).await?;
-    let expires_in = creds
-        .expires_at
-        .and_then(|t| t.duration_since(SystemTime::now()).ok())
-        .unwrap_or_default();
     step!(
         "get-credentials → {}: {}, expires in {:.1}s, principal {}",
         describe(lookup),
         names.name(&creds),
-        expires_in.as_secs_f64(),
+        until(creds.expires_at).as_secs_f64(),
         creds.principal.as_deref().unwrap_or("-")
     );
-    // 2. Cached hits.
-    for _ in 0..3 {
+    // 2. Single-flight: a herd on a cold key makes one plugin call.
+    let reports = Request::new().scope("reports");
+    let calls_before = host.plugin_calls("demo");
+    let herd: Vec<_> = (0..100)
+        .map(|_| {
+            let (host, reports) = (host.clone(), reports.clone());
+            tokio::spawn(async move { host.get_credentials("demo", &reports).await })
+        })
+        .collect();
+    let mut herd_creds = None;
+    for task in herd {
+        herd_creds = Some(task.await??);
+    }
+    if let Some(c) = &herd_creds {
+        step!(
+            "100 concurrent callers for scope `reports` → {} plugin call (single-flight): {}",
+            host.plugin_calls("demo") - calls_before,
+            names.name(c)
+        );
+    }
+    // 3. Cached hits.
+    for _ in 0..2 {
         let (c, lookup) = host.get_credentials_traced("demo", &request).await?;
         step!("get-credentials → {}: {}", describe(lookup), names.name(&c));
     }
-    // 3. Refresh after expiry.
-    if let Some(until) = host.cached_until("demo", &request).await {
-        let wait =
-            until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(50);
-        step!(
-            "… waiting {:.1}s for the cached token to expire",
-            wait.as_secs_f64()
-        );
-        tokio::time::sleep(wait).await;
-    }
-    let (creds, lookup) = host.get_credentials_traced("demo", &request).await?;
+    // 4. Refresh ahead: inside the advisory window the cached token is served while
+    //    one background refresh replaces it.
+    let wait = until(host.refresh_at("demo", &request)) + Duration::from_millis(20);
     step!(
-        "get-credentials → {}: {}",
+        "… {:.1}s until the refresh-ahead window",
+        wait.as_secs_f64()
+    );
+    tokio::time::sleep(wait).await;
+    let (c, lookup) = host.get_credentials_traced("demo", &request).await?;
+    step!(
+        "get-credentials → {} (advisory window: one background refresh started): {}",
         describe(lookup),
-        names.name(&creds)
+        names.name(&c)
     );
-    let token = match &creds.credential {
-        Credential::Bearer(t) => t.clone(),
-        _ => return Err("the demo provider returned a non-bearer credential".into()),
-    };
-    match issuer.verify(token.expose(), Some("demo-api")) {
-        Ok(_) => step!(
-            "resource server → 200: {} verified against the issuer's JWKS",
-            names.name(&creds)
-        ),
-        Err(e) => step!("resource server → 401: {e}"),
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (c, lookup) = host.get_credentials_traced("demo", &request).await?;
+    step!(
+        "get-credentials → {}: {} (refreshed ahead of expiry, no caller waited)",
+        describe(lookup),
+        names.name(&c)
+    );
+    // 5. Refresh after expiry: the `reports` key saw no traffic in its window.
+    let wait = until(host.cached_until("demo", &reports)) + Duration::from_millis(20);
+    step!(
+        "… {:.1}s until the `reports` token expires unused",
+        wait.as_secs_f64()
+    );
+    tokio::time::sleep(wait).await;
+    let (c, lookup) = host.get_credentials_traced("demo", &reports).await?;
+    step!(
+        "get-credentials (scope `reports`) → {}: {}",
+        describe(lookup),
+        names.name(&c)
+    );
+    // 6. Re-authentication: the resource server rejects the current token once
+    //    (as if revoked early); with_credentials asks the provider and retries.
+    let rejected_once = std::sync::atomic::AtomicBool::new(false);
+    let log = std::sync::Mutex::new(Vec::<String>::new());
+    let outcome = host
+        .with_credentials("demo", &request, |creds| {
+            let (issuer, names_seen, rejected_once, log) = (&issuer, creds, &rejected_once, &log);
+            async move {
+                let Credential::Bearer(token) = &names_seen.credential else {
+                    return Err(Rejection::Other(
+                        "the demo provider returned a non-bearer credential".to_string(),
+                    ));
+                };
+                let verified = issuer.verify(token.expose(), Some("demo-api"));
+                let record =
+                    |line: String| log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                if !rejected_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    record("resource server → 401 invalid_token (simulated: revoked early)".into());
+                    let error = classify::from_http(
+                        401,
+                        Some(r#"Bearer error="invalid_token", error_description="token expired""#),
+                        None,
+                    )
+                    .ok_or_else(|| Rejection::Other("unclassified".to_string()))?;
+                    return Err(Rejection::security(error, "401 invalid_token".to_string()));
+                }
+                match verified {
+                    Ok(_) => {
+                        record("resource server → 200: verified against the issuer's JWKS".into());
+                        Ok(())
+                    }
+                    Err(e) => Err(Rejection::Other(format!("resource server → 401: {e}"))),
+                }
+            }
+        })
+        .await;
+    let lines = log.into_inner().unwrap_or_else(|e| e.into_inner());
+    for line in lines {
+        step!("with_credentials: {line}");
     }
-    // 4. Re-authentication after a server-side token-expired error.
-    let error = SecurityError::new(SecurityErrorKind::TokenExpired)
-        .status(401)
-        .code("invalid_token")
-        .message("the access token expired");
-    step!(
-        "resource server → 401 invalid_token for {} (simulated: revoked early)",
-        names.name(&creds)
-    );
-    let decision = host
-        .handle_security_error("demo", &request, &creds, &error)
-        .await?;
-    step!(
-        "handle-security-error → provider decides {}",
-        decision_name(decision)
-    );
-    if decision == Decision::RefreshAndRetry {
-        let retry = Request {
-            reason: Reason::AfterSecurityError,
-            ..request.clone()
-        };
-        let (fresh, lookup) = host.get_credentials_traced("demo", &retry).await?;
-        step!(
-            "get-credentials → {}: {}",
-            describe(lookup),
-            names.name(&fresh)
-        );
-        let (again, lookup) = host.get_credentials_traced("demo", &request).await?;
-        step!(
-            "get-credentials → {}: {}",
-            describe(lookup),
-            names.name(&again)
-        );
+    match outcome {
+        Ok(()) => {
+            let (c, _) = host.get_credentials_traced("demo", &request).await?;
+            step!(
+                "with_credentials → provider decided refresh-and-retry; succeeded on re-authenticated {}",
+                names.name(&c)
+            );
+        }
+        Err(e) => step!("with_credentials → failed: {e}"),
     }
     writeln!(out)?;
     writeln!(
@@ -429,14 +474,6 @@ fn reason_name(r: Reason) -> &'static str {
         Reason::RefreshAhead => "refresh-ahead",
         Reason::Expired => "expired",
         Reason::AfterSecurityError => "after-security-error",
-    }
-}
-
-fn decision_name(d: Decision) -> String {
-    match d {
-        Decision::RefreshAndRetry => "refresh-and-retry".into(),
-        Decision::RetryAfter(t) => format!("retry-after {} ms", t.as_millis()),
-        Decision::Fail => "fail".into(),
     }
 }
 

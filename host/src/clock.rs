@@ -59,3 +59,28 @@ impl wasmtime_wasi::HostWallClock for WasiWallClock {
             .unwrap_or(Duration::ZERO)
     }
 }
+
+/// A wall clock driven by tokio's clock: under `tokio::time::pause()` it only
+/// moves when tokio's time does (auto-advance or `tokio::time::advance`), so
+/// expiry, refresh-ahead and backoff can be tested without waiting.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    base: SystemTime,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading `base` now, moving with tokio's time.
+    pub fn starting_at(base: SystemTime) -> Self {
+        TokioClock {
+            base,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> SystemTime {
+        self.base + self.start.elapsed()
+    }
+}

@@ -89,6 +89,10 @@ pub struct RuntimeConfig {
     /// `limits.memory_mib` must not exceed it. Default 512.
     #[serde(default = "defaults::max_memory_mib")]
     pub max_memory_mib: u64,
+    /// Most cache keys kept; the least recently used idle keys are evicted beyond
+    /// it. Default 10000.
+    #[serde(default = "defaults::max_cache_entries")]
+    pub max_cache_entries: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -97,6 +101,7 @@ impl Default for RuntimeConfig {
             state_dir: None,
             cache_dir: None,
             max_memory_mib: defaults::max_memory_mib(),
+            max_cache_entries: defaults::max_cache_entries(),
         }
     }
 }
@@ -119,6 +124,9 @@ pub struct ProviderConfig {
     /// Token cache settings.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Re-authentication policy.
+    #[serde(default)]
+    pub retry: RetryConfig,
     /// Sandbox limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -133,6 +141,7 @@ impl ProviderConfig {
             allowed_hosts: Vec::new(),
             config: BTreeMap::new(),
             cache: CacheConfig::default(),
+            retry: RetryConfig::default(),
             limits: LimitsConfig::default(),
         }
     }
@@ -214,7 +223,8 @@ impl<'de> Deserialize<'de> for ConfigValue {
     }
 }
 
-/// `[providers.<name>.cache]`: how long credentials are kept.
+/// `[providers.<name>.cache]`: how long credentials are kept and when they are
+/// refreshed (Kafka's OAUTHBEARER refresh knobs, botocore's two tiers).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
@@ -224,10 +234,34 @@ pub struct CacheConfig {
     pub default_ttl_secs: u64,
     /// Upper bound on any credential's cached lifetime. Unset: no cap.
     pub max_lifetime_secs: Option<u64>,
-    /// Treat credentials as expired this long before their stated expiry, to absorb
-    /// clock skew between us, the IdP and the server. Default 30 s.
+    /// Stop using a credential this long before its stated expiry (clock skew
+    /// between us, the IdP and the server); at most a tenth of its lifetime.
+    /// Default 30 s.
     #[serde(default = "defaults::skew_secs")]
     pub skew_secs: u64,
+    /// Refresh ahead once this fraction of the lifetime has passed (0.5–1.0).
+    /// Default 0.8.
+    #[serde(default = "defaults::window_factor")]
+    pub window_factor: f64,
+    /// Random extra fraction added per refresh, spreading refreshes of many keys
+    /// (0–0.25). Default 0.05.
+    #[serde(default = "defaults::window_jitter")]
+    pub window_jitter: f64,
+    /// Never refresh ahead sooner than this after issue. Default 60 s.
+    #[serde(default = "defaults::min_period_secs")]
+    pub min_period_secs: u64,
+    /// Never refresh ahead later than this before expiry. Default 300 s.
+    #[serde(default = "defaults::buffer_secs")]
+    pub buffer_secs: u64,
+    /// First backoff after a failed fetch. Default 100 ms.
+    #[serde(default = "defaults::backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    /// Largest backoff; also the pause after `denied`/`misconfigured`. Default 10 s.
+    #[serde(default = "defaults::backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Minimum time between two plugin calls for the same key. Default 250 ms.
+    #[serde(default = "defaults::min_interval_ms")]
+    pub min_interval_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -236,6 +270,44 @@ impl Default for CacheConfig {
             default_ttl_secs: defaults::default_ttl_secs(),
             max_lifetime_secs: None,
             skew_secs: defaults::skew_secs(),
+            window_factor: defaults::window_factor(),
+            window_jitter: defaults::window_jitter(),
+            min_period_secs: defaults::min_period_secs(),
+            buffer_secs: defaults::buffer_secs(),
+            backoff_initial_ms: defaults::backoff_initial_ms(),
+            backoff_max_ms: defaults::backoff_max_ms(),
+            min_interval_ms: defaults::min_interval_ms(),
+        }
+    }
+}
+
+/// `[providers.<name>.retry]`: what `Host::with_credentials` may do after a server
+/// rejects a credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Re-authentications (refresh-and-retry) per operation. Default 1: a fresh
+    /// credential that is rejected again will be rejected a third time too.
+    #[serde(default = "defaults::max_reauth")]
+    pub max_reauth: u32,
+    /// `retry-after` waits per operation. Default 3.
+    #[serde(default = "defaults::max_waits")]
+    pub max_waits: u32,
+    /// Longest single `retry-after` wait honoured. Default 5000 ms.
+    #[serde(default = "defaults::max_retry_after_ms")]
+    pub max_retry_after_ms: u64,
+    /// Total time one operation may spend in retries. Default 30000 ms.
+    #[serde(default = "defaults::budget_ms")]
+    pub budget_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_reauth: defaults::max_reauth(),
+            max_waits: defaults::max_waits(),
+            max_retry_after_ms: defaults::max_retry_after_ms(),
+            budget_ms: defaults::budget_ms(),
         }
     }
 }
@@ -274,6 +346,54 @@ pub mod defaults {
     /// `cache.skew_secs`.
     pub fn skew_secs() -> u64 {
         30
+    }
+    /// `cache.window_factor`.
+    pub fn window_factor() -> f64 {
+        0.8
+    }
+    /// `cache.window_jitter`.
+    pub fn window_jitter() -> f64 {
+        0.05
+    }
+    /// `cache.min_period_secs`.
+    pub fn min_period_secs() -> u64 {
+        60
+    }
+    /// `cache.buffer_secs`.
+    pub fn buffer_secs() -> u64 {
+        300
+    }
+    /// `cache.backoff_initial_ms`.
+    pub fn backoff_initial_ms() -> u64 {
+        100
+    }
+    /// `cache.backoff_max_ms`.
+    pub fn backoff_max_ms() -> u64 {
+        10_000
+    }
+    /// `cache.min_interval_ms`.
+    pub fn min_interval_ms() -> u64 {
+        250
+    }
+    /// `retry.max_reauth`.
+    pub fn max_reauth() -> u32 {
+        1
+    }
+    /// `retry.max_waits`.
+    pub fn max_waits() -> u32 {
+        3
+    }
+    /// `retry.max_retry_after_ms`.
+    pub fn max_retry_after_ms() -> u64 {
+        5000
+    }
+    /// `retry.budget_ms`.
+    pub fn budget_ms() -> u64 {
+        30_000
+    }
+    /// `runtime.max_cache_entries`.
+    pub fn max_cache_entries() -> usize {
+        10_000
     }
     /// `limits.timeout_ms`.
     pub fn timeout_ms() -> u64 {
@@ -336,6 +456,13 @@ impl HostConfig {
     /// Check what serde cannot: ranges, formats and names.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let file = self.source.as_deref();
+        if self.runtime.max_cache_entries == 0 {
+            return Err(ConfigError::at(
+                file,
+                "runtime.max_cache_entries",
+                "must be at least 1",
+            ));
+        }
         if self.runtime.max_memory_mib == 0 {
             return Err(ConfigError::at(
                 file,
@@ -421,6 +548,56 @@ fn validate_provider(
         return Err(ConfigError::at(
             file,
             key("cache.default_ttl_secs"),
+            "must be at least 1",
+        ));
+    }
+    let c = &p.cache;
+    if !(0.5..=1.0).contains(&c.window_factor) {
+        return Err(ConfigError::at(
+            file,
+            key("cache.window_factor"),
+            "must be between 0.5 and 1.0",
+        ));
+    }
+    if !(0.0..=0.25).contains(&c.window_jitter) {
+        return Err(ConfigError::at(
+            file,
+            key("cache.window_jitter"),
+            "must be between 0 and 0.25",
+        ));
+    }
+    if c.window_factor + c.window_jitter > 1.0 {
+        return Err(ConfigError::at(
+            file,
+            key("cache.window_jitter"),
+            "window_factor + window_jitter must not exceed 1.0",
+        ));
+    }
+    if c.backoff_initial_ms == 0 || c.backoff_initial_ms > c.backoff_max_ms {
+        return Err(ConfigError::at(
+            file,
+            key("cache.backoff_initial_ms"),
+            "must be at least 1 and at most cache.backoff_max_ms",
+        ));
+    }
+    if c.backoff_max_ms > 3_600_000 {
+        return Err(ConfigError::at(
+            file,
+            key("cache.backoff_max_ms"),
+            "must be at most 3600000",
+        ));
+    }
+    if p.retry.max_reauth > 5 {
+        return Err(ConfigError::at(
+            file,
+            key("retry.max_reauth"),
+            "must be at most 5 (each re-authentication is an IdP call)",
+        ));
+    }
+    if p.retry.budget_ms == 0 {
+        return Err(ConfigError::at(
+            file,
+            key("retry.budget_ms"),
             "must be at least 1",
         ));
     }

@@ -114,6 +114,85 @@ impl Error {
         }
     }
 
+    /// A copy of this error for another caller waiting on the same fetch (sources
+    /// that cannot be cloned are kept as their message).
+    pub fn replay(&self) -> Error {
+        let source_copy = |s: &BoxError| -> BoxError { s.to_string().into() };
+        match self {
+            Error::Config(e) => Error::Config(crate::config::ConfigError {
+                file: e.file.clone(),
+                line: e.line,
+                message: e.message.clone(),
+            }),
+            Error::UnknownProvider { provider } => Error::UnknownProvider {
+                provider: provider.clone(),
+            },
+            Error::Load {
+                provider,
+                path,
+                source,
+            } => Error::Load {
+                provider: provider.clone(),
+                path: path.clone(),
+                source: source_copy(source),
+            },
+            Error::NotLoaded { provider, reason } => Error::NotLoaded {
+                provider: provider.clone(),
+                reason: reason.clone(),
+            },
+            Error::Provider { provider, error } => Error::Provider {
+                provider: provider.clone(),
+                error: error.clone(),
+            },
+            Error::Plugin {
+                provider,
+                function,
+                source,
+            } => Error::Plugin {
+                provider: provider.clone(),
+                function,
+                source: source_copy(source),
+            },
+            Error::Timeout {
+                provider,
+                function,
+                timeout_ms,
+            } => Error::Timeout {
+                provider: provider.clone(),
+                function,
+                timeout_ms: *timeout_ms,
+            },
+            Error::Rejected {
+                provider,
+                error,
+                attempts,
+            } => Error::Rejected {
+                provider: provider.clone(),
+                error: error.clone(),
+                attempts: *attempts,
+            },
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+        }
+    }
+
+    /// Whether retrying soon is pointless: the IdP refused, or the provider is
+    /// misconfigured. Such failures are not retried hot.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Error::Provider {
+                error: ProviderError::Denied(_) | ProviderError::Misconfigured(_),
+                ..
+            } | Error::Config(_)
+                | Error::UnknownProvider { .. }
+                | Error::NotLoaded { .. }
+                | Error::Load { .. }
+        )
+    }
+
     /// The `provider-error` the plugin returned, if that is what this is.
     pub fn provider_error(&self) -> Option<&ProviderError> {
         match self {

@@ -1,12 +1,13 @@
 //! [`Host`]: the embedder's entry point.
 
-use crate::cache::{CacheKey, Lookup, TokenCache};
+use crate::cache::{CacheEvent, CacheKey, Fetcher, KeyStats, Lookup, TokenCache};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
+use crate::retry::{Action, OperationError, Rejection, RetryPolicy};
 use crate::runtime::egress::HostPattern;
 use crate::runtime::{CompileSource, ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
-use crate::types::{Credentials, Decision, Request, SecurityError};
+use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,11 +29,16 @@ pub enum ProviderStatus {
 }
 
 enum Slot {
-    Ready {
-        runtime: Arc<ProviderRuntime>,
-        cache: config::CacheConfig,
-    },
+    Ready(Box<Ready>),
     Failed(String),
+}
+
+struct Ready {
+    name: Arc<str>,
+    runtime: Arc<ProviderRuntime>,
+    cache: Arc<config::CacheConfig>,
+    retry: RetryPolicy,
+    fetch: Fetcher,
 }
 
 /// Hosts auth providers: loads them, caches what they return and asks them what to
@@ -45,7 +51,7 @@ pub struct Host {
 }
 
 struct Inner {
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
     providers: BTreeMap<String, Slot>,
     cache: TokenCache,
 }
@@ -115,15 +121,34 @@ impl HostBuilder {
             context: "starting the WebAssembly engine".into(),
             source: std::io::Error::other(e),
         })?;
+        let runtime = Arc::new(runtime);
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
             let slot = match load_provider(&runtime, &config, name, p) {
-                Ok(runtime) => {
-                    tracing::info!(provider = %name, sha256 = runtime.sha256(), "provider loaded");
-                    Slot::Ready {
-                        runtime: Arc::new(runtime),
-                        cache: p.cache.clone(),
-                    }
+                Ok(loaded) => {
+                    tracing::info!(provider = %name, sha256 = loaded.sha256(), "provider loaded");
+                    let loaded = Arc::new(loaded);
+                    let fetch: Fetcher = {
+                        let (runtime, loaded) = (runtime.clone(), loaded.clone());
+                        Arc::new(move |request: Request| {
+                            let (runtime, loaded) = (runtime.clone(), loaded.clone());
+                            Box::pin(
+                                async move { loaded.get_credentials(&runtime, &request).await },
+                            )
+                        })
+                    };
+                    let retry = RetryPolicy::from_config(&p.retry).map_err(|e| ConfigError {
+                        file: config.source.clone(),
+                        line: None,
+                        message: format!("providers.{name}.retry: {e}"),
+                    })?;
+                    Slot::Ready(Box::new(Ready {
+                        name: Arc::from(name.as_str()),
+                        runtime: loaded,
+                        cache: Arc::new(p.cache.clone()),
+                        retry,
+                        fetch,
+                    }))
                 }
                 Err(e) => {
                     tracing::error!(provider = %name, error = %e, "provider failed to load");
@@ -136,7 +161,7 @@ impl HostBuilder {
             inner: Arc::new(Inner {
                 runtime,
                 providers,
-                cache: TokenCache::new(self.clock),
+                cache: TokenCache::new(self.clock, config.runtime.max_cache_entries),
             }),
         })
     }
@@ -205,9 +230,9 @@ impl Host {
             .iter()
             .map(|(name, slot)| {
                 let status = match slot {
-                    Slot::Ready { runtime, .. } => ProviderStatus::Ready {
-                        sha256: runtime.sha256().to_string(),
-                        from_cache: runtime.compile_source() == CompileSource::Cache,
+                    Slot::Ready(ready) => ProviderStatus::Ready {
+                        sha256: ready.runtime.sha256().to_string(),
+                        from_cache: ready.runtime.compile_source() == CompileSource::Cache,
                     },
                     Slot::Failed(e) => ProviderStatus::Failed(e.clone()),
                 };
@@ -221,8 +246,8 @@ impl Host {
     pub async fn check(&self) -> BTreeMap<String, ProviderStatus> {
         let mut status = self.status();
         for (name, slot) in &self.inner.providers {
-            if let Slot::Ready { runtime, .. } = slot
-                && let Err(e) = runtime.instantiate_check(&self.inner.runtime).await
+            if let Slot::Ready(ready) = slot
+                && let Err(e) = ready.runtime.instantiate_check(&self.inner.runtime).await
             {
                 status.insert(name.clone(), ProviderStatus::Failed(e.to_string()));
             }
@@ -230,9 +255,9 @@ impl Host {
         status
     }
 
-    fn provider(&self, name: &str) -> Result<(&Arc<ProviderRuntime>, &config::CacheConfig)> {
+    fn provider(&self, name: &str) -> Result<&Ready> {
         match self.inner.providers.get(name) {
-            Some(Slot::Ready { runtime, cache }) => Ok((runtime, cache)),
+            Some(Slot::Ready(ready)) => Ok(ready),
             Some(Slot::Failed(reason)) => Err(Error::NotLoaded {
                 provider: name.to_string(),
                 reason: reason.clone(),
@@ -243,8 +268,9 @@ impl Host {
         }
     }
 
-    /// Credentials for `request` from `provider`: cached while valid, fetched (once,
-    /// however many callers ask at the same time) when missing or expired.
+    /// Credentials for `request` from `provider`: cached while valid, refreshed
+    /// ahead of expiry in the background, fetched (once, however many callers ask at
+    /// the same time) when missing or expired. See [`crate::cache`].
     pub async fn get_credentials(&self, provider: &str, request: &Request) -> Result<Credentials> {
         self.get_credentials_traced(provider, request)
             .await
@@ -257,25 +283,46 @@ impl Host {
         provider: &str,
         request: &Request,
     ) -> Result<(Credentials, Lookup)> {
-        let (runtime, settings) = self.provider(provider)?;
-        let key = CacheKey::new(Arc::from(provider), request);
+        let ready = self.provider(provider)?;
+        let key = CacheKey::new(ready.name.clone(), request);
         self.inner
             .cache
-            .get_or_fetch(&key, settings, request.reason, |reason| async move {
-                let request = Request {
-                    reason,
-                    ..request.clone()
-                };
-                runtime.get_credentials(&self.inner.runtime, &request).await
-            })
+            .get(&key, request, &ready.cache, &ready.fetch)
             .await
     }
 
-    /// When the host stops serving the cached credential for `request`, if one is
-    /// cached.
-    pub async fn cached_until(&self, provider: &str, request: &Request) -> Option<SystemTime> {
-        let key = CacheKey::new(Arc::from(provider), request);
-        self.inner.cache.use_until(&key).await
+    /// When the host stops serving the cached credential for `request` (start of
+    /// the mandatory window), if one is cached.
+    pub fn cached_until(&self, provider: &str, request: &Request) -> Option<SystemTime> {
+        let ready = self.provider(provider).ok()?;
+        self.inner
+            .cache
+            .use_until(&CacheKey::new(ready.name.clone(), request))
+    }
+
+    /// When the cached credential for `request` enters its refresh-ahead window.
+    pub fn refresh_at(&self, provider: &str, request: &Request) -> Option<SystemTime> {
+        let ready = self.provider(provider).ok()?;
+        self.inner
+            .cache
+            .refresh_at(&CacheKey::new(ready.name.clone(), request))
+    }
+
+    /// Failure and generation counters of the cache entry for `request`.
+    pub fn cache_stats(&self, provider: &str, request: &Request) -> KeyStats {
+        match self.provider(provider) {
+            Ok(ready) => self
+                .inner
+                .cache
+                .stats(&CacheKey::new(ready.name.clone(), request)),
+            Err(_) => KeyStats::default(),
+        }
+    }
+
+    /// Be told when any key's credential rotates, is invalidated or is evicted —
+    /// for embedders that must re-authenticate long-lived connections.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CacheEvent> {
+        self.inner.cache.subscribe()
     }
 
     /// Ask `provider` what to do now that a server rejected `credentials` with
@@ -289,22 +336,99 @@ impl Host {
         credentials: &Credentials,
         error: &SecurityError,
     ) -> Result<Decision> {
-        let (runtime, _) = self.provider(provider)?;
-        let decision = runtime
+        let ready = self.provider(provider)?;
+        let decision = ready
+            .runtime
             .handle_security_error(&self.inner.runtime, request, credentials, error)
             .await?;
         if decision == Decision::RefreshAndRetry {
-            let key = CacheKey::new(Arc::from(provider), request);
-            let dropped = self.inner.cache.invalidate_if(&key, credentials).await;
+            let key = CacheKey::new(ready.name.clone(), request);
+            let dropped = self.inner.cache.invalidate_if(&key, credentials);
             tracing::debug!(provider, dropped, "security error: refresh-and-retry");
         }
         Ok(decision)
     }
 
+    /// Run `op` with credentials from `provider`, re-authenticating when the server
+    /// rejects them — as the provider decides and within the provider's
+    /// [`RetryPolicy`] (by default one re-authentication per operation).
+    ///
+    /// `op` reports an authentication failure as [`Rejection::Security`] (see
+    /// [`crate::classify`]); the provider's `handle-security-error` then decides:
+    /// refresh-and-retry (compare-and-invalidate, one fetch, run again),
+    /// retry-after (wait, run again with the same credential) or fail. A plugin
+    /// fault while deciding counts as fail. When the budget is spent the caller gets
+    /// the last rejection with the attempts recorded.
+    pub async fn with_credentials<T, E, F, Fut>(
+        &self,
+        provider: &str,
+        request: &Request,
+        mut op: F,
+    ) -> std::result::Result<T, OperationError<E>>
+    where
+        F: FnMut(Credentials) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Rejection<E>>>,
+    {
+        let policy = self
+            .provider(provider)
+            .map_err(OperationError::Credentials)?
+            .retry;
+        let started = tokio::time::Instant::now();
+        let (mut attempts, mut reauths, mut waits) = (0u32, 0u32, 0u32);
+        let mut request = request.clone();
+        loop {
+            let credentials = self
+                .get_credentials(provider, &request)
+                .await
+                .map_err(OperationError::Credentials)?;
+            attempts += 1;
+            let (error, source) = match op(credentials.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(Rejection::Other(e)) => return Err(OperationError::Failed(e)),
+                Err(Rejection::Security { error, source }) => (error, source),
+            };
+            let decision = match self
+                .handle_security_error(provider, &request, &credentials, &error)
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(provider, error = %e, "handle-security-error failed; treating as fail");
+                    Decision::Fail
+                }
+            };
+            match policy.next(decision, reauths, waits, started.elapsed()) {
+                Action::Reauthenticate => {
+                    reauths += 1;
+                    request.reason = Reason::AfterSecurityError;
+                }
+                Action::Wait(wait) => {
+                    waits += 1;
+                    tokio::time::sleep(wait).await;
+                }
+                Action::GiveUp => {
+                    tracing::info!(provider, attempts, reauths, %error, "operation rejected; giving up");
+                    return Err(OperationError::Rejected {
+                        source,
+                        error,
+                        attempts,
+                        reauths,
+                        decision,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Number of keys the token cache holds.
+    pub fn cached_keys(&self) -> usize {
+        self.inner.cache.len()
+    }
+
     /// Number of `get-credentials` calls made to `provider`'s plugin so far.
     pub fn plugin_calls(&self, provider: &str) -> u64 {
         self.provider(provider)
-            .map(|(r, _)| r.stats().get_credentials.load(Ordering::Relaxed))
+            .map(|r| r.runtime.stats().get_credentials.load(Ordering::Relaxed))
             .unwrap_or(0)
     }
 }

@@ -42,20 +42,23 @@
 #![deny(missing_docs)]
 
 pub mod cache;
+pub mod classify;
 pub mod cli;
 pub mod clock;
 pub mod config;
 mod error;
 mod host;
 pub mod issuer;
+pub mod retry;
 pub mod runtime;
 mod secret;
 mod types;
 
-pub use cache::Lookup;
-pub use config::{ConfigError, HostConfig, ProviderConfig};
+pub use cache::{CacheEvent, CacheKey, KeyStats, Lookup};
+pub use config::{CacheConfig, ConfigError, HostConfig, ProviderConfig, RetryConfig};
 pub use error::{BoxError, Error, Result};
 pub use host::{Host, HostBuilder, ProviderStatus};
+pub use retry::{OperationError, Rejection, RetryPolicy};
 pub use secret::Secret;
 pub use types::{
     Credential, Credentials, Decision, ProviderError, Reason, Request, SecurityError,

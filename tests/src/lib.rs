@@ -78,16 +78,17 @@ impl CapturedLogs {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
-    /// Install as the default subscriber for the current thread at TRACE level;
-    /// logging stops when the guard drops.
-    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+    /// Install as the process-wide subscriber at TRACE level (once per test
+    /// binary: a per-thread subscriber misses events from other threads).
+    pub fn install_global(&self) {
         let logs = self.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
             .with_ansi(false)
             .with_writer(move || logs.clone())
             .finish();
-        tracing::subscriber::set_default(subscriber)
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in this test binary");
     }
 }
 

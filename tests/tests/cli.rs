@@ -91,15 +91,17 @@ async fn demo_prints_the_whole_timeline() {
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
     let steps = [
         "get-credentials → fetched from the IdP (initial): token #1",
+        "100 concurrent callers for scope `reports` → 1 plugin call (single-flight): token #2",
         "get-credentials → cache hit: token #1",
-        "waiting",
-        "get-credentials → fetched from the IdP (expired): token #2",
-        "resource server → 200: token #2 verified against the issuer's JWKS",
-        "resource server → 401 invalid_token for token #2",
-        "handle-security-error → provider decides refresh-and-retry",
-        "get-credentials → fetched from the IdP (after-security-error): token #3",
-        "get-credentials → cache hit: token #3",
-        "summary: 3 plugin calls, 3 tokens issued by the IdP",
+        "until the refresh-ahead window",
+        "get-credentials → cache hit (advisory window: one background refresh started): token #1",
+        "get-credentials → cache hit: token #3 (refreshed ahead of expiry, no caller waited)",
+        "until the `reports` token expires unused",
+        "get-credentials (scope `reports`) → fetched from the IdP (expired): token #4",
+        "with_credentials: resource server → 401 invalid_token",
+        "with_credentials: resource server → 200: verified against the issuer's JWKS",
+        "with_credentials → provider decided refresh-and-retry; succeeded on re-authenticated token #5",
+        "summary: 5 plugin calls, 5 tokens issued by the IdP",
     ];
     let mut rest = out.as_str();
     for step in steps {

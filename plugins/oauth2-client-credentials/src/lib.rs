@@ -136,14 +136,12 @@ impl Provider for ClientCredentials {
             .as_ref()
             .and_then(jwt::Claims::principal)
             .unwrap_or(client_id);
-        let expires_at = token
-            .expires_in
-            .map(|s| reauth_sdk::time::now_unix().saturating_add(s))
-            .or_else(|| claims.as_ref().and_then(|c| c.exp));
         let credentials = Credentials::bearer(token.access_token).principal(principal);
-        Ok(match expires_at {
-            Some(at) => credentials.expires_at_unix(at),
-            None => credentials,
+        // `expires_in` counts from now (to the nanosecond); the JWT `exp` is a fallback.
+        Ok(match (token.expires_in, claims.as_ref().and_then(|c| c.exp)) {
+            (Some(seconds), _) => credentials.expires_in(seconds),
+            (None, Some(exp)) => credentials.expires_at_unix(exp),
+            (None, None) => credentials,
         })
     }
 

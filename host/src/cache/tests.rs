@@ -1,0 +1,444 @@
+//! Cache semantics on tokio's paused clock: nothing here waits for real time.
+
+use super::*;
+use crate::clock::TokioClock;
+use crate::secret::Secret;
+use crate::types::ProviderError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const START: u64 = 1_700_000_000;
+
+fn bearer(token: &str, expires_at: Option<SystemTime>) -> Credentials {
+    Credentials {
+        credential: Credential::Bearer(Secret::new(token)),
+        expires_at,
+        principal: None,
+    }
+}
+
+/// A provider stand-in: counts calls, issues `t<n>` tokens living `lifetime`,
+/// takes `delay` to answer, and fails with `fail` while it is set.
+#[derive(Clone)]
+struct FakeProvider {
+    calls: Arc<AtomicUsize>,
+    fail: Arc<Mutex<Option<ProviderError>>>,
+    reasons: Arc<Mutex<Vec<Reason>>>,
+    clock: TokioClock,
+    lifetime: Duration,
+    delay: Duration,
+}
+
+impl FakeProvider {
+    fn new(clock: TokioClock, lifetime: Duration) -> Self {
+        FakeProvider {
+            calls: Arc::default(),
+            fail: Arc::default(),
+            reasons: Arc::default(),
+            clock,
+            lifetime,
+            delay: Duration::from_millis(10),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn fail_with(&self, error: Option<ProviderError>) {
+        *self.fail.lock().unwrap() = error;
+    }
+
+    fn fetcher(&self) -> Fetcher {
+        let me = self.clone();
+        Arc::new(move |request: Request| {
+            let me = me.clone();
+            Box::pin(async move {
+                let n = me.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                me.reasons.lock().unwrap().push(request.reason);
+                tokio::time::sleep(me.delay).await;
+                if let Some(error) = me.fail.lock().unwrap().clone() {
+                    return Err(Error::Provider {
+                        provider: "fake".into(),
+                        error,
+                    });
+                }
+                let subject = request.subject.unwrap_or_default();
+                Ok(bearer(
+                    &format!("t{n}{subject}"),
+                    Some(me.clock.now() + me.lifetime),
+                ))
+            })
+        })
+    }
+}
+
+fn setup(lifetime: Duration) -> (TokenCache, FakeProvider, Arc<CacheConfig>, TokioClock) {
+    let clock = TokioClock::starting_at(UNIX_EPOCH + Duration::from_secs(START));
+    let cache = TokenCache::new(Arc::new(clock), 10_000);
+    let fake = FakeProvider::new(clock, lifetime);
+    (cache, fake, Arc::new(CacheConfig::default()), clock)
+}
+
+fn key(subject: Option<&str>) -> CacheKey {
+    let request = match subject {
+        Some(s) => Request::new().subject(s),
+        None => Request::new(),
+    };
+    CacheKey::new(Arc::from("fake"), &request)
+}
+
+fn token(c: &Credentials) -> String {
+    match &c.credential {
+        Credential::Bearer(t) => t.expose().to_string(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Let spawned tasks (background refreshes) run to completion.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn schedule_applies_window_min_period_buffer_and_short_token_clamps() {
+    let now = UNIX_EPOCH + Duration::from_secs(START);
+    let s = CacheConfig::default();
+    let at = |_: &Entry, t: SystemTime| t.duration_since(now).unwrap();
+    // 1 h token: window 0.8 + 0.05 × unit.
+    let e = schedule(
+        bearer("a", Some(now + Duration::from_secs(3600))),
+        &s,
+        now,
+        1,
+        0.0,
+    );
+    assert_eq!(at(&e, e.refresh_at), Duration::from_secs(2880));
+    assert_eq!(at(&e, e.use_until), Duration::from_secs(3570));
+    let e = schedule(
+        bearer("a", Some(now + Duration::from_secs(3600))),
+        &s,
+        now,
+        1,
+        1.0,
+    );
+    assert_eq!(at(&e, e.refresh_at), Duration::from_secs(3060));
+    // min_period: never sooner than 60 s after issue.
+    let early = CacheConfig {
+        window_factor: 0.5,
+        buffer_secs: 10,
+        ..CacheConfig::default()
+    };
+    let e = schedule(
+        bearer("a", Some(now + Duration::from_secs(100))),
+        &early,
+        now,
+        1,
+        0.0,
+    );
+    assert_eq!(at(&e, e.refresh_at), Duration::from_secs(60));
+    // buffer: never later than 300 s before expiry.
+    let late = CacheConfig {
+        window_factor: 0.95,
+        window_jitter: 0.0,
+        ..CacheConfig::default()
+    };
+    let e = schedule(
+        bearer("a", Some(now + Duration::from_secs(1000))),
+        &late,
+        now,
+        1,
+        0.0,
+    );
+    assert_eq!(at(&e, e.refresh_at), Duration::from_secs(700));
+    // A 5 s token: the clamps do not fit, so only the window applies; it is
+    // refreshed ahead and used until 4.5 s.
+    let e = schedule(
+        bearer("a", Some(now + Duration::from_secs(5))),
+        &s,
+        now,
+        1,
+        0.5,
+    );
+    assert_eq!(at(&e, e.refresh_at), Duration::from_millis(4125));
+    assert_eq!(at(&e, e.use_until), Duration::from_millis(4500));
+    assert!(e.refresh_at < e.use_until && e.use_until < e.expires);
+}
+
+#[test]
+fn jitter_spreads_refreshes_of_many_keys_within_the_window() {
+    let now = UNIX_EPOCH + Duration::from_secs(START);
+    let s = CacheConfig::default();
+    let mut times: Vec<Duration> = (0..1000)
+        .map(|_| {
+            let e = schedule(
+                bearer("a", Some(now + Duration::from_secs(3600))),
+                &s,
+                now,
+                1,
+                rand::random(),
+            );
+            e.refresh_at.duration_since(now).unwrap()
+        })
+        .collect();
+    assert!(
+        times
+            .iter()
+            .all(|t| *t >= Duration::from_secs(2880) && *t <= Duration::from_secs(3060))
+    );
+    times.sort();
+    times.dedup();
+    assert!(
+        times.len() > 900,
+        "only {} distinct refresh times",
+        times.len()
+    );
+    let spread = *times.last().unwrap() - times[0];
+    assert!(spread > Duration::from_secs(150), "{spread:?}");
+}
+
+#[test]
+fn backoff_grows_exponentially_and_is_capped() {
+    let s = CacheConfig::default();
+    let ms = |f| backoff(&s, f, 0.5).as_millis();
+    assert_eq!((ms(1), ms(2), ms(3), ms(4)), (100, 200, 400, 800));
+    assert_eq!(ms(8), 10_000);
+    assert_eq!(ms(50), 10_000);
+    assert_eq!(backoff(&s, 1, 0.0).as_millis(), 80);
+    assert_eq!(backoff(&s, 1, 0.999).as_millis(), 119);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_ahead_happens_in_the_background_once() {
+    let (cache, fake, s, _clock) = setup(Duration::from_secs(3600));
+    let (k, f) = (key(None), fake.fetcher());
+    let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    assert_eq!(
+        (token(&c), how),
+        ("t1".into(), Lookup::Fetched(Reason::Initial))
+    );
+    let refresh_at = cache.refresh_at(&k).unwrap();
+    // Just before the window: no refresh.
+    tokio::time::advance(Duration::from_secs(2879)).await;
+    cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    settle().await;
+    assert_eq!(fake.calls(), 1);
+    // In the window: callers keep getting t1 while exactly one refresh runs.
+    let until = refresh_at.duration_since(_clock.now()).unwrap_or_default();
+    tokio::time::advance(until + Duration::from_millis(1)).await;
+    for _ in 0..50 {
+        let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+        assert_eq!((token(&c), how), ("t1".into(), Lookup::Hit));
+    }
+    settle().await;
+    assert_eq!(fake.calls(), 2);
+    assert_eq!(fake.reasons.lock().unwrap()[1], Reason::RefreshAhead);
+    let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    assert_eq!((token(&c), how), ("t2".into(), Lookup::Hit));
+}
+
+#[tokio::test(start_paused = true)]
+async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() {
+    let (cache, fake, s, clock) = setup(Duration::from_secs(600));
+    let (k, f) = (key(None), fake.fetcher());
+    cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    fake.fail_with(Some(ProviderError::Unavailable("idp down".into())));
+    // Advisory window: the refresh fails, t1 keeps being served, with backoff.
+    let refresh_at = cache.refresh_at(&k).unwrap();
+    tokio::time::advance(
+        refresh_at.duration_since(clock.now()).unwrap() + Duration::from_millis(1),
+    )
+    .await;
+    // 50 callers over 2.5 s: backoff (100, 200, 400, 800 ms …) allows a handful of
+    // background attempts, not 50.
+    for _ in 0..50 {
+        let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+        assert_eq!((token(&c), how), ("t1".into(), Lookup::Hit));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls_in_advisory = fake.calls() - 1;
+    assert!(
+        (2..=6).contains(&calls_in_advisory),
+        "{calls_in_advisory} refresh attempts"
+    );
+    assert!(cache.stats(&k).failures >= 1);
+    // Mandatory window, token past its use-until time but not expired, IdP still
+    // down: stale-if-error serves it.
+    let use_until = cache.use_until(&k).unwrap();
+    tokio::time::advance(use_until.duration_since(clock.now()).unwrap() + Duration::from_secs(11))
+        .await;
+    let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    assert_eq!((token(&c), how), ("t1".into(), Lookup::Stale));
+    // Expired: 100 callers block on one fetch and all get its error.
+    tokio::time::advance(Duration::from_secs(120)).await;
+    let before = fake.calls();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (cache, k, s, f) = (cache.clone(), k.clone(), s.clone(), f.clone());
+        tasks.push(tokio::spawn(async move {
+            cache.get(&k, &Request::new(), &s, &f).await
+        }));
+    }
+    for t in tasks {
+        let e = t.await.unwrap().unwrap_err();
+        assert_eq!(
+            e.provider_error(),
+            Some(&ProviderError::Unavailable("idp down".into()))
+        );
+    }
+    assert_eq!(fake.calls() - before, 1);
+    // The IdP comes back: after the backoff, one fetch succeeds.
+    fake.fail_with(None);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    assert_eq!(how, Lookup::Fetched(Reason::Expired));
+    assert_ne!(token(&c), "t1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn herd_of_10000_callers_on_an_expired_key_makes_one_plugin_call() {
+    let (cache, fake, s, _) = setup(Duration::from_secs(60));
+    let (k, f) = (key(None), fake.fetcher());
+    cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let mut tasks = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        let (cache, k, s, f) = (cache.clone(), k.clone(), s.clone(), f.clone());
+        tasks.push(tokio::spawn(async move {
+            token(&cache.get(&k, &Request::new(), &s, &f).await.unwrap().0)
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), "t2");
+    }
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn burst_of_1000_security_errors_with_the_old_credential_refreshes_once() {
+    let (cache, fake, s, _) = setup(Duration::from_secs(3600));
+    let (k, f) = (key(None), fake.fetcher());
+    let (old, _) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    let mut events = cache.subscribe();
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let (cache, k, s, f, old) = (cache.clone(), k.clone(), s.clone(), f.clone(), old.clone());
+        tasks.push(tokio::spawn(async move {
+            let dropped = cache.invalidate_if(&k, &old);
+            let retry = Request {
+                reason: Reason::AfterSecurityError,
+                ..Request::new()
+            };
+            let (c, _) = cache.get(&k, &retry, &s, &f).await.unwrap();
+            (dropped, token(&c))
+        }));
+    }
+    let mut dropped = 0;
+    for t in tasks {
+        let (d, t) = t.await.unwrap();
+        dropped += usize::from(d);
+        assert_eq!(t, "t2");
+    }
+    assert_eq!(dropped, 1);
+    assert_eq!(fake.calls(), 2);
+    assert_eq!(fake.reasons.lock().unwrap()[1], Reason::AfterSecurityError);
+    assert_eq!(
+        events.recv().await.unwrap(),
+        CacheEvent::Invalidated {
+            key: k.clone(),
+            generation: 1
+        }
+    );
+    assert_eq!(
+        events.recv().await.unwrap(),
+        CacheEvent::Rotated {
+            key: k,
+            generation: 2,
+            reason: Reason::AfterSecurityError
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn subjects_are_isolated() {
+    let (cache, fake, s, _) = setup(Duration::from_secs(3600));
+    let f = fake.fetcher();
+    let alice = Request::new().subject("alice");
+    let bob = Request::new().subject("bob");
+    let (a, _) = cache
+        .get(&key(Some("alice")), &alice, &s, &f)
+        .await
+        .unwrap();
+    let (b, _) = cache.get(&key(Some("bob")), &bob, &s, &f).await.unwrap();
+    assert_eq!((token(&a), token(&b)), ("t1alice".into(), "t2bob".into()));
+    // Alice's credential is rejected and her IdP account is broken: Bob is unaffected.
+    assert!(cache.invalidate_if(&key(Some("alice")), &a));
+    assert!(!cache.invalidate_if(&key(Some("bob")), &a));
+    fake.fail_with(Some(ProviderError::Denied("alice revoked".into())));
+    assert!(
+        cache
+            .get(&key(Some("alice")), &alice, &s, &f)
+            .await
+            .is_err()
+    );
+    let (b2, how) = cache.get(&key(Some("bob")), &bob, &s, &f).await.unwrap();
+    assert_eq!((token(&b2), how), ("t2bob".into(), Lookup::Hit));
+}
+
+#[tokio::test(start_paused = true)]
+async fn denied_is_not_retried_hot() {
+    let (cache, fake, s, _) = setup(Duration::from_secs(3600));
+    let (k, f) = (key(None), fake.fetcher());
+    fake.fail_with(Some(ProviderError::Denied("invalid_client".into())));
+    for _ in 0..20 {
+        let e = cache.get(&k, &Request::new(), &s, &f).await.unwrap_err();
+        assert!(e.is_permanent());
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    assert_eq!(fake.calls(), 1, "denied was retried within the backoff");
+    fake.fail_with(None);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(cache.get(&k, &Request::new(), &s, &f).await.is_ok());
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_back_off_exponentially() {
+    let (cache, fake, s, _) = setup(Duration::from_secs(3600));
+    let (k, f) = (key(None), fake.fetcher());
+    fake.fail_with(Some(ProviderError::Unavailable("503".into())));
+    // Hammer the key every 10 ms for 5 s: backoff 100, 200, 400, 800, 1600 ms …
+    // allows ~6 attempts, not 500.
+    for _ in 0..500 {
+        let _ = cache.get(&k, &Request::new(), &s, &f).await;
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let calls = fake.calls();
+    assert!((4..=9).contains(&calls), "{calls} calls in 5 s");
+    assert_eq!(cache.stats(&k).failures as usize, calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_evicted_when_full() {
+    let clock = TokioClock::starting_at(UNIX_EPOCH + Duration::from_secs(START));
+    let cache = TokenCache::new(Arc::new(clock), 100);
+    let fake = FakeProvider::new(clock, Duration::from_secs(3600));
+    let (s, f) = (Arc::new(CacheConfig::default()), fake.fetcher());
+    let mut events = cache.subscribe();
+    for i in 0..300 {
+        let subject = format!("user-{i}");
+        let r = Request::new().subject(&subject);
+        cache.get(&key(Some(&subject)), &r, &s, &f).await.unwrap();
+    }
+    assert!(cache.len() <= 100, "{} keys", cache.len());
+    let mut evicted = 0;
+    while let Ok(e) = events.try_recv() {
+        if matches!(e, CacheEvent::Evicted { .. }) {
+            evicted += 1;
+        }
+    }
+    assert!(evicted >= 200, "{evicted}");
+    // The most recent key survived.
+    assert!(cache.use_until(&key(Some("user-299"))).is_some());
+}

@@ -1,0 +1,388 @@
+//! The re-authentication engine through the host with real plugins: single-flight
+//! herds, compare-and-invalidate bursts, `with_credentials` decisions, and an
+//! end-to-end loop against the dev issuer and a JWT-validating resource server.
+
+use reauth::issuer::{DevClient, DevIssuer, DevIssuerConfig};
+use reauth::retry::{OperationError, Rejection};
+use reauth::{
+    Credential, Credentials, Host, ProviderConfig, Request, SecurityError, SecurityErrorKind,
+    classify,
+};
+use reauth_tests::plugins;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn token(c: &Credentials) -> String {
+    match &c.credential {
+        Credential::Bearer(t) => t.expose().to_string(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn counter_host() -> Host {
+    Host::builder()
+        .provider(
+            "counter",
+            ProviderConfig::new(&plugins().testkit).config("mode", "counter"),
+        )
+        .build()
+        .unwrap()
+}
+
+fn expired() -> SecurityError {
+    SecurityError::new(SecurityErrorKind::TokenExpired)
+        .status(401)
+        .code("invalid_token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_of_10000_callers_makes_one_plugin_call() {
+    let host = counter_host();
+    let tasks: Vec<_> = (0..10_000)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move {
+                token(
+                    &host
+                        .get_credentials("counter", &Request::new())
+                        .await
+                        .unwrap(),
+                )
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), "count-1-");
+    }
+    assert_eq!(host.plugin_calls("counter"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_1000_rejections_of_the_same_token_causes_one_refresh() {
+    let host = counter_host();
+    let old = token(
+        &host
+            .get_credentials("counter", &Request::new())
+            .await
+            .unwrap(),
+    );
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let (host, old) = (host.clone(), old.clone());
+            tokio::spawn(async move {
+                host.with_credentials("counter", &Request::new(), |c| {
+                    let old = old.clone();
+                    async move {
+                        if token(&c) == old {
+                            Err(Rejection::security(expired(), "401"))
+                        } else {
+                            Ok(token(&c))
+                        }
+                    }
+                })
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), "count-2-");
+    }
+    assert_eq!(host.plugin_calls("counter"), 2);
+}
+
+#[tokio::test]
+async fn with_credentials_follows_the_providers_decisions_within_budget() {
+    // Expired once: one re-authentication, then success.
+    let host = counter_host();
+    let runs = AtomicUsize::new(0);
+    let out = host
+        .with_credentials("counter", &Request::new(), |c| {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(Rejection::security(expired(), "expired"))
+                } else {
+                    Ok::<_, Rejection<&str>>(token(&c))
+                }
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(out, "count-2-");
+    assert_eq!(host.plugin_calls("counter"), 2);
+
+    // Expired twice: the original error after the budget of one re-authentication.
+    let host = counter_host();
+    let e = host
+        .with_credentials("counter", &Request::new(), |_c| async {
+            Err::<(), _>(Rejection::security(expired(), "server says expired"))
+        })
+        .await
+        .unwrap_err();
+    match e {
+        OperationError::Rejected {
+            source,
+            error,
+            attempts,
+            reauths,
+            ..
+        } => {
+            assert_eq!((source, attempts, reauths), ("server says expired", 2, 1));
+            assert_eq!(error.kind, SecurityErrorKind::TokenExpired);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        host.plugin_calls("counter"),
+        2,
+        "one initial fetch + one re-authentication"
+    );
+
+    // Forbidden: the provider says fail, no retry, no fetch.
+    let host = counter_host();
+    let e = host
+        .with_credentials("counter", &Request::new(), |_c| async {
+            Err::<(), _>(Rejection::security(
+                SecurityError::new(SecurityErrorKind::Forbidden).status(403),
+                "403",
+            ))
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OperationError::Rejected {
+                attempts: 1,
+                reauths: 0,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(host.plugin_calls("counter"), 1);
+
+    // retry-after (the fixture answers 10 ms for `other`): same credential, waits
+    // honoured, at most `max_waits` (3) of them.
+    let host = counter_host();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let e = host
+        .with_credentials("counter", &Request::new(), |c| {
+            seen.lock().unwrap().push(token(&c));
+            async {
+                Err::<(), _>(Rejection::security(
+                    SecurityError::new(SecurityErrorKind::Other),
+                    "busy",
+                ))
+            }
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OperationError::Rejected {
+                attempts: 4,
+                reauths: 0,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(*seen.lock().unwrap(), vec!["count-1-"; 4]);
+    assert_eq!(host.plugin_calls("counter"), 1);
+
+    // Other failures pass straight through.
+    let e = host
+        .with_credentials("counter", &Request::new(), |_c| async {
+            Err::<(), _>(Rejection::Other("disk full"))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OperationError::Failed("disk full")));
+}
+
+/// A resource server that validates ES256 JWTs against the issuer's JWKS (fetched
+/// over HTTP at start) and answers RFC 6750 errors.
+async fn resource_server(issuer: &DevIssuer) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::http::{HeaderMap, StatusCode, header};
+    let jwks: serde_json::Value =
+        serde_json::from_str(&http_get(issuer.addr(), "/jwks", None).await.1).unwrap();
+    let jwk = &jwks["keys"][0];
+    let key = jsonwebtoken::DecodingKey::from_ec_components(
+        jwk["x"].as_str().unwrap(),
+        jwk["y"].as_str().unwrap(),
+    )
+    .unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.leeway = 0;
+    validation.set_issuer(&[issuer.url()]);
+    validation.set_audience(&["api"]);
+    let state = Arc::new((key, validation));
+    let app = axum::Router::new().route(
+        "/orders",
+        axum::routing::get(move |headers: HeaderMap| {
+            let state = state.clone();
+            async move {
+                let token = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                let challenge = |description: &str| {
+                    [(
+                        header::WWW_AUTHENTICATE,
+                        format!(
+                            "Bearer error=\"invalid_token\", error_description=\"{description}\""
+                        ),
+                    )]
+                };
+                match token
+                    .map(|t| jsonwebtoken::decode::<serde_json::Value>(t, &state.0, &state.1))
+                {
+                    Some(Ok(_)) => (
+                        StatusCode::OK,
+                        [(header::WWW_AUTHENTICATE, String::new())],
+                        "orders".to_string(),
+                    ),
+                    Some(Err(e))
+                        if matches!(
+                            e.kind(),
+                            jsonwebtoken::errors::ErrorKind::ExpiredSignature
+                        ) =>
+                    {
+                        (
+                            StatusCode::UNAUTHORIZED,
+                            challenge("The access token expired"),
+                            String::new(),
+                        )
+                    }
+                    Some(Err(_)) => (
+                        StatusCode::UNAUTHORIZED,
+                        challenge("invalid"),
+                        String::new(),
+                    ),
+                    None => (
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer".into())],
+                        String::new(),
+                    ),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (
+        addr,
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+    )
+}
+
+/// A minimal HTTP/1.0 GET over loopback: (status, body, www-authenticate).
+async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+) -> (u16, String, Option<String>) {
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let www = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("www-authenticate: ")
+                .or_else(|| l.strip_prefix("WWW-Authenticate: "))
+        })
+        .filter(|v| !v.is_empty())
+        .map(str::to_string);
+    (status, body.to_string(), www)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_seconds_of_traffic_with_2s_tokens_sees_no_failed_operation() {
+    let issuer = DevIssuer::start(DevIssuerConfig {
+        clients: vec![DevClient::new("svc", "svc-secret")],
+        token_lifetime: Duration::from_secs(2),
+        default_audience: Some("api".into()),
+        ..DevIssuerConfig::default()
+    })
+    .await
+    .unwrap();
+    let (api, server) = resource_server(&issuer).await;
+    let host = Host::builder()
+        .provider(
+            "sso",
+            ProviderConfig::new(&plugins().oauth2)
+                .allow_host(issuer.addr().to_string())
+                .config("token_url", issuer.token_url())
+                .config("client_id", "svc")
+                .config("client_secret", "svc-secret"),
+        )
+        .build()
+        .unwrap();
+    let (mut ok, mut rejected_then_recovered) = (0u32, 0u32);
+    let started = std::time::Instant::now();
+    let mut failures = Vec::new();
+    while started.elapsed() < Duration::from_secs(10) {
+        let tries = AtomicUsize::new(0);
+        let result = host
+            .with_credentials("sso", &Request::new(), |c| {
+                tries.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let (status, body, www) = http_get(api, "/orders", Some(&token(&c))).await;
+                    match classify::from_http(status, www.as_deref(), Some(&body)) {
+                        None if status == 200 => Ok(body),
+                        None => Err(Rejection::Other(format!("HTTP {status}"))),
+                        Some(error) => Err(Rejection::security(error, format!("HTTP {status}"))),
+                    }
+                }
+            })
+            .await;
+        match result {
+            Ok(body) => {
+                assert_eq!(body, "orders");
+                ok += 1;
+                if tries.load(Ordering::SeqCst) > 1 {
+                    rejected_then_recovered += 1;
+                }
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(failures.is_empty(), "failed operations: {failures:?}");
+    assert!(ok > 100, "{ok} operations");
+    // Tokens rotated several times (refresh-ahead and/or re-authentication), and the
+    // IdP saw a handful of requests, not one per operation.
+    let issued = issuer.issued();
+    eprintln!(
+        "{ok} operations, {issued} tokens issued, {rejected_then_recovered} recovered by re-authentication"
+    );
+    assert!(
+        (5..=30).contains(&issued),
+        "{issued} tokens for {ok} operations ({rejected_then_recovered} re-authenticated)"
+    );
+    server.abort();
+    issuer.shutdown().await;
+}
