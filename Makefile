@@ -38,7 +38,7 @@ wit-check:
 	scripts/vendor-wit.sh --check
 
 bench: plugins
-	$(CARGO) bench -p reauth --bench runtime
+	$(CARGO) bench -p reauth
 
 clean:
 	$(CARGO) clean

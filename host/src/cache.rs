@@ -7,8 +7,8 @@
 //! keeps getting the cached credential; if the refresh fails, the old one is kept.
 //! In the mandatory window callers wait for the single in-flight fetch.
 //!
-//! **Refresh time (Kafka's OAUTHBEARER knobs).** `issued + lifetime × (window_factor
-//! + window_jitter × rand)`, but never sooner than `min_period` after issue and never
+//! **Refresh time (Kafka's OAUTHBEARER knobs).**
+//! `issued + lifetime × (window_factor + window_jitter × rand)`, but never sooner than `min_period` after issue and never
 //! later than `buffer` before expiry — unless the token is too short-lived for those
 //! clamps, in which case only the window applies (a 5 s token is refreshed at ~4 s).
 //! The jitter spreads the refreshes of many keys so they do not hit the IdP at once.

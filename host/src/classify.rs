@@ -333,6 +333,32 @@ mod tests {
         let _ = parse_www_authenticate(&long);
     }
 
+    /// Randomised hostile input, biased towards the grammar's special characters:
+    /// the parser never panics, and what it returns is well-formed.
+    #[test]
+    fn random_headers_never_panic_and_parse_to_well_formed_challenges() {
+        let alphabet: Vec<char> =
+            "Bearer basic=,\" \\\t\r\n\0é漢🦀=====,,,\"\"abcXYZ019-._~+/!#$%&'*^`|"
+                .chars()
+                .collect();
+        for round in 0..10_000u32 {
+            let len = (rand::random::<u32>() % 96) as usize + usize::from(round % 7 == 0) * 4000;
+            let input: String = (0..len)
+                .map(|_| alphabet[rand::random::<u32>() as usize % alphabet.len()])
+                .collect();
+            for c in parse_www_authenticate(&input) {
+                assert!(!c.scheme.is_empty());
+                assert!(c.scheme.chars().all(is_tchar), "{:?}", c.scheme);
+                for (k, _) in &c.params {
+                    assert_eq!(k, &k.to_ascii_lowercase());
+                }
+            }
+            let status = [401, 403, 407][round as usize % 3];
+            let e = from_http(status, Some(&input), Some(&input)).expect("auth statuses classify");
+            assert_eq!(e.status, Some(status));
+        }
+    }
+
     #[test]
     fn classifies_http() {
         let expired = from_http(
