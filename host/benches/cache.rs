@@ -74,11 +74,8 @@ fn benches(c: &mut Criterion) {
         })
     });
     group.bench_function("Host::get_credentials (cached)", |b| {
-        b.iter(|| {
-            tokio
-                .block_on(host.get_credentials("static", &request))
-                .unwrap()
-        })
+        b.to_async(&tokio)
+            .iter(|| async { host.get_credentials("static", &request).await.unwrap() })
     });
     for threads in [1usize, 2] {
         group.bench_with_input(
@@ -94,10 +91,11 @@ fn benches(c: &mut Criterion) {
                                 let rt = tokio::runtime::Builder::new_current_thread()
                                     .build()
                                     .unwrap();
-                                for _ in 0..per_thread {
-                                    rt.block_on(host.get_credentials("static", &request))
-                                        .unwrap();
-                                }
+                                rt.block_on(async {
+                                    for _ in 0..per_thread {
+                                        host.get_credentials("static", &request).await.unwrap();
+                                    }
+                                });
                             });
                         }
                     });
