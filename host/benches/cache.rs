@@ -6,28 +6,14 @@
 
 #![allow(missing_docs)]
 
+mod common;
+use common::plugin;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use reauth::{CacheKey, Credential, Credentials, Host, ProviderConfig, Request, Secret};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn plugin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("REAUTH_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../plugins/target/wasm32-wasip2/release")
-        });
-    let path = dir.join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} missing: run `make plugins` first",
-        path.display()
-    );
-    path
-}
 
 fn host() -> Host {
     Host::builder()

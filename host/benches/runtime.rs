@@ -5,6 +5,9 @@
 
 #![allow(missing_docs)]
 
+mod common;
+use common::plugin;
+
 use criterion::{Criterion, criterion_group, criterion_main};
 use reauth::clock::SystemClock;
 use reauth::config::LimitsConfig;
@@ -13,22 +16,6 @@ use reauth::{Host, ProviderConfig, Request, Secret};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
-
-fn plugin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("REAUTH_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../plugins/target/wasm32-wasip2/release")
-        });
-    let path = dir.join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} missing: run `make plugins` first",
-        path.display()
-    );
-    path
-}
 
 fn runtime(cache_dir: Option<PathBuf>) -> Runtime {
     Runtime::new(
