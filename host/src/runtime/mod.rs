@@ -146,7 +146,7 @@ impl Runtime {
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| e.into_boxed_dyn_error())?;
-        spawn_epoch_ticker(&engine);
+        spawn_epoch_ticker(&engine)?;
 
         let mut linker = Linker::<StoreState>::new(&engine);
         let link = |r: wasmtime::Result<()>| r.map_err(|e| e.into_boxed_dyn_error());
@@ -233,7 +233,7 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Advance the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
-fn spawn_epoch_ticker(engine: &Engine) {
+fn spawn_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("reauth-epoch".into())
@@ -246,7 +246,7 @@ fn spawn_epoch_ticker(engine: &Engine) {
                 }
             }
         })
-        .expect("spawning the epoch ticker thread");
+        .map(drop)
 }
 
 /// Everything needed to load one provider.
