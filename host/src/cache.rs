@@ -33,10 +33,12 @@ use crate::config::CacheConfig;
 use crate::error::Error;
 use crate::types::{Credential, Credentials, Reason, Request};
 use base64::Engine as _;
-use std::collections::HashMap;
+use hashbrown::{Equivalent, HashMap};
+use std::borrow::Cow;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
@@ -56,17 +58,67 @@ pub struct CacheKey {
 impl CacheKey {
     /// The key of `request` for `provider`.
     pub fn new(provider: Arc<str>, request: &Request) -> Self {
-        let mut scopes = request.scopes.clone();
-        if scopes.len() > 1 {
+        KeyRef::new(&provider, request).to_owned()
+    }
+
+    /// A borrowed view of this key.
+    pub fn as_ref(&self) -> KeyRef<'_> {
+        KeyRef {
+            provider: &self.provider,
+            subject: self.subject.as_deref(),
+            scopes: Cow::Borrowed(&self.scopes),
+            audience: self.audience.as_deref(),
+        }
+    }
+}
+
+/// A borrowed cache key: looking up a cached credential allocates nothing unless
+/// the request's scopes need sorting. Hashes exactly like [`CacheKey`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyRef<'a> {
+    provider: &'a Arc<str>,
+    subject: Option<&'a str>,
+    scopes: Cow<'a, [String]>,
+    audience: Option<&'a str>,
+}
+
+impl<'a> KeyRef<'a> {
+    /// The key of `request` for `provider`.
+    pub fn new(provider: &'a Arc<str>, request: &'a Request) -> Self {
+        let normalized = request.scopes.windows(2).all(|w| w[0] < w[1]);
+        let scopes = if normalized {
+            Cow::Borrowed(request.scopes.as_slice())
+        } else {
+            let mut scopes = request.scopes.clone();
             scopes.sort();
             scopes.dedup();
-        }
-        CacheKey {
+            Cow::Owned(scopes)
+        };
+        KeyRef {
             provider,
-            subject: request.subject.clone(),
+            subject: request.subject.as_deref(),
             scopes,
-            audience: request.audience.clone(),
+            audience: request.audience.as_deref(),
         }
+    }
+
+    /// The owned key.
+    pub fn to_owned(&self) -> CacheKey {
+        CacheKey {
+            provider: self.provider.clone(),
+            subject: self.subject.map(str::to_string),
+            scopes: self.scopes.to_vec(),
+            audience: self.audience.map(str::to_string),
+        }
+    }
+}
+
+impl Equivalent<CacheKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &CacheKey) -> bool {
+        **self.provider == *key.provider
+            && self.subject == key.subject.as_deref()
+            && *self.scopes == *key.scopes
+            && self.audience == key.audience.as_deref()
     }
 }
 
@@ -140,8 +192,8 @@ struct SlotState {
     last_used: Option<SystemTime>,
 }
 
-#[derive(Default)]
 struct Slot {
+    key: CacheKey,
     state: Mutex<SlotState>,
     fetch: tokio::sync::Mutex<()>,
 }
@@ -153,7 +205,7 @@ impl Slot {
 }
 
 struct Inner {
-    slots: Mutex<HashMap<CacheKey, Arc<Slot>>>,
+    slots: RwLock<HashMap<CacheKey, Arc<Slot>>>,
     clock: Arc<dyn Clock>,
     events: broadcast::Sender<CacheEvent>,
     max_entries: usize,
@@ -176,7 +228,7 @@ impl TokenCache {
     pub(crate) fn new(clock: Arc<dyn Clock>, max_entries: usize) -> Self {
         let (events, _) = broadcast::channel(1024);
         TokenCache(Arc::new(Inner {
-            slots: Mutex::new(HashMap::new()),
+            slots: RwLock::new(HashMap::new()),
             clock,
             events,
             max_entries: max_entries.max(1),
@@ -188,19 +240,29 @@ impl TokenCache {
         self.0.events.subscribe()
     }
 
-    fn slot(&self, key: &CacheKey) -> Arc<Slot> {
-        let mut slots = self.0.slots.lock().unwrap_or_else(|e| e.into_inner());
+    fn slot(&self, key: &KeyRef<'_>) -> Arc<Slot> {
+        if let Some(slot) = self.existing_slot(key) {
+            return slot;
+        }
+        let mut slots = self.0.slots.write().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = slots.get(key) {
             return slot.clone();
         }
         if slots.len() >= self.0.max_entries {
             self.evict_idle(&mut slots);
         }
-        slots.entry(key.clone()).or_default().clone()
+        let owned = key.to_owned();
+        let slot = Arc::new(Slot {
+            key: owned.clone(),
+            state: Mutex::default(),
+            fetch: tokio::sync::Mutex::default(),
+        });
+        slots.insert(owned, slot.clone());
+        slot
     }
 
-    fn existing_slot(&self, key: &CacheKey) -> Option<Arc<Slot>> {
-        let slots = self.0.slots.lock().unwrap_or_else(|e| e.into_inner());
+    fn existing_slot<Q: Hash + Equivalent<CacheKey> + ?Sized>(&self, key: &Q) -> Option<Arc<Slot>> {
+        let slots = self.0.slots.read().unwrap_or_else(|e| e.into_inner());
         slots.get(key).cloned()
     }
 
@@ -222,14 +284,14 @@ impl TokenCache {
 
     /// Number of keys held.
     pub(crate) fn len(&self) -> usize {
-        self.0.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.0.slots.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// The cached credential for `key`, fetching it with `fetch` when missing or
     /// expired (see the module docs for the exact rules).
     pub(crate) async fn get(
         &self,
-        key: &CacheKey,
+        key: &KeyRef<'_>,
         request: &Request,
         settings: &Arc<CacheConfig>,
         fetch: &Fetcher,
@@ -246,7 +308,7 @@ impl TokenCache {
                 if now >= entry.refresh_at && !st.refreshing && st.retry_at.is_none_or(|t| now >= t)
                 {
                     st.refreshing = true;
-                    self.spawn_refresh(slot.clone(), key.clone(), request, settings, fetch);
+                    self.spawn_refresh(slot.clone(), request, settings, fetch);
                 }
                 return Ok((credentials, Lookup::Hit));
             }
@@ -292,7 +354,14 @@ impl TokenCache {
         let mut st = slot.lock();
         match result {
             Ok(credentials) => {
-                self.store(&mut st, key, credentials.clone(), settings, now, reason);
+                self.store(
+                    &mut st,
+                    &slot.key,
+                    credentials.clone(),
+                    settings,
+                    now,
+                    reason,
+                );
                 Ok((credentials, Lookup::Fetched(reason)))
             }
             Err(error) => {
@@ -301,7 +370,7 @@ impl TokenCache {
                     && now < entry.expires
                     && !error.is_permanent()
                 {
-                    tracing::warn!(provider = %key.provider, error = %error, "refresh failed; serving the still-valid cached credential");
+                    tracing::warn!(provider = %slot.key.provider, error = %error, "refresh failed; serving the still-valid cached credential");
                     return Ok((entry.credentials.clone(), Lookup::Stale));
                 }
                 st.last_error = Some(error.replay());
@@ -352,7 +421,6 @@ impl TokenCache {
     fn spawn_refresh(
         &self,
         slot: Arc<Slot>,
-        key: CacheKey,
         request: &Request,
         settings: &Arc<CacheConfig>,
         fetch: &Fetcher,
@@ -377,14 +445,14 @@ impl TokenCache {
                 match result {
                     Ok(credentials) => cache.store(
                         &mut st,
-                        &key,
+                        &slot.key,
                         credentials,
                         &settings,
                         now,
                         Reason::RefreshAhead,
                     ),
                     Err(error) => {
-                        tracing::warn!(provider = %key.provider, error = %error, "refresh-ahead failed; keeping the cached credential");
+                        tracing::warn!(provider = %slot.key.provider, error = %error, "refresh-ahead failed; keeping the cached credential");
                         record_failure(&mut st, &error, &settings, now);
                     }
                 }

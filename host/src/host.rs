@@ -1,6 +1,6 @@
 //! [`Host`]: the embedder's entry point.
 
-use crate::cache::{CacheEvent, CacheKey, Fetcher, KeyStats, Lookup, TokenCache};
+use crate::cache::{CacheEvent, CacheKey, Fetcher, KeyRef, KeyStats, Lookup, TokenCache};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
@@ -284,7 +284,7 @@ impl Host {
         request: &Request,
     ) -> Result<(Credentials, Lookup)> {
         let ready = self.provider(provider)?;
-        let key = CacheKey::new(ready.name.clone(), request);
+        let key = KeyRef::new(&ready.name, request);
         self.inner
             .cache
             .get(&key, request, &ready.cache, &ready.fetch)

@@ -54,7 +54,7 @@ pub mod runtime;
 mod secret;
 mod types;
 
-pub use cache::{CacheEvent, CacheKey, KeyStats, Lookup};
+pub use cache::{CacheEvent, CacheKey, KeyRef, KeyStats, Lookup};
 pub use config::{CacheConfig, ConfigError, HostConfig, ProviderConfig, RetryConfig};
 pub use error::{BoxError, Error, Result};
 pub use host::{Host, HostBuilder, ProviderStatus};

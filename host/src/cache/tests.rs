@@ -213,7 +213,10 @@ fn backoff_grows_exponentially_and_is_capped() {
 async fn refresh_ahead_happens_in_the_background_once() {
     let (cache, fake, s, _clock) = setup(Duration::from_secs(3600));
     let (k, f) = (key(None), fake.fetcher());
-    let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    let (c, how) = cache
+        .get(&k.as_ref(), &Request::new(), &s, &f)
+        .await
+        .unwrap();
     assert_eq!(
         (token(&c), how),
         ("t1".into(), Lookup::Fetched(Reason::Initial))
@@ -221,20 +224,29 @@ async fn refresh_ahead_happens_in_the_background_once() {
     let refresh_at = cache.refresh_at(&k).unwrap();
     // Just before the window: no refresh.
     tokio::time::advance(Duration::from_secs(2879)).await;
-    cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    cache
+        .get(&k.as_ref(), &Request::new(), &s, &f)
+        .await
+        .unwrap();
     settle().await;
     assert_eq!(fake.calls(), 1);
     // In the window: callers keep getting t1 while exactly one refresh runs.
     let until = refresh_at.duration_since(_clock.now()).unwrap_or_default();
     tokio::time::advance(until + Duration::from_millis(1)).await;
     for _ in 0..50 {
-        let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+        let (c, how) = cache
+            .get(&k.as_ref(), &Request::new(), &s, &f)
+            .await
+            .unwrap();
         assert_eq!((token(&c), how), ("t1".into(), Lookup::Hit));
     }
     settle().await;
     assert_eq!(fake.calls(), 2);
     assert_eq!(fake.reasons.lock().unwrap()[1], Reason::RefreshAhead);
-    let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    let (c, how) = cache
+        .get(&k.as_ref(), &Request::new(), &s, &f)
+        .await
+        .unwrap();
     assert_eq!((token(&c), how), ("t2".into(), Lookup::Hit));
 }
 
@@ -242,7 +254,10 @@ async fn refresh_ahead_happens_in_the_background_once() {
 async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() {
     let (cache, fake, s, clock) = setup(Duration::from_secs(600));
     let (k, f) = (key(None), fake.fetcher());
-    cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    cache
+        .get(&k.as_ref(), &Request::new(), &s, &f)
+        .await
+        .unwrap();
     fake.fail_with(Some(ProviderError::Unavailable("idp down".into())));
     // Advisory window: the refresh fails, t1 keeps being served, with backoff.
     let refresh_at = cache.refresh_at(&k).unwrap();
@@ -253,7 +268,10 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
     // 50 callers over 2.5 s: backoff (100, 200, 400, 800 ms …) allows a handful of
     // background attempts, not 50.
     for _ in 0..50 {
-        let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+        let (c, how) = cache
+            .get(&k.as_ref(), &Request::new(), &s, &f)
+            .await
+            .unwrap();
         assert_eq!((token(&c), how), ("t1".into(), Lookup::Hit));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -268,7 +286,10 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
     let use_until = cache.use_until(&k).unwrap();
     tokio::time::advance(use_until.duration_since(clock.now()).unwrap() + Duration::from_secs(11))
         .await;
-    let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    let (c, how) = cache
+        .get(&k.as_ref(), &Request::new(), &s, &f)
+        .await
+        .unwrap();
     assert_eq!((token(&c), how), ("t1".into(), Lookup::Stale));
     // Expired: 100 callers block on one fetch and all get its error.
     tokio::time::advance(Duration::from_secs(120)).await;
@@ -277,7 +298,7 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
     for _ in 0..100 {
         let (cache, k, s, f) = (cache.clone(), k.clone(), s.clone(), f.clone());
         tasks.push(tokio::spawn(async move {
-            cache.get(&k, &Request::new(), &s, &f).await
+            cache.get(&k.as_ref(), &Request::new(), &s, &f).await
         }));
     }
     for t in tasks {
@@ -291,7 +312,10 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
     // The IdP comes back: after the backoff, one fetch succeeds.
     fake.fail_with(None);
     tokio::time::advance(Duration::from_secs(11)).await;
-    let (c, how) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    let (c, how) = cache
+        .get(&k.as_ref(), &Request::new(), &s, &f)
+        .await
+        .unwrap();
     assert_eq!(how, Lookup::Fetched(Reason::Expired));
     assert_ne!(token(&c), "t1");
 }
@@ -300,13 +324,22 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
 async fn herd_of_10000_callers_on_an_expired_key_makes_one_plugin_call() {
     let (cache, fake, s, _) = setup(Duration::from_secs(60));
     let (k, f) = (key(None), fake.fetcher());
-    cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    cache
+        .get(&k.as_ref(), &Request::new(), &s, &f)
+        .await
+        .unwrap();
     tokio::time::advance(Duration::from_secs(61)).await;
     let mut tasks = Vec::with_capacity(10_000);
     for _ in 0..10_000 {
         let (cache, k, s, f) = (cache.clone(), k.clone(), s.clone(), f.clone());
         tasks.push(tokio::spawn(async move {
-            token(&cache.get(&k, &Request::new(), &s, &f).await.unwrap().0)
+            token(
+                &cache
+                    .get(&k.as_ref(), &Request::new(), &s, &f)
+                    .await
+                    .unwrap()
+                    .0,
+            )
         }));
     }
     for t in tasks {
@@ -319,7 +352,10 @@ async fn herd_of_10000_callers_on_an_expired_key_makes_one_plugin_call() {
 async fn burst_of_1000_security_errors_with_the_old_credential_refreshes_once() {
     let (cache, fake, s, _) = setup(Duration::from_secs(3600));
     let (k, f) = (key(None), fake.fetcher());
-    let (old, _) = cache.get(&k, &Request::new(), &s, &f).await.unwrap();
+    let (old, _) = cache
+        .get(&k.as_ref(), &Request::new(), &s, &f)
+        .await
+        .unwrap();
     let mut events = cache.subscribe();
     let mut tasks = Vec::new();
     for _ in 0..1000 {
@@ -330,7 +366,7 @@ async fn burst_of_1000_security_errors_with_the_old_credential_refreshes_once() 
                 reason: Reason::AfterSecurityError,
                 ..Request::new()
             };
-            let (c, _) = cache.get(&k, &retry, &s, &f).await.unwrap();
+            let (c, _) = cache.get(&k.as_ref(), &retry, &s, &f).await.unwrap();
             (dropped, token(&c))
         }));
     }
@@ -367,10 +403,13 @@ async fn subjects_are_isolated() {
     let alice = Request::new().subject("alice");
     let bob = Request::new().subject("bob");
     let (a, _) = cache
-        .get(&key(Some("alice")), &alice, &s, &f)
+        .get(&key(Some("alice")).as_ref(), &alice, &s, &f)
         .await
         .unwrap();
-    let (b, _) = cache.get(&key(Some("bob")), &bob, &s, &f).await.unwrap();
+    let (b, _) = cache
+        .get(&key(Some("bob")).as_ref(), &bob, &s, &f)
+        .await
+        .unwrap();
     assert_eq!((token(&a), token(&b)), ("t1alice".into(), "t2bob".into()));
     // Alice's credential is rejected and her IdP account is broken: Bob is unaffected.
     assert!(cache.invalidate_if(&key(Some("alice")), &a));
@@ -378,11 +417,14 @@ async fn subjects_are_isolated() {
     fake.fail_with(Some(ProviderError::Denied("alice revoked".into())));
     assert!(
         cache
-            .get(&key(Some("alice")), &alice, &s, &f)
+            .get(&key(Some("alice")).as_ref(), &alice, &s, &f)
             .await
             .is_err()
     );
-    let (b2, how) = cache.get(&key(Some("bob")), &bob, &s, &f).await.unwrap();
+    let (b2, how) = cache
+        .get(&key(Some("bob")).as_ref(), &bob, &s, &f)
+        .await
+        .unwrap();
     assert_eq!((token(&b2), how), ("t2bob".into(), Lookup::Hit));
 }
 
@@ -392,14 +434,22 @@ async fn denied_is_not_retried_hot() {
     let (k, f) = (key(None), fake.fetcher());
     fake.fail_with(Some(ProviderError::Denied("invalid_client".into())));
     for _ in 0..20 {
-        let e = cache.get(&k, &Request::new(), &s, &f).await.unwrap_err();
+        let e = cache
+            .get(&k.as_ref(), &Request::new(), &s, &f)
+            .await
+            .unwrap_err();
         assert!(e.is_permanent());
         tokio::time::advance(Duration::from_millis(100)).await;
     }
     assert_eq!(fake.calls(), 1, "denied was retried within the backoff");
     fake.fail_with(None);
     tokio::time::advance(Duration::from_secs(10)).await;
-    assert!(cache.get(&k, &Request::new(), &s, &f).await.is_ok());
+    assert!(
+        cache
+            .get(&k.as_ref(), &Request::new(), &s, &f)
+            .await
+            .is_ok()
+    );
     assert_eq!(fake.calls(), 2);
 }
 
@@ -411,7 +461,7 @@ async fn transient_failures_back_off_exponentially() {
     // Hammer the key every 10 ms for 5 s: backoff 100, 200, 400, 800, 1600 ms …
     // allows ~6 attempts, not 500.
     for _ in 0..500 {
-        let _ = cache.get(&k, &Request::new(), &s, &f).await;
+        let _ = cache.get(&k.as_ref(), &Request::new(), &s, &f).await;
         tokio::time::advance(Duration::from_millis(10)).await;
     }
     let calls = fake.calls();
@@ -429,7 +479,10 @@ async fn idle_keys_are_evicted_when_full() {
     for i in 0..300 {
         let subject = format!("user-{i}");
         let r = Request::new().subject(&subject);
-        cache.get(&key(Some(&subject)), &r, &s, &f).await.unwrap();
+        cache
+            .get(&key(Some(&subject)).as_ref(), &r, &s, &f)
+            .await
+            .unwrap();
     }
     assert!(cache.len() <= 100, "{} keys", cache.len());
     let mut evicted = 0;
@@ -441,4 +494,22 @@ async fn idle_keys_are_evicted_when_full() {
     assert!(evicted >= 200, "{evicted}");
     // The most recent key survived.
     assert!(cache.use_until(&key(Some("user-299"))).is_some());
+}
+
+#[test]
+fn borrowed_keys_find_owned_keys_whatever_the_scope_order() {
+    use std::hash::BuildHasher;
+    let provider: Arc<str> = Arc::from("p");
+    let hasher = hashbrown::DefaultHashBuilder::default();
+    let sorted = Request::new().scope("a").scope("b").subject("s");
+    let unsorted = Request::new().scope("b").scope("a").scope("b").subject("s");
+    let owned = CacheKey::new(provider.clone(), &unsorted);
+    assert_eq!(owned.scopes, vec!["a".to_string(), "b".to_string()]);
+    for request in [&sorted, &unsorted] {
+        let borrowed = KeyRef::new(&provider, request);
+        assert!(borrowed.equivalent(&owned));
+        assert_eq!(hasher.hash_one(&borrowed), hasher.hash_one(&owned));
+    }
+    let other = Request::new().scope("a").subject("s");
+    assert!(!KeyRef::new(&provider, &other).equivalent(&owned));
 }
