@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup plugins demo test lint wit-check bench clean
+.PHONY: setup plugins demo test lint fmt wit-check bench clean
 
 ## Toolchain pieces a fresh machine lacks (RUSTUP_AUTO_INSTALL=0 here: be explicit).
 setup:
@@ -43,3 +43,9 @@ bench: plugins
 clean:
 	$(CARGO) clean
 	cd plugins && $(CARGO) clean
+
+## Format everything (host workspace, guest workspace, SDK).
+fmt:
+	$(CARGO) fmt --all
+	cd plugins && $(CARGO) fmt --all
+	cd sdk && $(CARGO) fmt

@@ -138,7 +138,8 @@ impl Provider for ClientCredentials {
             .unwrap_or(client_id);
         let credentials = Credentials::bearer(token.access_token).principal(principal);
         // `expires_in` counts from now (to the nanosecond); the JWT `exp` is a fallback.
-        Ok(match (token.expires_in, claims.as_ref().and_then(|c| c.exp)) {
+        let jwt_exp = claims.as_ref().and_then(|c| c.exp);
+        Ok(match (token.expires_in, jwt_exp) {
             (Some(seconds), _) => credentials.expires_in(seconds),
             (None, Some(exp)) => credentials.expires_at_unix(exp),
             (None, None) => credentials,
