@@ -38,7 +38,8 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
@@ -189,18 +190,29 @@ struct SlotState {
     failures: u32,
     retry_at: Option<SystemTime>,
     last_error: Option<Error>,
-    last_used: Option<SystemTime>,
 }
 
 struct Slot {
     key: CacheKey,
-    state: Mutex<SlotState>,
+    state: RwLock<SlotState>,
     fetch: tokio::sync::Mutex<()>,
+    /// Last use, in milliseconds since the epoch (for eviction); written only when
+    /// it changes, so concurrent hits rarely write to it.
+    last_used: AtomicU64,
 }
 
 impl Slot {
-    fn lock(&self) -> MutexGuard<'_, SlotState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> RwLockWriteGuard<'_, SlotState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self, now: SystemTime) {
+        let ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if self.last_used.load(Ordering::Relaxed) != ms {
+            self.last_used.store(ms, Ordering::Relaxed);
+        }
     }
 }
 
@@ -254,8 +266,9 @@ impl TokenCache {
         let owned = key.to_owned();
         let slot = Arc::new(Slot {
             key: owned.clone(),
-            state: Mutex::default(),
+            state: RwLock::default(),
             fetch: tokio::sync::Mutex::default(),
+            last_used: AtomicU64::new(0),
         });
         slots.insert(owned, slot.clone());
         slot
@@ -268,10 +281,10 @@ impl TokenCache {
 
     /// Drop the least recently used tenth of the keys that nobody is fetching.
     fn evict_idle(&self, slots: &mut HashMap<CacheKey, Arc<Slot>>) {
-        let mut idle: Vec<(CacheKey, Option<SystemTime>)> = slots
+        let mut idle: Vec<(CacheKey, u64)> = slots
             .iter()
             .filter(|(_, s)| Arc::strong_count(s) == 1 && s.fetch.try_lock().is_ok())
-            .map(|(k, s)| (k.clone(), s.lock().last_used))
+            .map(|(k, s)| (k.clone(), s.last_used.load(Ordering::Relaxed)))
             .collect();
         idle.sort_by_key(|(_, used)| *used);
         let excess = slots.len() + 1 - self.0.max_entries;
@@ -296,11 +309,14 @@ impl TokenCache {
         settings: &Arc<CacheConfig>,
         fetch: &Fetcher,
     ) -> Result<(Credentials, Lookup), Error> {
+        if let Some(credentials) = self.fresh_hit(key) {
+            return Ok((credentials, Lookup::Hit));
+        }
         let slot = self.slot(key);
         {
             let mut st = slot.lock();
             let now = self.0.clock.now();
-            st.last_used = Some(now);
+            slot.touch(now);
             if let Some(entry) = &st.entry
                 && now < entry.use_until
             {
@@ -377,6 +393,22 @@ impl TokenCache {
                 Err(error)
             }
         }
+    }
+
+    /// The hot path: a credential before its refresh time, read under shared locks
+    /// only (no slot refcount traffic, no exclusive lock), so concurrent hits on one
+    /// key do not serialise.
+    fn fresh_hit(&self, key: &KeyRef<'_>) -> Option<Credentials> {
+        let slots = self.0.slots.read().unwrap_or_else(|e| e.into_inner());
+        let slot = slots.get(key)?;
+        let st = slot.state.read().unwrap_or_else(|e| e.into_inner());
+        let entry = st.entry.as_ref()?;
+        let now = self.0.clock.now();
+        if now >= entry.refresh_at {
+            return None;
+        }
+        slot.touch(now);
+        Some(entry.credentials.clone())
     }
 
     /// Keep plugin calls for one key at least `min_interval_ms` apart.

@@ -4,6 +4,7 @@ use super::*;
 use crate::clock::TokioClock;
 use crate::secret::Secret;
 use crate::types::ProviderError;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const START: u64 = 1_700_000_000;
