@@ -102,69 +102,45 @@ async fn settle() {
     }
 }
 
+/// (refresh-at, use-until) after issue, for a token living `lifetime` under `s`
+/// with jitter draw `unit`.
+fn plan(lifetime: Duration, s: &CacheConfig, unit: f64) -> (Duration, Duration) {
+    let now = UNIX_EPOCH + Duration::from_secs(START);
+    let e = schedule(bearer("a", Some(now + lifetime)), s, now, 1, unit);
+    assert!(e.refresh_at <= e.use_until && e.use_until <= e.expires);
+    (
+        e.refresh_at.duration_since(now).unwrap(),
+        e.use_until.duration_since(now).unwrap(),
+    )
+}
+
 #[test]
 fn schedule_applies_window_min_period_buffer_and_short_token_clamps() {
-    let now = UNIX_EPOCH + Duration::from_secs(START);
+    let secs = Duration::from_secs;
     let s = CacheConfig::default();
-    let at = |_: &Entry, t: SystemTime| t.duration_since(now).unwrap();
-    // 1 h token: window 0.8 + 0.05 × unit.
-    let e = schedule(
-        bearer("a", Some(now + Duration::from_secs(3600))),
-        &s,
-        now,
-        1,
-        0.0,
-    );
-    assert_eq!(at(&e, e.refresh_at), Duration::from_secs(2880));
-    assert_eq!(at(&e, e.use_until), Duration::from_secs(3570));
-    let e = schedule(
-        bearer("a", Some(now + Duration::from_secs(3600))),
-        &s,
-        now,
-        1,
-        1.0,
-    );
-    assert_eq!(at(&e, e.refresh_at), Duration::from_secs(3060));
+    // 1 h token: window 0.8 + 0.05 × unit; used until 30 s before expiry.
+    assert_eq!(plan(secs(3600), &s, 0.0), (secs(2880), secs(3570)));
+    assert_eq!(plan(secs(3600), &s, 1.0).0, secs(3060));
     // min_period: never sooner than 60 s after issue.
     let early = CacheConfig {
         window_factor: 0.5,
         buffer_secs: 10,
         ..CacheConfig::default()
     };
-    let e = schedule(
-        bearer("a", Some(now + Duration::from_secs(100))),
-        &early,
-        now,
-        1,
-        0.0,
-    );
-    assert_eq!(at(&e, e.refresh_at), Duration::from_secs(60));
+    assert_eq!(plan(secs(100), &early, 0.0).0, secs(60));
     // buffer: never later than 300 s before expiry.
     let late = CacheConfig {
         window_factor: 0.95,
         window_jitter: 0.0,
         ..CacheConfig::default()
     };
-    let e = schedule(
-        bearer("a", Some(now + Duration::from_secs(1000))),
-        &late,
-        now,
-        1,
-        0.0,
-    );
-    assert_eq!(at(&e, e.refresh_at), Duration::from_secs(700));
+    assert_eq!(plan(secs(1000), &late, 0.0).0, secs(700));
     // A 5 s token: the clamps do not fit, so only the window applies; it is
     // refreshed ahead and used until 4.5 s.
-    let e = schedule(
-        bearer("a", Some(now + Duration::from_secs(5))),
-        &s,
-        now,
-        1,
-        0.5,
+    assert_eq!(
+        plan(secs(5), &s, 0.5),
+        (Duration::from_millis(4125), Duration::from_millis(4500))
     );
-    assert_eq!(at(&e, e.refresh_at), Duration::from_millis(4125));
-    assert_eq!(at(&e, e.use_until), Duration::from_millis(4500));
-    assert!(e.refresh_at < e.use_until && e.use_until < e.expires);
 }
 
 #[test]
