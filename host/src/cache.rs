@@ -494,7 +494,7 @@ impl TokenCache {
     }
 
     /// Drop `key`'s entry if it still holds `failed`; returns whether it did.
-    pub(crate) fn invalidate_if(&self, key: &CacheKey, failed: &Credentials) -> bool {
+    pub(crate) fn invalidate_if(&self, key: &KeyRef<'_>, failed: &Credentials) -> bool {
         let Some(slot) = self.existing_slot(key) else {
             return false;
         };
@@ -505,28 +505,28 @@ impl TokenCache {
         };
         st.entry = None;
         let _ = self.0.events.send(CacheEvent::Invalidated {
-            key: key.clone(),
+            key: slot.key.clone(),
             generation,
         });
         true
     }
 
     /// When the entry for `key` stops being served, if there is one.
-    pub(crate) fn use_until(&self, key: &CacheKey) -> Option<SystemTime> {
+    pub(crate) fn use_until(&self, key: &KeyRef<'_>) -> Option<SystemTime> {
         let slot = self.existing_slot(key)?;
         let st = slot.lock();
         st.entry.as_ref().map(|e| e.use_until)
     }
 
     /// When the entry for `key` enters its advisory (refresh-ahead) window.
-    pub(crate) fn refresh_at(&self, key: &CacheKey) -> Option<SystemTime> {
+    pub(crate) fn refresh_at(&self, key: &KeyRef<'_>) -> Option<SystemTime> {
         let slot = self.existing_slot(key)?;
         let st = slot.lock();
         st.entry.as_ref().map(|e| e.refresh_at)
     }
 
     /// Failure and generation counters for `key`.
-    pub(crate) fn stats(&self, key: &CacheKey) -> KeyStats {
+    pub(crate) fn stats(&self, key: &KeyRef<'_>) -> KeyStats {
         self.existing_slot(key)
             .map(|slot| {
                 let st = slot.lock();

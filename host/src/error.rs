@@ -1,6 +1,6 @@
 //! The library's error type.
 
-use crate::types::{ProviderError, SecurityError};
+use crate::types::ProviderError;
 use std::path::PathBuf;
 
 /// A boxed underlying cause.
@@ -76,18 +76,6 @@ pub enum Error {
         timeout_ms: u64,
     },
 
-    /// An operation run through the host failed with a security error that the
-    /// retry policy could not resolve.
-    #[error("provider `{provider}`: operation rejected after {attempts} attempt(s): {error}")]
-    Rejected {
-        /// Provider name.
-        provider: String,
-        /// The last security error.
-        error: SecurityError,
-        /// How many times the operation ran.
-        attempts: u32,
-    },
-
     /// An I/O failure of the host itself (state or cache directory).
     #[error("{context}: {source}")]
     Io {
@@ -108,8 +96,7 @@ impl Error {
             | Error::NotLoaded { provider, .. }
             | Error::Provider { provider, .. }
             | Error::Plugin { provider, .. }
-            | Error::Timeout { provider, .. }
-            | Error::Rejected { provider, .. } => Some(provider),
+            | Error::Timeout { provider, .. } => Some(provider),
             Error::Config(_) | Error::Io { .. } => None,
         }
     }
@@ -161,15 +148,6 @@ impl Error {
                 provider: provider.clone(),
                 function,
                 timeout_ms: *timeout_ms,
-            },
-            Error::Rejected {
-                provider,
-                error,
-                attempts,
-            } => Error::Rejected {
-                provider: provider.clone(),
-                error: error.clone(),
-                attempts: *attempts,
             },
             Error::Io { context, source } => Error::Io {
                 context: context.clone(),

@@ -1,6 +1,6 @@
 //! [`Host`]: the embedder's entry point.
 
-use crate::cache::{CacheEvent, CacheKey, Fetcher, KeyRef, KeyStats, Lookup, TokenCache};
+use crate::cache::{CacheEvent, Fetcher, KeyRef, KeyStats, Lookup, TokenCache};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
@@ -297,7 +297,7 @@ impl Host {
         let ready = self.provider(provider).ok()?;
         self.inner
             .cache
-            .use_until(&CacheKey::new(ready.name.clone(), request))
+            .use_until(&KeyRef::new(&ready.name, request))
     }
 
     /// When the cached credential for `request` enters its refresh-ahead window.
@@ -305,16 +305,13 @@ impl Host {
         let ready = self.provider(provider).ok()?;
         self.inner
             .cache
-            .refresh_at(&CacheKey::new(ready.name.clone(), request))
+            .refresh_at(&KeyRef::new(&ready.name, request))
     }
 
     /// Failure and generation counters of the cache entry for `request`.
     pub fn cache_stats(&self, provider: &str, request: &Request) -> KeyStats {
         match self.provider(provider) {
-            Ok(ready) => self
-                .inner
-                .cache
-                .stats(&CacheKey::new(ready.name.clone(), request)),
+            Ok(ready) => self.inner.cache.stats(&KeyRef::new(&ready.name, request)),
             Err(_) => KeyStats::default(),
         }
     }
@@ -342,7 +339,7 @@ impl Host {
             .handle_security_error(&self.inner.runtime, request, credentials, error)
             .await?;
         if decision == Decision::RefreshAndRetry {
-            let key = CacheKey::new(ready.name.clone(), request);
+            let key = KeyRef::new(&ready.name, request);
             let dropped = self.inner.cache.invalidate_if(&key, credentials);
             tracing::debug!(provider, dropped, "security error: refresh-and-retry");
         }

@@ -198,7 +198,7 @@ async fn refresh_ahead_happens_in_the_background_once() {
         (token(&c), how),
         ("t1".into(), Lookup::Fetched(Reason::Initial))
     );
-    let refresh_at = cache.refresh_at(&k).unwrap();
+    let refresh_at = cache.refresh_at(&k.as_ref()).unwrap();
     // Just before the window: no refresh.
     tokio::time::advance(Duration::from_secs(2879)).await;
     cache
@@ -237,7 +237,7 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
         .unwrap();
     fake.fail_with(Some(ProviderError::Unavailable("idp down".into())));
     // Advisory window: the refresh fails, t1 keeps being served, with backoff.
-    let refresh_at = cache.refresh_at(&k).unwrap();
+    let refresh_at = cache.refresh_at(&k.as_ref()).unwrap();
     tokio::time::advance(
         refresh_at.duration_since(clock.now()).unwrap() + Duration::from_millis(1),
     )
@@ -257,10 +257,10 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
         (2..=6).contains(&calls_in_advisory),
         "{calls_in_advisory} refresh attempts"
     );
-    assert!(cache.stats(&k).failures >= 1);
+    assert!(cache.stats(&k.as_ref()).failures >= 1);
     // Mandatory window, token past its use-until time but not expired, IdP still
     // down: stale-if-error serves it.
-    let use_until = cache.use_until(&k).unwrap();
+    let use_until = cache.use_until(&k.as_ref()).unwrap();
     tokio::time::advance(use_until.duration_since(clock.now()).unwrap() + Duration::from_secs(11))
         .await;
     let (c, how) = cache
@@ -338,7 +338,7 @@ async fn burst_of_1000_security_errors_with_the_old_credential_refreshes_once() 
     for _ in 0..1000 {
         let (cache, k, s, f, old) = (cache.clone(), k.clone(), s.clone(), f.clone(), old.clone());
         tasks.push(tokio::spawn(async move {
-            let dropped = cache.invalidate_if(&k, &old);
+            let dropped = cache.invalidate_if(&k.as_ref(), &old);
             let retry = Request {
                 reason: Reason::AfterSecurityError,
                 ..Request::new()
@@ -389,8 +389,8 @@ async fn subjects_are_isolated() {
         .unwrap();
     assert_eq!((token(&a), token(&b)), ("t1alice".into(), "t2bob".into()));
     // Alice's credential is rejected and her IdP account is broken: Bob is unaffected.
-    assert!(cache.invalidate_if(&key(Some("alice")), &a));
-    assert!(!cache.invalidate_if(&key(Some("bob")), &a));
+    assert!(cache.invalidate_if(&key(Some("alice")).as_ref(), &a));
+    assert!(!cache.invalidate_if(&key(Some("bob")).as_ref(), &a));
     fake.fail_with(Some(ProviderError::Denied("alice revoked".into())));
     assert!(
         cache
@@ -443,7 +443,7 @@ async fn transient_failures_back_off_exponentially() {
     }
     let calls = fake.calls();
     assert!((4..=9).contains(&calls), "{calls} calls in 5 s");
-    assert_eq!(cache.stats(&k).failures as usize, calls);
+    assert_eq!(cache.stats(&k.as_ref()).failures as usize, calls);
 }
 
 #[tokio::test(start_paused = true)]
@@ -470,7 +470,7 @@ async fn idle_keys_are_evicted_when_full() {
     }
     assert!(evicted >= 200, "{evicted}");
     // The most recent key survived.
-    assert!(cache.use_until(&key(Some("user-299"))).is_some());
+    assert!(cache.use_until(&key(Some("user-299")).as_ref()).is_some());
 }
 
 #[test]
