@@ -155,7 +155,8 @@ pub enum CacheEvent {
         /// The dropped credential's generation.
         generation: u64,
     },
-    /// The key was evicted for being idle while the cache was full.
+    /// The key was evicted: idle while the cache was full, or its provider was
+    /// changed or removed by a reload.
     Evicted {
         /// The key.
         key: CacheKey,
@@ -293,6 +294,22 @@ impl TokenCache {
             slots.remove(&key);
             let _ = self.0.events.send(CacheEvent::Evicted { key });
         }
+    }
+
+    /// Drop every key of `provider` (changed or removed by a reload); returns how
+    /// many. A fetch already running finishes for its own callers.
+    pub(crate) fn remove_provider(&self, provider: &str) -> usize {
+        let mut slots = self.0.slots.write().unwrap_or_else(|e| e.into_inner());
+        let doomed: Vec<CacheKey> = slots
+            .keys()
+            .filter(|k| &*k.provider == provider)
+            .cloned()
+            .collect();
+        for key in &doomed {
+            slots.remove(key);
+            let _ = self.0.events.send(CacheEvent::Evicted { key: key.clone() });
+        }
+        doomed.len()
     }
 
     /// Number of keys held.

@@ -37,6 +37,14 @@ pub enum Command {
         #[arg(long, short, env = "REAUTH_CONFIG", default_value = "reauth.toml")]
         config: PathBuf,
     },
+    /// Load the config and keep the providers loaded, reloading on SIGHUP and when
+    /// the config, a plugin or a referenced secret file changes; prints one line per
+    /// reload. Stops on Ctrl-C / SIGTERM.
+    Watch {
+        /// The config file.
+        #[arg(long, short, env = "REAUTH_CONFIG", default_value = "reauth.toml")]
+        config: PathBuf,
+    },
     /// Print credentials from a provider.
     Get {
         /// Provider name.
@@ -104,6 +112,7 @@ fn parse_client(s: &str) -> Result<DevClient, String> {
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
     match cli.command {
         Command::Check { config } => check(config, out).await,
+        Command::Watch { config } => watch(config, out).await,
         Command::Get {
             provider,
             config,
@@ -159,21 +168,8 @@ async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
     let mut failed = 0;
     let status = host.check().await;
     for (name, status) in &status {
-        match status {
-            ProviderStatus::Ready { sha256, from_cache } => writeln!(
-                out,
-                "ok   {name}: sha256 {}… ({})",
-                &sha256[..12],
-                if *from_cache {
-                    "precompiled cache"
-                } else {
-                    "compiled"
-                }
-            )?,
-            ProviderStatus::Failed(e) => {
-                failed += 1;
-                writeln!(out, "FAIL {name}: {e}")?;
-            }
+        if !print_status(name, status, out)? {
+            failed += 1;
         }
     }
     writeln!(
@@ -187,6 +183,101 @@ async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One `check`/`watch` status line; returns whether the provider is serving.
+fn print_status(
+    name: &str,
+    status: &ProviderStatus,
+    out: &mut (dyn Write + Send),
+) -> Result<bool, BoxError> {
+    match status {
+        ProviderStatus::Ready {
+            sha256,
+            from_cache,
+            breaker,
+            reload_error,
+        } => {
+            writeln!(
+                out,
+                "ok   {name}: sha256 {}… ({}){}{}",
+                &sha256[..12],
+                if *from_cache {
+                    "precompiled cache"
+                } else {
+                    "compiled"
+                },
+                match breaker.cooling_down_for {
+                    Some(left) => format!(
+                        "; cooling down for {} ms after {} faults",
+                        left.as_millis(),
+                        breaker.consecutive_faults
+                    ),
+                    None => String::new(),
+                },
+                match reload_error {
+                    Some(e) => format!("; previous version kept, reload failed: {e}"),
+                    None => String::new(),
+                }
+            )?;
+            Ok(true)
+        }
+        ProviderStatus::Failed(e) => {
+            writeln!(out, "FAIL {name}: {e}")?;
+            Ok(false)
+        }
+    }
+}
+
+async fn watch(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
+    let host = Host::from_config_file(&config)?;
+    for (name, status) in &host.check().await {
+        print_status(name, status, out)?;
+    }
+    writeln!(out, "watching {} (SIGHUP reloads)", config.display())?;
+    out.flush()?;
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let mut write_error = None;
+    crate::watch::watch(
+        host.clone(),
+        |trigger, outcome| {
+            let result = (|| -> std::io::Result<()> {
+                let why = match trigger {
+                    crate::watch::Trigger::Signal => "SIGHUP",
+                    crate::watch::Trigger::FileChange => "file change",
+                };
+                match outcome {
+                    Ok(report) => {
+                        writeln!(out, "reload ({why}): {report}")?;
+                        for (name, e) in &report.failed {
+                            writeln!(out, "FAIL {name}: {e}")?;
+                        }
+                    }
+                    Err(e) => writeln!(out, "reload ({why}) refused, nothing changed: {e}")?,
+                }
+                out.flush()
+            })();
+            if let Err(e) = result {
+                write_error.get_or_insert(e);
+            }
+        },
+        shutdown,
+    )
+    .await?;
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_credentials(

@@ -76,7 +76,7 @@ pub struct HostConfig {
 }
 
 /// `[runtime]`: host-wide settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Directory where each provider's `state` is persisted (one JSON file per
@@ -107,7 +107,7 @@ impl Default for RuntimeConfig {
 }
 
 /// `[providers.<name>]`: one provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     /// Path to the provider's WebAssembly component (relative to the config file).
@@ -118,6 +118,10 @@ pub struct ProviderConfig {
     /// `*.domain:port`, `host:*`. Empty: no egress at all.
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
+    /// Allow plain `http://` to non-loopback hosts. Default false: egress to any
+    /// host but 127.0.0.1/::1/localhost must use https.
+    #[serde(default)]
+    pub allow_http: bool,
     /// Handed to the plugin through `wasi:config`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
@@ -130,6 +134,9 @@ pub struct ProviderConfig {
     /// Sandbox limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Cool-down of a provider whose calls keep faulting.
+    #[serde(default)]
+    pub circuit_breaker: BreakerConfig,
 }
 
 impl ProviderConfig {
@@ -139,10 +146,12 @@ impl ProviderConfig {
             plugin: plugin.into(),
             sha256: None,
             allowed_hosts: Vec::new(),
+            allow_http: false,
             config: BTreeMap::new(),
             cache: CacheConfig::default(),
             retry: RetryConfig::default(),
             limits: LimitsConfig::default(),
+            circuit_breaker: BreakerConfig::default(),
         }
     }
 
@@ -225,7 +234,7 @@ impl<'de> Deserialize<'de> for ConfigValue {
 
 /// `[providers.<name>.cache]`: how long credentials are kept and when they are
 /// refreshed (Kafka's OAUTHBEARER refresh knobs, botocore's two tiers).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Lifetime assumed for credentials that carry no expiry (no `expires-at`, no
@@ -283,7 +292,7 @@ impl Default for CacheConfig {
 
 /// `[providers.<name>.retry]`: what `Host::with_credentials` may do after a server
 /// rejects a credential.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// Re-authentications (refresh-and-retry) per operation. Default 1: a fresh
@@ -312,8 +321,10 @@ impl Default for RetryConfig {
     }
 }
 
-/// `[providers.<name>.limits]`: the sandbox around each call.
-#[derive(Debug, Clone, Deserialize)]
+/// `[providers.<name>.limits]`: the sandbox around each call. Hitting any of them
+/// fails the call with [`crate::Error::Limit`] (or [`crate::Error::Timeout`]) naming
+/// the provider and the limit; the call's instance is discarded.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Wall-clock limit for one plugin call (including its HTTP requests). Default 5000.
@@ -322,6 +333,29 @@ pub struct LimitsConfig {
     /// Linear memory cap per call, in MiB. Default 64.
     #[serde(default = "defaults::memory_mib")]
     pub memory_mib: u64,
+    /// WebAssembly fuel (roughly: instructions) per call. Unset: unmetered (the
+    /// timeout still applies).
+    pub fuel: Option<u64>,
+    /// Largest credential a call may return (secret, principal, headers and
+    /// attributes together), in bytes. Default 65536.
+    #[serde(default = "defaults::max_credential_bytes")]
+    pub max_credential_bytes: u64,
+    /// Largest HTTP response body a plugin may read per request, in bytes.
+    /// Default 1048576.
+    #[serde(default = "defaults::max_response_bytes")]
+    pub max_response_bytes: u64,
+    /// Captured stdout and stderr per call and stream, in bytes; a plugin that
+    /// writes more fails. Default 262144.
+    #[serde(default = "defaults::max_output_bytes")]
+    pub max_output_bytes: u64,
+    /// Connect timeout of the plugin's HTTP requests. Default 2000 (never more than
+    /// `timeout_ms`).
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time to the first response byte of the plugin's HTTP requests, and between
+    /// two body chunks. Default 5000 (never more than `timeout_ms`).
+    #[serde(default = "defaults::first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -329,6 +363,42 @@ impl Default for LimitsConfig {
         LimitsConfig {
             timeout_ms: defaults::timeout_ms(),
             memory_mib: defaults::memory_mib(),
+            fuel: None,
+            max_credential_bytes: defaults::max_credential_bytes(),
+            max_response_bytes: defaults::max_response_bytes(),
+            max_output_bytes: defaults::max_output_bytes(),
+            connect_timeout_ms: defaults::connect_timeout_ms(),
+            first_byte_timeout_ms: defaults::first_byte_timeout_ms(),
+        }
+    }
+}
+
+/// `[providers.<name>.circuit_breaker]`: after `faults` consecutive plugin faults
+/// (traps, timeouts, limit hits — not `provider-error`s, which the cache's backoff
+/// handles) the provider is cooled down: calls fail fast with
+/// [`crate::Error::CoolingDown`] for `cooldown_ms`, doubling per further fault up
+/// to `max_cooldown_ms`. After the cool-down one trial call is let through; a
+/// success closes the breaker.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive faults that open the breaker. Default 3.
+    #[serde(default = "defaults::breaker_faults")]
+    pub faults: u32,
+    /// First cool-down. Default 1000 ms.
+    #[serde(default = "defaults::breaker_cooldown_ms")]
+    pub cooldown_ms: u64,
+    /// Longest cool-down. Default 60000 ms.
+    #[serde(default = "defaults::breaker_max_cooldown_ms")]
+    pub max_cooldown_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            faults: defaults::breaker_faults(),
+            cooldown_ms: defaults::breaker_cooldown_ms(),
+            max_cooldown_ms: defaults::breaker_max_cooldown_ms(),
         }
     }
 }
@@ -403,6 +473,38 @@ pub mod defaults {
     pub fn memory_mib() -> u64 {
         64
     }
+    /// `limits.max_credential_bytes`.
+    pub fn max_credential_bytes() -> u64 {
+        64 << 10
+    }
+    /// `limits.max_response_bytes`.
+    pub fn max_response_bytes() -> u64 {
+        1 << 20
+    }
+    /// `limits.max_output_bytes`.
+    pub fn max_output_bytes() -> u64 {
+        256 << 10
+    }
+    /// `limits.connect_timeout_ms`.
+    pub fn connect_timeout_ms() -> u64 {
+        2000
+    }
+    /// `limits.first_byte_timeout_ms`.
+    pub fn first_byte_timeout_ms() -> u64 {
+        5000
+    }
+    /// `circuit_breaker.faults`.
+    pub fn breaker_faults() -> u32 {
+        3
+    }
+    /// `circuit_breaker.cooldown_ms`.
+    pub fn breaker_cooldown_ms() -> u64 {
+        1000
+    }
+    /// `circuit_breaker.max_cooldown_ms`.
+    pub fn breaker_max_cooldown_ms() -> u64 {
+        60_000
+    }
 }
 
 impl HostConfig {
@@ -455,6 +557,15 @@ impl HostConfig {
 
     /// Check what serde cannot: ranges, formats and names.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_runtime()?;
+        for name in self.providers.keys() {
+            self.validate_provider(name)?;
+        }
+        Ok(())
+    }
+
+    /// Check the `[runtime]` section only.
+    pub fn validate_runtime(&self) -> Result<(), ConfigError> {
         let file = self.source.as_deref();
         if self.runtime.max_cache_entries == 0 {
             return Err(ConfigError::at(
@@ -470,10 +581,19 @@ impl HostConfig {
                 "must be at least 1",
             ));
         }
-        for (name, p) in &self.providers {
-            validate_provider(file, name, p, &self.runtime)?;
-        }
         Ok(())
+    }
+
+    /// Check one provider's section (the name must be configured).
+    pub fn validate_provider(&self, name: &str) -> Result<(), ConfigError> {
+        match self.providers.get(name) {
+            Some(p) => validate_provider(self.source.as_deref(), name, p, &self.runtime),
+            None => Err(ConfigError::at(
+                self.source.as_deref(),
+                format!("providers.{name}"),
+                "no such provider",
+            )),
+        }
     }
 
     /// Resolve `path` against the config file's directory.
@@ -542,6 +662,60 @@ fn validate_provider(
                 "must be between 1 and runtime.max_memory_mib ({})",
                 runtime.max_memory_mib
             ),
+        ));
+    }
+    let l = &p.limits;
+    for (k, v, range) in [
+        ("limits.fuel", l.fuel.unwrap_or(1), 1..=u64::MAX),
+        (
+            "limits.max_credential_bytes",
+            l.max_credential_bytes,
+            64..=(64 << 20),
+        ),
+        (
+            "limits.max_response_bytes",
+            l.max_response_bytes,
+            1..=(1 << 30),
+        ),
+        (
+            "limits.max_output_bytes",
+            l.max_output_bytes,
+            1024..=(64 << 20),
+        ),
+        (
+            "limits.connect_timeout_ms",
+            l.connect_timeout_ms,
+            1..=600_000,
+        ),
+        (
+            "limits.first_byte_timeout_ms",
+            l.first_byte_timeout_ms,
+            1..=600_000,
+        ),
+        (
+            "circuit_breaker.faults",
+            u64::from(p.circuit_breaker.faults),
+            1..=1000,
+        ),
+        (
+            "circuit_breaker.cooldown_ms",
+            p.circuit_breaker.cooldown_ms,
+            1..=86_400_000,
+        ),
+    ] {
+        if !range.contains(&v) {
+            return Err(ConfigError::at(
+                file,
+                key(k),
+                format!("must be between {} and {}", range.start(), range.end()),
+            ));
+        }
+    }
+    if p.circuit_breaker.max_cooldown_ms < p.circuit_breaker.cooldown_ms {
+        return Err(ConfigError::at(
+            file,
+            key("circuit_breaker.max_cooldown_ms"),
+            "must be at least circuit_breaker.cooldown_ms",
         ));
     }
     if p.cache.default_ttl_secs == 0 {
@@ -673,7 +847,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "reauth.toml:6: providers.a.limits.bogus: unknown field `bogus`, expected `timeout_ms` or `memory_mib`"
+            "reauth.toml:6: providers.a.limits.bogus: unknown field `bogus`, expected one of `timeout_ms`, `memory_mib`, `fuel`, `max_credential_bytes`, `max_response_bytes`, `max_output_bytes`, `connect_timeout_ms`, `first_byte_timeout_ms`"
         );
     }
 
@@ -731,6 +905,39 @@ mod tests {
             e.starts_with("reauth.toml: providers.a.allowed_hosts[1]: `a b`: "),
             "{e}"
         );
+        for (toml, expected) in [
+            (
+                "limits = { fuel = 0 }",
+                "providers.a.limits.fuel: must be between 1 and 18446744073709551615",
+            ),
+            (
+                "limits = { max_output_bytes = 10 }",
+                "providers.a.limits.max_output_bytes: must be between 1024 and 67108864",
+            ),
+            (
+                "circuit_breaker = { faults = 0 }",
+                "providers.a.circuit_breaker.faults: must be between 1 and 1000",
+            ),
+            (
+                "circuit_breaker = { cooldown_ms = 5000, max_cooldown_ms = 10 }",
+                "providers.a.circuit_breaker.max_cooldown_ms: must be at least circuit_breaker.cooldown_ms",
+            ),
+        ] {
+            let e = parse(&format!("[providers.a]\nplugin = \"a.wasm\"\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(e, format!("reauth.toml: {expected}"));
+        }
+        let ok = parse(
+            "[providers.a]\nplugin = \"a.wasm\"\nallow_http = true\nlimits = { fuel = 1000000, max_response_bytes = 4096 }\ncircuit_breaker = { faults = 5 }\n",
+        )
+        .unwrap();
+        let a = &ok.providers["a"];
+        assert!(a.allow_http);
+        assert_eq!(a.limits.fuel, Some(1_000_000));
+        assert_eq!(a.limits.max_response_bytes, 4096);
+        assert_eq!(a.circuit_breaker.faults, 5);
+        assert_eq!(a.circuit_breaker.cooldown_ms, 1000);
     }
 
     #[test]

@@ -76,6 +76,36 @@ pub enum Error {
         timeout_ms: u64,
     },
 
+    /// The call hit a sandbox limit. Its instance was discarded; the next call
+    /// starts afresh.
+    #[error("provider `{provider}`: `{function}` hit its {limit} limit: {detail}")]
+    Limit {
+        /// Provider name.
+        provider: String,
+        /// The exported function being called.
+        function: &'static str,
+        /// Which limit.
+        limit: LimitKind,
+        /// The configured value and what the plugin tried.
+        detail: String,
+    },
+
+    /// The provider faulted `faults` times in a row and is cooling down; calls fail
+    /// fast until the cool-down ends, then one trial call is let through.
+    #[error(
+        "provider `{provider}` is cooling down after {faults} consecutive faults (last: {last_fault}); next attempt in {retry_in_ms} ms"
+    )]
+    CoolingDown {
+        /// Provider name.
+        provider: String,
+        /// Consecutive faults so far.
+        faults: u32,
+        /// Milliseconds until the next call is let through.
+        retry_in_ms: u64,
+        /// The last fault's message.
+        last_fault: String,
+    },
+
     /// An I/O failure of the host itself (state or cache directory).
     #[error("{context}: {source}")]
     Io {
@@ -96,7 +126,9 @@ impl Error {
             | Error::NotLoaded { provider, .. }
             | Error::Provider { provider, .. }
             | Error::Plugin { provider, .. }
-            | Error::Timeout { provider, .. } => Some(provider),
+            | Error::Timeout { provider, .. }
+            | Error::Limit { provider, .. }
+            | Error::CoolingDown { provider, .. } => Some(provider),
             Error::Config(_) | Error::Io { .. } => None,
         }
     }
@@ -149,6 +181,28 @@ impl Error {
                 function,
                 timeout_ms: *timeout_ms,
             },
+            Error::Limit {
+                provider,
+                function,
+                limit,
+                detail,
+            } => Error::Limit {
+                provider: provider.clone(),
+                function,
+                limit: *limit,
+                detail: detail.clone(),
+            },
+            Error::CoolingDown {
+                provider,
+                faults,
+                retry_in_ms,
+                last_fault,
+            } => Error::CoolingDown {
+                provider: provider.clone(),
+                faults: *faults,
+                retry_in_ms: *retry_in_ms,
+                last_fault: last_fault.clone(),
+            },
             Error::Io { context, source } => Error::Io {
                 context: context.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
@@ -177,6 +231,47 @@ impl Error {
             Error::Provider { error, .. } => Some(error),
             _ => None,
         }
+    }
+}
+
+/// A sandbox limit (see [`crate::config::LimitsConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LimitKind {
+    /// `limits.memory_mib`: linear memory growth refused.
+    Memory,
+    /// `limits.fuel`: the call's fuel ran out.
+    Fuel,
+    /// The WebAssembly stack overflowed (deep recursion).
+    Stack,
+    /// Table growth refused.
+    Table,
+    /// `limits.max_credential_bytes`: the returned credential is too large.
+    CredentialSize,
+    /// `limits.max_response_bytes`: an HTTP response body was too large.
+    ResponseBody,
+    /// `limits.max_output_bytes`: too much stdout/stderr.
+    Output,
+}
+
+impl LimitKind {
+    /// The config key of the limit.
+    pub fn key(self) -> &'static str {
+        match self {
+            LimitKind::Memory => "limits.memory_mib",
+            LimitKind::Fuel => "limits.fuel",
+            LimitKind::Stack => "stack",
+            LimitKind::Table => "table",
+            LimitKind::CredentialSize => "limits.max_credential_bytes",
+            LimitKind::ResponseBody => "limits.max_response_bytes",
+            LimitKind::Output => "limits.max_output_bytes",
+        }
+    }
+}
+
+impl std::fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
     }
 }
 

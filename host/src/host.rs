@@ -5,13 +5,14 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
 use crate::retry::{Action, OperationError, Rejection, RetryPolicy};
+use crate::runtime::BreakerStatus;
 use crate::runtime::egress::HostPattern;
 use crate::runtime::{CompileSource, ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
 use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 /// The outcome of loading one provider.
@@ -23,13 +24,21 @@ pub enum ProviderStatus {
         sha256: String,
         /// Whether the compiled code came from the precompiled cache.
         from_cache: bool,
+        /// The circuit breaker's state.
+        breaker: BreakerStatus,
+        /// The last reload's failure to load a new version of this provider; the
+        /// version described here kept serving.
+        reload_error: Option<String>,
     },
     /// Failed to load; calls to it return this error's message.
     Failed(String),
 }
 
 enum Slot {
-    Ready(Box<Ready>),
+    Ready {
+        ready: Arc<Ready>,
+        reload_error: Option<String>,
+    },
     Failed(String),
 }
 
@@ -39,12 +48,82 @@ struct Ready {
     cache: Arc<config::CacheConfig>,
     retry: RetryPolicy,
     fetch: Fetcher,
+    /// What this version was built from; a reload with the same identity keeps it
+    /// (and its cache).
+    identity: Identity,
+}
+
+/// Everything a provider version is built from.
+#[derive(PartialEq)]
+struct Identity {
+    config: ProviderConfig,
+    values: Vec<(String, crate::Secret)>,
+    plugin_sha256: String,
+    state_file: Option<PathBuf>,
+}
+
+type Providers = BTreeMap<String, Slot>;
+
+/// What a [`Host::reload`] did, provider by provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// New providers that loaded.
+    pub added: Vec<String>,
+    /// Providers whose new version replaced the old one (their cache was dropped).
+    pub updated: Vec<String>,
+    /// Providers left as they were (their cache survives).
+    pub unchanged: Vec<String>,
+    /// Providers no longer configured; their calls now fail with
+    /// [`Error::UnknownProvider`].
+    pub removed: Vec<String>,
+    /// Providers whose new version failed to load, with why. Where an old version
+    /// existed it keeps serving.
+    pub failed: Vec<(String, String)>,
+}
+
+impl ReloadReport {
+    /// Whether anything changed or failed.
+    pub fn is_noop(&self) -> bool {
+        self.added.is_empty()
+            && self.updated.is_empty()
+            && self.removed.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        write!(
+            f,
+            "added={} updated={} unchanged={} removed={} failed={}",
+            list(&self.added),
+            list(&self.updated),
+            list(&self.unchanged),
+            list(&self.removed),
+            if self.failed.is_empty() {
+                "-".to_string()
+            } else {
+                self.failed
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        )
+    }
 }
 
 /// Hosts auth providers: loads them, caches what they return and asks them what to
 /// do when a server rejects a credential.
 ///
-/// Cheap to clone; clones share everything.
+/// Cheap to clone; clones share everything, including reloads.
 #[derive(Clone)]
 pub struct Host {
     inner: Arc<Inner>,
@@ -52,17 +131,18 @@ pub struct Host {
 
 struct Inner {
     runtime: Arc<Runtime>,
-    providers: BTreeMap<String, Slot>,
+    /// Swapped whole by a reload; a call takes a snapshot, so it finishes on the
+    /// version it started with.
+    providers: RwLock<Arc<Providers>>,
     cache: TokenCache,
+    /// The configuration currently applied (runtime settings are fixed at build).
+    config: Mutex<HostConfig>,
 }
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host")
-            .field(
-                "providers",
-                &self.inner.providers.keys().collect::<Vec<_>>(),
-            )
+            .field("providers", &self.snapshot().keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -71,6 +151,7 @@ impl std::fmt::Debug for Host {
 pub struct HostBuilder {
     config: HostConfig,
     clock: Arc<dyn Clock>,
+    runtime_options: Option<RuntimeOptions>,
 }
 
 impl HostBuilder {
@@ -98,6 +179,14 @@ impl HostBuilder {
         self
     }
 
+    /// Engine settings beyond the config file's (to measure the cost of the
+    /// sandbox's limits). `cache_dir` and `max_memory_bytes` here are overridden by
+    /// the configuration.
+    pub fn runtime_options(mut self, options: RuntimeOptions) -> Self {
+        self.runtime_options = Some(options);
+        self
+    }
+
     /// Validate the configuration, start the engine and load every provider.
     ///
     /// Configuration errors fail the build. A provider whose plugin fails to load
@@ -106,6 +195,7 @@ impl HostBuilder {
     pub fn build(self) -> Result<Host> {
         let config = self.config;
         config.validate()?;
+        let defaults = self.runtime_options.unwrap_or_default();
         let runtime = Runtime::new(
             RuntimeOptions {
                 cache_dir: config
@@ -114,6 +204,7 @@ impl HostBuilder {
                     .as_deref()
                     .map(|d| config.resolve(d)),
                 max_memory_bytes: config.runtime.max_memory_mib << 20,
+                ..defaults
             },
             self.clock.clone(),
         )
@@ -124,31 +215,13 @@ impl HostBuilder {
         let runtime = Arc::new(runtime);
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
-            let slot = match load_provider(&runtime, &config, name, p) {
-                Ok(loaded) => {
-                    tracing::info!(provider = %name, sha256 = loaded.sha256(), "provider loaded");
-                    let loaded = Arc::new(loaded);
-                    let fetch: Fetcher = {
-                        let (runtime, loaded) = (runtime.clone(), loaded.clone());
-                        Arc::new(move |request: Request| {
-                            let (runtime, loaded) = (runtime.clone(), loaded.clone());
-                            Box::pin(
-                                async move { loaded.get_credentials(&runtime, &request).await },
-                            )
-                        })
-                    };
-                    let retry = RetryPolicy::from_config(&p.retry).map_err(|e| ConfigError {
-                        file: config.source.clone(),
-                        line: None,
-                        message: format!("providers.{name}.retry: {e}"),
-                    })?;
-                    Slot::Ready(Box::new(Ready {
-                        name: Arc::from(name.as_str()),
-                        runtime: loaded,
-                        cache: Arc::new(p.cache.clone()),
-                        retry,
-                        fetch,
-                    }))
+            let slot = match load_provider(&runtime, &config, name, p, None) {
+                Ok(ready) => {
+                    tracing::info!(provider = %name, sha256 = ready.runtime.sha256(), "provider loaded");
+                    Slot::Ready {
+                        ready: Arc::new(ready),
+                        reload_error: None,
+                    }
                 }
                 Err(e) => {
                     tracing::error!(provider = %name, error = %e, "provider failed to load");
@@ -160,19 +233,60 @@ impl HostBuilder {
         Ok(Host {
             inner: Arc::new(Inner {
                 runtime,
-                providers,
+                providers: RwLock::new(Arc::new(providers)),
                 cache: TokenCache::new(self.clock, config.runtime.max_cache_entries),
+                config: Mutex::new(config),
             }),
         })
     }
 }
 
+/// Resolve, load and wire one provider. `previous` is the version a reload
+/// replaces (its state store is taken over).
 fn load_provider(
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
     config: &HostConfig,
     name: &str,
     p: &ProviderConfig,
-) -> Result<ProviderRuntime> {
+    previous: Option<&Ready>,
+) -> Result<Ready> {
+    let (spec, identity) = provider_spec(config, name, p)?;
+    let retry = RetryPolicy::from_config(&p.retry).map_err(|e| ConfigError {
+        file: config.source.clone(),
+        line: None,
+        message: format!("providers.{name}.retry: {e}"),
+    })?;
+    let loaded = Arc::new(ProviderRuntime::load_replacing(
+        runtime,
+        spec,
+        previous.map(|r| &*r.runtime),
+    )?);
+    let fetch: Fetcher = {
+        let (runtime, loaded) = (runtime.clone(), loaded.clone());
+        Arc::new(move |request: Request| {
+            let (runtime, loaded) = (runtime.clone(), loaded.clone());
+            Box::pin(async move { loaded.get_credentials(&runtime, &request).await })
+        })
+    };
+    Ok(Ready {
+        name: Arc::from(name),
+        identity: Identity {
+            plugin_sha256: loaded.sha256().to_string(),
+            ..identity
+        },
+        runtime: loaded,
+        cache: Arc::new(p.cache.clone()),
+        retry,
+        fetch,
+    })
+}
+
+/// The load spec of one provider, and its identity except the plugin's digest.
+fn provider_spec(
+    config: &HostConfig,
+    name: &str,
+    p: &ProviderConfig,
+) -> Result<(ProviderSpec, Identity)> {
     let file = config.source.as_deref();
     let values = config::resolve_values(file, &config.base_dir, name, &p.config)?;
     let allowed_hosts = p
@@ -185,20 +299,37 @@ fn load_provider(
             line: None,
             message: format!("providers.{name}.allowed_hosts: {why}"),
         })?;
+    let state_file = config
+        .runtime
+        .state_dir
+        .as_deref()
+        .map(|d| config.resolve(d).join(format!("{name}.json")));
     let spec = ProviderSpec {
         name: name.to_string(),
         plugin: config.resolve(&p.plugin),
         sha256: p.sha256.clone(),
         allowed_hosts,
-        config: values,
+        allow_http: p.allow_http,
+        config: values.clone(),
         limits: p.limits.clone(),
-        state_file: config
-            .runtime
-            .state_dir
-            .as_deref()
-            .map(|d| config.resolve(d).join(format!("{name}.json"))),
+        breaker: p.circuit_breaker.clone(),
+        state_file: state_file.clone(),
     };
-    ProviderRuntime::load(runtime, spec)
+    let identity = Identity {
+        config: p.clone(),
+        values,
+        plugin_sha256: String::new(),
+        state_file,
+    };
+    Ok((spec, identity))
+}
+
+/// The plugin file's SHA-256, for comparing versions.
+fn plugin_digest(path: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    std::fs::read(path)
+        .ok()
+        .map(|b| hex::encode(Sha256::digest(&b)))
 }
 
 impl Host {
@@ -207,6 +338,7 @@ impl Host {
         HostBuilder {
             config: HostConfig::default(),
             clock: Arc::new(SystemClock),
+            runtime_options: None,
         }
     }
 
@@ -215,6 +347,7 @@ impl Host {
         HostBuilder {
             config,
             clock: Arc::new(SystemClock),
+            runtime_options: None,
         }
     }
 
@@ -223,16 +356,28 @@ impl Host {
         Self::builder_from_config(HostConfig::from_file(path)?).build()
     }
 
-    /// Every configured provider and whether it loaded.
-    pub fn status(&self) -> BTreeMap<String, ProviderStatus> {
+    fn snapshot(&self) -> Arc<Providers> {
         self.inner
             .providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every configured provider and whether it loaded.
+    pub fn status(&self) -> BTreeMap<String, ProviderStatus> {
+        self.snapshot()
             .iter()
             .map(|(name, slot)| {
                 let status = match slot {
-                    Slot::Ready(ready) => ProviderStatus::Ready {
+                    Slot::Ready {
+                        ready,
+                        reload_error,
+                    } => ProviderStatus::Ready {
                         sha256: ready.runtime.sha256().to_string(),
                         from_cache: ready.runtime.compile_source() == CompileSource::Cache,
+                        breaker: ready.runtime.breaker(),
+                        reload_error: reload_error.clone(),
                     },
                     Slot::Failed(e) => ProviderStatus::Failed(e.clone()),
                 };
@@ -241,12 +386,158 @@ impl Host {
             .collect()
     }
 
+    /// The files this host's providers depend on: the config file, every plugin and
+    /// every `{ file = … }` value (what [`crate::watch`] watches).
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let config = self.inner.config.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files: Vec<PathBuf> = config.source.iter().cloned().collect();
+        for p in config.providers.values() {
+            files.push(config.resolve(&p.plugin));
+            for value in p.config.values() {
+                if let config::ConfigValue::File { file } = value {
+                    files.push(config.resolve(file));
+                }
+            }
+        }
+        files
+    }
+
+    /// Re-read the config file this host was built from (see [`Host::reload`]).
+    pub fn reload_from_file(&self) -> Result<ReloadReport> {
+        let source = self
+            .inner
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .source
+            .clone();
+        let Some(path) = source else {
+            return Err(Error::Config(ConfigError {
+                file: None,
+                line: None,
+                message: "this host was not built from a config file; use Host::reload".into(),
+            }));
+        };
+        self.reload(HostConfig::from_file(&path)?)
+    }
+
+    /// Apply a new configuration without stopping.
+    ///
+    /// - A provider whose configuration, resolved values (`{ env }`/`{ file }`
+    ///   references are re-read) and plugin bytes are unchanged is kept as it is,
+    ///   cache included.
+    /// - A changed or new provider is loaded; on success it replaces the old version
+    ///   and the old version's cached credentials are dropped. On failure (bad
+    ///   provider config, missing or broken plugin, wrong sha256) **the old version
+    ///   keeps serving** and the failure is reported here and in [`Host::status`].
+    /// - A removed provider stops: its calls fail with [`Error::UnknownProvider`].
+    /// - Calls already running finish on the version they started with.
+    ///
+    /// Runtime settings (`[runtime]`) are fixed when the host is built; a changed
+    /// `[runtime]` section is reported as an error and nothing is applied. A file
+    /// that does not parse is an error and nothing is applied.
+    ///
+    /// Loading compiles; call this from a blocking context (e.g.
+    /// `tokio::task::spawn_blocking`) in async code.
+    pub fn reload(&self, config: HostConfig) -> Result<ReloadReport> {
+        let mut current = self.inner.config.lock().unwrap_or_else(|e| e.into_inner());
+        config.validate_runtime()?;
+        if config.runtime != current.runtime {
+            return Err(Error::Config(ConfigError {
+                file: config.source.clone(),
+                line: None,
+                message: "runtime: settings changed; they apply only at start, restart to apply them (nothing was reloaded)".into(),
+            }));
+        }
+        let old = self.snapshot();
+        let mut report = ReloadReport::default();
+        let mut next = Providers::new();
+        for (name, p) in &config.providers {
+            let previous = match old.get(name) {
+                Some(Slot::Ready { ready, .. }) => Some(ready.clone()),
+                _ => None,
+            };
+            let attempt = config
+                .validate_provider(name)
+                .map_err(Error::from)
+                .and_then(|()| provider_spec(&config, name, p));
+            let unchanged = match (&attempt, &previous) {
+                (Ok((spec, identity)), Some(prev)) => {
+                    prev.identity.config == identity.config
+                        && prev.identity.values == identity.values
+                        && prev.identity.state_file == identity.state_file
+                        && plugin_digest(&spec.plugin).as_deref()
+                            == Some(prev.identity.plugin_sha256.as_str())
+                }
+                _ => false,
+            };
+            if unchanged && let Some(prev) = previous {
+                report.unchanged.push(name.clone());
+                next.insert(
+                    name.clone(),
+                    Slot::Ready {
+                        ready: prev,
+                        reload_error: None,
+                    },
+                );
+                continue;
+            }
+            let loaded = attempt.and_then(|_| {
+                load_provider(&self.inner.runtime, &config, name, p, previous.as_deref())
+            });
+            let slot = match (loaded, previous) {
+                (Ok(ready), previous) => {
+                    tracing::info!(provider = %name, sha256 = ready.runtime.sha256(), "provider (re)loaded");
+                    if previous.is_some() {
+                        self.inner.cache.remove_provider(name);
+                        report.updated.push(name.clone());
+                    } else {
+                        report.added.push(name.clone());
+                    }
+                    Slot::Ready {
+                        ready: Arc::new(ready),
+                        reload_error: None,
+                    }
+                }
+                (Err(e), Some(prev)) => {
+                    let why = e.to_string();
+                    tracing::error!(provider = %name, error = %why, "reload failed; the previous version keeps serving");
+                    report.failed.push((name.clone(), why.clone()));
+                    Slot::Ready {
+                        ready: prev,
+                        reload_error: Some(why),
+                    }
+                }
+                (Err(e), None) => {
+                    let why = e.to_string();
+                    tracing::error!(provider = %name, error = %why, "provider failed to load");
+                    report.failed.push((name.clone(), why.clone()));
+                    Slot::Failed(why)
+                }
+            };
+            next.insert(name.clone(), slot);
+        }
+        for name in old.keys().filter(|n| !config.providers.contains_key(*n)) {
+            self.inner.cache.remove_provider(name);
+            tracing::info!(provider = %name, "provider removed");
+            report.removed.push(name.clone());
+        }
+        *self
+            .inner
+            .providers
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        *current = config;
+        tracing::info!(%report, "configuration reloaded");
+        Ok(report)
+    }
+
     /// Like [`Host::status`], but also instantiates every loaded provider once, so
     /// that a component whose start-up traps is reported too.
     pub async fn check(&self) -> BTreeMap<String, ProviderStatus> {
         let mut status = self.status();
-        for (name, slot) in &self.inner.providers {
-            if let Slot::Ready(ready) = slot
+        for (name, slot) in self.snapshot().iter() {
+            if let Slot::Ready { ready, .. } = slot
                 && let Err(e) = ready.runtime.instantiate_check(&self.inner.runtime).await
             {
                 status.insert(name.clone(), ProviderStatus::Failed(e.to_string()));
@@ -255,9 +546,9 @@ impl Host {
         status
     }
 
-    fn provider(&self, name: &str) -> Result<&Ready> {
-        match self.inner.providers.get(name) {
-            Some(Slot::Ready(ready)) => Ok(ready),
+    fn provider(&self, name: &str) -> Result<Arc<Ready>> {
+        match self.snapshot().get(name) {
+            Some(Slot::Ready { ready, .. }) => Ok(ready.clone()),
             Some(Slot::Failed(reason)) => Err(Error::NotLoaded {
                 provider: name.to_string(),
                 reason: reason.clone(),

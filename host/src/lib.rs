@@ -53,11 +53,14 @@ pub mod retry;
 pub mod runtime;
 mod secret;
 mod types;
+pub mod watch;
 
 pub use cache::{CacheEvent, CacheKey, KeyRef, KeyStats, Lookup};
-pub use config::{CacheConfig, ConfigError, HostConfig, ProviderConfig, RetryConfig};
-pub use error::{BoxError, Error, Result};
-pub use host::{Host, HostBuilder, ProviderStatus};
+pub use config::{
+    BreakerConfig, CacheConfig, ConfigError, HostConfig, LimitsConfig, ProviderConfig, RetryConfig,
+};
+pub use error::{BoxError, Error, LimitKind, Result};
+pub use host::{Host, HostBuilder, ProviderStatus, ReloadReport};
 pub use retry::{OperationError, Rejection, RetryPolicy};
 pub use secret::Secret;
 pub use types::{

@@ -125,6 +125,17 @@ pub enum ProviderError {
     Misconfigured(String),
 }
 
+impl ProviderError {
+    /// The same error with its message rewritten by `f`.
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            ProviderError::Unavailable(m) => ProviderError::Unavailable(f(m)),
+            ProviderError::Denied(m) => ProviderError::Denied(f(m)),
+            ProviderError::Misconfigured(m) => ProviderError::Misconfigured(f(m)),
+        }
+    }
+}
+
 impl fmt::Display for ProviderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -1,8 +1,22 @@
 //! Egress control: every `wasi:http` request a plugin makes passes through
-//! [`EgressHooks::send_request`], which checks the provider's `allowed_hosts` before
-//! anything touches the network. Sockets are never granted (the WASI context has no
-//! network capability), so this hook is the only way out.
+//! [`EgressHooks::send_request`], which checks the provider's `allowed_hosts` and
+//! the scheme before anything touches the network. Sockets are never granted (the
+//! WASI context has no network capability), so this hook is the only way out.
+//!
+//! - `https` is required, except to loopback hosts (`127.0.0.0/8`, `::1`,
+//!   `localhost`) or when the provider sets `allow_http`.
+//! - Redirects are never followed by the host: a plugin that follows one issues a
+//!   new request, which passes this check again, so a redirect can only lead to an
+//!   allowed host.
+//! - Connect and first-byte/between-bytes timeouts come from the provider's limits
+//!   (a plugin may ask for shorter ones, never longer); the call's own timeout
+//!   bounds the total.
+//! - Response bodies are capped at `limits.max_response_bytes`: reading past it
+//!   fails the read with `HTTP-response-body-size` and fails the call with
+//!   [`crate::Error::Limit`].
 
+use super::limits::CallHits;
+use crate::error::LimitKind;
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
@@ -102,34 +116,60 @@ impl HostPattern {
     }
 }
 
+/// Whether `host` (as in a URI, IPv6 in brackets) is a loopback address or name.
+pub fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The provider's egress policy, shared by all of its calls.
 #[derive(Debug)]
 pub(crate) struct EgressPolicy {
     pub(crate) provider: Arc<str>,
     pub(crate) allowed: Vec<HostPattern>,
-    /// Applied when the plugin sets no timeout of its own (or a longer one).
-    pub(crate) max_timeout: Duration,
+    /// Plain http to non-loopback hosts.
+    pub(crate) allow_http: bool,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) first_byte_timeout: Duration,
+    pub(crate) max_response_bytes: u64,
 }
 
 impl EgressPolicy {
-    fn check(&self, uri: &http::Uri) -> bool {
+    /// `Err(why)` if the request may not leave.
+    fn check(&self, uri: &http::Uri) -> Result<(), &'static str> {
         let Some(host) = uri.host() else {
-            return false;
+            return Err("request has no host");
         };
-        let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-            443
-        } else {
-            80
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err("only http and https are allowed"),
         };
+        if !https && !self.allow_http && !is_loopback(host) {
+            return Err("plain http to a non-loopback host (use https, or set allow_http)");
+        }
+        let default_port = if https { 443 } else { 80 };
         let port = uri.port_u16().unwrap_or(default_port);
-        self.allowed
+        if self
+            .allowed
             .iter()
             .any(|p| p.allows(host, port, default_port))
+        {
+            Ok(())
+        } else {
+            Err("host not in allowed_hosts")
+        }
     }
 }
 
 /// The `wasi:http` hooks of one call's Store.
-pub(crate) struct EgressHooks(pub(crate) Arc<EgressPolicy>);
+pub(crate) struct EgressHooks {
+    pub(crate) policy: Arc<EgressPolicy>,
+    pub(crate) hits: Arc<CallHits>,
+}
 
 impl WasiHttpHooks for EgressHooks {
     fn send_request(
@@ -151,7 +191,7 @@ impl WasiHttpHooks for EgressHooks {
                 )>,
             > + Send,
     > {
-        let policy = &self.0;
+        let policy = &self.policy;
         let uri = request.uri().clone();
         // Log scheme://authority/path only: queries can carry secrets.
         let target = format!(
@@ -160,28 +200,55 @@ impl WasiHttpHooks for EgressHooks {
             uri.authority().map(|a| a.as_str()).unwrap_or("?"),
             uri.path()
         );
-        if !policy.check(&uri) {
-            tracing::warn!(provider = %policy.provider, %target, "egress denied: host not in allowed_hosts");
+        if let Err(why) = policy.check(&uri) {
+            tracing::warn!(provider = %policy.provider, %target, "egress denied: {why}");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         tracing::debug!(provider = %policy.provider, method = %request.method(), %target, "egress");
-        let cap = policy.max_timeout;
-        let clamp = |t: Option<Duration>| Some(t.map_or(cap, |t| t.min(cap)));
+        let clamp = |t: Option<Duration>, cap: Duration| Some(t.map_or(cap, |t| t.min(cap)));
         let options = options.unwrap_or_default();
         let options = RequestOptions {
-            connect_timeout: clamp(options.connect_timeout),
-            first_byte_timeout: clamp(options.first_byte_timeout),
-            between_bytes_timeout: clamp(options.between_bytes_timeout),
+            connect_timeout: clamp(options.connect_timeout, policy.connect_timeout),
+            first_byte_timeout: clamp(options.first_byte_timeout, policy.first_byte_timeout),
+            between_bytes_timeout: clamp(options.between_bytes_timeout, policy.first_byte_timeout),
         };
         let _ = fut;
+        let max = policy.max_response_bytes;
+        let hits = self.hits.clone();
         Box::new(async move {
-            use http_body_util::BodyExt;
+            use http_body_util::{BodyExt, LengthLimitError, Limited};
+            use wasmtime_wasi_http::Error as HttpError;
             let (response, io) =
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
+            let too_large = move |size: Option<u64>| {
+                hits.hit(
+                    LimitKind::ResponseBody,
+                    format!(
+                        "response body from {target} larger than {max} bytes{}",
+                        size.map(|s| format!(" (content-length {s})"))
+                            .unwrap_or_default()
+                    ),
+                );
+                HttpError::HttpResponseBodySize(Some(max))
+            };
+            let declared = response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if let Some(size) = declared.filter(|s| *s > max) {
+                return Err(too_large(Some(size)));
+            }
+            let limit = usize::try_from(max).unwrap_or(usize::MAX);
+            let response = response.map(|body| {
+                Limited::new(body, limit)
+                    .map_err(move |e| match e.downcast::<HttpError>() {
+                        Ok(inner) => *inner,
+                        Err(e) if e.is::<LengthLimitError>() => too_large(None),
+                        Err(e) => HttpError::InternalError(Some(e.to_string())),
+                    })
+                    .boxed_unsync()
+            });
+            Ok((response, Box::new(io) as Box<dyn Future<Output = _> + Send>))
         })
     }
 }
@@ -210,5 +277,37 @@ mod tests {
         assert!(HostPattern::parse("http://x").is_err());
         assert!(HostPattern::parse("a b").is_err());
         assert!(HostPattern::parse("x:99999").is_err());
+    }
+
+    fn policy(allow_http: bool) -> EgressPolicy {
+        EgressPolicy {
+            provider: Arc::from("p"),
+            allowed: ["*:*"]
+                .iter()
+                .map(|p| HostPattern::parse(p).unwrap())
+                .collect(),
+            allow_http,
+            connect_timeout: Duration::from_secs(1),
+            first_byte_timeout: Duration::from_secs(1),
+            max_response_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn https_required_unless_loopback_or_opted_in() {
+        let check = |p: &EgressPolicy, uri: &str| p.check(&uri.parse().unwrap());
+        let strict = policy(false);
+        assert!(check(&strict, "https://idp.example.com/token").is_ok());
+        assert!(check(&strict, "http://127.0.0.1:9400/token").is_ok());
+        assert!(check(&strict, "http://127.8.9.1/token").is_ok());
+        assert!(check(&strict, "http://localhost:8080/").is_ok());
+        assert!(check(&strict, "http://[::1]:8080/").is_ok());
+        assert_eq!(
+            check(&strict, "http://idp.example.com/token"),
+            Err("plain http to a non-loopback host (use https, or set allow_http)")
+        );
+        assert!(check(&strict, "http://10.0.0.1/").is_err());
+        assert!(check(&strict, "ftp://127.0.0.1/").is_err());
+        assert!(check(&policy(true), "http://idp.example.com/token").is_ok());
     }
 }

@@ -9,22 +9,41 @@
 //! host-persisted `state` interface instead.
 //!
 //! Each call runs under an epoch deadline (CPU-bound loops trap) wrapped in a
-//! tokio timeout (a call stuck waiting on the network is cancelled), with a
-//! `StoreLimits` memory cap. The WASI context inherits nothing: no directories, no
-//! environment, no arguments, no sockets; stdout/stderr are captured into `tracing`
-//! under the provider's name; HTTP leaves only through the allow-list in [`egress`].
+//! tokio timeout (a call stuck waiting on the network is cancelled), with a memory
+//! cap, optional fuel, and caps on the credential it returns, the HTTP bodies it
+//! reads and the output it writes; every limit hit is an [`Error::Limit`] naming
+//! the provider and the limit. The WASI context inherits nothing: no directories,
+//! no environment, no arguments, no sockets; stdout/stderr are captured into
+//! `tracing` under the provider's name with known secret values redacted; HTTP
+//! leaves only through the allow-list in [`egress`]. A provider whose calls keep
+//! faulting is cooled down by its circuit breaker.
+//!
+//! Loading checks integrity: the optional `sha256` pin (also for precompiled
+//! artifacts, which are only used for exactly the bytes they were compiled from,
+//! by an engine with the same settings), and that the component fits the
+//! `reauth:provider` world — a mismatch lists the missing export and every import
+//! the host does not offer.
 
 mod bindings;
 pub mod egress;
+mod integrity;
+mod limits;
 pub(crate) mod state;
 
+pub use limits::BreakerStatus;
+
+#[doc(hidden)]
+pub use bindings::fuzzing;
+
 use crate::clock::{Clock, WasiWallClock};
-use crate::config::LimitsConfig;
-use crate::error::{BoxError, Error};
+use crate::config::{BreakerConfig, LimitsConfig};
+use crate::error::{BoxError, Error, LimitKind};
 use crate::secret::Secret;
 use crate::types;
 use bindings::{ProviderPre, wit};
 use egress::{EgressHooks, EgressPolicy, HostPattern};
+use integrity::ArtifactMeta;
+use limits::{Breaker, CallHits, CallLimiter, Redactor};
 use sha2::{Digest, Sha256};
 use state::StateStore;
 use std::hash::{Hash, Hasher};
@@ -33,8 +52,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime::{StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
@@ -43,8 +61,6 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 /// How often the epoch advances: the granularity of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Captured stdout/stderr per call, in bytes.
-const OUTPUT_CAPTURE: usize = 1024 * 1024;
 /// At most this much captured output is logged per stream and call.
 const OUTPUT_LOGGED: usize = 4096;
 
@@ -56,7 +72,7 @@ pub(crate) struct StoreState {
     hooks: EgressHooks,
     config: Arc<WasiConfigVariables>,
     state: Arc<StateStore>,
-    limits: StoreLimits,
+    limiter: CallLimiter,
 }
 
 impl WasiView for StoreState {
@@ -99,6 +115,13 @@ pub struct RuntimeOptions {
     pub cache_dir: Option<PathBuf>,
     /// Largest linear memory any plugin may use (sizes the pooling allocator's slots).
     pub max_memory_bytes: u64,
+    /// Meter fuel, so that providers may set `limits.fuel`. Default true. (Exposed
+    /// to measure its cost; providers with a fuel limit fail to load without it.)
+    pub consume_fuel: bool,
+    /// Interrupt CPU-bound calls at their deadline. Default true. **Turning it off
+    /// leaves an infinite loop in a plugin running forever**; it exists only to
+    /// measure its cost.
+    pub epoch_interruption: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -106,6 +129,8 @@ impl Default for RuntimeOptions {
         RuntimeOptions {
             cache_dir: None,
             max_memory_bytes: crate::config::defaults::max_memory_mib() << 20,
+            consume_fuel: true,
+            epoch_interruption: true,
         }
     }
 }
@@ -116,8 +141,10 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
     cache_dir: Option<PathBuf>,
-    engine_hash: u64,
+    engine_hash: String,
     clock: Arc<dyn Clock>,
+    consume_fuel: bool,
+    epoch_interruption: bool,
 }
 
 /// Where a provider's compiled code came from.
@@ -143,10 +170,13 @@ impl Runtime {
         let mut config = Config::new();
         config
             .wasm_component_model(true)
-            .epoch_interruption(true)
+            .epoch_interruption(options.epoch_interruption)
+            .consume_fuel(options.consume_fuel)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| e.into_boxed_dyn_error())?;
-        spawn_epoch_ticker(&engine)?;
+        if options.epoch_interruption {
+            spawn_epoch_ticker(&engine)?;
+        }
 
         let mut linker = Linker::<StoreState>::new(&engine);
         let link = |r: wasmtime::Result<()>| r.map_err(|e| e.into_boxed_dyn_error());
@@ -170,45 +200,56 @@ impl Runtime {
             engine,
             linker,
             cache_dir: options.cache_dir,
-            engine_hash: hasher.finish(),
+            engine_hash: format!("{:016x}", hasher.finish()),
             clock,
+            consume_fuel: options.consume_fuel,
+            epoch_interruption: options.epoch_interruption,
         })
     }
 
     /// Compile `bytes` (whose hex SHA-256 is `sha256`), or load the artifact the
     /// cache holds for exactly these bytes and this engine configuration.
+    ///
+    /// A cached artifact is used only if its meta names these source bytes and
+    /// this engine, and the artifact's own digest matches; wasmtime then checks its
+    /// header against the engine once more. Anything else is recompiled (and the
+    /// cache entry rewritten), never trusted.
     pub fn compile(
         &self,
         bytes: &[u8],
         sha256: &str,
     ) -> Result<(Component, CompileSource), BoxError> {
+        integrity::check_header(bytes)?;
         let Some(dir) = &self.cache_dir else {
-            let component =
-                Component::new(&self.engine, bytes).map_err(|e| e.into_boxed_dyn_error())?;
-            return Ok((component, CompileSource::Compiled));
+            return Ok((self.compile_now(bytes)?, CompileSource::Compiled));
         };
-        let path = dir.join(format!("{sha256}-{:016x}.cwasm", self.engine_hash));
+        let path = dir.join(format!("{sha256}-{}.cwasm", self.engine_hash));
         if path.exists() {
-            // SAFETY: the artifact was written by `Component::serialize` of an engine
-            // with the same compatibility hash (part of the file name) for the
-            // component with this exact SHA-256; the cache directory is created 0700
-            // and owned by this user. wasmtime additionally checks the artifact's
-            // header against this engine's configuration and rejects a mismatch.
-            #[allow(unsafe_code)]
-            let loaded = unsafe { Component::deserialize_file(&self.engine, &path) };
+            let loaded = ArtifactMeta::read_verified(&path, sha256, &self.engine_hash).and_then(
+                |artifact| {
+                    // SAFETY: the artifact was written by `Component::serialize` of an
+                    // engine with the same compatibility hash for the component with
+                    // this exact SHA-256 (both recorded in its meta, and its digest
+                    // checked just now); the cache directory is created 0700 and
+                    // owned by this user. wasmtime additionally checks the
+                    // artifact's header against this engine's configuration.
+                    #[allow(unsafe_code)]
+                    let component = unsafe { Component::deserialize(&self.engine, &artifact) };
+                    component.map_err(|e| e.to_string())
+                },
+            );
             match loaded {
                 Ok(component) => return Ok((component, CompileSource::Cache)),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "ignoring unusable precompiled artifact")
+                Err(why) => {
+                    tracing::warn!(path = %path.display(), "recompiling: unusable precompiled artifact: {why}")
                 }
             }
         }
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| e.into_boxed_dyn_error())?;
+        let component = self.compile_now(bytes)?;
         match component.serialize() {
             Ok(artifact) => {
-                if let Err(e) =
-                    create_private_dir(dir).and_then(|()| state::write_atomically(&path, &artifact))
+                if let Err(e) = create_private_dir(dir)
+                    .and_then(|()| ArtifactMeta::write(&path, sha256, &artifact, &self.engine_hash))
                 {
                     tracing::warn!(path = %path.display(), error = %e, "could not store precompiled artifact");
                 }
@@ -216,6 +257,11 @@ impl Runtime {
             Err(e) => tracing::warn!(error = %e, "could not serialize component"),
         }
         Ok((component, CompileSource::Compiled))
+    }
+
+    fn compile_now(&self, bytes: &[u8]) -> Result<Component, BoxError> {
+        Component::new(&self.engine, bytes)
+            .map_err(|e| format!("not a valid WebAssembly component: {}", e.root_cause()).into())
     }
 
     /// The engine.
@@ -260,10 +306,14 @@ pub struct ProviderSpec {
     pub sha256: Option<String>,
     /// Egress allow-list.
     pub allowed_hosts: Vec<HostPattern>,
+    /// Allow plain http to non-loopback hosts.
+    pub allow_http: bool,
     /// Resolved config values.
     pub config: Vec<(String, Secret)>,
     /// Limits.
     pub limits: LimitsConfig,
+    /// Circuit breaker.
+    pub breaker: BreakerConfig,
     /// Where its `state` is persisted (`None`: in memory).
     pub state_file: Option<PathBuf>,
 }
@@ -275,8 +325,10 @@ pub struct CallStats {
     pub get_credentials: AtomicU64,
     /// `handle-security-error` calls made.
     pub handle_security_error: AtomicU64,
-    /// Calls that trapped, timed out or failed to instantiate.
+    /// Calls that trapped, timed out, hit a limit or failed to instantiate.
     pub faults: AtomicU64,
+    /// Calls refused while the circuit breaker was open.
+    pub refused: AtomicU64,
 }
 
 /// One loaded provider: its compiled component, pre-linked, plus its sandbox
@@ -291,6 +343,9 @@ pub struct ProviderRuntime {
     sha256: String,
     source: CompileSource,
     stats: CallStats,
+    breaker: Breaker,
+    /// Config values, redacted from captured output and provider messages.
+    redactor: Redactor,
 }
 
 impl std::fmt::Debug for ProviderRuntime {
@@ -306,6 +361,17 @@ impl std::fmt::Debug for ProviderRuntime {
 impl ProviderRuntime {
     /// Read, verify, compile and pre-link the provider's component.
     pub fn load(runtime: &Runtime, spec: ProviderSpec) -> Result<Self, Error> {
+        Self::load_replacing(runtime, spec, None)
+    }
+
+    /// Like [`ProviderRuntime::load`], taking over `previous`'s state store when it
+    /// persists to the same place (a reload: both versions must share one store, and
+    /// in-memory state must survive).
+    pub(crate) fn load_replacing(
+        runtime: &Runtime,
+        spec: ProviderSpec,
+        previous: Option<&ProviderRuntime>,
+    ) -> Result<Self, Error> {
         let load_err = |source: BoxError| Error::Load {
             provider: spec.name.clone(),
             path: spec.plugin.clone(),
@@ -320,21 +386,39 @@ impl ProviderRuntime {
                 format!("sha256 mismatch: expected {expected}, file has {sha256}").into(),
             ));
         }
+        if spec.limits.fuel.is_some() && !runtime.consume_fuel {
+            return Err(load_err(
+                "limits.fuel is set but this host's engine does not meter fuel".into(),
+            ));
+        }
         let (component, source) = runtime.compile(&bytes, &sha256).map_err(load_err)?;
-        let instance_pre = runtime
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| load_err(e.into_boxed_dyn_error()))?;
-        let pre = ProviderPre::new(instance_pre).map_err(|e| {
+        let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
             load_err(
-                format!(
-                    "not a reauth:provider@0.1.0 component (it must export `reauth:provider/auth-provider@0.1.0`): {e}"
-                )
-                .into(),
+                match integrity::world_mismatch(&runtime.engine, &component) {
+                    Some(why) => why.into(),
+                    None => format!("cannot link: {e:#}").into(),
+                },
             )
         })?;
-        let state = StateStore::open(spec.state_file.clone()).map_err(|e| load_err(Box::new(e)))?;
+        let pre = ProviderPre::new(instance_pre).map_err(|e| {
+            load_err(
+                integrity::world_mismatch(&runtime.engine, &component)
+                    .unwrap_or_else(|| format!("not a reauth:provider@0.1.0 component: {e:#}"))
+                    .into(),
+            )
+        })?;
+        let state = match previous {
+            Some(p) if p.state.path() == spec.state_file.as_deref() => p.state.clone(),
+            _ => Arc::new(
+                StateStore::open(spec.state_file.clone()).map_err(|e| load_err(Box::new(e)))?,
+            ),
+        };
         let name: Arc<str> = Arc::from(spec.name.as_str());
+        let mut redactor = Redactor::default();
+        for (_, value) in &spec.config {
+            redactor.add(value.expose());
+        }
+        let timeout = Duration::from_millis(spec.limits.timeout_ms);
         Ok(ProviderRuntime {
             pre,
             config: Arc::new(
@@ -346,13 +430,19 @@ impl ProviderRuntime {
             egress: Arc::new(EgressPolicy {
                 provider: name.clone(),
                 allowed: spec.allowed_hosts,
-                max_timeout: Duration::from_millis(spec.limits.timeout_ms),
+                allow_http: spec.allow_http,
+                connect_timeout: Duration::from_millis(spec.limits.connect_timeout_ms).min(timeout),
+                first_byte_timeout: Duration::from_millis(spec.limits.first_byte_timeout_ms)
+                    .min(timeout),
+                max_response_bytes: spec.limits.max_response_bytes,
             }),
-            state: Arc::new(state),
+            state,
+            breaker: Breaker::new(&spec.breaker),
             limits: spec.limits,
             sha256,
             source,
             stats: CallStats::default(),
+            redactor,
             name,
         })
     }
@@ -377,24 +467,26 @@ impl ProviderRuntime {
         &self.stats
     }
 
-    fn new_store(
-        &self,
-        runtime: &Runtime,
-    ) -> (Store<StoreState>, MemoryOutputPipe, MemoryOutputPipe) {
-        let stdout = MemoryOutputPipe::new(OUTPUT_CAPTURE);
-        let stderr = MemoryOutputPipe::new(OUTPUT_CAPTURE);
+    /// The circuit breaker's state.
+    pub fn breaker(&self) -> BreakerStatus {
+        self.breaker.status()
+    }
+
+    fn new_store(&self, runtime: &Runtime) -> Result<(Store<StoreState>, Captured), Error> {
+        let cap = usize::try_from(self.limits.max_output_bytes).unwrap_or(usize::MAX);
+        let captured = Captured {
+            stdout: MemoryOutputPipe::new(cap),
+            stderr: MemoryOutputPipe::new(cap),
+            hits: Arc::new(CallHits::default()),
+        };
         // Nothing inherited: no env, args, preopened dirs or network.
         let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
+            .stdout(captured.stdout.clone())
+            .stderr(captured.stderr.clone())
             .wall_clock(WasiWallClock(runtime.clock.clone()))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(usize::try_from(self.limits.memory_mib << 20).unwrap_or(usize::MAX))
-            .trap_on_grow_failure(true)
             .build();
         let mut store = Store::new(
             &runtime.engine,
@@ -402,32 +494,71 @@ impl ProviderRuntime {
                 table: ResourceTable::new(),
                 wasi,
                 http: WasiHttpCtx::new(),
-                hooks: EgressHooks(self.egress.clone()),
+                hooks: EgressHooks {
+                    policy: self.egress.clone(),
+                    hits: captured.hits.clone(),
+                },
                 config: self.config.clone(),
                 state: self.state.clone(),
-                limits,
+                limiter: CallLimiter {
+                    memory_bytes: usize::try_from(self.limits.memory_mib << 20)
+                        .unwrap_or(usize::MAX),
+                    hits: captured.hits.clone(),
+                },
             },
         );
-        store.limiter(|s| &mut s.limits);
-        let ticks = self
-            .limits
-            .timeout_ms
-            .div_ceil(EPOCH_TICK.as_millis() as u64)
-            + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-        (store, stdout, stderr)
+        store.limiter(|s| &mut s.limiter);
+        if runtime.epoch_interruption {
+            let ticks = self
+                .limits
+                .timeout_ms
+                .div_ceil(EPOCH_TICK.as_millis() as u64)
+                + 1;
+            store.set_epoch_deadline(ticks);
+            store.epoch_deadline_trap();
+        }
+        if runtime.consume_fuel {
+            store
+                .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
+                .map_err(|e| self.fault("instantiate", e))?;
+        }
+        Ok((store, captured))
     }
 
-    fn log_output(&self, function: &str, stdout: &MemoryOutputPipe, stderr: &MemoryOutputPipe) {
-        for (stream, pipe) in [("stdout", stdout), ("stderr", stderr)] {
+    /// A redactor for one call's output: the config values, the state's values and
+    /// any secret the call returned.
+    fn call_redactor(&self, returned: Option<&types::Credentials>) -> Redactor {
+        let mut redactor = self.redactor.clone();
+        for value in self.state.values() {
+            redactor.add(&value);
+        }
+        if let Some(c) = returned {
+            match &c.credential {
+                types::Credential::Basic { password, .. } => redactor.add(password.expose()),
+                types::Credential::Bearer(token) => redactor.add(token.expose()),
+                types::Credential::Headers(h) => {
+                    h.iter().for_each(|(_, v)| redactor.add(v.expose()))
+                }
+            }
+        }
+        redactor
+    }
+
+    fn log_output(&self, function: &str, captured: &Captured, redactor: &Redactor) {
+        for (stream, pipe) in [("stdout", &captured.stdout), ("stderr", &captured.stderr)] {
             let bytes = pipe.contents();
             if bytes.is_empty() {
                 continue;
             }
-            let shown = &bytes[..bytes.len().min(OUTPUT_LOGGED)];
-            let text = String::from_utf8_lossy(shown);
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            // Redact the whole capture before cutting it, so that no prefix of a
+            // secret survives the cut.
+            let text = String::from_utf8_lossy(&bytes);
+            let text = redactor.redact(&text);
+            let mut end = text.len().min(OUTPUT_LOGGED);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            for line in text[..end].lines().filter(|l| !l.trim().is_empty()) {
                 tracing::info!(provider = %self.name, function, stream, "{line}");
             }
             if bytes.len() > OUTPUT_LOGGED {
@@ -436,25 +567,47 @@ impl ProviderRuntime {
         }
     }
 
-    fn fault(&self, function: &'static str, e: wasmtime::Error) -> Error {
-        self.stats.faults.fetch_add(1, Ordering::Relaxed);
-        if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-            return Error::Timeout {
-                provider: self.name.to_string(),
-                function,
-                timeout_ms: self.limits.timeout_ms,
-            };
+    fn limit(&self, function: &'static str, limit: LimitKind, detail: String) -> Error {
+        Error::Limit {
+            provider: self.name.to_string(),
+            function,
+            limit,
+            detail,
         }
-        tracing::warn!(provider = %self.name, function, error = %e, "plugin fault; its instance is discarded");
+    }
+
+    /// Map a call's failure to the error naming what happened: a limit the call hit
+    /// (whatever the guest made of it), a timeout, or the trap.
+    fn fault(&self, function: &'static str, e: wasmtime::Error) -> Error {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => return self.timeout(function),
+            Some(Trap::OutOfFuel) => {
+                return self.limit(
+                    function,
+                    LimitKind::Fuel,
+                    format!(
+                        "the call used all of its {} fuel",
+                        self.limits.fuel.unwrap_or(u64::MAX)
+                    ),
+                );
+            }
+            Some(Trap::StackOverflow) => {
+                return self.limit(
+                    function,
+                    LimitKind::Stack,
+                    "the WebAssembly stack overflowed (runaway recursion?)".into(),
+                );
+            }
+            _ => {}
+        }
         Error::Plugin {
             provider: self.name.to_string(),
             function,
-            source: e.into_boxed_dyn_error(),
+            source: format!("{e:#}").into(),
         }
     }
 
     fn timeout(&self, function: &'static str) -> Error {
-        self.stats.faults.fetch_add(1, Ordering::Relaxed);
         Error::Timeout {
             provider: self.name.to_string(),
             function,
@@ -462,17 +615,86 @@ impl ProviderRuntime {
         }
     }
 
+    /// Settle a finished (or timed-out) call: a limit it hit comes first, then a
+    /// timeout or trap; output that filled its capture is a limit too when the call
+    /// failed (the guest's write failed, which usually makes it trap).
+    fn settle<T>(
+        &self,
+        function: &'static str,
+        outcome: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+        captured: &Captured,
+    ) -> Result<T, Error> {
+        let failed = !matches!(outcome, Ok(Ok(_)));
+        if failed && let Some((kind, detail)) = captured.hits.get() {
+            return Err(self.limit(function, kind, detail));
+        }
+        let cap = usize::try_from(self.limits.max_output_bytes).unwrap_or(usize::MAX);
+        let full = [&captured.stdout, &captured.stderr]
+            .into_iter()
+            .find(|p| p.contents().len() >= cap);
+        match outcome {
+            Err(_) => Err(self.timeout(function)),
+            Ok(Err(e)) => match full {
+                Some(_) => Err(self.limit(
+                    function,
+                    LimitKind::Output,
+                    format!("the plugin wrote more than {cap} bytes to stdout/stderr"),
+                )),
+                None => Err(self.fault(function, e)),
+            },
+            Ok(Ok(value)) => {
+                if full.is_some() {
+                    tracing::warn!(provider = %self.name, function, cap, "plugin output reached limits.max_output_bytes; the rest was dropped");
+                }
+                Ok(value)
+            }
+        }
+    }
+
+    /// Book a call's result with the breaker and the fault counter.
+    fn book<T>(&self, function: &'static str, result: &Result<T, Error>) {
+        let fault = match result {
+            Err(e @ (Error::Plugin { .. } | Error::Timeout { .. } | Error::Limit { .. })) => {
+                Some(e.to_string())
+            }
+            _ => None,
+        };
+        if let Some(message) = &fault {
+            self.stats.faults.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(provider = %self.name, function, "plugin fault; its instance is discarded: {message}");
+        }
+        if let Some(cooldown) = self.breaker.record(fault.as_deref()) {
+            tracing::error!(
+                provider = %self.name,
+                cooldown_ms = cooldown.as_millis() as u64,
+                faults = self.breaker.status().consecutive_faults,
+                "provider keeps faulting; cooling it down"
+            );
+        }
+    }
+
+    fn admit(&self) -> Result<(), Error> {
+        self.breaker.admit().map_err(|(faults, left, last_fault)| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            Error::CoolingDown {
+                provider: self.name.to_string(),
+                faults,
+                retry_in_ms: left.as_millis().try_into().unwrap_or(u64::MAX),
+                last_fault,
+            }
+        })
+    }
+
     /// Instantiate the component once in a fresh Store (what `reauth check` does to
     /// prove a provider can run), without calling it.
     pub async fn instantiate_check(&self, runtime: &Runtime) -> Result<(), Error> {
-        let (mut store, _, _) = self.new_store(runtime);
+        const FUNCTION: &str = "instantiate";
+        let (mut store, captured) = self.new_store(runtime)?;
         let instantiate = self.pre.instantiate_async(&mut store);
-        match tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await
-        {
-            Err(_) => Err(self.timeout("instantiate")),
-            Ok(Err(e)) => Err(self.fault("instantiate", e)),
-            Ok(Ok(_)) => Ok(()),
-        }
+        let outcome =
+            tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await;
+        self.log_output(FUNCTION, &captured, &self.call_redactor(None));
+        self.settle(FUNCTION, outcome, &captured).map(drop)
     }
 
     /// Call `get-credentials` in a fresh instance.
@@ -482,9 +704,10 @@ impl ProviderRuntime {
         request: &types::Request,
     ) -> Result<types::Credentials, Error> {
         const FUNCTION: &str = "get-credentials";
+        self.admit()?;
         self.stats.get_credentials.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let (mut store, stdout, stderr) = self.new_store(runtime);
+        let (mut store, captured) = self.new_store(runtime)?;
         let wit_request = wit::Request::from(request);
         let call = async {
             let provider = self.pre.instantiate_async(&mut store).await?;
@@ -495,17 +718,45 @@ impl ProviderRuntime {
         };
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
-        self.log_output(FUNCTION, &stdout, &stderr);
-        tracing::debug!(provider = %self.name, elapsed_us = started.elapsed().as_micros() as u64, "get-credentials done");
-        match outcome {
-            Err(_) => Err(self.timeout(FUNCTION)),
-            Ok(Err(e)) => Err(self.fault(FUNCTION, e)),
-            Ok(Ok(Err(error))) => Err(Error::Provider {
-                provider: self.name.to_string(),
-                error: error.into(),
-            }),
-            Ok(Ok(Ok(credentials))) => Ok(credentials.into()),
-        }
+        drop(store);
+        let result = match self.settle(FUNCTION, outcome, &captured) {
+            Err(e) => Err(e),
+            Ok(Err(error)) => match captured.hits.get() {
+                // The guest turned a limit it hit into an error of its own.
+                Some((kind, detail)) => Err(self.limit(FUNCTION, kind, detail)),
+                None => Err(Error::Provider {
+                    provider: self.name.to_string(),
+                    error: types::ProviderError::from(error)
+                        .map_message(|m| self.call_redactor(None).redact(&m).into_owned()),
+                }),
+            },
+            Ok(Ok(credentials)) => {
+                bindings::credentials_from_guest(credentials, self.limits.max_credential_bytes)
+                    .map_err(|violation| match violation {
+                        bindings::Violation::TooLarge(size) => self.limit(
+                            FUNCTION,
+                            LimitKind::CredentialSize,
+                            format!(
+                                "returned a {size}-byte credential; at most {} bytes are allowed",
+                                self.limits.max_credential_bytes
+                            ),
+                        ),
+                        bindings::Violation::Invalid(why) => Error::Plugin {
+                            provider: self.name.to_string(),
+                            function: FUNCTION,
+                            source: format!("returned an invalid credential: {why}").into(),
+                        },
+                    })
+            }
+        };
+        self.log_output(
+            FUNCTION,
+            &captured,
+            &self.call_redactor(result.as_ref().ok()),
+        );
+        self.book(FUNCTION, &result);
+        tracing::debug!(provider = %self.name, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "get-credentials done");
+        result
     }
 
     /// Call `handle-security-error` in a fresh instance.
@@ -517,10 +768,11 @@ impl ProviderRuntime {
         error: &types::SecurityError,
     ) -> Result<types::Decision, Error> {
         const FUNCTION: &str = "handle-security-error";
+        self.admit()?;
         self.stats
             .handle_security_error
             .fetch_add(1, Ordering::Relaxed);
-        let (mut store, stdout, stderr) = self.new_store(runtime);
+        let (mut store, captured) = self.new_store(runtime)?;
         let wit_request = wit::Request::from(request);
         let wit_credentials = wit::Credentials::from(credentials);
         let wit_error = wit::SecurityError::from(error);
@@ -533,11 +785,19 @@ impl ProviderRuntime {
         };
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
-        self.log_output(FUNCTION, &stdout, &stderr);
-        match outcome {
-            Err(_) => Err(self.timeout(FUNCTION)),
-            Ok(Err(e)) => Err(self.fault(FUNCTION, e)),
-            Ok(Ok(decision)) => Ok(decision.into()),
-        }
+        drop(store);
+        let result = self
+            .settle(FUNCTION, outcome, &captured)
+            .map(types::Decision::from);
+        self.log_output(FUNCTION, &captured, &self.call_redactor(Some(credentials)));
+        self.book(FUNCTION, &result);
+        result
     }
+}
+
+/// One call's captured output and limit record.
+struct Captured {
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+    hits: Arc<CallHits>,
 }

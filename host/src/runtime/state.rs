@@ -39,6 +39,16 @@ impl StateStore {
         })
     }
 
+    /// Where the state is persisted.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Every value held (to redact them from captured output).
+    pub(crate) fn values(&self) -> Vec<String> {
+        self.lock().values().cloned().collect()
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<String> {
         self.lock().get(key).cloned()
     }
