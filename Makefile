@@ -20,10 +20,13 @@ plugins: setup
 demo: plugins
 	$(CARGO) run --release -p reauth --bin reauth -- demo
 
-## Everything CI checks: formatting, lints, WIT drift, unit + integration tests.
+## Everything CI checks: formatting, lints, WIT drift, unit + integration tests,
+## then the audit of every log line the tests wrote for leaked secrets.
 test: lint plugins
+	rm -rf target/test-logs
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
+	$(CARGO) run -q -p reauth-tests --bin audit-logs
 
 lint: setup wit-check
 	$(CARGO) fmt --all -- --check

@@ -10,7 +10,7 @@ use common::plugin;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use reauth::clock::SystemClock;
-use reauth::config::LimitsConfig;
+use reauth::config::{BreakerConfig, LimitsConfig};
 use reauth::runtime::{ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
 use reauth::{Host, ProviderConfig, Request, Secret};
 use sha2::{Digest, Sha256};
@@ -53,25 +53,79 @@ fn benches(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let static_ = ProviderRuntime::load(
-        &rt,
-        ProviderSpec {
-            name: "static".into(),
-            plugin: plugin("static"),
-            sha256: None,
-            allowed_hosts: Vec::new(),
-            config: vec![("token".into(), Secret::new("t"))],
-            limits: LimitsConfig::default(),
-            state_file: None,
-        },
-    )
-    .unwrap();
     let request = Request::new();
+    // The hot miss path under each combination of limits, in the same run.
+    let load = |options: RuntimeOptions, fuel: Option<u64>| {
+        let rt = Runtime::new(options, Arc::new(SystemClock)).expect("engine starts");
+        let provider = ProviderRuntime::load(
+            &rt,
+            ProviderSpec {
+                name: "static".into(),
+                plugin: plugin("static"),
+                sha256: None,
+                allowed_hosts: Vec::new(),
+                allow_http: false,
+                config: vec![("token".into(), Secret::new("t"))],
+                limits: LimitsConfig {
+                    fuel,
+                    ..LimitsConfig::default()
+                },
+                breaker: BreakerConfig::default(),
+                state_file: None,
+            },
+        )
+        .unwrap();
+        (rt, provider)
+    };
+    let none = RuntimeOptions {
+        consume_fuel: false,
+        epoch_interruption: false,
+        limit_memory: false,
+        ..RuntimeOptions::default()
+    };
+    let variants = [
+        ("no limits", none.clone(), None),
+        (
+            "memory cap",
+            RuntimeOptions {
+                limit_memory: true,
+                ..none.clone()
+            },
+            None,
+        ),
+        (
+            "epoch deadline",
+            RuntimeOptions {
+                epoch_interruption: true,
+                ..none.clone()
+            },
+            None,
+        ),
+        (
+            "fuel metering (unlimited)",
+            RuntimeOptions {
+                consume_fuel: true,
+                ..none.clone()
+            },
+            None,
+        ),
+        ("all (default engine)", RuntimeOptions::default(), None),
+        (
+            "all + fuel limit 10M",
+            RuntimeOptions::default(),
+            Some(10_000_000),
+        ),
+    ];
+    let mut group = c.benchmark_group("static: fresh instance + get-credentials");
+    for (label, options, fuel) in variants {
+        let (rt, provider) = load(options, fuel);
+        group.bench_function(label, |b| {
+            b.to_async(&tokio)
+                .iter(|| async { provider.get_credentials(&rt, &request).await.unwrap() })
+        });
+    }
+    group.finish();
     let mut group = c.benchmark_group("call");
-    group.bench_function("static: fresh instance + get-credentials", |b| {
-        b.to_async(&tokio)
-            .iter(|| async { static_.get_credentials(&rt, &request).await.unwrap() })
-    });
     let host = Host::builder()
         .provider(
             "static",

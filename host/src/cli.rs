@@ -234,6 +234,7 @@ async fn watch(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
     for (name, status) in &host.check().await {
         print_status(name, status, out)?;
     }
+    let watcher = crate::watch::Watcher::new(host.clone())?;
     writeln!(out, "watching {} (SIGHUP reloads)", config.display())?;
     out.flush()?;
     let shutdown = async {
@@ -248,32 +249,32 @@ async fn watch(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
         }
     };
     let mut write_error = None;
-    crate::watch::watch(
-        host.clone(),
-        |trigger, outcome| {
-            let result = (|| -> std::io::Result<()> {
-                let why = match trigger {
-                    crate::watch::Trigger::Signal => "SIGHUP",
-                    crate::watch::Trigger::FileChange => "file change",
-                };
-                match outcome {
-                    Ok(report) => {
-                        writeln!(out, "reload ({why}): {report}")?;
-                        for (name, e) in &report.failed {
-                            writeln!(out, "FAIL {name}: {e}")?;
+    watcher
+        .run(
+            |trigger, outcome| {
+                let result = (|| -> std::io::Result<()> {
+                    let why = match trigger {
+                        crate::watch::Trigger::Signal => "SIGHUP",
+                        crate::watch::Trigger::FileChange => "file change",
+                    };
+                    match outcome {
+                        Ok(report) => {
+                            writeln!(out, "reload ({why}): {report}")?;
+                            for (name, e) in &report.failed {
+                                writeln!(out, "FAIL {name}: {e}")?;
+                            }
                         }
+                        Err(e) => writeln!(out, "reload ({why}) refused, nothing changed: {e}")?,
                     }
-                    Err(e) => writeln!(out, "reload ({why}) refused, nothing changed: {e}")?,
+                    out.flush()
+                })();
+                if let Err(e) = result {
+                    write_error.get_or_insert(e);
                 }
-                out.flush()
-            })();
-            if let Err(e) = result {
-                write_error.get_or_insert(e);
-            }
-        },
-        shutdown,
-    )
-    .await?;
+            },
+            shutdown,
+        )
+        .await;
     if let Some(e) = write_error {
         return Err(e.into());
     }

@@ -26,54 +26,86 @@ pub enum Trigger {
     FileChange,
 }
 
-/// Watch `host`'s files and `SIGHUP` until `shutdown` completes, reloading the host
-/// and handing every outcome to `on_reload`.
-///
-/// Fails only if the watcher or the signal handler cannot be set up.
-pub async fn watch(
+/// Watches a [`Host`]'s files and `SIGHUP`. Created ready: changes made after
+/// [`Watcher::new`] returns are seen.
+pub struct Watcher {
     host: Host,
-    mut on_reload: impl FnMut(Trigger, Result<ReloadReport>) + Send,
-    shutdown: impl Future<Output = ()> + Send,
-) -> std::result::Result<(), BoxError> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && !matches!(event.kind, notify::EventKind::Access(_))
-        {
-            for path in event.paths {
-                let _ = tx.send(path);
-            }
-        }
-    })?;
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut files = BTreeSet::new();
-    let mut dirs = BTreeSet::new();
-    rewatch(&host, &mut watcher, &mut files, &mut dirs);
-    tokio::pin!(shutdown);
-    loop {
-        let trigger = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            _ = hangup.recv() => Trigger::Signal,
-            Some(path) = rx.recv() => {
-                if !files.contains(&path) {
-                    continue;
+    watcher: notify::RecommendedWatcher,
+    events: tokio::sync::mpsc::UnboundedReceiver<PathBuf>,
+    hangup: tokio::signal::unix::Signal,
+    files: BTreeSet<PathBuf>,
+    dirs: BTreeSet<PathBuf>,
+}
+
+impl Watcher {
+    /// Set up the file watches and the `SIGHUP` handler (inside a tokio runtime).
+    pub fn new(host: Host) -> std::result::Result<Self, BoxError> {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event
+                && !matches!(event.kind, notify::EventKind::Access(_))
+            {
+                for path in event.paths {
+                    let _ = tx.send(path);
                 }
-                // Debounce: wait until the files have been quiet for a while.
-                while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-                Trigger::FileChange
             }
+        })?;
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let mut this = Watcher {
+            host,
+            watcher,
+            events,
+            hangup,
+            files: BTreeSet::new(),
+            dirs: BTreeSet::new(),
         };
-        let reloading = host.clone();
-        let outcome = tokio::task::spawn_blocking(move || reloading.reload_from_file())
-            .await
-            .unwrap_or_else(|e| {
-                Err(crate::Error::Io {
-                    context: "reloading".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            });
-        on_reload(trigger, outcome);
-        rewatch(&host, &mut watcher, &mut files, &mut dirs);
+        rewatch(
+            &this.host,
+            &mut this.watcher,
+            &mut this.files,
+            &mut this.dirs,
+        );
+        Ok(this)
+    }
+
+    /// Reload on every trigger until `shutdown` completes, handing every outcome
+    /// to `on_reload`.
+    pub async fn run(
+        mut self,
+        mut on_reload: impl FnMut(Trigger, Result<ReloadReport>) + Send,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let trigger = tokio::select! {
+                () = &mut shutdown => return,
+                _ = self.hangup.recv() => Trigger::Signal,
+                Some(path) = self.events.recv() => {
+                    if !self.files.contains(&path) {
+                        continue;
+                    }
+                    // Debounce: wait until the files have been quiet for a while.
+                    while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, self.events.recv()).await {}
+                    Trigger::FileChange
+                }
+            };
+            let reloading = self.host.clone();
+            let outcome = tokio::task::spawn_blocking(move || reloading.reload_from_file())
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::Error::Io {
+                        context: "reloading".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                });
+            on_reload(trigger, outcome);
+            rewatch(
+                &self.host,
+                &mut self.watcher,
+                &mut self.files,
+                &mut self.dirs,
+            );
+        }
     }
 }
 

@@ -28,6 +28,10 @@ pub struct Plugins {
     pub oauth2: PathBuf,
     /// `plugins/fixtures/testkit`.
     pub testkit: PathBuf,
+    /// `plugins/fixtures/hostile`.
+    pub hostile: PathBuf,
+    /// `plugins/fixtures/other-world`.
+    pub other_world: PathBuf,
 }
 
 /// Build every guest component once per test binary (cargo makes repeat builds a
@@ -63,19 +67,157 @@ pub fn plugins() -> &'static Plugins {
             basic: path("basic"),
             oauth2: path("oauth2_client_credentials"),
             testkit: path("fixture_testkit"),
+            hostile: path("fixture_hostile"),
+            other_world: path("fixture_other_world"),
         }
     })
+}
+
+/// Secret values the tests use. Every log line of the whole suite is checked
+/// against them (and against the values tests register with [`record_secret`])
+/// by `audit-logs` after the tests ran (`make test`).
+pub const KNOWN_SECRETS: &[&str] = &[
+    "client-secret-9f8e7d",
+    "wrong-secret-5a4b3c",
+    "static-pw-1q2w3e",
+    "limited-secret",
+    "not-the-secret",
+    "vault-token",
+    "svc-secret",
+    "echoed-secret-7h6g5f",
+    "from-a-file",
+];
+
+/// Where the suite's logs go: `target/test-logs/` (one file per test binary
+/// process; `make test` empties it first).
+pub fn log_dir() -> PathBuf {
+    root().join("target/test-logs")
+}
+
+/// Start capturing this test binary's logs (idempotent; call it first in every
+/// test): a process-wide `tracing` subscriber at TRACE level that keeps every line
+/// in memory (for assertions) and appends it to a file under [`log_dir`] (for the
+/// suite-wide audit).
+pub fn logs() -> &'static CapturedLogs {
+    static LOGS: OnceLock<CapturedLogs> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = CapturedLogs::default();
+        let dir = log_dir();
+        std::fs::create_dir_all(&dir).expect("creating target/test-logs");
+        let exe = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "test".into());
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{exe}-{}.log", std::process::id())))
+            .expect("opening the test log file");
+        *logs.file.lock().unwrap() = Some(file);
+        logs.install_global();
+        logs
+    })
+}
+
+/// Register a secret that only exists at run time (an issued token) for the
+/// suite-wide log audit.
+pub fn record_secret(value: &str) {
+    use std::io::Write as _;
+    let path = log_dir().join(format!("recorded-secrets-{}.txt", std::process::id()));
+    let _ = std::fs::create_dir_all(log_dir());
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{value}");
+    }
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Every known or recorded secret found in `text`.
+pub fn secrets_in<'a>(text: &str, secrets: &'a [String]) -> Vec<&'a str> {
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty() && text.contains(s.as_str()))
+        .map(String::as_str)
+        .collect()
+}
+
+/// Check every `*.log` file in `dir` against [`KNOWN_SECRETS`] and the secrets
+/// recorded there by [`record_secret`] (`recorded-secrets-<pid>.txt`). `Ok` summarises what was checked; `Err`
+/// lists the offending file:line pairs (never the secrets), or says there were no
+/// logs to check.
+pub fn audit_logs(dir: &Path) -> Result<String, String> {
+    let mut secrets: Vec<String> = KNOWN_SECRETS.iter().map(|s| s.to_string()).collect();
+    let mut logs = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if name.starts_with("recorded-secrets-") && name.ends_with(".txt") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            secrets.extend(text.lines().filter(|l| l.len() >= 8).map(str::to_string));
+        } else if name.ends_with(".log") {
+            logs.push(path);
+        }
+    }
+    if logs.is_empty() {
+        return Err(format!(
+            "no test logs under {}: run the tests first",
+            dir.display()
+        ));
+    }
+    let (mut lines, mut leaks) = (0usize, Vec::new());
+    for path in &logs {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for (n, line) in text.lines().enumerate() {
+            lines += 1;
+            if let Some(found) = secrets_in(line, &secrets).first() {
+                leaks.push(format!(
+                    "{}:{}: a secret ({} bytes) appears in this log line",
+                    path.display(),
+                    n + 1,
+                    found.len()
+                ));
+            }
+        }
+    }
+    if !leaks.is_empty() {
+        return Err(format!(
+            "{} log line(s) contain secrets:\n{}",
+            leaks.len(),
+            leaks.join("\n")
+        ));
+    }
+    Ok(format!(
+        "{lines} log lines from {} test processes checked against {} secrets: none leaked",
+        logs.len(),
+        secrets.len()
+    ))
 }
 
 /// A `tracing` writer that keeps everything logged, so tests can assert what
 /// appeared (and, above all, what did not).
 #[derive(Clone, Default)]
-pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+pub struct CapturedLogs {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    file: std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>,
+}
 
 impl CapturedLogs {
     /// Everything logged so far.
     pub fn contents(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        String::from_utf8_lossy(&self.lines.lock().unwrap()).into_owned()
     }
 
     /// Install as the process-wide subscriber at TRACE level (once per test
@@ -94,11 +236,53 @@ impl CapturedLogs {
 
 impl std::io::Write for CapturedLogs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        self.lines.lock().unwrap().extend_from_slice(buf);
+        if let Some(f) = self.file.lock().unwrap().as_mut() {
+            f.write_all(buf)?;
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_fails_on_a_leak_and_on_no_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(audit_logs(dir.path()).unwrap_err().contains("no test logs"));
+        std::fs::write(dir.path().join("a-1.log"), "INFO fine\nINFO also fine\n").unwrap();
+        assert!(
+            audit_logs(dir.path())
+                .unwrap()
+                .starts_with("2 log lines from 1 test processes")
+        );
+        // A known secret.
+        std::fs::write(
+            dir.path().join("b-2.log"),
+            format!("x\nDEBUG token={}\n", KNOWN_SECRETS[0]),
+        )
+        .unwrap();
+        let e = audit_logs(dir.path()).unwrap_err();
+        assert!(
+            e.contains("b-2.log:2:") && !e.contains(KNOWN_SECRETS[0]),
+            "{e}"
+        );
+        // A recorded one.
+        std::fs::remove_file(dir.path().join("b-2.log")).unwrap();
+        std::fs::write(
+            dir.path().join("recorded-secrets-3.txt"),
+            "issued-token-xyz\n",
+        )
+        .unwrap();
+        // A test binary named `secrets` writes `secrets-….log`: audited as a log.
+        std::fs::write(dir.path().join("secrets-abc-4.log"), "INFO fine\n").unwrap();
+        std::fs::write(dir.path().join("c-3.log"), "INFO got issued-token-xyz\n").unwrap();
+        assert!(audit_logs(dir.path()).unwrap_err().contains("c-3.log:1:"));
     }
 }

@@ -16,6 +16,7 @@ async fn reauth(args: &[&str]) -> (ExitCode, String) {
 
 #[tokio::test]
 async fn check_reports_every_provider_and_fails_if_one_is_broken() {
+    reauth_tests::logs();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reauth.toml");
     let static_ = plugins().static_.display().to_string();
@@ -65,6 +66,7 @@ async fn check_reports_every_provider_and_fails_if_one_is_broken() {
 
 #[tokio::test]
 async fn get_prints_the_credential_in_each_format() {
+    reauth_tests::logs();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reauth.toml");
     let static_ = plugins().static_.display().to_string();
@@ -86,6 +88,7 @@ async fn get_prints_the_credential_in_each_format() {
 
 #[tokio::test]
 async fn demo_prints_the_whole_timeline() {
+    reauth_tests::logs();
     let plugin = plugins().oauth2.display().to_string();
     let (code, out) = reauth(&["demo", "--plugin", &plugin, "--lifetime", "2"]).await;
     assert_eq!(code, ExitCode::SUCCESS, "{out}");

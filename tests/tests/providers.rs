@@ -36,7 +36,10 @@ fn oauth2(issuer: &DevIssuer, client_id: &str, secret: &str) -> ProviderConfig {
 
 fn bearer(c: &Credential) -> String {
     match c {
-        Credential::Bearer(t) => t.expose().to_string(),
+        Credential::Bearer(t) => {
+            reauth_tests::record_secret(t.expose());
+            t.expose().to_string()
+        }
         other => panic!("expected a bearer credential, got {other:?}"),
     }
 }
@@ -50,6 +53,7 @@ fn provider_error(result: Result<reauth::Credentials, Error>) -> ProviderError {
 
 #[tokio::test]
 async fn static_provider_serves_each_credential_shape_and_never_retries() {
+    reauth_tests::logs();
     let p = &plugins().static_;
     let host = Host::builder()
         .provider(
@@ -149,6 +153,7 @@ async fn secret_server(
 
 #[tokio::test]
 async fn basic_provider_picks_up_a_rotated_password_after_unauthorized() {
+    reauth_tests::logs();
     let password = Arc::new(std::sync::Mutex::new("pw-v1".to_string()));
     let hits = Arc::new(AtomicUsize::new(0));
     let (addr, server) = secret_server(password.clone(), hits.clone()).await;
@@ -234,6 +239,7 @@ async fn basic_provider_picks_up_a_rotated_password_after_unauthorized() {
 
 #[tokio::test]
 async fn oauth2_against_the_dev_issuer() {
+    reauth_tests::logs();
     let issuer = issuer(Duration::from_secs(120)).await;
     let host = Host::builder()
         .provider("good", oauth2(&issuer, "svc", SECRET))
@@ -353,6 +359,7 @@ async fn oauth2_against_the_dev_issuer() {
 
 #[tokio::test]
 async fn egress_outside_allowed_hosts_is_refused() {
+    reauth_tests::logs();
     let issuer = issuer(Duration::from_secs(60)).await;
     let other_port = issuer.addr().port().wrapping_add(1).max(1);
     let host = Host::builder()
@@ -393,6 +400,7 @@ async fn egress_outside_allowed_hosts_is_refused() {
 
 #[tokio::test]
 async fn a_trap_returns_err_and_the_next_call_gets_a_fresh_instance() {
+    reauth_tests::logs();
     let mut trap = ProviderConfig::new(&plugins().testkit).config("mode", "trap-once");
     // A 1 ms backoff after the fault, so the next call soon reaches the plugin.
     trap.cache.backoff_initial_ms = 1;
@@ -422,6 +430,7 @@ async fn a_trap_returns_err_and_the_next_call_gets_a_fresh_instance() {
 
 #[tokio::test]
 async fn state_persists_across_calls_and_hosts_and_keys_are_per_subject() {
+    reauth_tests::logs();
     let dir = tempfile::tempdir().unwrap();
     let build = || {
         Host::builder()
@@ -463,6 +472,7 @@ async fn state_persists_across_calls_and_hosts_and_keys_are_per_subject() {
 
 #[tokio::test]
 async fn the_sandbox_grants_no_files_env_args_or_sockets() {
+    reauth_tests::logs();
     // SAFETY-free: the variable only needs to exist in the host process.
     let host = Host::builder()
         .provider(
@@ -492,6 +502,7 @@ async fn the_sandbox_grants_no_files_env_args_or_sockets() {
 
 #[tokio::test]
 async fn config_references_reach_the_plugin_through_wasi_config() {
+    reauth_tests::logs();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret.txt"), "from-a-file\n").unwrap();
     let plugin = plugins().testkit.display().to_string();
@@ -523,6 +534,7 @@ async fn config_references_reach_the_plugin_through_wasi_config() {
 
 #[tokio::test]
 async fn a_broken_provider_does_not_take_down_the_others() {
+    reauth_tests::logs();
     let dir = tempfile::tempdir().unwrap();
     let static_ = plugins().static_.display().to_string();
     std::fs::write(dir.path().join("not-a-component.wasm"), b"\0asm\x01\0\0\0").unwrap();
@@ -587,6 +599,7 @@ plugin = "not-a-component.wasm"
 
 #[test]
 fn config_file_errors_name_file_provider_and_key() {
+    reauth_tests::logs();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reauth.toml");
     let err = |text: &str| {
@@ -599,7 +612,7 @@ fn config_file_errors_name_file_provider_and_key() {
     // Snapshots of the messages an operator sees.
     assert_eq!(
         err("[providers.db]\nplugin = \"x.wasm\"\nallowed_host = [\"a\"]\n"),
-        "reauth.toml:3: providers.db.allowed_host: unknown field `allowed_host`, expected one of `plugin`, `sha256`, `allowed_hosts`, `config`, `cache`, `retry`, `limits`"
+        "reauth.toml:3: providers.db.allowed_host: unknown field `allowed_host`, expected one of `plugin`, `sha256`, `allowed_hosts`, `allow_http`, `config`, `cache`, `retry`, `limits`, `circuit_breaker`"
     );
     assert_eq!(
         err("[providers.db]\nplugin = \"x.wasm\"\n[providers.db.limits]\nmemory_mib = 4096\n"),

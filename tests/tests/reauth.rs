@@ -40,6 +40,7 @@ fn expired() -> SecurityError {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herd_of_10000_callers_makes_one_plugin_call() {
+    reauth_tests::logs();
     let host = counter_host();
     let tasks: Vec<_> = (0..10_000)
         .map(|_| {
@@ -62,6 +63,7 @@ async fn herd_of_10000_callers_makes_one_plugin_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_1000_rejections_of_the_same_token_causes_one_refresh() {
+    reauth_tests::logs();
     let host = counter_host();
     let old = token(
         &host
@@ -95,6 +97,7 @@ async fn burst_of_1000_rejections_of_the_same_token_causes_one_refresh() {
 
 #[tokio::test]
 async fn with_credentials_follows_the_providers_decisions_within_budget() {
+    reauth_tests::logs();
     // Expired once: one re-authentication, then success.
     let host = counter_host();
     let runs = AtomicUsize::new(0);
@@ -321,6 +324,7 @@ async fn http_get(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_seconds_of_traffic_with_2s_tokens_sees_no_failed_operation() {
+    reauth_tests::logs();
     let issuer = DevIssuer::start(DevIssuerConfig {
         clients: vec![DevClient::new("svc", "svc-secret")],
         token_lifetime: Duration::from_secs(2),

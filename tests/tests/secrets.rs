@@ -3,7 +3,7 @@
 
 use reauth::issuer::{DevClient, DevIssuer, DevIssuerConfig};
 use reauth::{Credential, Host, ProviderConfig, Request, SecurityError, SecurityErrorKind};
-use reauth_tests::{CapturedLogs, plugins};
+use reauth_tests::{plugins, record_secret};
 use std::time::Duration;
 
 const SECRET: &str = "client-secret-9f8e7d";
@@ -12,8 +12,7 @@ const SECRET: &str = "client-secret-9f8e7d";
 /// messages or `Debug` output, across a run that exercises success and failures.
 #[tokio::test]
 async fn secrets_stay_out_of_logs_errors_and_debug() {
-    let logs = CapturedLogs::default();
-    logs.install_global();
+    let logs = reauth_tests::logs();
     let issuer = DevIssuer::start(DevIssuerConfig {
         clients: vec![DevClient::new("svc", SECRET)],
         token_lifetime: Duration::from_secs(60),
@@ -45,6 +44,7 @@ async fn secrets_stay_out_of_logs_errors_and_debug() {
         .unwrap();
     let c = host.get_credentials("good", &Request::new()).await.unwrap();
     let token = bearer(&c.credential);
+    record_secret(&token);
     let e = host
         .get_credentials("bad", &Request::new())
         .await
@@ -77,4 +77,56 @@ async fn secrets_stay_out_of_logs_errors_and_debug() {
         assert!(!logged.contains(secret), "secret in logs");
     }
     issuer.shutdown().await;
+}
+
+/// A plugin that prints its config secret, a refresh token it stores in `state`
+/// and the token it returns: the host redacts all three from the captured output
+/// it logs. A plugin that puts its secret in an error message: redacted there too.
+#[tokio::test]
+async fn secrets_a_plugin_echoes_are_redacted() {
+    let logs = reauth_tests::logs();
+    const ECHOED: &str = "echoed-secret-7h6g5f";
+    let host = Host::builder()
+        .provider(
+            "echo",
+            ProviderConfig::new(&plugins().hostile)
+                .config("mode", "echo-secret")
+                .config("secret", ECHOED),
+        )
+        .provider(
+            "leaky-error",
+            ProviderConfig::new(&plugins().hostile)
+                .config("mode", "leak-in-error")
+                .config("secret", ECHOED),
+        )
+        .build()
+        .unwrap();
+    let c = host.get_credentials("echo", &Request::new()).await.unwrap();
+    let token = match &c.credential {
+        Credential::Bearer(t) => t.expose().to_string(),
+        other => panic!("{other:?}"),
+    };
+    let refresh_token = format!("rt-{}-rotated", ECHOED.len());
+    record_secret(&token);
+    record_secret(&refresh_token);
+    let e = host
+        .get_credentials("leaky-error", &Request::new())
+        .await
+        .unwrap_err();
+    let shown = format!("{e} {e:?}");
+    assert!(
+        shown.contains("IdP refused client secret [redacted]"),
+        "{shown}"
+    );
+    let logged = logs.contents();
+    assert!(
+        logged.contains("debug: the secret is [redacted]")
+            && logged.contains("debug: stored refresh token [redacted]")
+            && logged.contains("debug: returning [redacted]"),
+        "the plugin's output was logged, redacted: {logged}"
+    );
+    for secret in [ECHOED, token.as_str(), refresh_token.as_str()] {
+        assert!(!shown.contains(secret), "secret in error: {shown}");
+        assert!(!logged.contains(secret), "secret in logs");
+    }
 }

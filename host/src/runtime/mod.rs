@@ -122,6 +122,10 @@ pub struct RuntimeOptions {
     /// leaves an infinite loop in a plugin running forever**; it exists only to
     /// measure its cost.
     pub epoch_interruption: bool,
+    /// Enforce `limits.memory_mib` per call. Default true. Without it only the
+    /// pooling allocator's `max_memory_bytes` bounds a plugin; it exists only to
+    /// measure its cost.
+    pub limit_memory: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -131,6 +135,7 @@ impl Default for RuntimeOptions {
             max_memory_bytes: crate::config::defaults::max_memory_mib() << 20,
             consume_fuel: true,
             epoch_interruption: true,
+            limit_memory: true,
         }
     }
 }
@@ -145,6 +150,7 @@ pub struct Runtime {
     clock: Arc<dyn Clock>,
     consume_fuel: bool,
     epoch_interruption: bool,
+    limit_memory: bool,
 }
 
 /// Where a provider's compiled code came from.
@@ -204,6 +210,7 @@ impl Runtime {
             clock,
             consume_fuel: options.consume_fuel,
             epoch_interruption: options.epoch_interruption,
+            limit_memory: options.limit_memory,
         })
     }
 
@@ -507,7 +514,9 @@ impl ProviderRuntime {
                 },
             },
         );
-        store.limiter(|s| &mut s.limiter);
+        if runtime.limit_memory {
+            store.limiter(|s| &mut s.limiter);
+        }
         if runtime.epoch_interruption {
             let ticks = self
                 .limits

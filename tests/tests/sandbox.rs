@@ -1,0 +1,759 @@
+//! The sandbox against hostile and broken plugins (`plugins/fixtures/hostile`,
+//! `plugins/fixtures/other-world`): every limit contains its fixture with a typed
+//! error naming the provider and the limit, and the host keeps serving the other
+//! providers meanwhile.
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use reauth::retry::{OperationError, Rejection};
+use reauth::{
+    Credential, Decision, Error, Host, LimitKind, ProviderConfig, ProviderStatus, Request,
+    SecurityError, SecurityErrorKind,
+};
+use reauth_tests::plugins;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+fn hostile(mode: &str) -> ProviderConfig {
+    let mut p = ProviderConfig::new(&plugins().hostile).config("mode", mode);
+    // Every call reaches the plugin: no backoff or pacing between attempts.
+    p.cache.backoff_initial_ms = 1;
+    p.cache.backoff_max_ms = 1;
+    p.cache.min_interval_ms = 0;
+    p
+}
+
+fn limit_of(e: &Error) -> Option<LimitKind> {
+    match e {
+        Error::Limit { limit, .. } => Some(*limit),
+        _ => None,
+    }
+}
+
+fn bearer(c: &reauth::Credentials) -> String {
+    match &c.credential {
+        Credential::Bearer(t) => t.expose().to_string(),
+        other => panic!("expected bearer, got {other:?}"),
+    }
+}
+
+/// A loopback server: big bodies, a redirect, a slow and a fast endpoint. Counts
+/// the requests to `/target`.
+async fn server(redirect_to: Option<SocketAddr>) -> (SocketAddr, Arc<AtomicU64>) {
+    let hits = Arc::new(AtomicU64::new(0));
+    let counted = hits.clone();
+    let big = || {
+        let chunk = bytes::Bytes::from(vec![b'a'; 64 << 10]);
+        futures_util::stream::iter(
+            (0..1600).map(move |_| Ok::<_, std::convert::Infallible>(chunk.clone())),
+        )
+    };
+    let app = Router::new()
+        // 100 MiB without a content-length: capped while streaming.
+        .route(
+            "/big-chunked",
+            get(move || async move { Body::from_stream(big()) }),
+        )
+        // 100 MiB announced by content-length: refused before reading.
+        .route(
+            "/big-length",
+            get(move || async move {
+                Response::builder()
+                    .header(header::CONTENT_LENGTH, (1600u64 * (64 << 10)).to_string())
+                    .body(Body::from_stream(big()))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/redirect",
+            get(move || async move {
+                match redirect_to {
+                    Some(to) => (
+                        StatusCode::FOUND,
+                        [(
+                            header::LOCATION,
+                            format!("http://localhost:{}/target", to.port()),
+                        )],
+                    )
+                        .into_response(),
+                    None => StatusCode::NOT_FOUND.into_response(),
+                }
+            }),
+        )
+        .route(
+            "/target",
+            get(move || async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                "target-reached"
+            }),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                "slow-version"
+            }),
+        )
+        .route("/fast", get(|| async { "fast-version" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, hits)
+}
+
+/// An infinite loop is stopped at its timeout, and another provider serves while
+/// it spins (on another worker: a spinning plugin occupies its thread until the
+/// epoch deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infinite_loop_is_stopped_within_its_timeout_while_others_serve() {
+    reauth_tests::logs();
+    let mut spin = hostile("spin");
+    spin.limits.timeout_ms = 500;
+    let host = Host::builder()
+        .provider("spin", spin)
+        .provider("ok", hostile("ok"))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let spinning = {
+        let host = host.clone();
+        tokio::spawn(async move {
+            let r = host.get_credentials("spin", &Request::new()).await;
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut served_while_spinning = 0;
+    for i in 0..5 {
+        let c = host
+            .get_credentials("ok", &Request::new().subject(format!("s{i}")))
+            .await
+            .unwrap();
+        assert_eq!(bearer(&c), "hostile-ok");
+        if !spinning.is_finished() {
+            served_while_spinning += 1;
+        }
+    }
+    let (result, elapsed) = spinning.await.unwrap();
+    let e = result.unwrap_err();
+    assert!(
+        matches!(&e, Error::Timeout { provider, timeout_ms: 500, .. } if provider == "spin"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("exceeded its 500 ms timeout"), "{e}");
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "stopped after {elapsed:?}"
+    );
+    assert!(
+        served_while_spinning > 0,
+        "the other provider was served while the loop ran"
+    );
+    eprintln!("infinite loop stopped after {elapsed:?} (timeout 500 ms)");
+}
+
+/// Memory, stack and fuel exhaustion each end in the limit's own error; the next
+/// call starts from a fresh instance and works.
+#[tokio::test]
+async fn memory_stack_and_fuel_are_capped() {
+    reauth_tests::logs();
+    let mut fuel = hostile("burn");
+    fuel.limits.fuel = Some(5_000_000);
+    let mut roomy = hostile("burn");
+    roomy.limits.fuel = Some(u64::MAX);
+    roomy.limits.timeout_ms = 60_000;
+    let host = Host::builder()
+        .provider("alloc", hostile("alloc"))
+        .provider("recurse", hostile("recurse"))
+        .provider("recurse-native", hostile("recurse-native"))
+        .provider("fuel", fuel)
+        .provider("ok", hostile("ok"))
+        .build()
+        .unwrap();
+    let e = host
+        .get_credentials("alloc", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::Memory), "{e:?}");
+    assert!(
+        e.to_string()
+            .starts_with("provider `alloc`: `get-credentials` hit its limits.memory_mib limit: linear memory may not grow past 64 MiB"),
+        "{e}"
+    );
+    // Rust keeps big frames on a shadow stack in linear memory: overflowing it
+    // runs off the bottom of memory and traps.
+    let e = host
+        .get_credentials("recurse", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Plugin { provider, .. } if provider == "recurse")
+            && e.to_string().contains("out of bounds memory access"),
+        "{e:?}"
+    );
+    // Scalar recursion overflows the WebAssembly stack itself.
+    let e = host
+        .get_credentials("recurse-native", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::Stack), "{e:?}");
+    let e = host
+        .get_credentials("fuel", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::Fuel), "{e:?}");
+    assert!(e.to_string().contains("all of its 5000000 fuel"), "{e}");
+    // Still fine: the failures stayed in their own Stores.
+    let c = host.get_credentials("ok", &Request::new()).await.unwrap();
+    assert_eq!(bearer(&c), "hostile-ok");
+    assert_eq!(host.plugin_calls("alloc"), 1);
+}
+
+/// Oversized results: a 10 MB credential, a 100 MB response (streamed or announced)
+/// and a flood of stderr each fail with the limit named; a credential that would
+/// inject a header is refused as a contract violation.
+#[tokio::test]
+async fn oversized_results_are_capped_with_a_clear_error() {
+    reauth_tests::logs();
+    let (addr, _) = server(None).await;
+    let fetch = |path: &str| {
+        hostile("read-body")
+            .allow_host(addr.to_string())
+            .config("url", format!("http://{addr}{path}"))
+    };
+    let host = Host::builder()
+        .provider("big-credential", hostile("big-credential"))
+        .provider("big-chunked", fetch("/big-chunked"))
+        .provider("big-length", fetch("/big-length"))
+        .provider("small", fetch("/fast"))
+        .provider("flood", hostile("stderr-flood"))
+        .provider("inject", hostile("header-injection"))
+        .build()
+        .unwrap();
+    let e = host
+        .get_credentials("big-credential", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::CredentialSize), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("returned a 10485760-byte credential; at most 65536 bytes"),
+        "{e}"
+    );
+    for name in ["big-chunked", "big-length"] {
+        let e = host
+            .get_credentials(name, &Request::new())
+            .await
+            .unwrap_err();
+        assert_eq!(limit_of(&e), Some(LimitKind::ResponseBody), "{name}: {e:?}");
+        assert!(e.to_string().contains("larger than 1048576 bytes"), "{e}");
+    }
+    let c = host
+        .get_credentials("small", &Request::new())
+        .await
+        .unwrap();
+    assert_eq!(bearer(&c), "read-12");
+    let e = host
+        .get_credentials("flood", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::Output), "{e:?}");
+    assert!(e.to_string().contains("more than 262144 bytes"), "{e}");
+    let e = host
+        .get_credentials("inject", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Plugin { .. })
+            && e.to_string().contains(
+                "invalid credential: bearer token is empty or contains a control character"
+            ),
+        "{e:?}"
+    );
+}
+
+/// Egress: a redirect from an allowed host to one that is not allowed is refused
+/// (the target never sees a request), and plain http to a non-loopback host is
+/// refused before any network access.
+#[tokio::test]
+async fn redirects_and_plain_http_cannot_escape_the_allow_list() {
+    let logs = reauth_tests::logs();
+    let (target, target_hits) = server(None).await;
+    let (addr, _) = server(Some(target)).await;
+    let host = Host::builder()
+        .provider(
+            "redirected",
+            hostile("follow-redirect")
+                .allow_host(addr.to_string())
+                .config("url", format!("http://{addr}/redirect")),
+        )
+        .provider(
+            "plain-http",
+            hostile("read-body")
+                .allow_host("idp.example.com:80")
+                .config("url", "http://idp.example.com/token"),
+        )
+        .build()
+        .unwrap();
+    let e = host
+        .get_credentials("redirected", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("HttpRequestDenied") || e.to_string().contains("denied"),
+        "{e}"
+    );
+    assert_eq!(
+        target_hits.load(Ordering::SeqCst),
+        0,
+        "the redirect target was reached"
+    );
+    let e = host
+        .get_credentials("plain-http", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("HttpRequestDenied"), "{e}");
+    let logged = logs.contents();
+    assert!(
+        logged.contains("egress denied: host not in allowed_hosts"),
+        "{logged}"
+    );
+    assert!(
+        logged.contains("egress denied: plain http to a non-loopback host"),
+        "{logged}"
+    );
+}
+
+/// A panic (or a runaway loop) in `handle-security-error` is an error, and
+/// `with_credentials` treats it as `fail`: no retry, no crash.
+#[tokio::test]
+async fn a_fault_in_handle_security_error_counts_as_fail() {
+    reauth_tests::logs();
+    let mut spin = hostile("ok").config("handle", "spin");
+    spin.limits.timeout_ms = 300;
+    let host = Host::builder()
+        .provider("panics", hostile("ok").config("handle", "panic"))
+        .provider("spins", spin)
+        .build()
+        .unwrap();
+    let c = host
+        .get_credentials("panics", &Request::new())
+        .await
+        .unwrap();
+    let expired = SecurityError::new(SecurityErrorKind::TokenExpired).status(401);
+    let e = host
+        .handle_security_error("panics", &Request::new(), &c, &expired)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Plugin { provider, function: "handle-security-error", .. } if provider == "panics"),
+        "{e:?}"
+    );
+    for name in ["panics", "spins"] {
+        let mut runs = 0;
+        let outcome: Result<(), OperationError<&str>> = host
+            .with_credentials(name, &Request::new(), |_| {
+                runs += 1;
+                async {
+                    Err(Rejection::Security {
+                        error: SecurityError::new(SecurityErrorKind::TokenExpired),
+                        source: "rejected",
+                    })
+                }
+            })
+            .await;
+        match outcome {
+            Err(OperationError::Rejected {
+                decision, attempts, ..
+            }) => {
+                assert_eq!(decision, Decision::Fail, "{name}");
+                assert_eq!(attempts, 1, "{name}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+        assert_eq!(runs, 1, "{name}: the operation was not retried");
+    }
+}
+
+/// Integrity: wrong sha256, a truncated file, a core module and a component for
+/// another world are refused at load with a message saying what is wrong; the
+/// other providers load and serve.
+#[tokio::test]
+async fn broken_or_foreign_plugins_are_refused_at_load() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&plugins().hostile).unwrap();
+    let truncated = dir.path().join("truncated.wasm");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"#!/bin/sh\necho not wasm\n").unwrap();
+    // The smallest valid core module: magic and version 1, no sections.
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let mut pinned = hostile("ok");
+    pinned.sha256 = Some("0".repeat(64));
+    let host = Host::builder()
+        .provider("pinned-wrong", pinned)
+        .provider("truncated", ProviderConfig::new(&truncated))
+        .provider("garbage", ProviderConfig::new(&garbage))
+        .provider("core", ProviderConfig::new(&core))
+        .provider("other-world", ProviderConfig::new(&plugins().other_world))
+        .provider("ok", hostile("ok"))
+        .build()
+        .unwrap();
+    let status = host.status();
+    let failed = |name: &str| match &status[name] {
+        ProviderStatus::Failed(e) => e.clone(),
+        other => panic!("{name} should have failed: {other:?}"),
+    };
+    let e = failed("pinned-wrong");
+    assert!(
+        e.contains("provider `pinned-wrong`") && e.contains("sha256 mismatch: expected 0000"),
+        "{e}"
+    );
+    let e = failed("truncated");
+    assert!(
+        e.contains("provider `truncated`") && e.contains("not a valid WebAssembly component"),
+        "{e}"
+    );
+    let e = failed("garbage");
+    assert!(
+        e.contains("not a WebAssembly file") && e.contains("truncated or the wrong file"),
+        "{e}"
+    );
+    let e = failed("core");
+    assert!(
+        e.contains("core WebAssembly module, not a component"),
+        "{e}"
+    );
+    let e = failed("other-world");
+    assert!(
+        e.contains("missing export `reauth:provider/auth-provider@0.1.0` (it exports `run`)")
+            && e.contains("imports the host does not offer: `acme:other/vault@1.0.0`"),
+        "{e}"
+    );
+    assert!(matches!(status["ok"], ProviderStatus::Ready { .. }));
+    let c = host.get_credentials("ok", &Request::new()).await.unwrap();
+    assert_eq!(bearer(&c), "hostile-ok");
+    let e = host
+        .get_credentials("core", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotLoaded { .. }), "{e:?}");
+}
+
+/// The precompiled cache only serves an artifact for exactly the plugin's bytes:
+/// an artifact swapped in from another plugin, or corrupted, is recompiled.
+#[tokio::test]
+async fn the_precompiled_cache_never_serves_an_artifact_for_other_bytes() {
+    reauth_tests::logs();
+    let cache = tempfile::tempdir().unwrap();
+    let build = || {
+        Host::builder()
+            .cache_dir(cache.path())
+            .provider("hostile", hostile("ok"))
+            .provider(
+                "static",
+                ProviderConfig::new(&plugins().static_).config("token", "static-token"),
+            )
+            .build()
+            .unwrap()
+    };
+    let from_cache = |host: &Host, name: &str| match &host.status()[name] {
+        ProviderStatus::Ready { from_cache, .. } => *from_cache,
+        other => panic!("{other:?}"),
+    };
+    let first = build();
+    assert!(!from_cache(&first, "hostile"));
+    let second = build();
+    assert!(from_cache(&second, "hostile") && from_cache(&second, "static"));
+    // Swap the static plugin's artifact (and meta) in for the hostile one's.
+    let files: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let hostile_sha = match &second.status()["hostile"] {
+        ProviderStatus::Ready { sha256, .. } => sha256.clone(),
+        _ => unreachable!(),
+    };
+    let artifact = |prefix: &str, ext: &str| {
+        files
+            .iter()
+            .find(|p| {
+                let n = p.file_name().unwrap().to_string_lossy();
+                n.starts_with(prefix) && n.ends_with(ext)
+            })
+            .unwrap()
+            .clone()
+    };
+    let hostile_art = artifact(&hostile_sha, ".cwasm");
+    let static_art = files
+        .iter()
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            !n.starts_with(&hostile_sha) && n.ends_with(".cwasm")
+        })
+        .unwrap()
+        .clone();
+    std::fs::copy(&static_art, &hostile_art).unwrap();
+    std::fs::copy(
+        static_art.with_extension("meta.json"),
+        hostile_art.with_extension("meta.json"),
+    )
+    .unwrap();
+    let third = build();
+    assert!(
+        !from_cache(&third, "hostile"),
+        "a swapped artifact must be recompiled"
+    );
+    assert_eq!(
+        bearer(
+            &third
+                .get_credentials("hostile", &Request::new())
+                .await
+                .unwrap()
+        ),
+        "hostile-ok"
+    );
+    // Corrupt the (rewritten) artifact itself: recompiled again.
+    let mut bytes = std::fs::read(&hostile_art).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&hostile_art, bytes).unwrap();
+    let fourth = build();
+    assert!(
+        !from_cache(&fourth, "hostile"),
+        "a corrupted artifact must be recompiled"
+    );
+    assert!(from_cache(&fourth, "static"));
+}
+
+/// An artifact compiled by an engine with other settings (here: fuel metering
+/// off) is rejected by wasmtime's header check and recompiled, even when its file
+/// and meta are put where this engine looks.
+#[tokio::test]
+async fn an_artifact_from_another_engine_config_is_recompiled() {
+    reauth_tests::logs();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let build = |dir: &std::path::Path, fuel: bool| {
+        Host::builder()
+            .cache_dir(dir)
+            .runtime_options(reauth::runtime::RuntimeOptions {
+                consume_fuel: fuel,
+                ..Default::default()
+            })
+            .provider("hostile", hostile("ok"))
+            .build()
+            .unwrap()
+    };
+    build(a.path(), false);
+    build(b.path(), true);
+    let only = |dir: &std::path::Path, ext: &str| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(ext))
+            .unwrap()
+    };
+    let (a_art, b_art) = (only(a.path(), ".cwasm"), only(b.path(), ".cwasm"));
+    assert_ne!(
+        a_art.file_name(),
+        b_art.file_name(),
+        "engine settings are part of the key"
+    );
+    // Put the fuel-less artifact where the fuel engine looks, with a meta that
+    // vouches for it.
+    std::fs::copy(&a_art, &b_art).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b_art.with_extension("meta.json")).unwrap()).unwrap();
+    let forged = serde_json::json!({
+        "source_sha256": meta["source_sha256"],
+        "artifact_sha256": reauth_tests::sha256_hex(&std::fs::read(&a_art).unwrap()),
+        "engine": meta["engine"],
+    });
+    std::fs::write(b_art.with_extension("meta.json"), forged.to_string()).unwrap();
+    let host = build(b.path(), true);
+    match &host.status()["hostile"] {
+        ProviderStatus::Ready { from_cache, .. } => assert!(!from_cache),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        bearer(
+            &host
+                .get_credentials("hostile", &Request::new())
+                .await
+                .unwrap()
+        ),
+        "hostile-ok"
+    );
+}
+
+/// A provider that keeps faulting is cooled down: calls fail fast without running
+/// the plugin, the status reports it, and after the cool-down one trial call runs.
+#[tokio::test]
+async fn a_provider_that_keeps_faulting_is_cooled_down() {
+    reauth_tests::logs();
+    let mut faulty = hostile("recurse-native");
+    faulty.circuit_breaker.faults = 2;
+    faulty.circuit_breaker.cooldown_ms = 400;
+    let host = Host::builder()
+        .provider("faulty", faulty)
+        .provider("ok", hostile("ok"))
+        .build()
+        .unwrap();
+    // (The pauses let the cache's own 1 ms backoff pass, so that every call
+    // reaches the provider.)
+    for _ in 0..2 {
+        let e = host
+            .get_credentials("faulty", &Request::new())
+            .await
+            .unwrap_err();
+        assert_eq!(limit_of(&e), Some(LimitKind::Stack), "{e:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = host
+        .get_credentials("faulty", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::CoolingDown { provider, faults: 2, .. } if provider == "faulty"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains("cooling down after 2 consecutive faults"),
+        "{e}"
+    );
+    assert_eq!(
+        host.plugin_calls("faulty"),
+        2,
+        "no plugin call while cooling down"
+    );
+    match &host.status()["faulty"] {
+        ProviderStatus::Ready { breaker, .. } => {
+            assert_eq!(breaker.consecutive_faults, 2);
+            assert!(breaker.cooling_down_for.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    // Other providers are unaffected.
+    host.get_credentials("ok", &Request::new()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The trial call runs (and faults again: the cool-down doubles).
+    let e = host
+        .get_credentials("faulty", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::Stack), "{e:?}");
+    assert_eq!(host.plugin_calls("faulty"), 3);
+}
+
+fn write_config(path: &std::path::Path, providers: &str) {
+    // Write-then-rename, like deployment tools do.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, providers).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Hot reload through the library: a broken new build keeps the old version
+/// serving, a fixed one takes over, an unchanged provider keeps its cache, a
+/// removed one stops, and a call in flight finishes on its own version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_working_versions_and_applies_good_ones() {
+    reauth_tests::logs();
+    let (addr, _) = server(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("p.wasm");
+    std::fs::copy(&plugins().hostile, &plugin).unwrap();
+    let testkit = plugins().testkit.display().to_string();
+    let config = dir.path().join("reauth.toml");
+    let providers = |token: &str, slow_path: &str, with_gone: bool| {
+        let mut s = format!(
+            "[providers.changing]\nplugin = \"p.wasm\"\nconfig = {{ mode = \"ok\", token = \"{token}\" }}\n\
+             [providers.stable]\nplugin = \"p.wasm\"\nconfig = {{ mode = \"ok\", token = \"stable\" }}\n\
+             [providers.fetching]\nplugin = {testkit:?}\nallowed_hosts = [\"{addr}\"]\n\
+             config = {{ mode = \"fetch\", url = \"http://{addr}{slow_path}\" }}\n"
+        );
+        if with_gone {
+            s.push_str("[providers.gone]\nplugin = \"p.wasm\"\nconfig = { mode = \"ok\" }\n");
+        }
+        s
+    };
+    write_config(&config, &providers("v1", "/slow", true));
+    let host = Host::from_config_file(&config).unwrap();
+    let get = |name: &'static str| {
+        let host = host.clone();
+        async move { host.get_credentials(name, &Request::new()).await }
+    };
+    assert_eq!(bearer(&get("changing").await.unwrap()), "v1");
+    assert_eq!(bearer(&get("stable").await.unwrap()), "stable");
+    get("gone").await.unwrap();
+
+    // Nothing changed: nothing reloaded.
+    let report = host.reload_from_file().unwrap();
+    assert!(report.is_noop(), "{report:?}");
+    assert_eq!(report.unchanged.len(), 4);
+
+    // A broken build of the shared plugin (truncated): every provider using it
+    // keeps its old version, and says so.
+    let good = std::fs::read(&plugin).unwrap();
+    std::fs::write(&plugin, &good[..good.len() / 3]).unwrap();
+    let report = host.reload_from_file().unwrap();
+    let failed: Vec<&str> = report.failed.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(failed, ["changing", "gone", "stable"], "{report:?}");
+    assert!(
+        report.failed[0]
+            .1
+            .contains("not a valid WebAssembly component"),
+        "{report:?}"
+    );
+    assert_eq!(bearer(&get("changing").await.unwrap()), "v1");
+    match &host.status()["changing"] {
+        ProviderStatus::Ready {
+            reload_error: Some(e),
+            ..
+        } => {
+            assert!(e.contains("not a valid WebAssembly component"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Fixed plugin, new config for `changing`, `gone` removed, while a slow call
+    // of `fetching` is in flight.
+    std::fs::write(&plugin, &good).unwrap();
+    let in_flight = tokio::spawn(get("fetching"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    write_config(&config, &providers("v2", "/fast", false));
+    let reloading = host.clone();
+    let report = tokio::task::spawn_blocking(move || reloading.reload_from_file())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.updated, ["changing", "fetching"], "{report:?}");
+    assert_eq!(report.removed, ["gone"]);
+    assert_eq!(report.unchanged, ["stable"]);
+    assert!(report.failed.is_empty(), "{report:?}");
+    // The call that started on the old version finished on it.
+    assert_eq!(bearer(&in_flight.await.unwrap().unwrap()), "slow-version");
+    assert_eq!(bearer(&get("fetching").await.unwrap()), "fast-version");
+    assert_eq!(bearer(&get("changing").await.unwrap()), "v2");
+    // The unchanged provider kept its cache: still one plugin call.
+    assert_eq!(bearer(&get("stable").await.unwrap()), "stable");
+    assert_eq!(host.plugin_calls("stable"), 1);
+    let e = get("gone").await.unwrap_err();
+    assert!(
+        matches!(&e, Error::UnknownProvider { provider } if provider == "gone"),
+        "{e:?}"
+    );
+
+    // A config that does not parse changes nothing.
+    write_config(&config, "[providers.changing\n");
+    let e = host.reload_from_file().unwrap_err();
+    assert!(e.to_string().contains("reauth.toml"), "{e}");
+    assert_eq!(bearer(&get("changing").await.unwrap()), "v2");
+}
