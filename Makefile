@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup plugins demo test lint fmt wit-check bench clean
+.PHONY: setup plugins demo test lint fmt wit-check bench fuzz clean
 
 ## Toolchain pieces a fresh machine lacks (RUSTUP_AUTO_INSTALL=0 here: be explicit).
 setup:
@@ -42,6 +42,15 @@ wit-check:
 
 bench: plugins
 	$(CARGO) bench -p reauth
+
+## Coverage-guided fuzzing (nightly + cargo-fuzz; not part of `make test`).
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	for target in config_parse www_authenticate credential_from_guest; do \
+		$(CARGO) +nightly fuzz run -s none -a $$target -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean

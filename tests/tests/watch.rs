@@ -69,11 +69,15 @@ fn watch_reloads_on_file_change_and_sighup_and_stops_on_sigterm() {
     let binary = reauth_binary();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("reauth.toml");
+    // `a` runs a copy of the plugin, so the test can break it on disk.
+    let a_plugin = dir.path().join("a.wasm");
+    std::fs::copy(&plugins().hostile, &a_plugin).unwrap();
     let plugin = plugins().hostile.display().to_string();
+    let a = a_plugin.display().to_string();
     let provider = |name: &str, plugin: &str| {
         format!("[providers.{name}]\nplugin = {plugin:?}\nconfig = {{ mode = \"ok\" }}\n")
     };
-    write_config(&config, &provider("a", &plugin));
+    write_config(&config, &provider("a", &a));
     let child = Command::new(&binary)
         .args(["watch", "--config"])
         .arg(&config)
@@ -105,7 +109,7 @@ fn watch_reloads_on_file_change_and_sighup_and_stops_on_sigterm() {
     // A new provider in the file: picked up without a signal.
     write_config(
         &config,
-        &format!("{}{}", provider("a", &plugin), provider("b", &plugin)),
+        &format!("{}{}", provider("a", &a), provider("b", &plugin)),
     );
     let line = expect_line(&lines, "reload (file change)", limit);
     assert!(
@@ -127,7 +131,7 @@ fn watch_reloads_on_file_change_and_sighup_and_stops_on_sigterm() {
         &config,
         &format!(
             "{}{}",
-            provider("a", &plugin),
+            provider("a", &a),
             provider("b", "/nonexistent/b.wasm")
         ),
     );
@@ -138,6 +142,15 @@ fn watch_reloads_on_file_change_and_sighup_and_stops_on_sigterm() {
     );
     let line = expect_line(&lines, "FAIL b:", limit);
     assert!(line.contains("/nonexistent/b.wasm"), "{line}");
+
+    // A plugin file changing on disk is a trigger too: a truncated build of a's
+    // plugin fails to load and a keeps its running version.
+    let bytes = std::fs::read(&a_plugin).unwrap();
+    std::fs::write(&a_plugin, &bytes[..bytes.len() / 2]).unwrap();
+    let line = expect_line(&lines, "reload (file change)", limit);
+    assert!(line.contains("failed=a,b"), "{line}");
+    let line = expect_line(&lines, "FAIL a:", limit);
+    assert!(line.contains("not a valid WebAssembly component"), "{line}");
 
     signal(&child.0, "TERM");
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -637,10 +637,13 @@ impl ProviderRuntime {
         if failed && let Some((kind, detail)) = captured.hits.get() {
             return Err(self.limit(function, kind, detail));
         }
+        // A write that does not fit fails whole, leaving the capture just short of
+        // the cap: a WASI 0.2 write is at most what check-write permitted, and a
+        // blocking write at most 4096 bytes.
         let cap = usize::try_from(self.limits.max_output_bytes).unwrap_or(usize::MAX);
         let full = [&captured.stdout, &captured.stderr]
             .into_iter()
-            .find(|p| p.contents().len() >= cap);
+            .find(|p| p.contents().len() + 4096 > cap);
         match outcome {
             Err(_) => Err(self.timeout(function)),
             Ok(Err(e)) => match full {
