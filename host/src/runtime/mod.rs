@@ -553,12 +553,21 @@ impl ProviderRuntime {
         redactor
     }
 
-    fn log_output(&self, function: &str, captured: &Captured, redactor: &Redactor) {
+    /// Log what the call wrote, with the secrets known after `returned` redacted
+    /// (the redactor is only built when there is output).
+    fn log_output(
+        &self,
+        function: &str,
+        captured: &Captured,
+        returned: Option<&types::Credentials>,
+    ) {
+        let mut redactor = None;
         for (stream, pipe) in [("stdout", &captured.stdout), ("stderr", &captured.stderr)] {
             let bytes = pipe.contents();
             if bytes.is_empty() {
                 continue;
             }
+            let redactor = redactor.get_or_insert_with(|| self.call_redactor(returned));
             // Redact the whole capture before cutting it, so that no prefix of a
             // secret survives the cut.
             let text = String::from_utf8_lossy(&bytes);
@@ -705,7 +714,7 @@ impl ProviderRuntime {
         let instantiate = self.pre.instantiate_async(&mut store);
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await;
-        self.log_output(FUNCTION, &captured, &self.call_redactor(None));
+        self.log_output(FUNCTION, &captured, None);
         self.settle(FUNCTION, outcome, &captured).map(drop)
     }
 
@@ -761,11 +770,7 @@ impl ProviderRuntime {
                     })
             }
         };
-        self.log_output(
-            FUNCTION,
-            &captured,
-            &self.call_redactor(result.as_ref().ok()),
-        );
+        self.log_output(FUNCTION, &captured, result.as_ref().ok());
         self.book(FUNCTION, &result);
         tracing::debug!(provider = %self.name, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "get-credentials done");
         result
@@ -801,7 +806,7 @@ impl ProviderRuntime {
         let result = self
             .settle(FUNCTION, outcome, &captured)
             .map(types::Decision::from);
-        self.log_output(FUNCTION, &captured, &self.call_redactor(Some(credentials)));
+        self.log_output(FUNCTION, &captured, Some(credentials));
         self.book(FUNCTION, &result);
         result
     }
