@@ -8,8 +8,9 @@
 //! trapped cannot be re-entered anyway. Long-lived state goes through the explicit,
 //! host-persisted `state` interface instead.
 //!
-//! Each call runs under an epoch deadline (CPU-bound loops trap) wrapped in a
-//! tokio timeout (a call stuck waiting on the network is cancelled), with a memory
+//! Each call runs under an epoch deadline (a running guest yields to the executor
+//! every tick, and traps at its deadline) wrapped in a tokio timeout (a call stuck
+//! waiting on the network is cancelled), with a memory
 //! cap, optional fuel, and caps on the credential it returns, the HTTP bodies it
 //! reads and the output it writes; every limit hit is an [`Error::Limit`] naming
 //! the provider and the limit. The WASI context inherits nothing: no directories,
@@ -52,7 +53,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
@@ -518,13 +522,22 @@ impl ProviderRuntime {
             store.limiter(|s| &mut s.limiter);
         }
         if runtime.epoch_interruption {
-            let ticks = self
-                .limits
-                .timeout_ms
-                .div_ceil(EPOCH_TICK.as_millis() as u64)
-                + 1;
-            store.set_epoch_deadline(ticks);
-            store.epoch_deadline_trap();
+            // Every epoch tick a running guest yields to the executor, so a plugin
+            // stuck in a loop never starves the other tasks of its thread; at the
+            // call's deadline it traps (`Trap::Interrupt`), even if nobody polls
+            // the tokio timeout around the call.
+            let deadline = Instant::now() + Duration::from_millis(self.limits.timeout_ms);
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(move |_| {
+                Ok(if Instant::now() >= deadline {
+                    UpdateDeadline::Interrupt
+                } else {
+                    // tokio's yield lets the runtime poll its I/O and timer
+                    // driver before the guest resumes (a plain re-wake would
+                    // wait for the driver's turn, every 61 polls).
+                    UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
+                })
+            });
         }
         if runtime.consume_fuel {
             store
