@@ -434,8 +434,9 @@ impl Host {
     /// - Calls already running finish on the version they started with.
     ///
     /// Runtime settings (`[runtime]`) are fixed when the host is built; a changed
-    /// `[runtime]` section is reported as an error and nothing is applied. A file
-    /// that does not parse is an error and nothing is applied.
+    /// `[runtime]` section is reported as an error and nothing is applied. (With
+    /// [`Host::reload_from_file`], a file that does not parse or validate is an
+    /// error too, and nothing is applied.)
     ///
     /// Loading compiles; call this from a blocking context (e.g.
     /// `tokio::task::spawn_blocking`) in async code.

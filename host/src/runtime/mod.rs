@@ -669,12 +669,13 @@ impl ProviderRuntime {
         match outcome {
             Err(_) => Err(self.timeout(function)),
             Ok(Err(e)) => match full {
-                Some(_) => Err(self.limit(
-                    function,
-                    LimitKind::Output,
-                    format!("the plugin wrote more than {cap} bytes to stdout/stderr"),
-                )),
-                None => Err(self.fault(function, e)),
+                Some(_) if !matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => Err(self
+                    .limit(
+                        function,
+                        LimitKind::Output,
+                        format!("the plugin wrote more than {cap} bytes to stdout/stderr"),
+                    )),
+                _ => Err(self.fault(function, e)),
             },
             Ok(Ok(value)) => {
                 if full.is_some() {
