@@ -125,6 +125,18 @@ pub fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// How a request's target is logged: `scheme://host[:port]/path` — never the
+/// userinfo (`user:password@`) or the query, which can carry secrets.
+fn log_target(uri: &http::Uri) -> String {
+    format!(
+        "{}://{}{}{}",
+        uri.scheme_str().unwrap_or("?"),
+        uri.host().unwrap_or("?"),
+        uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default(),
+        uri.path()
+    )
+}
+
 /// The provider's egress policy, shared by all of its calls.
 #[derive(Debug)]
 pub(crate) struct EgressPolicy {
@@ -193,13 +205,7 @@ impl WasiHttpHooks for EgressHooks {
     > {
         let policy = &self.policy;
         let uri = request.uri().clone();
-        // Log scheme://authority/path only: queries can carry secrets.
-        let target = format!(
-            "{}://{}{}",
-            uri.scheme_str().unwrap_or("?"),
-            uri.authority().map(|a| a.as_str()).unwrap_or("?"),
-            uri.path()
-        );
+        let target = log_target(&uri);
         if let Err(why) = policy.check(&uri) {
             tracing::warn!(provider = %policy.provider, %target, "egress denied: {why}");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
@@ -291,6 +297,14 @@ mod tests {
             first_byte_timeout: Duration::from_secs(1),
             max_response_bytes: 1,
         }
+    }
+
+    #[test]
+    fn logged_targets_drop_userinfo_and_query() {
+        let uri: http::Uri = "https://svc:hunter2-pw@idp.example.com:8443/token?secret=s3cr3t"
+            .parse()
+            .unwrap();
+        assert_eq!(log_target(&uri), "https://idp.example.com:8443/token");
     }
 
     #[test]
