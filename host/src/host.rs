@@ -215,7 +215,9 @@ impl HostBuilder {
         let runtime = Arc::new(runtime);
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
-            let slot = match load_provider(&runtime, &config, name, p, None) {
+            let loaded = provider_spec(&config, name, p)
+                .and_then(|resolved| load_provider(&runtime, &config, name, p, resolved, None));
+            let slot = match loaded {
                 Ok(ready) => {
                     tracing::info!(provider = %name, sha256 = ready.runtime.sha256(), "provider loaded");
                     Slot::Ready {
@@ -241,16 +243,16 @@ impl HostBuilder {
     }
 }
 
-/// Resolve, load and wire one provider. `previous` is the version a reload
-/// replaces (its state store is taken over).
+/// Load and wire one provider from its resolved spec (see [`provider_spec`]).
+/// `previous` is the version a reload replaces (its state store is taken over).
 fn load_provider(
     runtime: &Arc<Runtime>,
     config: &HostConfig,
     name: &str,
     p: &ProviderConfig,
+    (spec, identity): (ProviderSpec, Identity),
     previous: Option<&Ready>,
 ) -> Result<Ready> {
-    let (spec, identity) = provider_spec(config, name, p)?;
     let retry = RetryPolicy::from_config(&p.retry).map_err(|e| ConfigError {
         file: config.source.clone(),
         line: None,
@@ -483,8 +485,15 @@ impl Host {
                 );
                 continue;
             }
-            let loaded = attempt.and_then(|_| {
-                load_provider(&self.inner.runtime, &config, name, p, previous.as_deref())
+            let loaded = attempt.and_then(|resolved| {
+                load_provider(
+                    &self.inner.runtime,
+                    &config,
+                    name,
+                    p,
+                    resolved,
+                    previous.as_deref(),
+                )
             });
             let slot = match (loaded, previous) {
                 (Ok(ready), previous) => {
