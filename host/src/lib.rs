@@ -37,7 +37,8 @@
 //!
 //! Configuration files are described in [`config`]; the sandbox in [`runtime`];
 //! the cache's semantics in [`cache`]. [`issuer`] is a development-only OAuth2
-//! token endpoint the demo and tests run against.
+//! token endpoint the demo and tests run against. [`verify`] checks bearer JWTs for
+//! servers that embed reauth (static keys or JWKS, expired told apart from invalid).
 
 #![deny(missing_docs)]
 
@@ -53,6 +54,7 @@ pub mod retry;
 pub mod runtime;
 mod secret;
 mod types;
+pub mod verify;
 pub mod watch;
 
 pub use cache::{CacheEvent, CacheKey, KeyRef, KeyStats, Lookup};

@@ -58,6 +58,8 @@ pub mod bindings {
 pub mod config;
 pub mod http;
 pub mod jwt;
+#[cfg(feature = "oauth2")]
+pub mod oauth2;
 pub mod state;
 pub mod time;
 

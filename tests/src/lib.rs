@@ -5,6 +5,8 @@
 //! everything here runs real components through the real host against real peers
 //! on 127.0.0.1.
 
+pub mod peers;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -22,8 +24,10 @@ pub fn root() -> PathBuf {
 pub struct Plugins {
     /// `plugins/static`.
     pub static_: PathBuf,
-    /// `plugins/basic`.
-    pub basic: PathBuf,
+    /// `plugins/password-rotation`.
+    pub password_rotation: PathBuf,
+    /// `plugins/oidc-refresh-token`.
+    pub oidc_refresh: PathBuf,
     /// `plugins/oauth2-client-credentials`.
     pub oauth2: PathBuf,
     /// `plugins/fixtures/testkit`.
@@ -64,7 +68,8 @@ pub fn plugins() -> &'static Plugins {
         };
         Plugins {
             static_: path("static"),
-            basic: path("basic"),
+            password_rotation: path("password_rotation"),
+            oidc_refresh: path("oidc_refresh_token"),
             oauth2: path("oauth2_client_credentials"),
             testkit: path("fixture_testkit"),
             hostile: path("fixture_hostile"),

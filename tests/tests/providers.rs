@@ -157,7 +157,7 @@ async fn basic_provider_picks_up_a_rotated_password_after_unauthorized() {
     let password = Arc::new(std::sync::Mutex::new("pw-v1".to_string()));
     let hits = Arc::new(AtomicUsize::new(0));
     let (addr, server) = secret_server(password.clone(), hits.clone()).await;
-    let p = &plugins().basic;
+    let p = &plugins().password_rotation;
     let host = Host::builder()
         .provider(
             "db",

@@ -1,0 +1,643 @@
+//! Real peers on loopback, started and stopped by the tests: an OpenID Connect
+//! provider (npm `oidc-provider`, `tests/peers/idp/`), a resource server that
+//! verifies its JWTs through `reauth::verify`, PostgreSQL and Redis from Debian's
+//! packages, and a Vault-shaped secrets endpoint. Every process is stopped by PID
+//! (on `stop()` and on drop); every wait is bounded.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use reauth::verify::Verifier;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+fn peer_log(name: &str) -> std::fs::File {
+    let dir = crate::log_dir().join("peers");
+    std::fs::create_dir_all(&dir).expect("creating target/test-logs/peers");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .expect("opening a peer log")
+}
+
+/// Stop a process: `signal` first, SIGKILL if it has not exited within `grace`.
+fn stop_process(child: &mut Child, signal: &str, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `tests/peers/idp`, with its npm dependencies installed (from the lockfile) once.
+fn idp_dir() -> PathBuf {
+    static READY: OnceLock<PathBuf> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let dir = crate::root().join("tests/peers/idp");
+            if !dir.join("node_modules/oidc-provider").exists() {
+                let status = Command::new("npm")
+                    .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                    .current_dir(&dir)
+                    .status()
+                    .expect("running npm ci in tests/peers/idp (is Node.js installed?)");
+                assert!(status.success(), "npm ci in tests/peers/idp failed");
+            }
+            dir
+        })
+        .clone()
+}
+
+/// One token-endpoint counter of the IdP (`GET /_stats`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct TokenStat {
+    /// The client id.
+    pub client: String,
+    /// The grant type.
+    pub grant: String,
+    /// Successful token responses.
+    pub ok: u64,
+    /// Failed token requests.
+    pub failed: u64,
+}
+
+/// The npm `oidc-provider` IdP, on 127.0.0.1.
+pub struct Idp {
+    child: Option<Child>,
+    port: u16,
+    /// `http://127.0.0.1:<port>`.
+    pub issuer: String,
+    ttl: u64,
+    client_jwk: Option<PathBuf>,
+}
+
+impl Idp {
+    /// Start the IdP with signing keys from `keys` (generated there if missing),
+    /// access tokens living `ttl` seconds, and optionally the `cc-jwt` client whose
+    /// public JWK is in `client_jwk`.
+    pub fn start(keys: &Path, ttl: u64, client_jwk: Option<&Path>) -> Idp {
+        let mut idp = Idp {
+            child: None,
+            port: 0,
+            issuer: String::new(),
+            ttl,
+            client_jwk: client_jwk.map(Path::to_path_buf),
+        };
+        idp.spawn(keys);
+        idp
+    }
+
+    fn spawn(&mut self, keys: &Path) {
+        let dir = idp_dir();
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join("idp.mjs"))
+            .args(["--port", &self.port.to_string()])
+            .arg("--keys")
+            .arg(keys)
+            .args(["--ttl", &self.ttl.to_string()]);
+        if let Some(jwk) = &self.client_jwk {
+            cmd.arg("--client-jwk").arg(jwk);
+        }
+        let mut child = cmd
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(peer_log("idp"))
+            .spawn()
+            .expect("starting node tests/peers/idp/idp.mjs");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if !line.is_empty() => line,
+            other => {
+                stop_process(&mut child, "-TERM", Duration::from_secs(2));
+                panic!("the IdP did not start (see target/test-logs/peers/idp.log): {other:?}");
+            }
+        };
+        let ready: serde_json::Value = serde_json::from_str(&line).expect("IdP ready line");
+        self.issuer = ready["issuer"].as_str().expect("issuer").to_string();
+        self.port = self
+            .issuer
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("issuer port");
+        self.child = Some(child);
+    }
+
+    /// The `host:port` to allow for providers.
+    pub fn authority(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stop the IdP process (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_process(&mut child, "-TERM", Duration::from_secs(5));
+        }
+    }
+
+    /// Start it again on the same port with the keys in `keys` (the same file keeps
+    /// the signing key; another file rotates it). In-memory grants are lost.
+    pub fn restart(&mut self, keys: &Path) {
+        self.stop();
+        // The port was just released; retry briefly if the OS has not freed it yet.
+        self.spawn(keys);
+    }
+
+    /// Token-endpoint counters.
+    pub async fn stats(&self) -> Vec<TokenStat> {
+        let (status, _, body) = http_get(&format!("{}/_stats", self.issuer), None)
+            .await
+            .expect("GET /_stats");
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).expect("stats JSON")
+    }
+
+    /// Successful and failed token requests of `client`, all grants.
+    pub async fn token_requests(&self, client: &str) -> (u64, u64) {
+        self.stats()
+            .await
+            .iter()
+            .filter(|s| s.client == client)
+            .fold((0, 0), |(ok, failed), s| (ok + s.ok, failed + s.failed))
+    }
+
+    /// Log in as `account` through the IdP's development interactions (plain HTTP,
+    /// `tests/peers/idp/login.mjs`) and return the token response, with the offline
+    /// refresh token.
+    pub fn login(&self, account: &str) -> serde_json::Value {
+        let output = Command::new("node")
+            .arg(idp_dir().join("login.mjs"))
+            .args([&self.issuer, account])
+            .output()
+            .expect("running login.mjs");
+        assert!(
+            output.status.success(),
+            "login failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("login output JSON")
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A GET over a fresh HTTP/1.1 connection: status, headers, body. Bounded by 10 s.
+pub async fn http_get(
+    url: &str,
+    bearer: Option<&str>,
+) -> anyhow::Result<(u16, http::HeaderMap, Bytes)> {
+    use http_body_util::{BodyExt, Empty};
+    let uri: http::Uri = url.parse()?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| anyhow::anyhow!("no authority in {url}"))?
+        .clone();
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let conn = tokio::spawn(conn);
+        let mut request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header(header::HOST, authority.as_str());
+        if let Some(token) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let response = sender.send_request(request.body(Empty::<Bytes>::new())?).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        conn.abort();
+        anyhow::Ok((status, headers, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| anyhow::anyhow!("GET {url} timed out"))?
+}
+
+/// Counters of the resource server.
+#[derive(Debug, Default)]
+pub struct ResourceStats {
+    /// Requests with an accepted token.
+    pub accepted: AtomicU64,
+    /// Requests rejected because the token expired.
+    pub expired: AtomicU64,
+    /// Requests rejected for any other reason (bad signature, unknown key…).
+    pub invalid: AtomicU64,
+}
+
+/// An API that accepts the IdP's JWT access tokens, verified with
+/// `reauth::verify` against the IdP's JWKS, and answers 401 with an RFC 6750
+/// challenge otherwise.
+pub struct ResourceServer {
+    /// `http://127.0.0.1:<port>/orders`.
+    pub url: String,
+    /// What it accepted and rejected.
+    pub stats: Arc<ResourceStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ResourceServer {
+    /// Serve on an ephemeral port.
+    pub async fn start(verifier: Verifier) -> ResourceServer {
+        let stats = Arc::new(ResourceStats::default());
+        let state = (Arc::new(verifier), stats.clone());
+        let app = axum::Router::new()
+            .route("/orders", axum::routing::get(orders))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the resource server");
+        let url = format!("http://{}/orders", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        ResourceServer { url, stats, task }
+    }
+}
+
+impl Drop for ResourceServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn orders(
+    State((verifier, stats)): State<(Arc<Verifier>, Arc<ResourceStats>)>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        stats.invalid.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")]).into_response();
+    };
+    match verifier.verify(token).await {
+        Ok(claims) => {
+            stats.accepted.fetch_add(1, Ordering::Relaxed);
+            axum::Json(serde_json::json!({"orders": [], "sub": claims.sub})).into_response()
+        }
+        Err(e) => {
+            if e.is_expired() {
+                stats.expired.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.invalid.fetch_add(1, Ordering::Relaxed);
+            }
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, e.www_authenticate())],
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The uid and gid of a system account (from `/etc/passwd`).
+fn account_ids(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.first() == Some(&name)).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+    })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The directory of PostgreSQL's server binaries (`initdb`, `postgres`).
+fn pg_bin() -> PathBuf {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path().join("bin"))).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .pop()
+        .filter(|p| p.join("initdb").exists())
+        .expect("PostgreSQL server binaries not found (install Debian's `postgresql`)")
+}
+
+/// A throwaway PostgreSQL cluster on 127.0.0.1 with password (SCRAM) authentication.
+pub struct Postgres {
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+    /// Its port.
+    pub port: u16,
+}
+
+/// The superuser's password of the test cluster.
+pub const PG_ADMIN_PASSWORD: &str = "pg-admin-pw-6t5r4e";
+
+impl Postgres {
+    /// initdb and start a cluster; returns once it accepts connections (≤ 30 s).
+    pub async fn start() -> Postgres {
+        let bin = pg_bin();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, PG_ADMIN_PASSWORD).unwrap();
+        // PostgreSQL refuses to run as root: run it as the `postgres` account then.
+        let ids = if is_root() {
+            let ids = account_ids("postgres").expect("no `postgres` account (install postgresql)");
+            for p in [dir.path(), pwfile.as_path()] {
+                std::os::unix::fs::chown(p, Some(ids.0), Some(ids.1)).unwrap();
+            }
+            Some(ids)
+        } else {
+            None
+        };
+        let as_pg = |cmd: &mut Command| {
+            if let Some((uid, gid)) = ids {
+                use std::os::unix::process::CommandExt as _;
+                cmd.uid(uid).gid(gid);
+            }
+        };
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=scram-sha-256"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdout(peer_log("postgres"))
+            .stderr(peer_log("postgres"));
+        as_pg(&mut initdb);
+        let status = initdb.status().expect("running initdb");
+        assert!(status.success(), "initdb failed (see target/test-logs/peers/postgres.log)");
+        let port = free_port();
+        let mut server = Command::new(bin.join("postgres"));
+        server
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-k")
+            .arg(dir.path())
+            .args(["-c", "fsync=off", "-c", "log_connections=on"])
+            .stdout(peer_log("postgres"))
+            .stderr(peer_log("postgres"));
+        as_pg(&mut server);
+        let child = server.spawn().expect("starting postgres");
+        let pg = Postgres {
+            child: Some(child),
+            _dir: dir,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match pg.connect("postgres", PG_ADMIN_PASSWORD).await {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => panic!("postgres did not start: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        pg
+    }
+
+    /// Connect as `user` with `password`; the connection task runs in the background.
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let config = format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=postgres connect_timeout=5",
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Run `sql` as the superuser.
+    pub async fn admin(&self, sql: &str) {
+        let client = self
+            .connect("postgres", PG_ADMIN_PASSWORD)
+            .await
+            .expect("superuser connection");
+        client.batch_execute(sql).await.expect("admin SQL");
+    }
+
+    /// Stop the server (SIGINT: fast shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_process(&mut child, "-INT", Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A throwaway Redis server on 127.0.0.1 with ACL users and no persistence.
+pub struct Redis {
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Redis {
+    /// Start `redis-server`; returns once it answers PING (≤ 20 s).
+    pub async fn start() -> Redis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(peer_log("redis"))
+            .stderr(peer_log("redis"))
+            .spawn()
+            .expect("starting redis-server (install Debian's `redis-server`)");
+        let redis = Redis {
+            child: Some(child),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ping = async {
+                let mut c = redis.connect(None).await?;
+                redis::cmd("PING").query_async::<String>(&mut c).await
+            };
+            match ping.await {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => panic!("redis did not start: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        redis
+    }
+
+    /// A connection, authenticated as `(user, password)` if given.
+    pub async fn connect(
+        &self,
+        auth: Option<(&str, &str)>,
+    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let info = redis::ConnectionInfo {
+            addr: redis::ConnectionAddr::Tcp("127.0.0.1".into(), self.port),
+            redis: redis::RedisConnectionInfo {
+                username: auth.map(|a| a.0.to_string()),
+                password: auth.map(|a| a.1.to_string()),
+                ..Default::default()
+            },
+        };
+        redis::Client::open(info)?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// Stop the server.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_process(&mut child, "-TERM", Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Vault-shaped secrets endpoint (`GET /v1/database/static-creds/<role>` and
+/// `GET /v1/secret/data/<path>`) serving whatever the test puts in it, requiring
+/// `X-Vault-Token`. Counts reads.
+pub struct SecretsEndpoint {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    creds: Arc<Mutex<(String, String, u64)>>,
+    /// Reads served.
+    pub reads: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type VaultState = (Arc<Mutex<(String, String, u64)>>, Arc<AtomicU64>, String);
+
+impl SecretsEndpoint {
+    /// Serve `(username, password)` with `ttl` seconds until the next rotation,
+    /// to clients presenting `vault_token`.
+    pub async fn start(username: &str, password: &str, ttl: u64, vault_token: &str) -> Self {
+        let creds = Arc::new(Mutex::new((username.to_string(), password.to_string(), ttl)));
+        let reads = Arc::new(AtomicU64::new(0));
+        let state: VaultState = (creds.clone(), reads.clone(), vault_token.to_string());
+        let app = axum::Router::new()
+            .route("/v1/database/static-creds/{role}", axum::routing::get(static_creds))
+            .route("/v1/secret/data/{path}", axum::routing::get(kv2))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the secrets endpoint");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        SecretsEndpoint {
+            base,
+            creds,
+            reads,
+            task,
+        }
+    }
+
+    /// Rotate: serve a new password from now on.
+    pub fn set_password(&self, password: &str) {
+        self.creds.lock().unwrap().1 = password.to_string();
+    }
+}
+
+impl Drop for SecretsEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn vault_auth(headers: &HeaderMap, token: &str) -> Result<(), axum::response::Response> {
+    match headers.get("x-vault-token").and_then(|v| v.to_str().ok()) {
+        Some(t) if t == token => Ok(()),
+        _ => Err((
+            StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({"errors": ["permission denied"]})),
+        )
+            .into_response()),
+    }
+}
+
+async fn static_creds(
+    State((creds, reads, token)): State<VaultState>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    if let Err(r) = vault_auth(&headers, &token) {
+        return r;
+    }
+    reads.fetch_add(1, Ordering::Relaxed);
+    let (user, password, ttl) = creds.lock().unwrap().clone();
+    axum::Json(serde_json::json!({
+        "data": {"username": user, "password": password, "ttl": ttl, "rotation_period": ttl}
+    }))
+    .into_response()
+}
+
+async fn kv2(
+    State((creds, reads, token)): State<VaultState>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    if let Err(r) = vault_auth(&headers, &token) {
+        return r;
+    }
+    reads.fetch_add(1, Ordering::Relaxed);
+    let (user, password, _) = creds.lock().unwrap().clone();
+    axum::Json(serde_json::json!({
+        "data": {"data": {"username": user, "password": password}, "metadata": {"version": 1}}
+    }))
+    .into_response()
+}

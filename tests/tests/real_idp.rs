@@ -1,0 +1,403 @@
+//! The OAuth2/OIDC providers against a real OpenID Connect provider (npm
+//! `oidc-provider` 9.x, `tests/peers/idp/`) and a resource server that verifies its
+//! JWTs with `reauth::verify` against the IdP's JWKS. Everything on 127.0.0.1.
+
+use reauth::classify;
+use reauth::verify::Verifier;
+use reauth::{
+    CacheConfig, Credential, Credentials, Decision, Error, Host, ProviderConfig, ProviderError,
+    Rejection, Request, SecurityError, SecurityErrorKind,
+};
+use reauth_tests::peers::{Idp, ResourceServer, http_get};
+use reauth_tests::plugins;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const API: &str = "urn:reauth:test-api";
+const CC_SECRET: &str = "cc-basic-secret-0123456789";
+
+fn setup() {
+    reauth_tests::logs();
+    for s in [CC_SECRET, "cc-post-secret-0123456789", "rp-secret-0123456789"] {
+        reauth_tests::record_secret(s);
+    }
+}
+
+/// Refresh-ahead tuned for 5 s tokens (the defaults assume minutes).
+fn short_lived_cache() -> CacheConfig {
+    CacheConfig {
+        min_period_secs: 0,
+        buffer_secs: 0,
+        skew_secs: 1,
+        min_interval_ms: 100,
+        backoff_initial_ms: 200,
+        backoff_max_ms: 2000,
+        ..CacheConfig::default()
+    }
+}
+
+fn cc_basic(idp: &Idp) -> ProviderConfig {
+    let mut p = ProviderConfig::new(&plugins().oauth2)
+        .allow_host(idp.authority())
+        .config("issuer", &idp.issuer)
+        .config("client_id", "cc-basic")
+        .config("client_secret", CC_SECRET)
+        .config("scope", "api:read");
+    p.cache = short_lived_cache();
+    p
+}
+
+async fn verifier(idp: &Idp, max_age: Duration) -> Verifier {
+    Verifier::builder()
+        .jwks_url(format!("{}/jwks", idp.issuer))
+        .issuer(&idp.issuer)
+        .audience(API)
+        .leeway(Duration::ZERO)
+        .jwks_max_age(max_age)
+        .min_refetch_interval(Duration::ZERO)
+        .build()
+        .expect("verifier")
+}
+
+fn token(c: &Credentials) -> &str {
+    match &c.credential {
+        Credential::Bearer(t) => t.expose(),
+        other => panic!("expected a bearer token, got {other:?}"),
+    }
+}
+
+/// One operation against the resource server, classified the way a client would.
+async fn call_api(url: &str, c: Credentials) -> Result<(), Rejection<String>> {
+    let (status, headers, body) = http_get(url, Some(token(&c)))
+        .await
+        .map_err(|e| Rejection::Other(e.to_string()))?;
+    if status == 200 {
+        return Ok(());
+    }
+    let challenge = headers
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok());
+    let body = String::from_utf8_lossy(&body);
+    match classify::from_http(status, challenge, Some(&body)) {
+        Some(error) => Err(Rejection::security(error, format!("HTTP {status}"))),
+        None => Err(Rejection::Other(format!("HTTP {status}"))),
+    }
+}
+
+struct LoopResult {
+    ops: u64,
+    failures: Vec<String>,
+}
+
+/// Run operations back to back through `with_credentials` for `duration`.
+async fn op_loop(host: &Host, provider: &str, url: &str, duration: Duration) -> LoopResult {
+    let started = tokio::time::Instant::now();
+    let (mut ops, mut failures) = (0u64, Vec::new());
+    let mut seen = HashSet::new();
+    while started.elapsed() < duration {
+        let result = host
+            .with_credentials(provider, &Request::new(), |c| {
+                if seen.insert(token(&c).to_string()) {
+                    reauth_tests::record_secret(token(&c));
+                }
+                call_api(url, c)
+            })
+            .await;
+        ops += 1;
+        if let Err(e) = result {
+            failures.push(format!("{e:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    LoopResult { ops, failures }
+}
+
+fn keys(dir: &Path, name: &str) -> std::path::PathBuf {
+    dir.join(format!("{name}.json"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_loop_calls_the_idp_once_per_token_lifetime() {
+    setup();
+    let dir = tempfile::tempdir().unwrap();
+    let idp = Idp::start(&keys(dir.path(), "k1"), 5, None);
+    let api = ResourceServer::start(verifier(&idp, Duration::from_secs(3600)).await).await;
+    let host = Host::builder().provider("api", cc_basic(&idp)).build().unwrap();
+
+    let run = Duration::from_secs(16);
+    let result = op_loop(&host, "api", &api.url, run).await;
+    let (idp_ok, idp_failed) = idp.token_requests("cc-basic").await;
+    let accepted = api.stats.accepted.load(Ordering::Relaxed);
+    println!(
+        "client_credentials: {} operations in {run:?}, {idp_ok} token requests \
+         ({:.4} IdP calls per operation), {} rejected",
+        result.ops,
+        idp_ok as f64 / result.ops as f64,
+        api.stats.expired.load(Ordering::Relaxed) + api.stats.invalid.load(Ordering::Relaxed),
+    );
+    assert!(result.failures.is_empty(), "failed operations: {:?}", result.failures);
+    assert!(result.ops >= 200, "only {} operations ran", result.ops);
+    assert_eq!(accepted, result.ops, "every operation was accepted first time");
+    assert_eq!(api.stats.expired.load(Ordering::Relaxed), 0, "an expired token was sent");
+    // 16 s of 5 s tokens refreshed ahead at ~80%: 4–6 tokens. Never one per operation.
+    assert!((4..=7).contains(&idp_ok), "{idp_ok} token requests in {run:?}");
+    assert_eq!(idp_failed, 0);
+    assert_eq!(host.plugin_calls("api"), idp_ok, "one plugin call per token");
+    // Discovery was fetched once and then served from the provider's state.
+    let stats = idp.stats().await;
+    assert!(stats.iter().all(|s| s.client == "cc-basic"), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idp_restart_with_a_new_signing_key_is_one_reauthentication() {
+    setup();
+    let dir = tempfile::tempdir().unwrap();
+    let mut idp = Idp::start(&keys(dir.path(), "k1"), 30, None);
+    // The resource server re-reads the JWKS every second, as a real one would
+    // periodically, so it drops the old key soon after the IdP rotated it.
+    let api = ResourceServer::start(verifier(&idp, Duration::from_secs(1)).await).await;
+    let host = Host::builder().provider("api", cc_basic(&idp)).build().unwrap();
+
+    let before = op_loop(&host, "api", &api.url, Duration::from_secs(2)).await;
+    assert!(before.failures.is_empty(), "{:?}", before.failures);
+    assert_eq!(host.plugin_calls("api"), 1, "30 s token: fetched once");
+
+    idp.restart(&keys(dir.path(), "k2"));
+    let after = op_loop(&host, "api", &api.url, Duration::from_secs(4)).await;
+    assert!(after.failures.is_empty(), "failed operations: {:?}", after.failures);
+    // The old token was rejected once (unknown key after the JWKS refresh); the
+    // provider was asked, said refresh, and one new token served the rest.
+    assert_eq!(api.stats.invalid.load(Ordering::Relaxed), 1, "one rejection of the old token");
+    assert_eq!(host.plugin_calls("api"), 2, "exactly one re-authentication");
+    let (ok, _) = idp.token_requests("cc-basic").await; // the restarted IdP's counters
+    assert_eq!(ok, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idp_outage_serves_the_cached_token_backs_off_and_recovers() {
+    setup();
+    let dir = tempfile::tempdir().unwrap();
+    let mut idp = Idp::start(&keys(dir.path(), "k1"), 5, None);
+    let host = Host::builder().provider("api", cc_basic(&idp)).build().unwrap();
+    let request = Request::new();
+    let first = host.get_credentials("api", &request).await.unwrap();
+    reauth_tests::record_secret(token(&first));
+    let expires = first.expires_at.expect("expiry");
+
+    idp.stop();
+    // Poll hard for 7 s: the cached token keeps being served until it expires,
+    // then the outage shows as `unavailable`.
+    let started = tokio::time::Instant::now();
+    let (mut served, mut unavailable, mut polls) = (0u64, 0u64, 0u64);
+    while started.elapsed() < Duration::from_secs(7) {
+        polls += 1;
+        match host.get_credentials("api", &request).await {
+            Ok(c) => {
+                assert_eq!(token(&c), token(&first), "only the cached token can be served");
+                assert!(std::time::SystemTime::now() < expires, "served past its expiry");
+                served += 1;
+            }
+            Err(Error::Provider {
+                error: ProviderError::Unavailable(_),
+                ..
+            }) => unavailable += 1,
+            Err(e) => panic!("unexpected error during the outage: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let attempts = host.plugin_calls("api") - 1;
+    println!(
+        "outage: {polls} polls over 7 s, {served} served from cache, {unavailable} unavailable, \
+         {attempts} plugin attempts"
+    );
+    assert!(served > 0 && unavailable > 0, "served {served}, unavailable {unavailable}");
+    // Backoff 200 ms doubling to 2 s: a handful of attempts, not one per poll.
+    assert!((2..=12).contains(&attempts), "{attempts} attempts during a 7 s outage");
+
+    idp.restart(&keys(dir.path(), "k1"));
+    let back = tokio::time::Instant::now();
+    let fresh = loop {
+        match host.get_credentials("api", &request).await {
+            Ok(c) => break c,
+            Err(_) if back.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no recovery 10 s after the IdP came back: {e}"),
+        }
+    };
+    reauth_tests::record_secret(token(&fresh));
+    assert_ne!(token(&fresh), token(&first));
+    println!("outage: recovered {:?} after the IdP came back", back.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_auth_methods_and_idp_errors() {
+    setup();
+    let dir = tempfile::tempdir().unwrap();
+    // private_key_jwt: the client's P-256 key; the IdP knows its public JWK.
+    let secret = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+    let pem = {
+        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        secret.to_pkcs8_pem(LineEnding::LF).unwrap().to_string()
+    };
+    reauth_tests::record_secret(pem.lines().nth(1).unwrap());
+    let mut jwk: serde_json::Value = serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
+    jwk["alg"] = "ES256".into();
+    jwk["kid"] = "client-key-1".into();
+    let jwk_path = dir.path().join("client.jwk.json");
+    std::fs::write(&jwk_path, jwk.to_string()).unwrap();
+    let idp = Idp::start(&keys(dir.path(), "k1"), 60, Some(&jwk_path));
+    let api = ResourceServer::start(verifier(&idp, Duration::from_secs(3600)).await).await;
+
+    let with = |p: ProviderConfig| p.allow_host(idp.authority());
+    let jwt_client = with(ProviderConfig::new(&plugins().oauth2))
+        .config("issuer", &idp.issuer)
+        .config("client_id", "cc-jwt")
+        .config("private_key", &pem)
+        .config("private_key_alg", "ES256")
+        .config("private_key_kid", "client-key-1");
+    let post_client = with(ProviderConfig::new(&plugins().oauth2))
+        .config("token_url", format!("{}/token", idp.issuer))
+        .config("auth_method", "client_secret_post")
+        .config("client_id", "cc-post")
+        .config("client_secret", "cc-post-secret-0123456789");
+    let wrong_secret = with(ProviderConfig::new(&plugins().oauth2))
+        .config("issuer", &idp.issuer)
+        .config("client_id", "cc-basic")
+        .config("client_secret", "not-the-secret");
+    let bad_scope = with(ProviderConfig::new(&plugins().oauth2))
+        .config("issuer", &idp.issuer)
+        .config("client_id", "cc-post")
+        .config("auth_method", "client_secret_post")
+        .config("client_secret", "cc-post-secret-0123456789")
+        .config("scope", "api:write");
+    let wrong_issuer = with(ProviderConfig::new(&plugins().oauth2))
+        .config("issuer", format!("{}/nowhere", idp.issuer))
+        .config("client_id", "cc-basic")
+        .config("client_secret", CC_SECRET);
+    let host = Host::builder()
+        .provider("jwt", jwt_client)
+        .provider("post", post_client)
+        .provider("wrong-secret", wrong_secret)
+        .provider("bad-scope", bad_scope)
+        .provider("wrong-issuer", wrong_issuer)
+        .build()
+        .unwrap();
+
+    for name in ["jwt", "post"] {
+        let c = host.get_credentials(name, &Request::new()).await.unwrap();
+        reauth_tests::record_secret(token(&c));
+        call_api(&api.url, c.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: the resource server refused the token: {e:?}"));
+        let client = if name == "jwt" { "cc-jwt" } else { "cc-post" };
+        assert_eq!(c.principal.as_deref(), Some(format!("{}|{client}", idp.issuer).as_str()));
+    }
+    assert_eq!(idp.token_requests("cc-jwt").await, (1, 0), "private_key_jwt accepted");
+
+    let err = |r: Result<Credentials, Error>| match r {
+        Err(Error::Provider { error, .. }) => error,
+        other => panic!("expected a provider error, got {other:?}"),
+    };
+    let e = err(host.get_credentials("wrong-secret", &Request::new()).await);
+    assert!(matches!(&e, ProviderError::Denied(m) if m.contains("invalid_client")), "{e:?}");
+    let e = err(host.get_credentials("bad-scope", &Request::new()).await);
+    assert!(matches!(&e, ProviderError::Misconfigured(m) if m.contains("invalid_scope")), "{e:?}");
+    let e = err(host.get_credentials("wrong-issuer", &Request::new()).await);
+    assert!(matches!(&e, ProviderError::Misconfigured(m) if m.contains("discovery")), "{e:?}");
+}
+
+fn refresh_provider(idp: &Idp, seed_file: &Path) -> ProviderConfig {
+    let mut p = ProviderConfig::new(&plugins().oidc_refresh)
+        .allow_host(idp.authority())
+        .config("issuer", &idp.issuer)
+        .config("client_id", "rp")
+        .config("client_secret", "rp-secret-0123456789");
+    p.config.insert(
+        "refresh_token".into(),
+        reauth::config::ConfigValue::File {
+            file: seed_file.to_path_buf(),
+        },
+    );
+    p
+}
+
+fn stored_refresh_token(state_dir: &Path) -> Option<String> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("sso.json")).ok()?).ok()?;
+    let record: serde_json::Value = serde_json::from_str(state["refresh"].as_str()?).ok()?;
+    record["refresh_token"].as_str().map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_token_rotation_survives_host_restarts() {
+    setup();
+    let dir = tempfile::tempdir().unwrap();
+    let idp = Idp::start(&keys(dir.path(), "k1"), 60, None);
+    let login = idp.login("alice");
+    let seed = login["refresh_token"].as_str().unwrap().to_string();
+    reauth_tests::record_secret(&seed);
+    let seed_file = dir.path().join("offline-token");
+    std::fs::write(&seed_file, &seed).unwrap();
+    let state_dir = dir.path().join("state");
+
+    let mut used = vec![seed.clone()];
+    let mut principals = HashSet::new();
+    for round in 0..4 {
+        // A new host each round: a restart between rotations.
+        let host = Host::builder()
+            .state_dir(&state_dir)
+            .provider("sso", refresh_provider(&idp, &seed_file))
+            .build()
+            .unwrap();
+        let request = Request::new();
+        let c = host.get_credentials("sso", &request).await.unwrap();
+        reauth_tests::record_secret(token(&c));
+        principals.insert(c.principal.clone());
+        let rotated = stored_refresh_token(&state_dir).expect("rotated token persisted");
+        reauth_tests::record_secret(&rotated);
+        assert!(!used.contains(&rotated), "round {round}: refresh token did not rotate");
+        used.push(rotated);
+        if round == 1 {
+            // Within one host: the server rejects the token, the provider says
+            // refresh, and the next fetch rotates again.
+            let e = SecurityError::new(SecurityErrorKind::TokenExpired).status(401);
+            let d = host.handle_security_error("sso", &request, &c, &e).await.unwrap();
+            assert_eq!(d, Decision::RefreshAndRetry);
+            let again = host.get_credentials("sso", &request).await.unwrap();
+            reauth_tests::record_secret(token(&again));
+            assert_ne!(token(&again), token(&c));
+            let rotated = stored_refresh_token(&state_dir).unwrap();
+            reauth_tests::record_secret(&rotated);
+            assert!(!used.contains(&rotated));
+            used.push(rotated);
+        }
+    }
+    let (ok, failed) = idp.token_requests("rp").await;
+    // 1 code exchange by the login, then one refresh per rotation.
+    assert_eq!(ok, 1 + (used.len() as u64 - 1), "token requests: {ok}");
+    assert_eq!(failed, 0, "a consumed refresh token was replayed (the IdP revoked the grant)");
+    assert_eq!(
+        principals.into_iter().collect::<Vec<_>>(),
+        vec![Some(format!("{}|alice", idp.issuer))],
+        "principal is iss|sub, stable across refreshes"
+    );
+    println!("refresh rotation: {} rotations, all persisted, none replayed", used.len() - 1);
+
+    // A revoked/unknown refresh token: denied, telling the operator what to do.
+    let bogus = dir.path().join("bogus-token");
+    std::fs::write(&bogus, "not-a-real-refresh-token").unwrap();
+    let host = Host::builder()
+        .provider("sso", refresh_provider(&idp, &bogus))
+        .build()
+        .unwrap();
+    match host.get_credentials("sso", &Request::new()).await {
+        Err(Error::Provider {
+            error: ProviderError::Denied(m),
+            ..
+        }) => assert!(m.contains("Log in again"), "{m}"),
+        other => panic!("expected denied, got {other:?}"),
+    }
+}
