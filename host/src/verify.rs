@@ -9,9 +9,9 @@
 //! gives the RFC 6750 challenge for either.
 //!
 //! JWKS keys are cached. A token whose `kid` is not in the cache triggers one refetch,
-//! at most once per `min_refetch_interval` (so a flood of tokens with made-up `kid`s
-//! cannot turn the verifier into a load generator against the IdP); concurrent
-//! refetches are coalesced into one request.
+//! at most once per `min_refetch_interval`: a key rotation is picked up at once, and a
+//! flood of tokens with made-up `kid`s cannot turn the verifier into a load generator
+//! against the IdP. Concurrent refetches are coalesced into one request.
 //!
 //! ```no_run
 //! use reauth::verify::Verifier;
@@ -153,9 +153,20 @@ struct Jwks {
     keys: std::sync::RwLock<Arc<HashMap<String, Key>>>,
 }
 
+/// Why the JWKS is refetched; each reason has its own rate limit, so the initial
+/// (or periodic) fetch never blocks the refetch a key rotation needs.
+#[derive(Clone, Copy, Debug)]
+enum Refetch {
+    /// No keys yet, or the cached ones are older than `max_age`.
+    Stale,
+    /// A token named a `kid` the cache does not have.
+    UnknownKid,
+}
+
 #[derive(Default)]
 struct JwksState {
-    last_attempt: Option<Instant>,
+    last_stale: Option<Instant>,
+    last_unknown_kid: Option<Instant>,
     last_success: Option<Instant>,
     fetches: u64,
 }
@@ -207,7 +218,12 @@ fn pem_key(
 }
 
 impl VerifierBuilder {
-    fn push(mut self, kid: Option<&str>, key: Result<DecodingKey, String>, algs: &[Algorithm]) -> Self {
+    fn push(
+        mut self,
+        kid: Option<&str>,
+        key: Result<DecodingKey, String>,
+        algs: &[Algorithm],
+    ) -> Self {
         match key {
             Ok(key) => self.keys.push((
                 kid.map(str::to_string),
@@ -288,7 +304,8 @@ impl VerifierBuilder {
     }
 
     /// At most one JWKS refetch per this interval when a token names an unknown
-    /// `kid` (default 30 s).
+    /// `kid`, and at most one attempt per interval while the keys are missing or
+    /// stale (default 30 s).
     pub fn min_refetch_interval(mut self, interval: Duration) -> Self {
         self.min_refetch = Some(interval);
         self
@@ -362,7 +379,8 @@ fn jwk_algorithms(jwk: &jsonwebtoken::jwk::Jwk) -> Vec<Algorithm> {
     if let Some(alg) = jwk
         .common
         .key_algorithm
-        .and_then(|a| a.to_string().parse::<Algorithm>().ok()) {
+        .and_then(|a| a.to_string().parse::<Algorithm>().ok())
+    {
         return vec![alg];
     }
     match &jwk.algorithm {
@@ -393,21 +411,22 @@ impl Jwks {
 
     /// Refetch unless another task just did or the rate limit says no. Returns the
     /// keys to use afterwards, and the fetch error, if a fetch was tried and failed.
-    async fn refetch(&self, reason: &str) -> (Arc<HashMap<String, Key>>, Option<String>) {
+    async fn refetch(&self, reason: Refetch) -> (Arc<HashMap<String, Key>>, Option<String>) {
         let before = self.current();
         let mut state = self.state.lock().await;
         let now_keys = self.current();
         if !Arc::ptr_eq(&now_keys, &before) {
             return (now_keys, None); // another task refetched while we waited
         }
-        if state
-            .last_attempt
-            .is_some_and(|t| t.elapsed() < self.min_refetch)
-        {
-            tracing::debug!(url = %self.url, reason, "JWKS refetch rate-limited");
+        let last = match reason {
+            Refetch::Stale => &mut state.last_stale,
+            Refetch::UnknownKid => &mut state.last_unknown_kid,
+        };
+        if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
+            tracing::debug!(url = %self.url, ?reason, "JWKS refetch rate-limited");
             return (now_keys, None);
         }
-        state.last_attempt = Some(Instant::now());
+        *last = Some(Instant::now());
         state.fetches += 1;
         match tokio::time::timeout(self.timeout, fetch_jwks(&self.url)).await {
             Ok(Ok(set)) => {
@@ -419,10 +438,12 @@ impl Jwks {
                         Ok(key) if !algorithms.is_empty() => {
                             keys.insert(kid, Key { key, algorithms });
                         }
-                        _ => tracing::debug!(url = %self.url, kid, "JWKS key skipped (unsupported)"),
+                        _ => {
+                            tracing::debug!(url = %self.url, kid, "JWKS key skipped (unsupported)")
+                        }
                     }
                 }
-                tracing::info!(url = %self.url, keys = keys.len(), reason, "JWKS fetched");
+                tracing::info!(url = %self.url, keys = keys.len(), ?reason, "JWKS fetched");
                 state.last_success = Some(Instant::now());
                 let keys = Arc::new(keys);
                 *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys.clone();
@@ -434,7 +455,10 @@ impl Jwks {
             }
             Err(_) => {
                 tracing::warn!(url = %self.url, "JWKS fetch timed out");
-                (now_keys, Some(format!("timed out after {:?}", self.timeout)))
+                (
+                    now_keys,
+                    Some(format!("timed out after {:?}", self.timeout)),
+                )
             }
         }
     }
@@ -452,7 +476,10 @@ async fn fetch_jwks(url: &http::Uri) -> Result<JwkSet, String> {
     const MAX: usize = 256 * 1024;
     let request = http::Request::get(url.clone())
         .header(http::header::ACCEPT, "application/json")
-        .header(http::header::HOST, url.authority().map(|a| a.as_str()).unwrap_or_default())
+        .header(
+            http::header::HOST,
+            url.authority().map(|a| a.as_str()).unwrap_or_default(),
+        )
         .body(Empty::<Bytes>::new().map_err(|never| match never {}))
         .map_err(|e| e.to_string())?;
     let (response, io) = wasmtime_wasi_http::default_send_request(request, None)
@@ -508,7 +535,7 @@ impl Verifier {
                 let mut keys = jwks.current();
                 let mut fetch_error = None;
                 if keys.is_empty() || jwks.stale().await {
-                    (keys, fetch_error) = jwks.refetch("no fresh keys").await;
+                    (keys, fetch_error) = jwks.refetch(Refetch::Stale).await;
                 }
                 let pick = |keys: &HashMap<String, Key>| -> Option<Key> {
                     match &header.kid {
@@ -521,7 +548,7 @@ impl Verifier {
                     Some(key) => key,
                     None => {
                         let kid = header.kid.clone().unwrap_or_default();
-                        let (keys, error) = jwks.refetch("unknown kid").await;
+                        let (keys, error) = jwks.refetch(Refetch::UnknownKid).await;
                         match (pick(&keys), error.or(fetch_error)) {
                             (Some(key), _) => key,
                             (None, Some(e)) if keys.is_empty() => {
@@ -537,7 +564,10 @@ impl Verifier {
     }
 
     fn try_keys(&self, token: &str, alg: Algorithm, keys: &[&Key]) -> Result<Claims, VerifyError> {
-        let usable: Vec<&&Key> = keys.iter().filter(|k| k.algorithms.contains(&alg)).collect();
+        let usable: Vec<&&Key> = keys
+            .iter()
+            .filter(|k| k.algorithms.contains(&alg))
+            .collect();
         if usable.is_empty() {
             return Err(VerifyError::DisallowedAlgorithm(format!("{alg:?}")));
         }
@@ -579,7 +609,9 @@ fn classify(kind: &ErrorKind, token: &str) -> VerifyError {
         ErrorKind::InvalidAudience => VerifyError::WrongAudience,
         ErrorKind::InvalidIssuer => VerifyError::WrongIssuer,
         ErrorKind::InvalidAlgorithm => VerifyError::DisallowedAlgorithm("for this key".into()),
-        ErrorKind::MissingRequiredClaim(c) => VerifyError::Malformed(format!("missing claim `{c}`")),
+        ErrorKind::MissingRequiredClaim(c) => {
+            VerifyError::Malformed(format!("missing claim `{c}`"))
+        }
         other => VerifyError::Malformed(format!("{other:?}")),
     }
 }
@@ -605,8 +637,12 @@ mod tests {
     }
 
     fn hs(secret: &[u8], claims: serde_json::Value) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
-            .unwrap()
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
     }
 
     fn verifier(secret: &[u8]) -> Verifier {
@@ -623,43 +659,74 @@ mod tests {
     async fn classifies_static_key_failures() {
         let v = verifier(b"0123456789abcdef0123456789abcdef");
         let good = json!({"iss": "https://idp", "aud": "api", "sub": "alice", "exp": now() + 60});
-        let claims = v.verify(&hs(b"0123456789abcdef0123456789abcdef", good.clone())).await.unwrap();
+        let claims = v
+            .verify(&hs(b"0123456789abcdef0123456789abcdef", good.clone()))
+            .await
+            .unwrap();
         assert_eq!(claims.sub.as_deref(), Some("alice"));
 
         let expired = json!({"iss": "https://idp", "aud": "api", "exp": now() - 60});
-        let e = v.verify(&hs(b"0123456789abcdef0123456789abcdef", expired)).await.unwrap_err();
+        let e = v
+            .verify(&hs(b"0123456789abcdef0123456789abcdef", expired))
+            .await
+            .unwrap_err();
         assert!(e.is_expired(), "{e:?}");
         // within the leeway: accepted
         let recent = json!({"iss": "https://idp", "aud": "api", "exp": now() - 2});
-        assert!(v.verify(&hs(b"0123456789abcdef0123456789abcdef", recent)).await.is_ok());
+        assert!(
+            v.verify(&hs(b"0123456789abcdef0123456789abcdef", recent))
+                .await
+                .is_ok()
+        );
 
         let forged = hs(b"another-secret-another-secret-00", good.clone());
-        assert_eq!(v.verify(&forged).await.unwrap_err(), VerifyError::InvalidSignature);
+        assert_eq!(
+            v.verify(&forged).await.unwrap_err(),
+            VerifyError::InvalidSignature
+        );
         // an expired token with a bad signature is invalid, not expired
-        let forged_expired = hs(b"another-secret-another-secret-00", json!({"iss": "https://idp", "aud": "api", "exp": now() - 60}));
-        assert_eq!(v.verify(&forged_expired).await.unwrap_err(), VerifyError::InvalidSignature);
+        let forged_expired = hs(
+            b"another-secret-another-secret-00",
+            json!({"iss": "https://idp", "aud": "api", "exp": now() - 60}),
+        );
+        assert_eq!(
+            v.verify(&forged_expired).await.unwrap_err(),
+            VerifyError::InvalidSignature
+        );
 
         let other_aud = json!({"iss": "https://idp", "aud": "other", "exp": now() + 60});
         assert_eq!(
-            v.verify(&hs(b"0123456789abcdef0123456789abcdef", other_aud)).await.unwrap_err(),
+            v.verify(&hs(b"0123456789abcdef0123456789abcdef", other_aud))
+                .await
+                .unwrap_err(),
             VerifyError::WrongAudience
         );
         let other_iss = json!({"iss": "https://evil", "aud": "api", "exp": now() + 60});
         assert_eq!(
-            v.verify(&hs(b"0123456789abcdef0123456789abcdef", other_iss)).await.unwrap_err(),
+            v.verify(&hs(b"0123456789abcdef0123456789abcdef", other_iss))
+                .await
+                .unwrap_err(),
             VerifyError::WrongIssuer
         );
-        let future = json!({"iss": "https://idp", "aud": "api", "exp": now() + 600, "nbf": now() + 300});
+        let future =
+            json!({"iss": "https://idp", "aud": "api", "exp": now() + 600, "nbf": now() + 300});
         assert_eq!(
-            v.verify(&hs(b"0123456789abcdef0123456789abcdef", future)).await.unwrap_err(),
+            v.verify(&hs(b"0123456789abcdef0123456789abcdef", future))
+                .await
+                .unwrap_err(),
             VerifyError::NotYetValid
         );
         let no_exp = json!({"iss": "https://idp", "aud": "api"});
         assert!(matches!(
-            v.verify(&hs(b"0123456789abcdef0123456789abcdef", no_exp)).await.unwrap_err(),
+            v.verify(&hs(b"0123456789abcdef0123456789abcdef", no_exp))
+                .await
+                .unwrap_err(),
             VerifyError::Malformed(_)
         ));
-        assert!(matches!(v.verify("not.a.jwt").await.unwrap_err(), VerifyError::Malformed(_)));
+        assert!(matches!(
+            v.verify("not.a.jwt").await.unwrap_err(),
+            VerifyError::Malformed(_)
+        ));
     }
 
     #[tokio::test]
@@ -676,7 +743,10 @@ mod tests {
             .build()
             .unwrap();
         let token = hs(pem.as_bytes(), json!({"aud": "api", "exp": now() + 60}));
-        assert!(matches!(v.verify(&token).await.unwrap_err(), VerifyError::DisallowedAlgorithm(_)));
+        assert!(matches!(
+            v.verify(&token).await.unwrap_err(),
+            VerifyError::DisallowedAlgorithm(_)
+        ));
     }
 
     #[test]
@@ -692,9 +762,17 @@ mod tests {
         assert!(e.to_string().contains("no audience"), "{e}");
         let e = Verifier::builder().audience("a").build().unwrap_err();
         assert!(e.to_string().contains("no key"), "{e}");
-        let e = Verifier::builder().rsa_pem(None, b"garbage").audience("a").build().unwrap_err();
+        let e = Verifier::builder()
+            .rsa_pem(None, b"garbage")
+            .audience("a")
+            .build()
+            .unwrap_err();
         assert!(e.to_string().contains("RSA public key"), "{e}");
-        let e = Verifier::builder().jwks_url("http://idp.example.com/jwks").audience("a").build().unwrap_err();
+        let e = Verifier::builder()
+            .jwks_url("http://idp.example.com/jwks")
+            .audience("a")
+            .build()
+            .unwrap_err();
         assert!(e.to_string().contains("must be https"), "{e}");
     }
 

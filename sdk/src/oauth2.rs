@@ -51,7 +51,10 @@ impl std::fmt::Debug for TokenResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenResponse")
             .field("expires_in", &self.expires_in)
-            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -119,12 +122,7 @@ pub fn idp_error(status: u16, body: &[u8]) -> ProviderError {
     };
     // `error` and `error_description` are IdP-chosen text: keep them short and
     // printable so a hostile IdP cannot flood the host's logs.
-    let clean = |s: &str| -> String {
-        s.chars()
-            .filter(|c| !c.is_control())
-            .take(200)
-            .collect()
-    };
+    let clean = |s: &str| -> String { s.chars().filter(|c| !c.is_control()).take(200).collect() };
     let detail = match &err.error_description {
         Some(d) => format!("{}: {} (HTTP {status})", clean(&err.error), clean(d)),
         None => format!("{} (HTTP {status})", clean(&err.error)),
@@ -235,7 +233,10 @@ pub fn discover_token_endpoint(
         fetched_at: now,
     };
     // A failed write only costs a discovery request next time.
-    let _ = state::set(DISCOVERY_KEY, &serde_json::to_string(&cached).unwrap_or_default());
+    let _ = state::set(
+        DISCOVERY_KEY,
+        &serde_json::to_string(&cached).unwrap_or_default(),
+    );
     Ok(endpoint)
 }
 
@@ -284,7 +285,10 @@ impl Client {
             (Some(url), issuer) => (url, issuer),
             (None, Some(issuer)) => {
                 let ttl = parse_u64("discovery_ttl_s", "3600")?;
-                (discover_token_endpoint(&issuer, ttl, timeout_ms)?, Some(issuer))
+                (
+                    discover_token_endpoint(&issuer, ttl, timeout_ms)?,
+                    Some(issuer),
+                )
             }
             (None, None) => {
                 return Err(ProviderError::misconfigured(

@@ -237,7 +237,9 @@ pub async fn http_get(
         if let Some(token) = bearer {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        let response = sender.send_request(request.body(Empty::<Bytes>::new())?).await?;
+        let response = sender
+            .send_request(request.body(Empty::<Bytes>::new())?)
+            .await?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response.into_body().collect().await?.to_bytes();
@@ -306,7 +308,11 @@ async fn orders(
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(token) = token else {
         stats.invalid.fetch_add(1, Ordering::Relaxed);
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")]).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+        )
+            .into_response();
     };
     match verifier.verify(token).await {
         Ok(claims) => {
@@ -333,7 +339,8 @@ fn account_ids(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|line| {
         let f: Vec<&str> = line.split(':').collect();
-        (f.first() == Some(&name)).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+        (f.first() == Some(&name))
+            .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
     })
 }
 
@@ -356,7 +363,10 @@ fn pg_bin() -> PathBuf {
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path().join("bin"))).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
     versions
@@ -404,13 +414,21 @@ impl Postgres {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=scram-sha-256"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-host=scram-sha-256",
+                "--auth-local=scram-sha-256",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .stdout(peer_log("postgres"))
             .stderr(peer_log("postgres"));
         as_pg(&mut initdb);
         let status = initdb.status().expect("running initdb");
-        assert!(status.success(), "initdb failed (see target/test-logs/peers/postgres.log)");
+        assert!(
+            status.success(),
+            "initdb failed (see target/test-logs/peers/postgres.log)"
+        );
         let port = free_port();
         let mut server = Command::new(bin.join("postgres"));
         server
@@ -567,11 +585,18 @@ impl SecretsEndpoint {
     /// Serve `(username, password)` with `ttl` seconds until the next rotation,
     /// to clients presenting `vault_token`.
     pub async fn start(username: &str, password: &str, ttl: u64, vault_token: &str) -> Self {
-        let creds = Arc::new(Mutex::new((username.to_string(), password.to_string(), ttl)));
+        let creds = Arc::new(Mutex::new((
+            username.to_string(),
+            password.to_string(),
+            ttl,
+        )));
         let reads = Arc::new(AtomicU64::new(0));
         let state: VaultState = (creds.clone(), reads.clone(), vault_token.to_string());
         let app = axum::Router::new()
-            .route("/v1/database/static-creds/{role}", axum::routing::get(static_creds))
+            .route(
+                "/v1/database/static-creds/{role}",
+                axum::routing::get(static_creds),
+            )
             .route("/v1/secret/data/{path}", axum::routing::get(kv2))
             .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -20,7 +20,11 @@ const CC_SECRET: &str = "cc-basic-secret-0123456789";
 
 fn setup() {
     reauth_tests::logs();
-    for s in [CC_SECRET, "cc-post-secret-0123456789", "rp-secret-0123456789"] {
+    for s in [
+        CC_SECRET,
+        "cc-post-secret-0123456789",
+        "rp-secret-0123456789",
+    ] {
         reauth_tests::record_secret(s);
     }
 }
@@ -124,7 +128,10 @@ async fn client_credentials_loop_calls_the_idp_once_per_token_lifetime() {
     let dir = tempfile::tempdir().unwrap();
     let idp = Idp::start(&keys(dir.path(), "k1"), 5, None);
     let api = ResourceServer::start(verifier(&idp, Duration::from_secs(3600)).await).await;
-    let host = Host::builder().provider("api", cc_basic(&idp)).build().unwrap();
+    let host = Host::builder()
+        .provider("api", cc_basic(&idp))
+        .build()
+        .unwrap();
 
     let run = Duration::from_secs(16);
     let result = op_loop(&host, "api", &api.url, run).await;
@@ -137,14 +144,32 @@ async fn client_credentials_loop_calls_the_idp_once_per_token_lifetime() {
         idp_ok as f64 / result.ops as f64,
         api.stats.expired.load(Ordering::Relaxed) + api.stats.invalid.load(Ordering::Relaxed),
     );
-    assert!(result.failures.is_empty(), "failed operations: {:?}", result.failures);
+    assert!(
+        result.failures.is_empty(),
+        "failed operations: {:?}",
+        result.failures
+    );
     assert!(result.ops >= 200, "only {} operations ran", result.ops);
-    assert_eq!(accepted, result.ops, "every operation was accepted first time");
-    assert_eq!(api.stats.expired.load(Ordering::Relaxed), 0, "an expired token was sent");
+    assert_eq!(
+        accepted, result.ops,
+        "every operation was accepted first time"
+    );
+    assert_eq!(
+        api.stats.expired.load(Ordering::Relaxed),
+        0,
+        "an expired token was sent"
+    );
     // 16 s of 5 s tokens refreshed ahead at ~80%: 4–6 tokens. Never one per operation.
-    assert!((4..=7).contains(&idp_ok), "{idp_ok} token requests in {run:?}");
+    assert!(
+        (4..=7).contains(&idp_ok),
+        "{idp_ok} token requests in {run:?}"
+    );
     assert_eq!(idp_failed, 0);
-    assert_eq!(host.plugin_calls("api"), idp_ok, "one plugin call per token");
+    assert_eq!(
+        host.plugin_calls("api"),
+        idp_ok,
+        "one plugin call per token"
+    );
     // Discovery was fetched once and then served from the provider's state.
     let stats = idp.stats().await;
     assert!(stats.iter().all(|s| s.client == "cc-basic"), "{stats:?}");
@@ -158,7 +183,10 @@ async fn idp_restart_with_a_new_signing_key_is_one_reauthentication() {
     // The resource server re-reads the JWKS every second, as a real one would
     // periodically, so it drops the old key soon after the IdP rotated it.
     let api = ResourceServer::start(verifier(&idp, Duration::from_secs(1)).await).await;
-    let host = Host::builder().provider("api", cc_basic(&idp)).build().unwrap();
+    let host = Host::builder()
+        .provider("api", cc_basic(&idp))
+        .build()
+        .unwrap();
 
     let before = op_loop(&host, "api", &api.url, Duration::from_secs(2)).await;
     assert!(before.failures.is_empty(), "{:?}", before.failures);
@@ -166,10 +194,18 @@ async fn idp_restart_with_a_new_signing_key_is_one_reauthentication() {
 
     idp.restart(&keys(dir.path(), "k2"));
     let after = op_loop(&host, "api", &api.url, Duration::from_secs(4)).await;
-    assert!(after.failures.is_empty(), "failed operations: {:?}", after.failures);
+    assert!(
+        after.failures.is_empty(),
+        "failed operations: {:?}",
+        after.failures
+    );
     // The old token was rejected once (unknown key after the JWKS refresh); the
     // provider was asked, said refresh, and one new token served the rest.
-    assert_eq!(api.stats.invalid.load(Ordering::Relaxed), 1, "one rejection of the old token");
+    assert_eq!(
+        api.stats.invalid.load(Ordering::Relaxed),
+        1,
+        "one rejection of the old token"
+    );
     assert_eq!(host.plugin_calls("api"), 2, "exactly one re-authentication");
     let (ok, _) = idp.token_requests("cc-basic").await; // the restarted IdP's counters
     assert_eq!(ok, 1);
@@ -180,7 +216,10 @@ async fn idp_outage_serves_the_cached_token_backs_off_and_recovers() {
     setup();
     let dir = tempfile::tempdir().unwrap();
     let mut idp = Idp::start(&keys(dir.path(), "k1"), 5, None);
-    let host = Host::builder().provider("api", cc_basic(&idp)).build().unwrap();
+    let host = Host::builder()
+        .provider("api", cc_basic(&idp))
+        .build()
+        .unwrap();
     let request = Request::new();
     let first = host.get_credentials("api", &request).await.unwrap();
     reauth_tests::record_secret(token(&first));
@@ -195,8 +234,15 @@ async fn idp_outage_serves_the_cached_token_backs_off_and_recovers() {
         polls += 1;
         match host.get_credentials("api", &request).await {
             Ok(c) => {
-                assert_eq!(token(&c), token(&first), "only the cached token can be served");
-                assert!(std::time::SystemTime::now() < expires, "served past its expiry");
+                assert_eq!(
+                    token(&c),
+                    token(&first),
+                    "only the cached token can be served"
+                );
+                assert!(
+                    std::time::SystemTime::now() < expires,
+                    "served past its expiry"
+                );
                 served += 1;
             }
             Err(Error::Provider {
@@ -212,9 +258,15 @@ async fn idp_outage_serves_the_cached_token_backs_off_and_recovers() {
         "outage: {polls} polls over 7 s, {served} served from cache, {unavailable} unavailable, \
          {attempts} plugin attempts"
     );
-    assert!(served > 0 && unavailable > 0, "served {served}, unavailable {unavailable}");
+    assert!(
+        served > 0 && unavailable > 0,
+        "served {served}, unavailable {unavailable}"
+    );
     // Backoff 200 ms doubling to 2 s: a handful of attempts, not one per poll.
-    assert!((2..=12).contains(&attempts), "{attempts} attempts during a 7 s outage");
+    assert!(
+        (2..=12).contains(&attempts),
+        "{attempts} attempts during a 7 s outage"
+    );
 
     idp.restart(&keys(dir.path(), "k1"));
     let back = tokio::time::Instant::now();
@@ -229,7 +281,10 @@ async fn idp_outage_serves_the_cached_token_backs_off_and_recovers() {
     };
     reauth_tests::record_secret(token(&fresh));
     assert_ne!(token(&fresh), token(&first));
-    println!("outage: recovered {:?} after the IdP came back", back.elapsed());
+    println!(
+        "outage: recovered {:?} after the IdP came back",
+        back.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,7 +298,8 @@ async fn client_auth_methods_and_idp_errors() {
         secret.to_pkcs8_pem(LineEnding::LF).unwrap().to_string()
     };
     reauth_tests::record_secret(pem.lines().nth(1).unwrap());
-    let mut jwk: serde_json::Value = serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
+    let mut jwk: serde_json::Value =
+        serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
     jwk["alg"] = "ES256".into();
     jwk["kid"] = "client-key-1".into();
     let jwk_path = dir.path().join("client.jwk.json");
@@ -293,20 +349,36 @@ async fn client_auth_methods_and_idp_errors() {
             .await
             .unwrap_or_else(|e| panic!("{name}: the resource server refused the token: {e:?}"));
         let client = if name == "jwt" { "cc-jwt" } else { "cc-post" };
-        assert_eq!(c.principal.as_deref(), Some(format!("{}|{client}", idp.issuer).as_str()));
+        assert_eq!(
+            c.principal.as_deref(),
+            Some(format!("{}|{client}", idp.issuer).as_str())
+        );
     }
-    assert_eq!(idp.token_requests("cc-jwt").await, (1, 0), "private_key_jwt accepted");
+    assert_eq!(
+        idp.token_requests("cc-jwt").await,
+        (1, 0),
+        "private_key_jwt accepted"
+    );
 
     let err = |r: Result<Credentials, Error>| match r {
         Err(Error::Provider { error, .. }) => error,
         other => panic!("expected a provider error, got {other:?}"),
     };
     let e = err(host.get_credentials("wrong-secret", &Request::new()).await);
-    assert!(matches!(&e, ProviderError::Denied(m) if m.contains("invalid_client")), "{e:?}");
+    assert!(
+        matches!(&e, ProviderError::Denied(m) if m.contains("invalid_client")),
+        "{e:?}"
+    );
     let e = err(host.get_credentials("bad-scope", &Request::new()).await);
-    assert!(matches!(&e, ProviderError::Misconfigured(m) if m.contains("invalid_scope")), "{e:?}");
+    assert!(
+        matches!(&e, ProviderError::Misconfigured(m) if m.contains("invalid_scope")),
+        "{e:?}"
+    );
     let e = err(host.get_credentials("wrong-issuer", &Request::new()).await);
-    assert!(matches!(&e, ProviderError::Misconfigured(m) if m.contains("discovery")), "{e:?}");
+    assert!(
+        matches!(&e, ProviderError::Misconfigured(m) if m.contains("discovery")),
+        "{e:?}"
+    );
 }
 
 fn refresh_provider(idp: &Idp, seed_file: &Path) -> ProviderConfig {
@@ -358,13 +430,19 @@ async fn refresh_token_rotation_survives_host_restarts() {
         principals.insert(c.principal.clone());
         let rotated = stored_refresh_token(&state_dir).expect("rotated token persisted");
         reauth_tests::record_secret(&rotated);
-        assert!(!used.contains(&rotated), "round {round}: refresh token did not rotate");
+        assert!(
+            !used.contains(&rotated),
+            "round {round}: refresh token did not rotate"
+        );
         used.push(rotated);
         if round == 1 {
             // Within one host: the server rejects the token, the provider says
             // refresh, and the next fetch rotates again.
             let e = SecurityError::new(SecurityErrorKind::TokenExpired).status(401);
-            let d = host.handle_security_error("sso", &request, &c, &e).await.unwrap();
+            let d = host
+                .handle_security_error("sso", &request, &c, &e)
+                .await
+                .unwrap();
             assert_eq!(d, Decision::RefreshAndRetry);
             let again = host.get_credentials("sso", &request).await.unwrap();
             reauth_tests::record_secret(token(&again));
@@ -378,13 +456,19 @@ async fn refresh_token_rotation_survives_host_restarts() {
     let (ok, failed) = idp.token_requests("rp").await;
     // 1 code exchange by the login, then one refresh per rotation.
     assert_eq!(ok, 1 + (used.len() as u64 - 1), "token requests: {ok}");
-    assert_eq!(failed, 0, "a consumed refresh token was replayed (the IdP revoked the grant)");
+    assert_eq!(
+        failed, 0,
+        "a consumed refresh token was replayed (the IdP revoked the grant)"
+    );
     assert_eq!(
         principals.into_iter().collect::<Vec<_>>(),
         vec![Some(format!("{}|alice", idp.issuer))],
         "principal is iss|sub, stable across refreshes"
     );
-    println!("refresh rotation: {} rotations, all persisted, none replayed", used.len() - 1);
+    println!(
+        "refresh rotation: {} rotations, all persisted, none replayed",
+        used.len() - 1
+    );
 
     // A revoked/unknown refresh token: denied, telling the operator what to do.
     let bogus = dir.path().join("bogus-token");

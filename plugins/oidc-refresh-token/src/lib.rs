@@ -49,8 +49,7 @@ fn current_token(seed: &str) -> (String, String) {
 
 impl Provider for RefreshToken {
     fn get_credentials(request: Request) -> Result<Credentials, ProviderError> {
-        if request.subject.is_some() || !request.scopes.is_empty() || request.audience.is_some()
-        {
+        if request.subject.is_some() || !request.scopes.is_empty() || request.audience.is_some() {
             return Err(ProviderError::misconfigured(
                 "an offline refresh token serves one identity: drop `subject`, `scopes` and \
                  `audience` from the request (set `scope` in config to down-scope)",
@@ -60,7 +59,10 @@ impl Provider for RefreshToken {
         let seed = config::required("refresh_token")?;
         let (token, fingerprint) = current_token(&seed);
         let scope = config::get("scope")?;
-        let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", token.as_str())];
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", token.as_str()),
+        ];
         if let Some(scope) = scope.as_deref().filter(|s| !s.is_empty()) {
             form.push(("scope", scope));
         }
