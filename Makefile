@@ -3,13 +3,17 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup plugins demo test lint fmt wit-check bench fuzz clean
+.PHONY: setup peers plugins demo test lint fmt wit-check bench fuzz clean
 
 ## Toolchain pieces a fresh machine lacks (RUSTUP_AUTO_INSTALL=0 here: be explicit).
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+
+## The real peers of the integration tests (oidc-provider, PostgreSQL, Redis).
+peers:
+	scripts/install-peers.sh
 
 ## Build the shipped providers and the test fixtures (guest workspace, wasm32-wasip2).
 plugins: setup
@@ -22,7 +26,7 @@ demo: plugins
 
 ## Everything CI checks: formatting, lints, WIT drift, unit + integration tests,
 ## then the audit of every log line the tests wrote for leaked secrets.
-test: lint plugins
+test: lint plugins peers
 	rm -rf target/test-logs
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
@@ -32,7 +36,7 @@ lint: setup wit-check
 	$(CARGO) fmt --all -- --check
 	cd plugins && $(CARGO) fmt --all -- --check
 	cd sdk && $(CARGO) fmt -- --check
-	cd sdk && $(CARGO) clippy --target wasm32-wasip2 -- -D warnings
+	cd sdk && $(CARGO) clippy --target wasm32-wasip2 --all-features -- -D warnings
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	cd plugins && $(CARGO) clippy --release --target wasm32-wasip2 --workspace -- -D warnings
 

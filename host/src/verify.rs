@@ -140,7 +140,7 @@ struct Key {
 
 enum Source {
     Static(Vec<(Option<String>, Key)>),
-    Jwks(Jwks),
+    Jwks(Box<Jwks>),
 }
 
 struct Jwks {
@@ -355,14 +355,14 @@ impl VerifierBuilder {
                         )));
                     }
                 }
-                Source::Jwks(Jwks {
+                Source::Jwks(Box::new(Jwks {
                     url: uri,
                     min_refetch: self.min_refetch.unwrap_or(Duration::from_secs(30)),
                     max_age: self.max_age.unwrap_or(Duration::from_secs(3600)),
                     timeout: self.timeout.unwrap_or(Duration::from_secs(5)),
                     state: Default::default(),
                     keys: Default::default(),
-                })
+                }))
             }
         };
         Ok(Verifier {

@@ -78,6 +78,34 @@ pub fn plugins() -> &'static Plugins {
     })
 }
 
+/// Build the workspace's binaries and return the path of `bin` (of `package`).
+///
+/// It builds exactly what `cargo test --workspace --all-targets` builds, with the
+/// same feature set, so after that command it is a no-op; building `-p package`
+/// alone would resolve features differently and rebuild wasmtime every time.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--workspace", "--all-targets"])
+            .current_dir(root())
+            .status()
+            .expect("running cargo");
+        assert!(status.success(), "building the workspace failed");
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let path = target.join("debug").join(bin);
+    assert!(
+        path.exists(),
+        "{package}: binary {} was not built",
+        path.display()
+    );
+    path
+}
+
 /// Secret values the tests use. Every log line of the whole suite is checked
 /// against them (and against the values tests register with [`record_secret`])
 /// by `audit-logs` after the tests ran (`make test`).

@@ -389,6 +389,7 @@ pub const PG_ADMIN_PASSWORD: &str = "pg-admin-pw-6t5r4e";
 impl Postgres {
     /// initdb and start a cluster; returns once it accepts connections (≤ 30 s).
     pub async fn start() -> Postgres {
+        crate::record_secret(PG_ADMIN_PASSWORD);
         let bin = pg_bin();
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
@@ -626,14 +627,17 @@ impl Drop for SecretsEndpoint {
     }
 }
 
-fn vault_auth(headers: &HeaderMap, token: &str) -> Result<(), axum::response::Response> {
+/// Vault's answer to a missing or wrong token, or `None` if the token is right.
+fn vault_denied(headers: &HeaderMap, token: &str) -> Option<axum::response::Response> {
     match headers.get("x-vault-token").and_then(|v| v.to_str().ok()) {
-        Some(t) if t == token => Ok(()),
-        _ => Err((
-            StatusCode::FORBIDDEN,
-            axum::Json(serde_json::json!({"errors": ["permission denied"]})),
-        )
-            .into_response()),
+        Some(t) if t == token => None,
+        _ => Some(
+            (
+                StatusCode::FORBIDDEN,
+                axum::Json(serde_json::json!({"errors": ["permission denied"]})),
+            )
+                .into_response(),
+        ),
     }
 }
 
@@ -641,7 +645,7 @@ async fn static_creds(
     State((creds, reads, token)): State<VaultState>,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    if let Err(r) = vault_auth(&headers, &token) {
+    if let Some(r) = vault_denied(&headers, &token) {
         return r;
     }
     reads.fetch_add(1, Ordering::Relaxed);
@@ -656,7 +660,7 @@ async fn kv2(
     State((creds, reads, token)): State<VaultState>,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    if let Err(r) = vault_auth(&headers, &token) {
+    if let Some(r) = vault_denied(&headers, &token) {
         return r;
     }
     reads.fetch_add(1, Ordering::Relaxed);

@@ -1,26 +1,15 @@
 //! `reauth watch`: the real binary, reloading on file changes and on SIGHUP, and
 //! stopping cleanly on SIGTERM.
 
-use reauth_tests::{plugins, root};
+use reauth_tests::plugins;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-/// Build the `reauth` binary (a no-op when it is up to date) and return its path.
 fn reauth_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", "reauth", "--bin", "reauth"])
-        .current_dir(root())
-        .status()
-        .expect("running cargo");
-    assert!(status.success(), "building the reauth binary failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    target.join("debug/reauth")
+    reauth_tests::workspace_binary("reauth", "reauth")
 }
 
 /// Kills the child if the test fails half-way.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install the real peers the integration tests start on 127.0.0.1:
+# - Node.js packages of the test IdP (npm `oidc-provider`, pinned by the lockfile);
+# - PostgreSQL and Redis servers from Debian's packages (only if missing).
+# Idempotent; the tests start and stop the processes themselves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v node >/dev/null || { echo "install-peers: Node.js (>= 20.19) is required" >&2; exit 1; }
+if [ ! -d tests/peers/idp/node_modules/oidc-provider ] \
+   || [ tests/peers/idp/package-lock.json -nt tests/peers/idp/node_modules/.package-lock.json ]; then
+    (cd tests/peers/idp && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    # The packages' own services are not needed: tests run private instances.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

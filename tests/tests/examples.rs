@@ -1,0 +1,164 @@
+//! The programs in `examples/` run as a user would run them, against the real peers:
+//! the OAuth2 API client against the IdP and a JWKS-verifying API, the PostgreSQL and
+//! Redis clients against real servers.
+
+use reauth::verify::Verifier;
+use reauth_tests::peers::{Idp, Postgres, Redis, ResourceServer, SecretsEndpoint};
+use reauth_tests::{plugins, workspace_binary};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const ITERATIONS: u32 = 20;
+
+/// Write `config`, run the example for [`ITERATIONS`] operations (off the async
+/// runtime: the peers it talks to run on it) and return its stdout.
+async fn run_example(
+    dir: &Path,
+    bin: &'static str,
+    config: String,
+    provider: &'static str,
+    args: Vec<String>,
+    env: Vec<(&'static str, &'static str)>,
+) -> String {
+    let path: PathBuf = dir.join(format!("{bin}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let binary = workspace_binary("reauth-examples", bin);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(binary)
+            .arg("--config")
+            .arg(&path)
+            .args([
+                "--provider",
+                provider,
+                "--iterations",
+                &ITERATIONS.to_string(),
+            ])
+            .args(["--interval-ms", "20"])
+            .args(args)
+            .envs(env)
+            .output()
+            .expect("running the example")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{bin} failed:\n{stdout}\n{stderr}");
+    let ok = stdout.lines().filter(|l| l.contains(": ok ")).count() as u32;
+    assert_eq!(ok, ITERATIONS, "{bin}:\n{stdout}");
+    assert!(
+        stderr.contains(&format!("{ITERATIONS} operations, 1 credential fetches")),
+        "{stderr}"
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth2_api_client_example() {
+    reauth_tests::logs();
+    reauth_tests::record_secret("cc-basic-secret-0123456789");
+    let dir = tempfile::tempdir().unwrap();
+    let idp = Idp::start(&dir.path().join("k.json"), 60, None);
+    let verifier = Verifier::builder()
+        .jwks_url(format!("{}/jwks", idp.issuer))
+        .issuer(&idp.issuer)
+        .audience("urn:reauth:test-api")
+        .build()
+        .unwrap();
+    let api = ResourceServer::start(verifier).await;
+    let config = format!(
+        r#"
+[providers.orders-api]
+plugin = "{}"
+allowed_hosts = ["{}"]
+[providers.orders-api.config]
+issuer = "{}"
+client_id = "cc-basic"
+client_secret = {{ env = "ORDERS_CLIENT_SECRET" }}
+scope = "api:read"
+"#,
+        plugins().oauth2.display(),
+        idp.authority(),
+        idp.issuer
+    );
+    let stdout = run_example(
+        dir.path(),
+        "oauth2-api-client",
+        config,
+        "orders-api",
+        vec!["--url".into(), api.url.clone()],
+        vec![("ORDERS_CLIENT_SECRET", "cc-basic-secret-0123456789")],
+    )
+    .await;
+    assert!(stdout.contains("HTTP 200"), "{stdout}");
+    assert_eq!(idp.token_requests("cc-basic").await, (1, 0));
+}
+
+fn password_config(secrets: &SecretsEndpoint, name: &str, format: &str, path: &str) -> String {
+    format!(
+        r#"
+[providers.{name}]
+plugin = "{}"
+allowed_hosts = ["{}"]
+[providers.{name}.config]
+secret_url = "{}{path}"
+format = "{format}"
+vault_token = "vault-token"
+username = "app"
+"#,
+        plugins().password_rotation.display(),
+        secrets.base.trim_start_matches("http://"),
+        secrets.base,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_redis_examples() {
+    reauth_tests::logs();
+    let pw = "example-db-pw-8u7y6t";
+    reauth_tests::record_secret(pw);
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = SecretsEndpoint::start("app", pw, 3600, "vault-token").await;
+
+    let pg = Postgres::start().await;
+    pg.admin(&format!("CREATE ROLE app LOGIN PASSWORD '{pw}'"))
+        .await;
+    let config = password_config(
+        &secrets,
+        "orders-db",
+        "vault-static-creds",
+        "/v1/database/static-creds/app",
+    );
+    let stdout = run_example(
+        dir.path(),
+        "postgres-rotation",
+        config,
+        "orders-db",
+        vec![
+            "--pg".into(),
+            format!("host=127.0.0.1 port={} dbname=postgres", pg.port),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(stdout.lines().all(|l| l.ends_with("ok app")), "{stdout}");
+
+    let redis = Redis::start().await;
+    let mut admin = redis.connect(None).await.unwrap();
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "app", "on", &format!(">{pw}"), "~*", "+@all"][..])
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    let config = password_config(&secrets, "cache", "vault-kv2", "/v1/secret/data/redis-app");
+    let stdout = run_example(
+        dir.path(),
+        "redis-rotation",
+        config,
+        "cache",
+        vec!["--redis".into(), format!("127.0.0.1:{}", redis.port)],
+        vec![],
+    )
+    .await;
+    assert!(stdout.contains(&format!("ops={ITERATIONS}")), "{stdout}");
+}
