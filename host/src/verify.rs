@@ -149,8 +149,9 @@ struct Jwks {
     max_age: Duration,
     timeout: Duration,
     state: tokio::sync::Mutex<JwksState>,
-    /// A lock-free read of the keys, refreshed after each fetch.
-    keys: std::sync::RwLock<Arc<HashMap<String, Key>>>,
+    /// The keys and when they were fetched: read without the fetch lock, swapped
+    /// after each successful fetch.
+    keys: std::sync::RwLock<Arc<KeySet>>,
 }
 
 /// Why the JWKS is refetched; each reason has its own rate limit, so the initial
@@ -164,10 +165,15 @@ enum Refetch {
 }
 
 #[derive(Default)]
+struct KeySet {
+    keys: HashMap<String, Key>,
+    fetched: Option<Instant>,
+}
+
+#[derive(Default)]
 struct JwksState {
     last_stale: Option<Instant>,
     last_unknown_kid: Option<Instant>,
-    last_success: Option<Instant>,
     fetches: u64,
 }
 
@@ -405,13 +411,13 @@ fn jwk_algorithms(jwk: &jsonwebtoken::jwk::Jwk) -> Vec<Algorithm> {
 }
 
 impl Jwks {
-    fn current(&self) -> Arc<HashMap<String, Key>> {
+    fn current(&self) -> Arc<KeySet> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Refetch unless another task just did or the rate limit says no. Returns the
     /// keys to use afterwards, and the fetch error, if a fetch was tried and failed.
-    async fn refetch(&self, reason: Refetch) -> (Arc<HashMap<String, Key>>, Option<String>) {
+    async fn refetch(&self, reason: Refetch) -> (Arc<KeySet>, Option<String>) {
         let before = self.current();
         let mut state = self.state.lock().await;
         let now_keys = self.current();
@@ -444,8 +450,10 @@ impl Jwks {
                     }
                 }
                 tracing::info!(url = %self.url, keys = keys.len(), ?reason, "JWKS fetched");
-                state.last_success = Some(Instant::now());
-                let keys = Arc::new(keys);
+                let keys = Arc::new(KeySet {
+                    keys,
+                    fetched: Some(Instant::now()),
+                });
                 *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys.clone();
                 (keys, None)
             }
@@ -463,11 +471,8 @@ impl Jwks {
         }
     }
 
-    async fn stale(&self) -> bool {
-        let state = self.state.lock().await;
-        state
-            .last_success
-            .is_none_or(|t| t.elapsed() >= self.max_age)
+    fn stale(&self, set: &KeySet) -> bool {
+        set.keys.is_empty() || set.fetched.is_none_or(|t| t.elapsed() >= self.max_age)
     }
 }
 
@@ -534,13 +539,13 @@ impl Verifier {
             Source::Jwks(jwks) => {
                 let mut keys = jwks.current();
                 let mut fetch_error = None;
-                if keys.is_empty() || jwks.stale().await {
+                if jwks.stale(&keys) {
                     (keys, fetch_error) = jwks.refetch(Refetch::Stale).await;
                 }
-                let pick = |keys: &HashMap<String, Key>| -> Option<Key> {
+                let pick = |set: &KeySet| -> Option<Key> {
                     match &header.kid {
-                        Some(kid) => keys.get(kid).cloned(),
-                        None if keys.len() == 1 => keys.values().next().cloned(),
+                        Some(kid) => set.keys.get(kid).cloned(),
+                        None if set.keys.len() == 1 => set.keys.values().next().cloned(),
                         None => None,
                     }
                 };
@@ -551,7 +556,7 @@ impl Verifier {
                         let (keys, error) = jwks.refetch(Refetch::UnknownKid).await;
                         match (pick(&keys), error.or(fetch_error)) {
                             (Some(key), _) => key,
-                            (None, Some(e)) if keys.is_empty() => {
+                            (None, Some(e)) if keys.keys.is_empty() => {
                                 return Err(VerifyError::KeysUnavailable(e));
                             }
                             (None, _) => return Err(VerifyError::UnknownKey { kid }),
