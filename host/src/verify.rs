@@ -215,6 +215,18 @@ pub struct VerifierBuilder {
     error: Option<String>,
 }
 
+impl fmt::Debug for VerifierBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys (an HMAC secret among them) are never printed, only counted.
+        f.debug_struct("VerifierBuilder")
+            .field("keys", &self.keys.len())
+            .field("jwks_url", &self.jwks_url)
+            .field("issuers", &self.issuers)
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
+}
+
 fn pem_key(
     what: &str,
     pem: &[u8],

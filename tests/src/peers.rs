@@ -169,8 +169,9 @@ impl Idp {
     /// Start it again on the same port with the keys in `keys` (the same file keeps
     /// the signing key; another file rotates it). In-memory grants are lost.
     pub fn restart(&mut self, keys: &Path) {
+        // stop() waits for the process to exit, so the port is free again (Node
+        // listens with SO_REUSEADDR).
         self.stop();
-        // The port was just released; retry briefly if the OS has not freed it yet.
         self.spawn(keys);
     }
 

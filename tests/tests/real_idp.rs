@@ -333,7 +333,17 @@ async fn client_auth_methods_and_idp_errors() {
         .config("issuer", format!("{}/nowhere", idp.issuer))
         .config("client_id", "cc-basic")
         .config("client_secret", CC_SECRET);
+    let resource = |r: &str| {
+        with(ProviderConfig::new(&plugins().oauth2))
+            .config("issuer", &idp.issuer)
+            .config("client_id", "cc-basic")
+            .config("client_secret", CC_SECRET)
+            .config("audience_param", "resource")
+            .config("audience", r)
+    };
     let host = Host::builder()
+        .provider("resource", resource(API))
+        .provider("unknown-resource", resource("urn:unknown"))
         .provider("jwt", jwt_client)
         .provider("post", post_client)
         .provider("wrong-secret", wrong_secret)
@@ -341,6 +351,16 @@ async fn client_auth_methods_and_idp_errors() {
         .provider("wrong-issuer", wrong_issuer)
         .build()
         .unwrap();
+
+    // RFC 8707 resource indicator: the token is for exactly that resource.
+    let c = host
+        .get_credentials("resource", &Request::new())
+        .await
+        .unwrap();
+    reauth_tests::record_secret(token(&c));
+    call_api(&api.url, c)
+        .await
+        .expect("token for the named resource");
 
     for name in ["jwt", "post"] {
         let c = host.get_credentials(name, &Request::new()).await.unwrap();
@@ -372,6 +392,13 @@ async fn client_auth_methods_and_idp_errors() {
     let e = err(host.get_credentials("bad-scope", &Request::new()).await);
     assert!(
         matches!(&e, ProviderError::Misconfigured(m) if m.contains("invalid_scope")),
+        "{e:?}"
+    );
+    let e = err(host
+        .get_credentials("unknown-resource", &Request::new())
+        .await);
+    assert!(
+        matches!(&e, ProviderError::Misconfigured(m) if m.contains("invalid_target")),
         "{e:?}"
     );
     let e = err(host.get_credentials("wrong-issuer", &Request::new()).await);

@@ -16,7 +16,7 @@ import { createServer } from 'node:http';
 import { once } from 'node:events';
 import { parseArgs } from 'node:util';
 
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const { values: args } = parseArgs({
   options: {
@@ -113,7 +113,7 @@ const provider = new Provider(issuer, {
       defaultResource: async (_ctx, _client, oneOf) => oneOf ?? API,
       useGrantedResource: async () => true,
       getResourceServerInfo: async (_ctx, resource) => {
-        if (resource !== API) throw new Provider.errors.InvalidTarget(`unknown resource ${resource}`);
+        if (resource !== API) throw new errors.InvalidTarget(`unknown resource ${resource}`);
         return {
           scope: 'api:read api:write',
           audience: API,
