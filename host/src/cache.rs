@@ -128,6 +128,9 @@ impl Equivalent<CacheKey> for KeyRef<'_> {
 pub enum Lookup {
     /// Served from the cache.
     Hit,
+    /// Another caller was fetching this key; this one waited and took its result
+    /// (single-flight).
+    Joined,
     /// Served from the cache after its use-until time because a refresh failed and
     /// it has not expired yet.
     Stale,
@@ -355,7 +358,7 @@ impl TokenCache {
             if let Some(entry) = &st.entry
                 && now < entry.use_until
             {
-                return Ok((entry.credentials.clone(), Lookup::Hit));
+                return Ok((entry.credentials.clone(), Lookup::Joined));
             }
             if let Some(retry_at) = st.retry_at
                 && now < retry_at

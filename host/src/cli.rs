@@ -26,6 +26,42 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr (`RUST_LOG` sets the level).
+    #[arg(long, global = true, value_enum, env = "REAUTH_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where an adapter gets credentials: a running `reauth serve`, or its own host.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackendArgs {
+    /// The config file (used when no --server is given).
+    #[arg(long, short, env = "REAUTH_CONFIG", default_value = "reauth.toml")]
+    pub config: PathBuf,
+    /// A running `reauth serve`: its Unix socket path (or `unix:PATH`) or `http://127.0.0.1:PORT`.
+    #[arg(long, env = "REAUTH_SERVER")]
+    pub server: Option<String>,
+    /// File holding the sidecar's API token.
+    #[arg(long, env = "REAUTH_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl BackendArgs {
+    fn open(&self) -> Result<crate::adapters::Backend, BoxError> {
+        crate::adapters::Backend::open(
+            &self.config,
+            self.server.as_deref(),
+            self.api_token_file.as_deref(),
+        )
+    }
 }
 
 /// Subcommands.
@@ -44,6 +80,74 @@ pub enum Command {
         /// The config file.
         #[arg(long, short, env = "REAUTH_CONFIG", default_value = "reauth.toml")]
         config: PathBuf,
+    },
+    /// Run the sidecar daemon: the HTTP API (see host/openapi.json) on loopback
+    /// and/or a Unix socket, with /metrics and /healthz; reloads on SIGHUP and file
+    /// changes; stops gracefully on Ctrl-C / SIGTERM.
+    Serve {
+        /// The config file.
+        #[arg(long, short, env = "REAUTH_CONFIG", default_value = "reauth.toml")]
+        config: PathBuf,
+        /// TCP address (default 127.0.0.1:7878 when no --socket is given).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Unix socket path (created with mode 0600).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Allow --listen on a non-loopback address (the API hands out secrets).
+        #[arg(long)]
+        allow_non_loopback: bool,
+        /// Require `Authorization: Bearer <token>` on /v1/*, the token read from this file.
+        #[arg(long, env = "REAUTH_API_TOKEN_FILE")]
+        api_token_file: Option<PathBuf>,
+    },
+    /// kubectl exec credential plugin: prints an ExecCredential (v1 or v1beta1, per
+    /// KUBERNETES_EXEC_INFO) with the provider's bearer token.
+    KubectlCredential {
+        /// Provider name.
+        #[arg(long)]
+        provider: String,
+        /// Where the credentials come from.
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// git credential helper (`credential.helper = "!reauth git-credential --provider P"`).
+    GitCredential {
+        /// Provider name.
+        #[arg(long)]
+        provider: String,
+        /// Username paired with a bearer token.
+        #[arg(long, default_value = "oauth2")]
+        username: String,
+        /// Where the credentials come from.
+        #[command(flatten)]
+        backend: BackendArgs,
+        /// get, store or erase (git passes it).
+        operation: String,
+    },
+    /// docker credential helper (wrap as `docker-credential-reauth`).
+    DockerCredential {
+        /// Provider name.
+        #[arg(long, env = "REAUTH_PROVIDER")]
+        provider: String,
+        /// Registry URL reported by `list` (repeatable).
+        #[arg(long = "registry")]
+        registries: Vec<String>,
+        /// Where the credentials come from.
+        #[command(flatten)]
+        backend: BackendArgs,
+        /// get, store, erase or list (docker passes it).
+        operation: String,
+    },
+    /// AWS `credential_process`: prints Version 1 JSON with AccessKeyId,
+    /// SecretAccessKey, SessionToken and Expiration.
+    AwsCredentialProcess {
+        /// Provider name.
+        #[arg(long)]
+        provider: String,
+        /// Where the credentials come from.
+        #[command(flatten)]
+        backend: BackendArgs,
     },
     /// Print credentials from a provider.
     Get {
@@ -113,6 +217,86 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, Box
     match cli.command {
         Command::Check { config } => check(config, out).await,
         Command::Watch { config } => watch(config, out).await,
+        Command::Serve {
+            config,
+            listen,
+            socket,
+            allow_non_loopback,
+            api_token_file,
+        } => {
+            let api_token = match api_token_file {
+                Some(f) => {
+                    let token = std::fs::read_to_string(&f)
+                        .map_err(|e| format!("reading the API token {}: {e}", f.display()))?;
+                    let token = token.trim().to_string();
+                    if token.len() < 16 {
+                        return Err(format!(
+                            "the API token in {} is shorter than 16 characters",
+                            f.display()
+                        )
+                        .into());
+                    }
+                    Some(crate::Secret::new(token))
+                }
+                None => None,
+            };
+            let listen = match (listen, &socket) {
+                (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 7878))),
+                (l, _) => l,
+            };
+            let options = crate::server::ServeOptions {
+                listen,
+                socket,
+                allow_non_loopback,
+                api_token,
+                ..Default::default()
+            };
+            serve(config, options, out).await
+        }
+        Command::KubectlCredential { provider, backend } => {
+            crate::adapters::kubectl(&backend.open()?, &provider, out).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GitCredential {
+            provider,
+            username,
+            backend,
+            operation,
+        } => {
+            let mut stdin = std::io::stdin().lock();
+            crate::adapters::git(
+                &backend.open()?,
+                &provider,
+                &operation,
+                &username,
+                &mut stdin,
+                out,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DockerCredential {
+            provider,
+            registries,
+            backend,
+            operation,
+        } => {
+            let mut stdin = std::io::stdin().lock();
+            crate::adapters::docker(
+                &backend.open()?,
+                &provider,
+                &operation,
+                &registries,
+                &mut stdin,
+                out,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::AwsCredentialProcess { provider, backend } => {
+            crate::adapters::aws(&backend.open()?, &provider, out).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Get {
             provider,
             config,
@@ -229,6 +413,58 @@ fn print_status(
     }
 }
 
+/// Ctrl-C or SIGTERM.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn serve(
+    config: PathBuf,
+    options: crate::server::ServeOptions,
+    out: &mut (dyn Write + Send),
+) -> Result<ExitCode, BoxError> {
+    let host = Host::from_config_file(&config)?;
+    for (name, status) in &host.check().await {
+        print_status(name, status, out)?;
+    }
+    let server = crate::server::Server::bind(host.clone(), &options).await?;
+    for address in server.addresses() {
+        writeln!(out, "listening on {address}")?;
+    }
+    out.flush()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    // Reload on SIGHUP and file changes, like `reauth watch`.
+    let watcher = crate::watch::Watcher::new(host)?;
+    let reloads = tokio::spawn(watcher.run(
+        |trigger, outcome| match outcome {
+            Ok(report) => tracing::info!(?trigger, %report, "reloaded"),
+            Err(e) => tracing::error!(?trigger, "reload refused, nothing changed: {e}"),
+        },
+        stopped(),
+    ));
+    let serving = tokio::spawn(server.run(stopped()));
+    terminated().await;
+    tracing::info!("shutting down: finishing requests in flight");
+    let _ = stop_tx.send(true);
+    let _ = serving.await;
+    let _ = reloads.await;
+    writeln!(out, "stopped")?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn watch(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
     let host = Host::from_config_file(&config)?;
     for (name, status) in &host.check().await {
@@ -303,22 +539,7 @@ fn print_credentials(
             }
         },
         Format::Json => {
-            let mut v = match &c.credential {
-                Credential::Bearer(t) => serde_json::json!({"kind": "bearer", "token": t.expose()}),
-                Credential::Basic { username, password } => serde_json::json!(
-                    {"kind": "basic", "username": username, "password": password.expose()}
-                ),
-                Credential::Headers(h) => serde_json::json!({
-                    "kind": "headers",
-                    "headers": h.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect::<HashMap<_, _>>(),
-                }),
-            };
-            if let Some(at) = c.expires_at {
-                v["expires_at"] = serde_json::json!(rfc3339(at));
-            }
-            if let Some(p) = &c.principal {
-                v["principal"] = serde_json::json!(p);
-            }
+            let v = serde_json::to_value(crate::wire::WireCredentials::from(c))?;
             writeln!(out, "{v}")?;
         }
     }
@@ -422,6 +643,7 @@ async fn demo(
     }
     let describe = |lookup: Lookup| match lookup {
         Lookup::Hit => "cache hit".to_string(),
+        Lookup::Joined => "joined another caller's fetch".to_string(),
         Lookup::Stale => "stale cache hit (IdP failing)".to_string(),
         Lookup::Fetched(reason) => format!("fetched from the IdP ({})", reason_name(reason)),
     };

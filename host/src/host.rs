@@ -4,6 +4,7 @@ use crate::cache::{CacheEvent, Fetcher, KeyRef, KeyStats, Lookup, TokenCache};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
+use crate::metrics::{LookupKind, Metrics, ProviderMetrics};
 use crate::retry::{Action, OperationError, Rejection, RetryPolicy};
 use crate::runtime::BreakerStatus;
 use crate::runtime::egress::HostPattern;
@@ -48,6 +49,7 @@ struct Ready {
     cache: Arc<config::CacheConfig>,
     retry: RetryPolicy,
     fetch: Fetcher,
+    metrics: Arc<ProviderMetrics>,
     /// What this version was built from; a reload with the same identity keeps it
     /// (and its cache).
     identity: Identity,
@@ -137,6 +139,7 @@ struct Inner {
     cache: TokenCache,
     /// The configuration currently applied (runtime settings are fixed at build).
     config: Mutex<HostConfig>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Host {
@@ -213,10 +216,12 @@ impl HostBuilder {
             source: std::io::Error::other(e),
         })?;
         let runtime = Arc::new(runtime);
+        let metrics = Arc::new(Metrics::default());
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
-            let loaded = provider_spec(&config, name, p)
-                .and_then(|resolved| load_provider(&runtime, &config, name, p, resolved, None));
+            let loaded = provider_spec(&config, name, p).and_then(|resolved| {
+                load_provider(&runtime, &config, &metrics, name, p, resolved, None)
+            });
             let slot = match loaded {
                 Ok(ready) => {
                     tracing::info!(provider = %name, sha256 = ready.runtime.sha256(), "provider loaded");
@@ -238,6 +243,7 @@ impl HostBuilder {
                 providers: RwLock::new(Arc::new(providers)),
                 cache: TokenCache::new(self.clock, config.runtime.max_cache_entries),
                 config: Mutex::new(config),
+                metrics,
             }),
         })
     }
@@ -248,6 +254,7 @@ impl HostBuilder {
 fn load_provider(
     runtime: &Arc<Runtime>,
     config: &HostConfig,
+    metrics: &Metrics,
     name: &str,
     p: &ProviderConfig,
     (spec, identity): (ProviderSpec, Identity),
@@ -263,11 +270,19 @@ fn load_provider(
         spec,
         previous.map(|r| &*r.runtime),
     )?);
+    let provider_metrics = metrics.provider(name);
     let fetch: Fetcher = {
-        let (runtime, loaded) = (runtime.clone(), loaded.clone());
+        let (runtime, loaded, metrics) =
+            (runtime.clone(), loaded.clone(), provider_metrics.clone());
         Arc::new(move |request: Request| {
-            let (runtime, loaded) = (runtime.clone(), loaded.clone());
-            Box::pin(async move { loaded.get_credentials(&runtime, &request).await })
+            let (runtime, loaded, metrics) = (runtime.clone(), loaded.clone(), metrics.clone());
+            Box::pin(async move {
+                let started = std::time::Instant::now();
+                let result = loaded.get_credentials(&runtime, &request).await;
+                let now = runtime.clock().now();
+                metrics.fetched(request.reason, started.elapsed(), &result, now);
+                result
+            })
         })
     };
     Ok(Ready {
@@ -280,6 +295,7 @@ fn load_provider(
         cache: Arc::new(p.cache.clone()),
         retry,
         fetch,
+        metrics: provider_metrics,
     })
 }
 
@@ -489,6 +505,7 @@ impl Host {
                 load_provider(
                     &self.inner.runtime,
                     &config,
+                    &self.inner.metrics,
                     name,
                     p,
                     resolved,
@@ -586,10 +603,19 @@ impl Host {
     ) -> Result<(Credentials, Lookup)> {
         let ready = self.provider(provider)?;
         let key = KeyRef::new(&ready.name, request);
-        self.inner
+        let result = self
+            .inner
             .cache
             .get(&key, request, &ready.cache, &ready.fetch)
-            .await
+            .await;
+        ready.metrics.lookup(match &result {
+            Ok((_, Lookup::Hit)) => LookupKind::Hit,
+            Ok((_, Lookup::Joined)) => LookupKind::Join,
+            Ok((_, Lookup::Stale)) => LookupKind::Stale,
+            Ok((_, Lookup::Fetched(_))) => LookupKind::Miss,
+            Err(_) => LookupKind::Error,
+        });
+        result
     }
 
     /// When the host stops serving the cached credential for `request` (start of
@@ -635,10 +661,15 @@ impl Host {
         error: &SecurityError,
     ) -> Result<Decision> {
         let ready = self.provider(provider)?;
-        let decision = ready
+        let started = std::time::Instant::now();
+        let result = ready
             .runtime
             .handle_security_error(&self.inner.runtime, request, credentials, error)
-            .await?;
+            .await;
+        ready
+            .metrics
+            .security_error(error.kind, started.elapsed(), &result);
+        let decision = result?;
         if decision == Decision::RefreshAndRetry {
             let key = KeyRef::new(&ready.name, request);
             let dropped = self.inner.cache.invalidate_if(&key, credentials);
@@ -699,9 +730,15 @@ impl Host {
                 Action::Reauthenticate => {
                     reauths += 1;
                     request.reason = Reason::AfterSecurityError;
+                    if let Ok(ready) = self.provider(provider) {
+                        ready.metrics.reauthenticated();
+                    }
                 }
                 Action::Wait(wait) => {
                     waits += 1;
+                    if let Ok(ready) = self.provider(provider) {
+                        ready.metrics.waited();
+                    }
                     tokio::time::sleep(wait).await;
                 }
                 Action::GiveUp => {
@@ -716,6 +753,12 @@ impl Host {
                 }
             }
         }
+    }
+
+    /// The host's metrics (every provider it has had), e.g. for a `/metrics`
+    /// endpoint: [`Metrics::render`] gives the Prometheus text format.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Number of keys the token cache holds.

@@ -42,6 +42,7 @@
 
 #![deny(missing_docs)]
 
+pub mod adapters;
 pub mod cache;
 pub mod classify;
 pub mod cli;
@@ -50,12 +51,15 @@ pub mod config;
 mod error;
 mod host;
 pub mod issuer;
+pub mod metrics;
 pub mod retry;
 pub mod runtime;
 mod secret;
+pub mod server;
 mod types;
 pub mod verify;
 pub mod watch;
+pub mod wire;
 
 pub use cache::{CacheEvent, CacheKey, KeyRef, KeyStats, Lookup};
 pub use config::{

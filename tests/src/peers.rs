@@ -671,3 +671,102 @@ async fn kv2(
     }))
     .into_response()
 }
+
+/// One HTTP/1.1 request over a fresh connection to `target` (`http://host:port` or
+/// `unix:/path`): status, headers, body. Bounded by 10 s.
+pub async fn http(
+    target: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<(u16, http::HeaderMap, Bytes)> {
+    use http_body_util::{BodyExt, Full};
+    async fn exchange<S>(
+        stream: S,
+        request: http::Request<Full<Bytes>>,
+    ) -> anyhow::Result<(u16, http::HeaderMap, Bytes)>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let conn = tokio::spawn(conn);
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        conn.abort();
+        Ok((status, headers, body))
+    }
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "reauth");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let work = async {
+        if let Some(addr) = target.strip_prefix("http://") {
+            exchange(tokio::net::TcpStream::connect(addr).await?, request).await
+        } else {
+            let path = target.strip_prefix("unix:").unwrap_or(target);
+            exchange(tokio::net::UnixStream::connect(path).await?, request).await
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| anyhow::anyhow!("{method} {target}{path} timed out"))?
+}
+
+/// An HTTP endpoint on 127.0.0.1 that answers `body` after `delay` and counts hits:
+/// a slow identity provider for single-flight and shutdown tests.
+pub struct SlowEndpoint {
+    /// `http://127.0.0.1:<port>/token`.
+    pub url: String,
+    /// Requests served.
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowEndpoint {
+    /// Serve `body` after `delay`.
+    pub async fn start(body: &'static str, delay: Duration) -> SlowEndpoint {
+        let hits = Arc::new(AtomicU64::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::get(move || {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(delay).await;
+                    body
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the slow endpoint");
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        SlowEndpoint { url, hits, task }
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> String {
+        self.url
+            .trim_start_matches("http://")
+            .trim_end_matches("/token")
+            .to_string()
+    }
+}
+
+impl Drop for SlowEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

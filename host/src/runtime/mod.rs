@@ -167,6 +167,11 @@ pub enum CompileSource {
 }
 
 impl Runtime {
+    /// The clock plugins and the cache see.
+    pub(crate) fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
     /// Build the engine (epoch interruption, pooling allocator), start its epoch
     /// ticker and link every interface a provider may import.
     pub fn new(options: RuntimeOptions, clock: Arc<dyn Clock>) -> Result<Self, BoxError> {

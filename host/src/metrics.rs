@@ -1,0 +1,674 @@
+//! Metrics of a [`crate::Host`], per provider, rendered in the Prometheus text
+//! format ([`Metrics::render`]) by `reauth serve` at `/metrics` and available to
+//! embedders through [`crate::Host::metrics`].
+//!
+//! Every label value is a provider name or a fixed word (outcome, reason, kind,
+//! decision, limit). Subjects, scopes, principals and credentials never appear in a
+//! label or a value.
+//!
+//! All counters are atomics in per-provider blocks created once per provider name
+//! (kept across reloads), so recording costs a few relaxed atomic adds.
+
+use crate::error::{Error, LimitKind};
+use crate::types::{Decision, ProviderError, Reason, SecurityErrorKind};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Histogram bucket upper bounds for plugin call durations, in seconds.
+const CALL_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+/// Histogram bucket upper bounds for credential lifetimes at issue, in seconds.
+const TTL_BUCKETS: [f64; 10] = [
+    10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
+];
+
+struct Histogram<const N: usize> {
+    buckets: [AtomicU64; N],
+    count: AtomicU64,
+    /// Sum in microseconds (durations) or milliseconds (TTLs) to stay integral.
+    sum: AtomicU64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&self, bounds: &[f64; N], value: f64, sum_unit: f64) {
+        for (i, bound) in bounds.iter().enumerate() {
+            if value <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum
+            .fetch_add((value * sum_unit) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64; N], sum_unit: f64) {
+        for (i, bound) in bounds.iter().enumerate() {
+            let n = self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / sum_unit;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// What a plugin call ended with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// Returned a result (credentials or a decision).
+    Ok,
+    /// Returned `unavailable`.
+    Unavailable,
+    /// Returned `denied`.
+    Denied,
+    /// Returned `misconfigured`.
+    Misconfigured,
+    /// Trapped, broke the contract, timed out or hit a limit.
+    Fault,
+    /// Refused without a call: the provider is cooling down after faults.
+    CoolingDown,
+}
+
+impl CallOutcome {
+    const ALL: [CallOutcome; 6] = [
+        CallOutcome::Ok,
+        CallOutcome::Unavailable,
+        CallOutcome::Denied,
+        CallOutcome::Misconfigured,
+        CallOutcome::Fault,
+        CallOutcome::CoolingDown,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Unavailable => "unavailable",
+            CallOutcome::Denied => "denied",
+            CallOutcome::Misconfigured => "misconfigured",
+            CallOutcome::Fault => "fault",
+            CallOutcome::CoolingDown => "cooling_down",
+        }
+    }
+
+    /// The outcome of a call that returned `result`.
+    pub fn of<T>(result: &Result<T, Error>) -> CallOutcome {
+        match result {
+            Ok(_) => CallOutcome::Ok,
+            Err(Error::Provider { error, .. }) => match error {
+                ProviderError::Unavailable(_) => CallOutcome::Unavailable,
+                ProviderError::Denied(_) => CallOutcome::Denied,
+                ProviderError::Misconfigured(_) => CallOutcome::Misconfigured,
+            },
+            Err(Error::CoolingDown { .. }) => CallOutcome::CoolingDown,
+            Err(_) => CallOutcome::Fault,
+        }
+    }
+}
+
+/// How a cache lookup was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookupKind {
+    /// From the cache.
+    Hit,
+    /// Waited for another caller's fetch of the same key and took its result.
+    Join,
+    /// Fetched (the caller waited for a plugin call).
+    Miss,
+    /// A still-valid credential served past its use-until because refreshing failed.
+    Stale,
+    /// Failed (no credential).
+    Error,
+}
+
+impl LookupKind {
+    const ALL: [LookupKind; 5] = [
+        LookupKind::Hit,
+        LookupKind::Join,
+        LookupKind::Miss,
+        LookupKind::Stale,
+        LookupKind::Error,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            LookupKind::Hit => "hit",
+            LookupKind::Join => "join",
+            LookupKind::Miss => "miss",
+            LookupKind::Stale => "stale",
+            LookupKind::Error => "error",
+        }
+    }
+}
+
+const REASONS: [Reason; 4] = [
+    Reason::Initial,
+    Reason::RefreshAhead,
+    Reason::Expired,
+    Reason::AfterSecurityError,
+];
+
+fn reason_index(r: Reason) -> usize {
+    match r {
+        Reason::Initial => 0,
+        Reason::RefreshAhead => 1,
+        Reason::Expired => 2,
+        Reason::AfterSecurityError => 3,
+    }
+}
+
+fn reason_labels(r: Reason) -> (&'static str, &'static str) {
+    // The tier follows botocore: refreshing ahead is advisory (callers keep the old
+    // credential), anything a caller has to wait for is mandatory.
+    match r {
+        Reason::Initial => ("initial", "mandatory"),
+        Reason::RefreshAhead => ("refresh_ahead", "advisory"),
+        Reason::Expired => ("expired", "mandatory"),
+        Reason::AfterSecurityError => ("after_security_error", "mandatory"),
+    }
+}
+
+const KINDS: [SecurityErrorKind; 4] = [
+    SecurityErrorKind::TokenExpired,
+    SecurityErrorKind::Unauthorized,
+    SecurityErrorKind::Forbidden,
+    SecurityErrorKind::Other,
+];
+const DECISIONS: [&str; 4] = ["refresh_and_retry", "retry_after", "fail", "error"];
+
+fn kind_index(k: SecurityErrorKind) -> usize {
+    match k {
+        SecurityErrorKind::TokenExpired => 0,
+        SecurityErrorKind::Unauthorized => 1,
+        SecurityErrorKind::Forbidden => 2,
+        SecurityErrorKind::Other => 3,
+    }
+}
+
+fn kind_name(k: SecurityErrorKind) -> &'static str {
+    match k {
+        SecurityErrorKind::TokenExpired => "token_expired",
+        SecurityErrorKind::Unauthorized => "unauthorized",
+        SecurityErrorKind::Forbidden => "forbidden",
+        SecurityErrorKind::Other => "other",
+    }
+}
+
+const LIMITS: [&str; 8] = [
+    "memory",
+    "fuel",
+    "stack",
+    "table",
+    "credential_size",
+    "response_body",
+    "output",
+    "timeout",
+];
+
+fn limit_index(e: &Error) -> Option<usize> {
+    Some(match e {
+        Error::Limit { limit, .. } => match limit {
+            LimitKind::Memory => 0,
+            LimitKind::Fuel => 1,
+            LimitKind::Stack => 2,
+            LimitKind::Table => 3,
+            LimitKind::CredentialSize => 4,
+            LimitKind::ResponseBody => 5,
+            LimitKind::Output => 6,
+        },
+        Error::Timeout { .. } => 7,
+        _ => return None,
+    })
+}
+
+/// The functions a plugin exports.
+const FUNCTIONS: [&str; 2] = ["get-credentials", "handle-security-error"];
+
+/// The counters of one provider.
+#[derive(Default)]
+pub struct ProviderMetrics {
+    calls: [[AtomicU64; 6]; 2],
+    durations: [Histogram<12>; 2],
+    lookups: [AtomicU64; 5],
+    fetches: [AtomicU64; 4],
+    security_errors: [[AtomicU64; 4]; 4],
+    reauthentications: AtomicU64,
+    retry_after_waits: AtomicU64,
+    ttl: Histogram<10>,
+    last_success_ms: AtomicU64,
+    limits: [AtomicU64; 8],
+}
+
+impl ProviderMetrics {
+    /// Record one `get-credentials` call made for `reason`.
+    pub(crate) fn fetched<T: CredentialsLike>(
+        &self,
+        reason: Reason,
+        elapsed: Duration,
+        result: &Result<T, Error>,
+        now: SystemTime,
+    ) {
+        self.fetches[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+        self.call(0, elapsed, result);
+        if let Ok(c) = result {
+            if let Some(ttl) = c.expires_at().and_then(|e| e.duration_since(now).ok()) {
+                self.ttl.observe(&TTL_BUCKETS, ttl.as_secs_f64(), 1000.0);
+            }
+            let ms = now
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis();
+            self.last_success_ms
+                .store(ms.try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+    }
+
+    /// Record one `handle-security-error` call for an error of `kind`.
+    pub(crate) fn security_error(
+        &self,
+        kind: SecurityErrorKind,
+        elapsed: Duration,
+        result: &Result<Decision, Error>,
+    ) {
+        self.call(1, elapsed, result);
+        let decision = match result {
+            Ok(Decision::RefreshAndRetry) => 0,
+            Ok(Decision::RetryAfter(_)) => 1,
+            Ok(Decision::Fail) => 2,
+            Err(_) => 3,
+        };
+        self.security_errors[kind_index(kind)][decision].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn call<T>(&self, function: usize, elapsed: Duration, result: &Result<T, Error>) {
+        let outcome = CallOutcome::of(result);
+        let i = CallOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        self.calls[function][i].fetch_add(1, Ordering::Relaxed);
+        if outcome != CallOutcome::CoolingDown {
+            self.durations[function].observe(&CALL_BUCKETS, elapsed.as_secs_f64(), 1e6);
+        }
+        if let Err(e) = result
+            && let Some(i) = limit_index(e)
+        {
+            self.limits[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Record how a lookup was served.
+    pub(crate) fn lookup(&self, kind: LookupKind) {
+        let i = LookupKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.lookups[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record a re-authentication by `with_credentials`.
+    pub(crate) fn reauthenticated(&self) {
+        self.reauthentications.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record a retry-after wait by `with_credentials`.
+    pub(crate) fn waited(&self) {
+        self.retry_after_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Lookups of `kind` so far.
+    pub fn lookups(&self, kind: LookupKind) -> u64 {
+        let i = LookupKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.lookups[i].load(Ordering::Relaxed)
+    }
+}
+
+/// What the fetch metrics need of a credential.
+pub(crate) trait CredentialsLike {
+    fn expires_at(&self) -> Option<SystemTime>;
+}
+
+impl CredentialsLike for crate::types::Credentials {
+    fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+}
+
+/// The metrics of every provider a host has had.
+#[derive(Default)]
+pub struct Metrics {
+    providers: RwLock<BTreeMap<String, Arc<ProviderMetrics>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.providers.read().map(|p| p.len()).unwrap_or(0);
+        f.debug_struct("Metrics").field("providers", &n).finish()
+    }
+}
+
+/// A Prometheus label value: escaped as the text format requires.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// The block of `provider`, created on first use (and kept across reloads).
+    pub fn provider(&self, provider: &str) -> Arc<ProviderMetrics> {
+        if let Some(m) = self
+            .providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(provider)
+        {
+            return m.clone();
+        }
+        self.providers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(provider.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Every metric in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let providers = self
+            .providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let mut out = String::with_capacity(4096);
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+
+        family(
+            &mut out,
+            "reauth_plugin_calls_total",
+            "counter",
+            "Plugin calls by provider, function and outcome.",
+        );
+        for (p, m) in &providers {
+            for (f, function) in FUNCTIONS.iter().enumerate() {
+                for (i, outcome) in CallOutcome::ALL.iter().enumerate() {
+                    let n = m.calls[f][i].load(Ordering::Relaxed);
+                    let _ = writeln!(
+                        out,
+                        "reauth_plugin_calls_total{{provider=\"{}\",function=\"{function}\",outcome=\"{}\"}} {n}",
+                        label(p),
+                        outcome.name()
+                    );
+                }
+            }
+        }
+        family(
+            &mut out,
+            "reauth_plugin_call_duration_seconds",
+            "histogram",
+            "Wall time of plugin calls (fresh instance included).",
+        );
+        for (p, m) in &providers {
+            for (f, function) in FUNCTIONS.iter().enumerate() {
+                let labels = format!("provider=\"{}\",function=\"{function}\"", label(p));
+                m.durations[f].render(
+                    &mut out,
+                    "reauth_plugin_call_duration_seconds",
+                    &labels,
+                    &CALL_BUCKETS,
+                    1e6,
+                );
+            }
+        }
+        family(
+            &mut out,
+            "reauth_cache_lookups_total",
+            "counter",
+            "Credential lookups by how they were served (join: waited for another caller's fetch).",
+        );
+        for (p, m) in &providers {
+            for (i, kind) in LookupKind::ALL.iter().enumerate() {
+                let n = m.lookups[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "reauth_cache_lookups_total{{provider=\"{}\",result=\"{}\"}} {n}",
+                    label(p),
+                    kind.name()
+                );
+            }
+        }
+        family(
+            &mut out,
+            "reauth_fetches_total",
+            "counter",
+            "get-credentials calls by reason and tier (advisory: refresh ahead while callers keep the old credential; mandatory: a caller waits).",
+        );
+        for (p, m) in &providers {
+            for (i, reason) in REASONS.iter().enumerate() {
+                let (name, tier) = reason_labels(*reason);
+                let n = m.fetches[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "reauth_fetches_total{{provider=\"{}\",reason=\"{name}\",tier=\"{tier}\"}} {n}",
+                    label(p)
+                );
+            }
+        }
+        family(
+            &mut out,
+            "reauth_security_errors_total",
+            "counter",
+            "Security errors reported to providers, by kind and the provider's decision.",
+        );
+        for (p, m) in &providers {
+            for (k, kind) in KINDS.iter().enumerate() {
+                for (d, decision) in DECISIONS.iter().enumerate() {
+                    let n = m.security_errors[k][d].load(Ordering::Relaxed);
+                    let _ = writeln!(
+                        out,
+                        "reauth_security_errors_total{{provider=\"{}\",kind=\"{}\",decision=\"{decision}\"}} {n}",
+                        label(p),
+                        kind_name(*kind)
+                    );
+                }
+            }
+        }
+        family(
+            &mut out,
+            "reauth_retries_total",
+            "counter",
+            "Operation retries by with_credentials: re-authentications and retry-after waits.",
+        );
+        for (p, m) in &providers {
+            let _ = writeln!(
+                out,
+                "reauth_retries_total{{provider=\"{}\",kind=\"reauthenticate\"}} {}",
+                label(p),
+                m.reauthentications.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "reauth_retries_total{{provider=\"{}\",kind=\"retry_after\"}} {}",
+                label(p),
+                m.retry_after_waits.load(Ordering::Relaxed)
+            );
+        }
+        family(
+            &mut out,
+            "reauth_credential_ttl_seconds",
+            "histogram",
+            "Lifetime of credentials when issued (those with an expiry).",
+        );
+        for (p, m) in &providers {
+            let labels = format!("provider=\"{}\"", label(p));
+            m.ttl.render(
+                &mut out,
+                "reauth_credential_ttl_seconds",
+                &labels,
+                &TTL_BUCKETS,
+                1000.0,
+            );
+        }
+        family(
+            &mut out,
+            "reauth_seconds_since_last_refresh",
+            "gauge",
+            "Seconds since the provider last returned credentials (absent: never).",
+        );
+        for (p, m) in &providers {
+            let last = m.last_success_ms.load(Ordering::Relaxed);
+            if last > 0 {
+                let since = now_ms.saturating_sub(last) as f64 / 1000.0;
+                let _ = writeln!(
+                    out,
+                    "reauth_seconds_since_last_refresh{{provider=\"{}\"}} {since}",
+                    label(p)
+                );
+            }
+        }
+        family(
+            &mut out,
+            "reauth_limit_hits_total",
+            "counter",
+            "Sandbox limits hit by plugin calls, by limit.",
+        );
+        for (p, m) in &providers {
+            for (i, limit) in LIMITS.iter().enumerate() {
+                let n = m.limits[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "reauth_limit_hits_total{{provider=\"{}\",limit=\"{limit}\"}} {n}",
+                    label(p)
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Credential, Credentials};
+
+    fn creds(ttl: u64, now: SystemTime) -> Credentials {
+        Credentials {
+            credential: Credential::Bearer("secret-token-value".into()),
+            expires_at: Some(now + Duration::from_secs(ttl)),
+            principal: Some("alice".into()),
+        }
+    }
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let metrics = Metrics::default();
+        let m = metrics.provider("api \"x\"");
+        let now = SystemTime::now();
+        m.fetched(
+            Reason::Initial,
+            Duration::from_millis(3),
+            &Ok(creds(300, now)),
+            now,
+        );
+        m.fetched(
+            Reason::RefreshAhead,
+            Duration::from_millis(2),
+            &Ok(creds(300, now)),
+            now,
+        );
+        let limit: Result<Credentials, Error> = Err(Error::Limit {
+            provider: "api".into(),
+            function: "get-credentials",
+            limit: LimitKind::Memory,
+            detail: "x".into(),
+        });
+        m.fetched(Reason::Expired, Duration::from_millis(9), &limit, now);
+        m.lookup(LookupKind::Hit);
+        m.lookup(LookupKind::Join);
+        m.security_error(
+            SecurityErrorKind::TokenExpired,
+            Duration::from_millis(1),
+            &Ok(Decision::RefreshAndRetry),
+        );
+        m.reauthenticated();
+        let text = metrics.render();
+        let line = |needle: &str| {
+            text.lines()
+                .find(|l| l.starts_with(needle))
+                .unwrap_or_else(|| panic!("no `{needle}` in\n{text}"))
+                .to_string()
+        };
+        let p = "provider=\"api \\\"x\\\"\"";
+        assert!(
+            line(&format!(
+                "reauth_plugin_calls_total{{{p},function=\"get-credentials\",outcome=\"ok\"}}"
+            ))
+            .ends_with(" 2")
+        );
+        assert!(
+            line(&format!(
+                "reauth_plugin_calls_total{{{p},function=\"get-credentials\",outcome=\"fault\"}}"
+            ))
+            .ends_with(" 1")
+        );
+        assert!(line(&format!("reauth_plugin_call_duration_seconds_bucket{{{p},function=\"get-credentials\",le=\"0.005\"}}")).ends_with(" 2"));
+        assert!(
+            line(&format!(
+                "reauth_plugin_call_duration_seconds_count{{{p},function=\"get-credentials\"}}"
+            ))
+            .ends_with(" 3")
+        );
+        assert!(
+            line(&format!(
+                "reauth_fetches_total{{{p},reason=\"refresh_ahead\",tier=\"advisory\"}}"
+            ))
+            .ends_with(" 1")
+        );
+        assert!(
+            line(&format!(
+                "reauth_cache_lookups_total{{{p},result=\"join\"}}"
+            ))
+            .ends_with(" 1")
+        );
+        assert!(line(&format!("reauth_security_errors_total{{{p},kind=\"token_expired\",decision=\"refresh_and_retry\"}}")).ends_with(" 1"));
+        assert!(line(&format!("reauth_limit_hits_total{{{p},limit=\"memory\"}}")).ends_with(" 1"));
+        assert!(
+            line(&format!(
+                "reauth_credential_ttl_seconds_bucket{{{p},le=\"300\"}}"
+            ))
+            .ends_with(" 2")
+        );
+        assert!(
+            line(&format!(
+                "reauth_credential_ttl_seconds_bucket{{{p},le=\"60\"}}"
+            ))
+            .ends_with(" 0")
+        );
+        assert!(
+            line(&format!(
+                "reauth_retries_total{{{p},kind=\"reauthenticate\"}}"
+            ))
+            .ends_with(" 1")
+        );
+        assert!(line(&format!("reauth_seconds_since_last_refresh{{{p}}}")).len() > 10);
+        assert!(!text.contains("secret-token-value") && !text.contains("alice"));
+    }
+}
