@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install the real peers the integration tests start on 127.0.0.1:
 # - Node.js packages of the test IdP (npm `oidc-provider`, pinned by the lockfile);
-# - PostgreSQL and Redis servers from Debian's packages (only if missing).
+# - PostgreSQL, Redis and lighttpd (git over HTTP) from Debian's packages (only if
+#   missing);
+# - Debian's kubectl (`kubernetes-client`), unpacked under target/peers/kubectl
+#   rather than installed: these machines may carry another `kubectl` on PATH.
 # Idempotent; the tests start and stop the processes themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +18,7 @@ fi
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v lighttpd >/dev/null || [ -x /usr/sbin/lighttpd ] || missing+=(lighttpd)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -22,3 +26,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     # The packages' own services are not needed: tests run private instances.
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+kubectl=target/peers/kubectl/usr/bin/kubectl
+if [ ! -x "$kubectl" ]; then
+    mkdir -p target/peers/kubectl
+    (cd target/peers && apt-get download kubernetes-client >/dev/null 2>&1 \
+        || { sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"; $sudo apt-get update -qq && apt-get download kubernetes-client; })
+    dpkg-deb -x target/peers/kubernetes-client_*.deb target/peers/kubectl
+    rm -f target/peers/kubernetes-client_*.deb
+fi
+"$kubectl" version --client >/dev/null

@@ -334,18 +334,26 @@ async fn require_token(
     next.run(request).await
 }
 
+/// A request the API refuses before doing anything: status and message.
+struct Refused(StatusCode, String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        api_error(self.0, "bad_request", self.1)
+    }
+}
+
 /// Parse a JSON body; a 400 naming the offending field otherwise. An empty body
 /// is `{}`.
-fn parse<T: for<'de> Deserialize<'de>>(headers: &HeaderMap, body: &Bytes) -> Result<T, Response> {
+fn parse<T: for<'de> Deserialize<'de>>(headers: &HeaderMap, body: &Bytes) -> Result<T, Refused> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_none_or(|v| v.starts_with("application/json"));
     if !is_json {
-        return Err(api_error(
+        return Err(Refused(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "bad_request",
-            "send the body as application/json",
+            "send the body as application/json".into(),
         ));
     }
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
@@ -362,7 +370,7 @@ fn parse<T: for<'de> Deserialize<'de>>(headers: &HeaderMap, body: &Bytes) -> Res
         } else {
             format!("invalid JSON body at `{at}`: {inner}")
         };
-        api_error(StatusCode::BAD_REQUEST, "bad_request", message)
+        Refused(StatusCode::BAD_REQUEST, message)
     })
 }
 
@@ -424,7 +432,7 @@ async fn credentials(
 ) -> Response {
     let request: WireRequest = match parse(&headers, &body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let request = Request::from(request);
     match state.host.get_credentials_traced(&name, &request).await {
@@ -450,7 +458,7 @@ async fn security_errors(
 ) -> Response {
     let body: SecurityErrorBody = match parse(&headers, &body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let request = Request::from(body.request);
     let rejected = body.credential.into();

@@ -1,0 +1,679 @@
+//! The tool adapters as the tools run them: the real `reauth` binary as a sidecar
+//! (`reauth serve` on a Unix socket), Debian's kubectl against a fake HTTPS API
+//! server, git against `git http-backend` behind lighttpd's Basic auth, and the
+//! docker and AWS helper protocols checked against the tools' documented formats.
+
+use reauth_tests::peers::{Idp, SecretsEndpoint, free_port, http};
+use reauth_tests::{plugins, root, workspace_binary};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn reauth() -> PathBuf {
+    workspace_binary("reauth", "reauth")
+}
+
+/// A process killed (SIGTERM, then SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// `reauth serve --socket` with `config`; returns once it listens.
+fn sidecar(config: &Path, socket: &Path) -> (Proc, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(reauth())
+        .args(["serve", "--config"])
+        .arg(config)
+        .arg("--socket")
+        .arg(socket)
+        .env("RUST_LOG", "reauth=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting reauth serve");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.starts_with("listening on unix:") => break,
+            Ok(_) => {}
+            Err(_) if Instant::now() > deadline => panic!("reauth serve did not start"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("reauth serve exited: {e}"),
+        }
+    }
+    (Proc(child), rx)
+}
+
+async fn metric(socket: &Path, line: &str) -> u64 {
+    let (_, _, body) = http(
+        &format!("unix:{}", socket.display()),
+        "GET",
+        "/metrics",
+        &[],
+        None,
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find(|l| l.starts_with(line))
+        .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn run(cmd: &mut Command, stdin: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn kubectl_binary() -> PathBuf {
+    let path = root().join("target/peers/kubectl/usr/bin/kubectl");
+    if !path.exists() {
+        let status = Command::new("bash")
+            .arg(root().join("scripts/install-peers.sh"))
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "installing kubectl (scripts/install-peers.sh) failed"
+        );
+    }
+    path
+}
+
+fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args([
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .expect("running openssl");
+    assert!(status.success());
+    (cert, key)
+}
+
+fn tokens_seen(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<Value>(l).ok()?["token"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_kubectl_gets_its_token_through_the_sidecar_and_a_fresh_one_after_a_401() {
+    reauth_tests::logs();
+    let kubectl = kubectl_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed_cert(dir.path());
+    let (log, reject) = (
+        dir.path().join("requests.jsonl"),
+        dir.path().join("rejected.txt"),
+    );
+    let mut api = Command::new("python3")
+        .arg(root().join("tests/peers/kube-api/server.py"))
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--log")
+        .arg(&log)
+        .arg("--reject")
+        .arg(&reject)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the fake API server");
+    let mut port = String::new();
+    BufReader::new(api.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let _api = Proc(api);
+    let port: u16 = port.trim().parse().expect("API server port");
+
+    // Tokens come from the real IdP (client credentials, JWTs).
+    reauth_tests::record_secret("cc-basic-secret-0123456789");
+    let idp = Idp::start(&dir.path().join("idp-keys.json"), 300, None);
+    let config = dir.path().join("reauth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[providers.k8s]
+plugin = "{}"
+allowed_hosts = ["{}"]
+[providers.k8s.config]
+issuer = "{}"
+client_id = "cc-basic"
+client_secret = "cc-basic-secret-0123456789"
+"#,
+            plugins().oauth2.display(),
+            idp.authority(),
+            idp.issuer
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("reauth.sock");
+    let (mut server, _stdout) = sidecar(&config, &socket);
+
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            r#"apiVersion: v1
+kind: Config
+clusters:
+- name: fake
+  cluster:
+    server: https://127.0.0.1:{port}
+    certificate-authority: {cert}
+users:
+- name: reauth
+  user:
+    exec:
+      apiVersion: client.authentication.k8s.io/v1beta1
+      command: {reauth}
+      args: ["kubectl-credential", "--provider", "k8s", "--server", "{socket}"]
+contexts:
+- name: fake
+  context:
+    cluster: fake
+    user: reauth
+current-context: fake
+"#,
+            cert = cert.display(),
+            reauth = reauth().display(),
+            socket = socket.display()
+        ),
+    )
+    .unwrap();
+    let kubectl_version = || {
+        Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["get", "--raw", "/version", "--request-timeout=10s"])
+            .env("HOME", dir.path())
+            .output()
+            .unwrap()
+    };
+
+    // Two kubectl processes, one token: the sidecar's cache is shared.
+    for _ in 0..2 {
+        let out = kubectl_version();
+        assert!(
+            out.status.success(),
+            "kubectl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("v1.20.2-fake"));
+    }
+    let seen = tokens_seen(&log);
+    for t in &seen {
+        reauth_tests::record_secret(t);
+    }
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0], seen[1],
+        "both kubectl runs sent the same cached token"
+    );
+    let first = seen[0].clone();
+    assert_eq!(
+        metric(&socket, "reauth_plugin_calls_total{provider=\"k8s\",function=\"get-credentials\",outcome=\"ok\"}").await,
+        1
+    );
+
+    // The API server revokes the token: kubectl gets a 401 and re-runs the plugin;
+    // the adapter sees the same kubectl process ask again for the token it already
+    // has, reports the rejection, and the sidecar drops it and fetches a fresh one.
+    std::fs::write(&reject, format!("{first}\n")).unwrap();
+    let rejected_run = kubectl_version();
+    assert_eq!(tokens_seen(&log)[2], first);
+    assert_eq!(
+        metric(&socket, "reauth_security_errors_total{provider=\"k8s\",kind=\"unauthorized\",decision=\"refresh_and_retry\"}").await,
+        1,
+        "the 401 re-run was reported as a rejection"
+    );
+    assert_eq!(
+        metric(&socket, "reauth_fetches_total{provider=\"k8s\",reason=\"after_security_error\",tier=\"mandatory\"}").await,
+        1,
+        "and made the sidecar fetch a fresh token"
+    );
+    // kubectl 1.20 does not repeat the failed request itself; the next run uses the
+    // fresh token.
+    let out = kubectl_version();
+    assert!(
+        out.status.success(),
+        "after the refresh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = tokens_seen(&log);
+    for t in &seen {
+        reauth_tests::record_secret(t);
+    }
+    let last = seen.last().unwrap();
+    assert_ne!(last, &first, "a fresh token");
+    assert_eq!(idp.token_requests("cc-basic").await, (2, 0));
+    println!(
+        "kubectl: the run with the revoked token exited {:?}; the API server saw {} requests",
+        rejected_run.status.code(),
+        seen.len()
+    );
+
+    let status = server.terminate().expect("reauth serve stops on SIGTERM");
+    assert!(status.success(), "reauth serve exit: {status:?}");
+    assert!(!socket.exists());
+}
+
+fn git(dir: &Path, args: &[&str]) -> Output {
+    Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("HOME", dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env_remove("GIT_ASKPASS")
+        .env_remove("SSH_ASKPASS")
+        .output()
+        .expect("running git")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_git_clones_with_the_helper_and_erase_invalidates() {
+    reauth_tests::logs();
+    let (pw1, pw2) = ("git-pw-one-5r4e3w", "git-pw-two-2q1a0z");
+    reauth_tests::record_secret(pw1);
+    reauth_tests::record_secret(pw2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A repository with one commit, served by git http-backend behind Basic auth.
+    std::fs::create_dir_all(d.join("repos")).unwrap();
+    assert!(
+        git(d, &["init", "-q", "--bare", "repos/app.git"])
+            .status
+            .success()
+    );
+    assert!(git(d, &["init", "-q", "work"]).status.success());
+    let work = d.join("work");
+    assert!(
+        git(
+            &work,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@e",
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                "init"
+            ]
+        )
+        .status
+        .success()
+    );
+    assert!(
+        git(
+            &work,
+            &["push", "-q", "../repos/app.git", "HEAD:refs/heads/main"]
+        )
+        .status
+        .success()
+    );
+    std::fs::write(d.join("repos/app.git/HEAD"), "ref: refs/heads/main\n").unwrap();
+    let exec_path = String::from_utf8(git(d, &["--exec-path"]).stdout).unwrap();
+    let users = d.join("users");
+    std::fs::write(&users, format!("git-user:{pw1}\n")).unwrap();
+    let port = free_port();
+    let lighttpd_conf = d.join("lighttpd.conf");
+    std::fs::write(
+        &lighttpd_conf,
+        format!(
+            r#"server.document-root = "{root}"
+server.bind = "127.0.0.1"
+server.port = {port}
+server.errorlog = "{root}/lighttpd-error.log"
+server.modules = ("mod_alias", "mod_setenv", "mod_cgi", "mod_auth", "mod_authn_file")
+alias.url = ("/git/" => "{backend}/git-http-backend/")
+$HTTP["url"] =~ "^/git/" {{
+    cgi.assign = ("" => "")
+    setenv.add-environment = ("GIT_PROJECT_ROOT" => "{root}/repos", "GIT_HTTP_EXPORT_ALL" => "1")
+}}
+auth.backend = "plain"
+auth.backend.plain.userfile = "{users}"
+auth.require = ("/git/" => ("method" => "basic", "realm" => "git", "require" => "valid-user"))
+"#,
+            root = d.display(),
+            backend = exec_path.trim(),
+            users = users.display()
+        ),
+    )
+    .unwrap();
+    let lighttpd = if Path::new("/usr/sbin/lighttpd").exists() {
+        "/usr/sbin/lighttpd"
+    } else {
+        "lighttpd"
+    };
+    let _web = Proc(
+        Command::new(lighttpd)
+            .arg("-D")
+            .arg("-f")
+            .arg(&lighttpd_conf)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting lighttpd"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "lighttpd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The password lives in a Vault-shaped endpoint; the sidecar reads it.
+    let secrets = SecretsEndpoint::start("git-user", pw1, 3600, "vault-token").await;
+    let config = d.join("reauth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[providers.repo]
+plugin = "{}"
+allowed_hosts = ["{}"]
+[providers.repo.config]
+secret_url = "{}/v1/database/static-creds/git"
+format = "vault-static-creds"
+vault_token = "vault-token"
+"#,
+            plugins().password_rotation.display(),
+            secrets.base.trim_start_matches("http://"),
+            secrets.base
+        ),
+    )
+    .unwrap();
+    let socket = d.join("reauth.sock");
+    let (_server, _stdout) = sidecar(&config, &socket);
+    let helper = format!(
+        "credential.helper=!{} git-credential --provider repo --server {}",
+        reauth().display(),
+        socket.display()
+    );
+    let url = format!("http://127.0.0.1:{port}/git/app.git");
+    let clone = |dest: &str| {
+        git(
+            d,
+            &[
+                "-c",
+                "credential.helper=",
+                "-c",
+                &helper,
+                "clone",
+                "-q",
+                &url,
+                dest,
+            ],
+        )
+    };
+
+    let out = clone("c1");
+    assert!(
+        out.status.success(),
+        "clone with the helper: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.join("c1/.git").exists());
+
+    // Rotation: the server's password changes and the secret store has the new one,
+    // but the sidecar still caches the old one. git gets a 401 and calls `erase`;
+    // the adapter reports the rejection, the sidecar drops the old password and
+    // reads the new one; the next clone works.
+    std::fs::write(&users, format!("git-user:{pw2}\n")).unwrap();
+    secrets.set_password(pw2);
+    let out = clone("c2");
+    assert!(
+        !out.status.success(),
+        "the stale password should be refused"
+    );
+    assert_eq!(
+        metric(&socket, "reauth_security_errors_total{provider=\"repo\",kind=\"unauthorized\",decision=\"refresh_and_retry\"}").await,
+        1,
+        "git's erase reached the provider"
+    );
+    assert_eq!(secrets.reads.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let out = clone("c3");
+    assert!(
+        out.status.success(),
+        "clone after erase: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // `get` carries the expiry (the static role's ttl) for git ≥ 2.41.
+    let out = run(
+        Command::new(reauth())
+            .args(["git-credential", "--provider", "repo", "--server"])
+            .arg(&socket)
+            .arg("get"),
+        "protocol=http\nhost=127.0.0.1\n\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("username=git-user\n") && text.contains(&format!("password={pw2}\n")),
+        "{text}"
+    );
+    let expiry: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password_expiry_utc="))
+        .expect("password_expiry_utc")
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!((now + 3000..=now + 3601).contains(&expiry), "{expiry}");
+}
+
+fn standalone_config(dir: &Path) -> PathBuf {
+    let config = dir.join("reauth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[runtime]
+cache_dir = "{cache}"
+[providers.registry]
+plugin = "{static_}"
+[providers.registry.config]
+username = "david"
+password = "static-pw-1q2w3e"
+[providers.aws]
+plugin = "{static_}"
+[providers.aws.config]
+"header.aws-access-key-id" = "AKIAEXAMPLE"
+"header.aws-secret-access-key" = "static-pw-1q2w3e"
+"header.aws-session-token" = "echoed-secret-7h6g5f"
+"#,
+            cache = dir.join("cache").display(),
+            static_ = plugins().static_.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn docker_credential_helper_protocol() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standalone_config(dir.path());
+    let helper = |op: &str, stdin: &str| {
+        run(
+            Command::new(reauth())
+                .args([
+                    "docker-credential",
+                    "--provider",
+                    "registry",
+                    "--registry",
+                    "https://index.docker.io/v1/",
+                    "--config",
+                ])
+                .arg(&config)
+                .arg(op),
+            stdin,
+        )
+    };
+    // docker-credential-helpers' documented `get` exchange.
+    let out = helper("get", "https://index.docker.io/v1/");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let documented = json!({"ServerURL": "https://index.docker.io/v1", "Username": "david", "Secret": "passw0rd1"});
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&got), keys(&documented));
+    assert_eq!(got["ServerURL"], "https://index.docker.io/v1/");
+    assert_eq!(
+        (got["Username"].as_str(), got["Secret"].as_str()),
+        (Some("david"), Some("static-pw-1q2w3e"))
+    );
+    let out = helper("list", "");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        json!({"https://index.docker.io/v1/": "david"})
+    );
+    let out = helper(
+        "store",
+        r#"{"ServerURL": "https://index.docker.io/v1/", "Username": "david", "Secret": "x"}"#,
+    );
+    assert!(out.status.success());
+    let out = helper("erase", "https://index.docker.io/v1/");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = helper("get", "");
+    assert!(!out.status.success(), "an empty server URL is an error");
+    let out = helper("bogus", "");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("unknown docker credential operation `bogus`")
+    );
+}
+
+#[test]
+fn aws_credential_process_protocol() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standalone_config(dir.path());
+    let out = run(
+        Command::new(reauth())
+            .args(["aws-credential-process", "--provider", "aws", "--config"])
+            .arg(&config),
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The AWS CLI's documented credential_process output (Expiration omitted: these
+    // credentials do not expire).
+    let documented = json!({
+        "Version": 1,
+        "AccessKeyId": "an AWS access key",
+        "SecretAccessKey": "your AWS secret access key",
+        "SessionToken": "the AWS session token for temporary credentials",
+    });
+    let keys = |v: &Value| {
+        let mut k = v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&got), keys(&documented));
+    assert_eq!(got["Version"], 1);
+    assert_eq!(got["AccessKeyId"], "AKIAEXAMPLE");
+    assert_eq!(got["SessionToken"], "echoed-secret-7h6g5f");
+    // A bearer-token provider cannot serve AWS: a clear error.
+    let out = run(
+        Command::new(reauth())
+            .args(["aws-credential-process", "--provider", "nope", "--config"])
+            .arg(&config),
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
