@@ -44,6 +44,16 @@ impl Drop for Proc {
     }
 }
 
+fn sidecar_log() -> std::fs::File {
+    let dir = reauth_tests::log_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("sidecar-{}.log", std::process::id())))
+        .unwrap()
+}
+
 /// `reauth serve --socket` with `config`; returns once it listens.
 fn sidecar(config: &Path, socket: &Path) -> (Proc, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(reauth())
@@ -51,9 +61,11 @@ fn sidecar(config: &Path, socket: &Path) -> (Proc, std::sync::mpsc::Receiver<Str
         .arg(config)
         .arg("--socket")
         .arg(socket)
-        .env("RUST_LOG", "reauth=info")
+        .env("RUST_LOG", "reauth=debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        // Into the suite's log directory, so `audit-logs` checks the sidecar's logs
+        // for leaked secrets too.
+        .stderr(sidecar_log())
         .spawn()
         .expect("starting reauth serve");
     let stdout = child.stdout.take().unwrap();
