@@ -689,3 +689,78 @@ fn aws_credential_process_protocol() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_reloads_its_config_and_logs_json() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reauth.toml");
+    let provider = |name: &str| {
+        format!(
+            "[providers.{name}]\nplugin = \"{}\"\n[providers.{name}.config]\ntoken = \"static-pw-1q2w3e\"\n",
+            plugins().static_.display()
+        )
+    };
+    std::fs::write(&config, provider("one")).unwrap();
+    let socket = dir.path().join("s.sock");
+    let log = dir.path().join("serve.jsonl");
+    let mut proc = Proc(
+        Command::new(reauth())
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let target = format!("unix:{}", socket.display());
+    let names = || async {
+        let (_, _, body) = http(&target, "GET", "/v1/providers", &[], None)
+            .await
+            .ok()?;
+        let v: Value = serde_json::from_slice(&body).ok()?;
+        Some(
+            v["providers"]
+                .as_array()?
+                .iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_string))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let wait_for = |want: Vec<&'static str>| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if names().await.is_some_and(|n| n == want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "providers never became {want:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_for(vec!["one"]).await;
+    // A config change is picked up without a restart…
+    std::fs::write(&config, provider("one") + &provider("two")).unwrap();
+    wait_for(vec!["one", "two"]).await;
+    // …and so is SIGHUP after an edit.
+    std::fs::write(&config, provider("two")).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &proc.0.id().to_string()])
+        .status();
+    wait_for(vec!["two"]).await;
+    let status = proc.terminate().expect("stops on SIGTERM");
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().count() >= 3, "{text}");
+    for line in text.lines() {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+    }
+    assert!(text.contains("reloaded"), "{text}");
+    assert!(!text.contains("static-pw-1q2w3e"));
+}
