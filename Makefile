@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup peers plugins demo test lint fmt wit-check bench fuzz clean
+.PHONY: setup peers plugins demo test lint fmt wit-check bench bench-report fuzz clean
 
 ## Toolchain pieces a fresh machine lacks (RUSTUP_AUTO_INSTALL=0 here: be explicit).
 setup:
@@ -46,6 +46,12 @@ wit-check:
 
 bench: plugins
 	$(CARGO) bench -p reauth
+
+## Side-by-side comparisons (bench/, release build): regenerate BENCHMARKS.md's results.
+bench-report: plugins peers
+	$(CARGO) build --release -p reauth-bench --bins
+	target/release/reauth-bench > target/bench-results.md
+	scripts/splice-results.sh BENCHMARKS.md target/bench-results.md
 
 ## Coverage-guided fuzzing (nightly + cargo-fuzz; not part of `make test`).
 FUZZ_SECONDS ?= 60

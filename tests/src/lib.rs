@@ -36,6 +36,8 @@ pub struct Plugins {
     pub hostile: PathBuf,
     /// `plugins/fixtures/other-world`.
     pub other_world: PathBuf,
+    /// `plugins/fixtures/bench-logic` (the benchmarks' provider logic).
+    pub bench_logic: PathBuf,
 }
 
 /// Build every guest component once per test binary (cargo makes repeat builds a
@@ -74,6 +76,7 @@ pub fn plugins() -> &'static Plugins {
             testkit: path("fixture_testkit"),
             hostile: path("fixture_hostile"),
             other_world: path("fixture_other_world"),
+            bench_logic: path("fixture_bench_logic"),
         }
     })
 }

@@ -1,0 +1,605 @@
+//! `reauth-bench`: side-by-side measurements in one run on one machine, printed as
+//! Markdown tables (`make bench-report` writes them into BENCHMARKS.md).
+//!
+//! Sections (`--sections`, default all):
+//! - `cache`: a cache hit through `Host::get_credentials` next to the physical floor
+//!   (a read-locked `HashMap` lookup with a prebuilt key and a clone of the same
+//!   credential); latency percentiles and throughput at 1 and 2 threads;
+//! - `miss`: the same provider logic (`bench/logic`) as a reauth component (fresh
+//!   instance per call) and as an exec credential plugin (a process per fetch,
+//!   ExecCredential JSON);
+//! - `idp`: operations through `with_credentials` against a JWKS-verifying API with
+//!   tokens from the real oidc-provider IdP, next to fetching a token per operation;
+//! - `herd`: N concurrent callers on a cold key (each size in its own process, for
+//!   its peak RSS);
+//! - `scale`: RSS per loaded provider and lookup time with many subjects.
+//!
+//! `--smoke` runs every section with tiny counts (CI runs it so the harness never
+//! rots); its numbers mean nothing.
+
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
+use reauth::{Host, ProviderConfig, Rejection, Request};
+use reauth_tests::peers::{Idp, ResourceServer, SlowEndpoint, http};
+use reauth_tests::plugins;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    /// Tiny counts: check the harness works, not the numbers.
+    #[arg(long)]
+    smoke: bool,
+    /// Comma-separated sections: cache, miss, idp, herd, scale.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cache,miss,idp,herd,scale"
+    )]
+    sections: Vec<String>,
+    /// Internal: run one herd of this size and print a JSON line.
+    #[arg(long, hide = true)]
+    herd_child: Option<usize>,
+    /// Internal: load this many providers and print a JSON line.
+    #[arg(long, hide = true)]
+    providers_child: Option<usize>,
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    Stats {
+        p50: pick(0.5),
+        p99: pick(0.99),
+        mean,
+    }
+}
+
+fn fmt(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns < 10_000 {
+        format!("{ns} ns")
+    } else if ns < 10_000_000 {
+        format!("{:.1} µs", ns as f64 / 1e3)
+    } else {
+        format!("{:.2} ms", ns as f64 / 1e6)
+    }
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn logic_provider() -> ProviderConfig {
+    ProviderConfig::new(&plugins().bench_logic)
+        .config("client_id", "svc")
+        .config("secret", "bench-secret-0123456789")
+        .config("ttl", "300")
+}
+
+/// Per-operation latency from batches of `batch` operations (timer overhead
+/// amortised), and the batches' percentiles.
+async fn batched<F: FnMut() -> Fut, Fut: Future<Output = ()>>(
+    batches: usize,
+    batch: usize,
+    mut op: F,
+) -> Stats {
+    let mut samples = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let start = Instant::now();
+        for _ in 0..batch {
+            op().await;
+        }
+        samples.push(start.elapsed() / batch as u32);
+    }
+    stats(samples)
+}
+
+fn throughput(threads: usize, run: Duration, op: Arc<dyn Fn() + Send + Sync>) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (stop, count, op) = (stop.clone(), count.clone(), op.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..64 {
+                        op();
+                    }
+                    n += 64;
+                }
+                count.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    std::thread::sleep(run);
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    count.load(Ordering::Relaxed) as f64 / run.as_secs_f64()
+}
+
+fn section_cache(smoke: bool) -> Result<String> {
+    let rt = runtime();
+    let token = "t".repeat(800);
+    let host = Host::builder()
+        .provider(
+            "static",
+            ProviderConfig::new(&plugins().static_).config("token", &token),
+        )
+        .build()?;
+    let request = Request::new().scope("orders:read");
+    let credentials = rt.block_on(host.get_credentials("static", &request))?;
+    let map: Arc<RwLock<HashMap<(String, Request), reauth::Credentials>>> = Arc::default();
+    let key = ("static".to_string(), request.clone());
+    map.write().unwrap().insert(key.clone(), credentials);
+    let (batches, batch) = if smoke { (20, 10) } else { (2000, 200) };
+    let reauth_stats = rt.block_on(batched(batches, batch, || async {
+        std::hint::black_box(host.get_credentials("static", &request).await.unwrap());
+    }));
+    let floor_stats = rt.block_on(batched(batches, batch, || async {
+        std::hint::black_box(map.read().unwrap().get(&key).cloned().unwrap());
+    }));
+    let run = if smoke {
+        Duration::from_millis(50)
+    } else {
+        Duration::from_secs(2)
+    };
+    let hit = {
+        let (host, request) = (host.clone(), request.clone());
+        Arc::new(move || {
+            // The hit path completes without awaiting: poll it once, no runtime needed.
+            let fut = host.get_credentials("static", &request);
+            let c = futures_now(fut).expect("a cache hit");
+            std::hint::black_box(c);
+        }) as Arc<dyn Fn() + Send + Sync>
+    };
+    let floor = {
+        let (map, key) = (map.clone(), key.clone());
+        Arc::new(move || {
+            std::hint::black_box(map.read().unwrap().get(&key).cloned());
+        }) as Arc<dyn Fn() + Send + Sync>
+    };
+    let mut out = String::from(
+        "### Cached credential (800-byte token, one scope)\n\n\
+         | | p50 | p99 | mean | 1 thread | 2 threads |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (name, s, op) in [
+        (
+            "reauth cache hit (`Host::get_credentials`)",
+            &reauth_stats,
+            hit,
+        ),
+        (
+            "bare `RwLock<HashMap>`: prebuilt key, lookup, clone",
+            &floor_stats,
+            floor,
+        ),
+    ] {
+        let one = throughput(1, run, op.clone());
+        let two = throughput(2, run, op);
+        out += &format!(
+            "| {name} | {} | {} | {} | {:.2} M/s | {:.2} M/s |\n",
+            fmt(s.p50),
+            fmt(s.p99),
+            fmt(s.mean),
+            one / 1e6,
+            two / 1e6
+        );
+    }
+    out += &format!(
+        "\nRatio reauth / floor (p50): **{:.2}×**. Latencies are per operation, from batches of {batch}.\n",
+        reauth_stats.p50.as_secs_f64() / floor_stats.p50.as_secs_f64()
+    );
+    Ok(out)
+}
+
+/// Poll a future that is expected to be ready at once (a cache hit).
+fn futures_now<F: Future>(fut: F) -> F::Output {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
+
+fn exec_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.with_file_name("exec-credential")
+}
+
+fn section_miss(smoke: bool) -> Result<String> {
+    let rt = runtime();
+    let host = Host::builder()
+        .provider("logic", logic_provider())
+        .build()?;
+    let n = if smoke { 5 } else { 400 };
+    // Warm-up: the first instantiation pays for lazy initialisation.
+    for i in 0..(n / 10).max(1) {
+        rt.block_on(host.get_credentials("logic", &Request::new().subject(format!("warm{i}"))))?;
+    }
+    let mut component = Vec::with_capacity(n);
+    for i in 0..n {
+        let request = Request::new().subject(format!("s{i}"));
+        let start = Instant::now();
+        let c = rt.block_on(host.get_credentials("logic", &request))?;
+        component.push(start.elapsed());
+        std::hint::black_box(c);
+    }
+    let exec = exec_binary();
+    ensure!(
+        exec.exists(),
+        "{} is missing: build with `cargo build --release -p reauth-bench --bins`",
+        exec.display()
+    );
+    let runs = if smoke { 3 } else { 200 };
+    let mut spawned = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        let out = Command::new(&exec)
+            .env("BENCH_CLIENT_ID", "svc")
+            .env("BENCH_SECRET", "bench-secret-0123456789")
+            .output()
+            .context("spawning the exec plugin")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(
+            v["status"]["token"].as_str().is_some_and(|t| !t.is_empty()),
+            "exec plugin output: {v}"
+        );
+        spawned.push(start.elapsed());
+    }
+    let (c, e) = (stats(component), stats(spawned));
+    Ok(format!(
+        "### Miss path: the same provider logic two ways\n\n\
+         | | p50 | p99 | mean | samples |\n| --- | --- | --- | --- | --- |\n\
+         | reauth component, fresh instance per call (+ cache insert) | {} | {} | {} | {n} |\n\
+         | exec credential plugin, a process per fetch (spawn, ExecCredential JSON, parse) | {} | {} | {} | {runs} |\n\n\
+         Exec / reauth (p50): **{:.0}×**. Extism: not measured in this run (see the note below).\n",
+        fmt(c.p50),
+        fmt(c.p99),
+        fmt(c.mean),
+        fmt(e.p50),
+        fmt(e.p99),
+        fmt(e.mean),
+        e.p50.as_secs_f64() / c.p50.as_secs_f64()
+    ))
+}
+
+fn section_idp(smoke: bool) -> Result<String> {
+    let rt = runtime();
+    rt.block_on(async {
+        let dir = tempfile::tempdir()?;
+        let idp = Idp::start(&dir.path().join("keys.json"), 60, None);
+        let verifier = reauth::verify::Verifier::builder()
+            .jwks_url(format!("{}/jwks", idp.issuer))
+            .issuer(&idp.issuer)
+            .audience("urn:reauth:test-api")
+            .build()?;
+        let api = ResourceServer::start(verifier).await;
+        let host = Host::builder()
+            .provider(
+                "api",
+                ProviderConfig::new(&plugins().oauth2)
+                    .allow_host(idp.authority())
+                    .config("issuer", &idp.issuer)
+                    .config("client_id", "cc-basic")
+                    .config("client_secret", "cc-basic-secret-0123456789"),
+            )
+            .build()?;
+        let run = if smoke { Duration::from_millis(500) } else { Duration::from_secs(10) };
+        let target = api.url.trim_end_matches("/orders").to_string();
+        let call = |token: String| {
+            let target = target.clone();
+            async move {
+                let auth = format!("Bearer {token}");
+                let (status, _, _) = http(&target, "GET", "/orders", &[("authorization", &auth)], None)
+                    .await
+                    .map_err(|e| Rejection::Other(e.to_string()))?;
+                if status == 200 { Ok(()) } else { Err(Rejection::Other(format!("HTTP {status}"))) }
+            }
+        };
+        // reauth: cached token through with_credentials.
+        let start = Instant::now();
+        let mut cached_ops = 0u64;
+        while start.elapsed() < run {
+            host.with_credentials("api", &Request::new(), |c| {
+                let token = match &c.credential {
+                    reauth::Credential::Bearer(t) => t.expose().to_string(),
+                    _ => String::new(),
+                };
+                call(token)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            cached_ops += 1;
+        }
+        let cached_secs = start.elapsed().as_secs_f64();
+        let (cached_idp, _) = idp.token_requests("cc-basic").await;
+        // No cache: a token from the IdP for every operation.
+        let basic = "Basic Y2MtYmFzaWM6Y2MtYmFzaWMtc2VjcmV0LTAxMjM0NTY3ODk="; // cc-basic:cc-basic-secret-0123456789
+        let start = Instant::now();
+        let mut uncached_ops = 0u64;
+        while start.elapsed() < run {
+            let (status, _, body) = http(
+                &idp.issuer,
+                "POST",
+                "/token",
+                &[("authorization", basic), ("content-type", "application/x-www-form-urlencoded")],
+                Some(b"grant_type=client_credentials".to_vec()),
+            )
+            .await?;
+            ensure!(status == 200, "token endpoint: HTTP {status}");
+            let token = serde_json::from_slice::<serde_json::Value>(&body)?["access_token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            call(token).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            uncached_ops += 1;
+        }
+        let uncached_secs = start.elapsed().as_secs_f64();
+        let (all_idp, _) = idp.token_requests("cc-basic").await;
+        let uncached_idp = all_idp - cached_idp;
+        Ok(format!(
+            "### End to end: real IdP (oidc-provider) and a JWKS-verifying API, one client loop\n\n\
+             | | operations/s | IdP token requests per 1,000 operations |\n| --- | --- | --- |\n\
+             | reauth (`with_credentials`, cached token) | {:.0} | {:.2} |\n\
+             | a token from the IdP per operation | {:.0} | {:.0} |\n\n\
+             Speed-up: **{:.1}×**; IdP load: **{:.0}×** fewer token requests (each loop ran {:?}).\n",
+            cached_ops as f64 / cached_secs,
+            cached_idp as f64 * 1000.0 / cached_ops as f64,
+            uncached_ops as f64 / uncached_secs,
+            uncached_idp as f64 * 1000.0 / uncached_ops as f64,
+            (cached_ops as f64 / cached_secs) / (uncached_ops as f64 / uncached_secs),
+            (uncached_idp as f64 / uncached_ops as f64) / (cached_idp as f64 / cached_ops as f64).max(1e-9),
+            run
+        ))
+    })
+}
+
+fn herd_child(n: usize) -> Result<()> {
+    let rt = runtime();
+    rt.block_on(async {
+        let slow = SlowEndpoint::start("herd-token-value", Duration::from_millis(50)).await;
+        let host = Host::builder()
+            .provider(
+                "slow",
+                ProviderConfig::new(&plugins().testkit)
+                    .allow_host(slow.authority())
+                    .config("mode", "fetch")
+                    .config("url", &slow.url),
+            )
+            .build()?;
+        let before = status_kib("VmRSS:");
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let host = host.clone();
+                tokio::spawn(
+                    async move { host.get_credentials("slow", &Request::new()).await.is_ok() },
+                )
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            ok += usize::from(t.await?);
+        }
+        let wall = start.elapsed();
+        println!(
+            "{}",
+            serde_json::json!({
+                "n": n, "ok": ok, "wall_ms": wall.as_secs_f64() * 1e3,
+                "plugin_calls": host.plugin_calls("slow"),
+                "rss_before_kib": before, "peak_kib": status_kib("VmHWM:"),
+            })
+        );
+        Ok(())
+    })
+}
+
+fn child(args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new(std::env::current_exe()?).args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "child {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(
+        line.lines().last().unwrap_or_default(),
+    )?)
+}
+
+fn section_herd(smoke: bool) -> Result<String> {
+    let sizes: &[usize] = if smoke {
+        &[100]
+    } else {
+        &[1_000, 10_000, 100_000]
+    };
+    let mut out = String::from(
+        "### Herd: concurrent callers on a cold key (provider behind a 50 ms token endpoint, 2 worker threads)\n\n\
+         | callers | wall time to serve all | plugin calls | peak RSS |\n| --- | --- | --- | --- |\n",
+    );
+    for n in sizes {
+        let v = child(&["--herd-child", &n.to_string()])?;
+        ensure!(v["ok"] == *n, "not every caller was served: {v}");
+        ensure!(
+            v["plugin_calls"] == 1,
+            "herd of {n}: {} plugin calls",
+            v["plugin_calls"]
+        );
+        out += &format!(
+            "| {n} | {:.1} ms | {} | {:.1} MiB |\n",
+            v["wall_ms"].as_f64().unwrap_or(0.0),
+            v["plugin_calls"],
+            v["peak_kib"].as_f64().unwrap_or(0.0) / 1024.0
+        );
+    }
+    Ok(out)
+}
+
+fn providers_child(n: usize) -> Result<()> {
+    let cache = tempfile::tempdir()?;
+    // Warm the precompiled cache first, as a deployment would (`reauth check`).
+    let mut config = reauth::HostConfig::default();
+    config.runtime.cache_dir = Some(cache.path().to_path_buf());
+    config.providers.insert("warm".into(), logic_provider());
+    drop(Host::builder_from_config(config.clone()).build()?);
+    config.providers.clear();
+    for i in 0..n {
+        config.providers.insert(format!("p{i}"), logic_provider());
+    }
+    let before = status_kib("VmRSS:");
+    let host = Host::builder_from_config(config).build()?;
+    let rt = runtime();
+    for i in 0..n {
+        rt.block_on(host.get_credentials(&format!("p{i}"), &Request::new()))?;
+    }
+    let after = status_kib("VmRSS:");
+    println!(
+        "{}",
+        serde_json::json!({"n": n, "before_kib": before, "after_kib": after})
+    );
+    Ok(())
+}
+
+fn section_scale(smoke: bool) -> Result<String> {
+    let mut out = String::from(
+        "### Scale\n\nLoaded providers (same component, precompiled cache warm, one call each):\n\n\
+         | providers | RSS added | per provider |\n| --- | --- | --- |\n",
+    );
+    let counts: &[usize] = if smoke { &[1, 2] } else { &[1, 10, 100] };
+    for n in counts {
+        let v = child(&["--providers-child", &n.to_string()])?;
+        let added =
+            v["after_kib"].as_f64().unwrap_or(0.0) - v["before_kib"].as_f64().unwrap_or(0.0);
+        out += &format!(
+            "| {n} | {:.1} MiB | {:.2} MiB |\n",
+            added / 1024.0,
+            added / 1024.0 / *n as f64
+        );
+    }
+    out += "\nSubjects cached for one provider (one key each), then cache hits on random subjects:\n\n\
+            | subjects | RSS added | hit p50 | hit p99 |\n| --- | --- | --- | --- |\n";
+    let rt = runtime();
+    let sizes: &[usize] = if smoke { &[1, 10] } else { &[1, 100, 10_000] };
+    for n in sizes {
+        let host = Host::builder()
+            .provider("logic", logic_provider())
+            .build()?;
+        let requests: Vec<Request> = (0..*n)
+            .map(|i| Request::new().subject(format!("user-{i}")))
+            .collect();
+        let before = status_kib("VmRSS:");
+        rt.block_on(async {
+            for r in &requests {
+                host.get_credentials("logic", r).await?;
+            }
+            anyhow::Ok(())
+        })?;
+        let after = status_kib("VmRSS:");
+        let mut i = 0usize;
+        let s = rt.block_on(batched(if smoke { 10 } else { 2000 }, 100, || {
+            i = (i * 7919 + 13) % n;
+            let r = &requests[i];
+            let host = &host;
+            async move {
+                std::hint::black_box(host.get_credentials("logic", r).await.unwrap());
+            }
+        }));
+        out += &format!(
+            "| {n} | {:.2} MiB | {} | {} |\n",
+            (after.saturating_sub(before)) as f64 / 1024.0,
+            fmt(s.p50),
+            fmt(s.p99)
+        );
+    }
+    Ok(out)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    format!(
+        "{cpu}, {cores} cores, {:.0} GiB RAM",
+        mem as f64 / 1024.0 / 1024.0
+    )
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(n) = args.herd_child {
+        return herd_child(n);
+    }
+    if let Some(n) = args.providers_child {
+        return providers_child(n);
+    }
+    println!(
+        "Machine: {}. Mode: {}.\n",
+        machine(),
+        if args.smoke {
+            "smoke (numbers meaningless)"
+        } else {
+            "full"
+        }
+    );
+    for section in &args.sections {
+        let text = match section.as_str() {
+            "cache" => section_cache(args.smoke)?,
+            "miss" => section_miss(args.smoke)?,
+            "idp" => section_idp(args.smoke)?,
+            "herd" => section_herd(args.smoke)?,
+            "scale" => section_scale(args.smoke)?,
+            other => anyhow::bail!("unknown section `{other}` (cache, miss, idp, herd, scale)"),
+        };
+        println!("{text}");
+    }
+    Ok(())
+}
