@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup peers plugins demo test lint fmt wit-check bench bench-report fuzz clean
+.PHONY: setup peers plugins demo test lint fmt wit-check bench bench-report bench-extism fuzz clean
 
 ## Toolchain pieces a fresh machine lacks (RUSTUP_AUTO_INSTALL=0 here: be explicit).
 setup:
@@ -36,6 +36,7 @@ lint: setup wit-check
 	$(CARGO) fmt --all -- --check
 	cd plugins && $(CARGO) fmt --all -- --check
 	cd sdk && $(CARGO) fmt -- --check
+	cd bench/extism && $(CARGO) fmt --all -- --check
 	cd sdk && $(CARGO) clippy --target wasm32-wasip2 --all-features -- -D warnings
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	cd plugins && $(CARGO) clippy --release --target wasm32-wasip2 --workspace -- -D warnings
@@ -48,10 +49,16 @@ bench: plugins
 	$(CARGO) bench -p reauth
 
 ## Side-by-side comparisons (bench/, release build): regenerate BENCHMARKS.md's results.
-bench-report: plugins peers
+bench-report: plugins peers bench-extism
 	$(CARGO) build --release -p reauth-bench --bins
 	target/release/reauth-bench > target/bench-results.md
 	scripts/splice-results.sh BENCHMARKS.md target/bench-results.md
+
+## The Extism side of the comparison: its own workspace (Extism pins its own wasmtime).
+bench-extism:
+	@rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+	cd bench/extism && $(CARGO) build --release --target wasm32-unknown-unknown -p extism-bench-plugin --target-dir ../../target
+	cd bench/extism && $(CARGO) build --release -p extism-bench --target-dir ../../target
 
 ## Coverage-guided fuzzing (nightly + cargo-fuzz; not part of `make test`).
 FUZZ_SECONDS ?= 60
@@ -71,3 +78,4 @@ fmt:
 	$(CARGO) fmt --all
 	cd plugins && $(CARGO) fmt --all
 	cd sdk && $(CARGO) fmt
+	cd bench/extism && $(CARGO) fmt --all

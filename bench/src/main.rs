@@ -280,12 +280,14 @@ fn section_miss(smoke: bool) -> Result<String> {
         spawned.push(start.elapsed());
     }
     let (c, e) = (stats(component), stats(spawned));
+    let extism = extism_rows(if smoke { 3 } else { 400 }, c.p50)?;
     Ok(format!(
         "### Miss path: the same provider logic two ways\n\n\
          | | p50 | p99 | mean | samples |\n| --- | --- | --- | --- | --- |\n\
          | reauth component, fresh instance per call (+ cache insert) | {} | {} | {} | {n} |\n\
-         | exec credential plugin, a process per fetch (spawn, ExecCredential JSON, parse) | {} | {} | {} | {runs} |\n\n\
-         Exec / reauth (p50): **{:.0}×**. Extism: not measured in this run (see the note below).\n",
+         | exec credential plugin, a process per fetch (spawn, ExecCredential JSON, parse) | {} | {} | {} | {runs} |\n\
+         {extism}\n\
+         Exec / reauth (p50): **{:.0}×**.\n",
         fmt(c.p50),
         fmt(c.p99),
         fmt(c.mean),
@@ -293,6 +295,47 @@ fn section_miss(smoke: bool) -> Result<String> {
         fmt(e.p99),
         fmt(e.mean),
         e.p50.as_secs_f64() / c.p50.as_secs_f64()
+    ))
+}
+
+/// Rows for the Extism variant (bench/extism, its own workspace: `make bench-extism`),
+/// or a row saying it was not built.
+fn extism_rows(n: usize, reauth_p50: Duration) -> Result<String> {
+    let root = reauth_tests::root();
+    let runner = root.join("target/release/extism-bench");
+    let plugin = root.join("target/wasm32-unknown-unknown/release/extism_bench_plugin.wasm");
+    if !runner.exists() || !plugin.exists() {
+        return Ok(
+            "| Extism 1.30.0 | not built in this run (`make bench-extism`) | | | |\n".into(),
+        );
+    }
+    let out = Command::new(&runner)
+        .arg(&plugin)
+        .arg(n.to_string())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "extism-bench: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let ns = |k: &str, f: &str| Duration::from_nanos(v[k][f].as_u64().unwrap_or(0));
+    let row = |label: &str, k: &str| {
+        format!(
+            "| {label} | {} | {} | {} | {n} |\n",
+            fmt(ns(k, "p50_ns")),
+            fmt(ns(k, "p99_ns")),
+            fmt(ns(k, "mean_ns"))
+        )
+    };
+    Ok(format!(
+        "{}{}| Extism fresh / reauth (p50) | **{:.2}×** | | | |\n",
+        row(
+            "Extism 1.30.0 plugin, new instance from the compiled plugin per call",
+            "fresh"
+        ),
+        row("Extism 1.30.0 plugin, one reused instance", "reused"),
+        ns("fresh", "p50_ns").as_secs_f64() / reauth_p50.as_secs_f64()
     ))
 }
 
