@@ -25,9 +25,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let wasm = std::fs::read(&args[1]).expect("reading the plugin");
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200);
-    let compiled =
-        CompiledPlugin::new(PluginBuilder::new(extism::Wasm::data(wasm)).with_wasi(false))
-            .expect("compiling the plugin");
+    let compiled = CompiledPlugin::new(PluginBuilder::new(&wasm).with_wasi(false))
+        .expect("compiling the plugin");
     let mut fresh = Vec::with_capacity(n);
     for _ in 0..n {
         let start = Instant::now();
