@@ -131,6 +131,16 @@ pub struct Claims {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The algorithms an RSA key may verify.
+const RSA_ALGORITHMS: [Algorithm; 6] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
 /// One verification key and the algorithms it may verify.
 #[derive(Clone)]
 struct Key {
@@ -265,16 +275,8 @@ impl VerifierBuilder {
 
     /// An RSA public key in PEM (RS256/384/512, PS256/384/512), optionally bound to a `kid`.
     pub fn rsa_pem(self, kid: Option<&str>, pem: &[u8]) -> Self {
-        let algs = [
-            Algorithm::RS256,
-            Algorithm::RS384,
-            Algorithm::RS512,
-            Algorithm::PS256,
-            Algorithm::PS384,
-            Algorithm::PS512,
-        ];
         let key = pem_key("RSA", pem, DecodingKey::from_rsa_pem);
-        self.push(kid, key, &algs)
+        self.push(kid, key, &RSA_ALGORITHMS)
     }
 
     /// An ECDSA public key in PEM (ES256 or ES384), optionally bound to a `kid`.
@@ -402,14 +404,7 @@ fn jwk_algorithms(jwk: &jsonwebtoken::jwk::Jwk) -> Vec<Algorithm> {
         return vec![alg];
     }
     match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => vec![
-            Algorithm::RS256,
-            Algorithm::RS384,
-            Algorithm::RS512,
-            Algorithm::PS256,
-            Algorithm::PS384,
-            Algorithm::PS512,
-        ],
+        AlgorithmParameters::RSA(_) => RSA_ALGORITHMS.to_vec(),
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
             EllipticCurve::P256 => vec![Algorithm::ES256],
             EllipticCurve::P384 => vec![Algorithm::ES384],

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use reauth::verify::Verifier;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -35,22 +35,60 @@ fn peer_log(name: &str) -> std::fs::File {
 }
 
 /// Stop a process: `signal` first, SIGKILL if it has not exited within `grace`.
-fn stop_process(child: &mut Child, signal: &str, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
+/// Its exit status, unless it had to be killed.
+fn stop_process(child: &mut Child, signal: &str, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
     }
     let _ = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status();
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+    None
+}
+
+/// A process the tests started: stopped by PID (`signal`, then SIGKILL after
+/// `grace`) on [`Peer::stop`] or when dropped.
+pub struct Peer {
+    child: Option<Child>,
+    signal: &'static str,
+    grace: Duration,
+}
+
+impl Peer {
+    /// Own `child`, to be stopped with `signal` (e.g. `"-TERM"`).
+    pub fn new(child: Child, signal: &'static str, grace: Duration) -> Peer {
+        Peer {
+            child: Some(child),
+            signal,
+            grace,
+        }
+    }
+
+    /// Its PID.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stop it; its exit status, unless it had to be killed (or was stopped before).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        stop_process(&mut child, self.signal, self.grace)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// `tests/peers/idp`, with its npm dependencies installed (from the lockfile) once.
@@ -87,7 +125,7 @@ pub struct TokenStat {
 
 /// The npm `oidc-provider` IdP, on 127.0.0.1.
 pub struct Idp {
-    child: Option<Child>,
+    process: Option<Peer>,
     port: u16,
     /// `http://127.0.0.1:<port>`.
     pub issuer: String,
@@ -101,7 +139,7 @@ impl Idp {
     /// public JWK is in `client_jwk`.
     pub fn start(keys: &Path, ttl: u64, client_jwk: Option<&Path>) -> Idp {
         let mut idp = Idp {
-            child: None,
+            process: None,
             port: 0,
             issuer: String::new(),
             ttl,
@@ -151,7 +189,7 @@ impl Idp {
             .next()
             .and_then(|p| p.parse().ok())
             .expect("issuer port");
-        self.child = Some(child);
+        self.process = Some(Peer::new(child, "-TERM", Duration::from_secs(5)));
     }
 
     /// The `host:port` to allow for providers.
@@ -161,8 +199,8 @@ impl Idp {
 
     /// Stop the IdP process (SIGTERM, then SIGKILL after 5 s).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop_process(&mut child, "-TERM", Duration::from_secs(5));
+        if let Some(mut process) = self.process.take() {
+            process.stop();
         }
     }
 
@@ -211,45 +249,20 @@ impl Idp {
     }
 }
 
-impl Drop for Idp {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A GET over a fresh HTTP/1.1 connection: status, headers, body. Bounded by 10 s.
+/// A GET of `url` (`http://host:port/path`) with an optional bearer token, over a
+/// fresh connection: status, headers, body. Bounded by 10 s (see [`http`]).
 pub async fn http_get(
     url: &str,
     bearer: Option<&str>,
 ) -> anyhow::Result<(u16, http::HeaderMap, Bytes)> {
-    use http_body_util::{BodyExt, Empty};
     let uri: http::Uri = url.parse()?;
     let authority = uri
         .authority()
-        .ok_or_else(|| anyhow::anyhow!("no authority in {url}"))?
-        .clone();
-    let work = async {
-        let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
-        let mut request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-            .header(header::HOST, authority.as_str());
-        if let Some(token) = bearer {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let response = sender
-            .send_request(request.body(Empty::<Bytes>::new())?)
-            .await?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await?.to_bytes();
-        conn.abort();
-        anyhow::Ok((status, headers, body))
-    };
-    tokio::time::timeout(Duration::from_secs(10), work)
-        .await
-        .map_err(|_| anyhow::anyhow!("GET {url} timed out"))?
+        .ok_or_else(|| anyhow::anyhow!("no authority in {url}"))?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let auth = bearer.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    http(&format!("http://{authority}"), "GET", path, &headers, None).await
 }
 
 /// Counters of the resource server.
@@ -378,7 +391,7 @@ fn pg_bin() -> PathBuf {
 
 /// A throwaway PostgreSQL cluster on 127.0.0.1 with password (SCRAM) authentication.
 pub struct Postgres {
-    child: Option<Child>,
+    process: Peer,
     _dir: tempfile::TempDir,
     /// Its port.
     pub port: u16,
@@ -445,7 +458,7 @@ impl Postgres {
         as_pg(&mut server);
         let child = server.spawn().expect("starting postgres");
         let pg = Postgres {
-            child: Some(child),
+            process: Peer::new(child, "-INT", Duration::from_secs(10)),
             _dir: dir,
             port,
         };
@@ -488,21 +501,13 @@ impl Postgres {
 
     /// Stop the server (SIGINT: fast shutdown).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop_process(&mut child, "-INT", Duration::from_secs(10));
-        }
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }
 
 /// A throwaway Redis server on 127.0.0.1 with ACL users and no persistence.
 pub struct Redis {
-    child: Option<Child>,
+    process: Peer,
     /// Its port.
     pub port: u16,
 }
@@ -519,7 +524,7 @@ impl Redis {
             .spawn()
             .expect("starting redis-server (install Debian's `redis-server`)");
         let redis = Redis {
-            child: Some(child),
+            process: Peer::new(child, "-TERM", Duration::from_secs(5)),
             port,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -557,15 +562,7 @@ impl Redis {
 
     /// Stop the server.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop_process(&mut child, "-TERM", Duration::from_secs(5));
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }
 

@@ -3,7 +3,7 @@
 //! server, git against `git http-backend` behind lighttpd's Basic auth, and the
 //! docker and AWS helper protocols checked against the tools' documented formats.
 
-use reauth_tests::peers::{Idp, SecretsEndpoint, free_port, http};
+use reauth_tests::peers::{Idp, Peer, SecretsEndpoint, free_port, http};
 use reauth_tests::{plugins, root, workspace_binary};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
@@ -15,33 +15,8 @@ fn reauth() -> PathBuf {
     workspace_binary("reauth", "reauth")
 }
 
-/// A process killed (SIGTERM, then SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            self.terminate();
-        }
-    }
+fn proc(child: Child) -> Peer {
+    Peer::new(child, "-TERM", Duration::from_secs(10))
 }
 
 fn sidecar_log() -> std::fs::File {
@@ -55,7 +30,7 @@ fn sidecar_log() -> std::fs::File {
 }
 
 /// `reauth serve --socket` with `config`; returns once it listens.
-fn sidecar(config: &Path, socket: &Path) -> (Proc, std::sync::mpsc::Receiver<String>) {
+fn sidecar(config: &Path, socket: &Path) -> (Peer, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(reauth())
         .args(["serve", "--config"])
         .arg(config)
@@ -85,7 +60,7 @@ fn sidecar(config: &Path, socket: &Path) -> (Proc, std::sync::mpsc::Receiver<Str
             Err(e) => panic!("reauth serve exited: {e}"),
         }
     }
-    (Proc(child), rx)
+    (proc(child), rx)
 }
 
 async fn metric(socket: &Path, line: &str) -> u64 {
@@ -210,7 +185,7 @@ async fn real_kubectl_gets_its_token_through_the_sidecar_and_a_fresh_one_after_a
     BufReader::new(api.stdout.take().unwrap())
         .read_line(&mut port)
         .unwrap();
-    let _api = Proc(api);
+    let _api = proc(api);
     let port: u16 = port.trim().parse().expect("API server port");
 
     // Tokens come from the real IdP (client credentials, JWTs).
@@ -340,7 +315,7 @@ current-context: fake
         seen.len()
     );
 
-    let status = server.terminate().expect("reauth serve stops on SIGTERM");
+    let status = server.stop().expect("reauth serve stops on SIGTERM");
     assert!(status.success(), "reauth serve exit: {status:?}");
     assert!(!socket.exists());
 }
@@ -435,7 +410,7 @@ auth.require = ("/git/" => ("method" => "basic", "realm" => "git", "require" => 
     } else {
         "lighttpd"
     };
-    let _web = Proc(
+    let _web = proc(
         Command::new(lighttpd)
             .arg("-D")
             .arg("-f")
@@ -704,7 +679,7 @@ async fn sidecar_reloads_its_config_and_logs_json() {
     std::fs::write(&config, provider("one")).unwrap();
     let socket = dir.path().join("s.sock");
     let log = dir.path().join("serve.jsonl");
-    let mut proc = Proc(
+    let mut sidecar = proc(
         Command::new(reauth())
             .args(["serve", "--log-format", "json", "--config"])
             .arg(&config)
@@ -746,10 +721,10 @@ async fn sidecar_reloads_its_config_and_logs_json() {
     // …and so is SIGHUP after an edit.
     std::fs::write(&config, provider("two")).unwrap();
     let _ = Command::new("kill")
-        .args(["-HUP", &proc.0.id().to_string()])
+        .args(["-HUP", &sidecar.id().unwrap().to_string()])
         .status();
     wait_for(vec!["two"]).await;
-    let status = proc.terminate().expect("stops on SIGTERM");
+    let status = sidecar.stop().expect("stops on SIGTERM");
     assert!(status.success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.lines().count() >= 3, "{text}");

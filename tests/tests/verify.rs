@@ -4,36 +4,28 @@
 
 use base64::Engine as _;
 use reauth::verify::{Verifier, VerifyError};
-use reauth_tests::peers::Idp;
+use reauth_tests::peers::{Idp, http};
 use std::time::Duration;
 
 const API: &str = "urn:reauth:test-api";
 
 async fn client_credentials_token(idp: &Idp) -> String {
-    use http_body_util::{BodyExt, Full};
-    let uri: http::Uri = format!("{}/token", idp.issuer).parse().unwrap();
-    let stream = tokio::net::TcpStream::connect(idp.authority())
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
     let basic =
         base64::engine::general_purpose::STANDARD.encode("cc-basic:cc-basic-secret-0123456789");
-    let request = http::Request::post(uri.path())
-        .header("host", idp.authority())
-        .header("authorization", format!("Basic {basic}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(Full::new(bytes::Bytes::from_static(
-            b"grant_type=client_credentials",
-        )))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    conn.abort();
+    let auth = format!("Basic {basic}");
+    let (status, _, body) = http(
+        &idp.issuer,
+        "POST",
+        "/token",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Some(b"grant_type=client_credentials".to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let token = json["access_token"].as_str().unwrap().to_string();
     reauth_tests::record_secret(&token);
