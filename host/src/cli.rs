@@ -181,6 +181,36 @@ pub enum Command {
         #[arg(long, default_value_t = 300)]
         lifetime: u64,
     },
+    /// Run the conformance kit on a provider: scenarios against a scripted fake token
+    /// endpoint on loopback, under a virtual clock; prints a pass/fail table and
+    /// exits 1 if any scenario failed.
+    Test {
+        /// A provider directory (with `conformance.toml`), a manifest file, or a
+        /// component (`.wasm`, run without a manifest: no endpoint).
+        target: PathBuf,
+        /// The component to test (overrides the manifest's `plugin`).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// Run only this scenario (repeatable).
+        #[arg(long = "scenario")]
+        scenarios: Vec<String>,
+    },
+    /// Scaffold a provider project (Rust, Python or JavaScript) that builds with
+    /// `./build.sh` and passes `reauth test .`.
+    New {
+        /// Provider name (lowercase letters, digits, `-`).
+        name: String,
+        /// Language.
+        #[arg(long, value_enum, default_value_t = crate::scaffold::Lang::Rust)]
+        lang: crate::scaffold::Lang,
+        /// Directory to create (default: ./<name>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The reauth SDK directory (`sdk/` of a reauth checkout). Default:
+        /// $REAUTH_SDK, else the checkout this binary was built from.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Show the whole cycle against an in-process dev issuer: fetch, cached hits,
     /// refresh after expiry, re-authentication after a `token-expired` error.
     Demo {
@@ -212,10 +242,62 @@ fn parse_client(s: &str) -> Result<DevClient, String> {
     Ok(DevClient::new(id, secret))
 }
 
+/// `reauth test`: run the conformance kit and print its table.
+async fn conformance(
+    target: &std::path::Path,
+    plugin: Option<&std::path::Path>,
+    scenarios: &[String],
+    out: &mut (dyn Write + Send),
+) -> Result<ExitCode, BoxError> {
+    let (manifest, manifest_path, component) = crate::conformance::resolve_target(target, plugin)?;
+    writeln!(
+        out,
+        "reauth test: {} (manifest {}, endpoint {:?})",
+        component.display(),
+        manifest_path.display(),
+        manifest.endpoint
+    )?;
+    let started = Instant::now();
+    let report = crate::conformance::run(&manifest, &component, scenarios).await?;
+    writeln!(out, "component sha256 {}", &report.sha256[..12])?;
+    write!(out, "{}", report.table())?;
+    writeln!(out, "({:.1} s)", started.elapsed().as_secs_f64())?;
+    Ok(if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 /// Run a parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
     match cli.command {
         Command::Check { config } => check(config, out).await,
+        Command::Test {
+            target,
+            plugin,
+            scenarios,
+        } => conformance(&target, plugin.as_deref(), &scenarios, out).await,
+        Command::New {
+            name,
+            lang,
+            dir,
+            sdk,
+        } => {
+            let sdk = crate::scaffold::find_sdk(sdk.as_deref())?;
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let files = crate::scaffold::create(&name, lang, &dir, &sdk)?;
+            writeln!(out, "created {} ({} files):", dir.display(), files.len())?;
+            for f in &files {
+                writeln!(out, "  {}", f.display())?;
+            }
+            writeln!(
+                out,
+                "next:\n  cd {}\n  ./build.sh\n  reauth test .",
+                dir.display()
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Watch { config } => watch(config, out).await,
         Command::Serve {
             config,

@@ -31,6 +31,11 @@ impl ManualClock {
         ManualClock(Arc::new(Mutex::new(start)))
     }
 
+    /// Read `to` from now on (forwards or backwards).
+    pub fn set(&self, to: SystemTime) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = to;
+    }
+
     /// Move forward by `by`.
     pub fn advance(&self, by: Duration) {
         let mut now = self.0.lock().unwrap_or_else(|e| e.into_inner());

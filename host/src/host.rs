@@ -331,6 +331,7 @@ fn provider_spec(
         config: values.clone(),
         limits: p.limits.clone(),
         breaker: p.circuit_breaker.clone(),
+        instances: p.instances.clone(),
         state_file: state_file.clone(),
     };
     let identity = Identity {

@@ -18,6 +18,7 @@
 use super::limits::CallHits;
 use crate::error::LimitKind;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
@@ -147,6 +148,10 @@ pub(crate) struct EgressPolicy {
     pub(crate) connect_timeout: Duration,
     pub(crate) first_byte_timeout: Duration,
     pub(crate) max_response_bytes: u64,
+    /// Requests let through.
+    pub(crate) sent: AtomicU64,
+    /// Requests refused (host not allowed, plain http, bad URI).
+    pub(crate) denied: AtomicU64,
 }
 
 impl EgressPolicy {
@@ -207,9 +212,11 @@ impl WasiHttpHooks for EgressHooks {
         let uri = request.uri().clone();
         let target = log_target(&uri);
         if let Err(why) = policy.check(&uri) {
+            policy.denied.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(provider = %policy.provider, %target, "egress denied: {why}");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        policy.sent.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(provider = %policy.provider, method = %request.method(), %target, "egress");
         let clamp = |t: Option<Duration>, cap: Duration| Some(t.map_or(cap, |t| t.min(cap)));
         let options = options.unwrap_or_default();
@@ -296,6 +303,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             first_byte_timeout: Duration::from_secs(1),
             max_response_bytes: 1,
+            sent: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
         }
     }
 

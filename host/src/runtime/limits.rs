@@ -20,6 +20,11 @@ impl CallHits {
         }
     }
 
+    /// Forget the recorded limit (a kept instance starts its next call clean).
+    pub(crate) fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// The recorded limit, if any.
     pub(crate) fn get(&self) -> Option<(LimitKind, String)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()

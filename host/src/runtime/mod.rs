@@ -26,6 +26,7 @@
 //! the host does not offer.
 
 mod bindings;
+mod capture;
 pub mod egress;
 mod integrity;
 mod limits;
@@ -37,11 +38,12 @@ pub use limits::BreakerStatus;
 pub use bindings::fuzzing;
 
 use crate::clock::{Clock, WasiWallClock};
-use crate::config::{BreakerConfig, LimitsConfig};
+use crate::config::{BreakerConfig, InstancesConfig, LimitsConfig};
 use crate::error::{BoxError, Error, LimitKind};
 use crate::secret::Secret;
 use crate::types;
-use bindings::{ProviderPre, wit};
+use bindings::{Provider, ProviderPre, wit};
+use capture::CapturePipe;
 use egress::{EgressHooks, EgressPolicy, HostPattern};
 use integrity::ArtifactMeta;
 use limits::{Breaker, CallHits, CallLimiter, Redactor};
@@ -49,15 +51,14 @@ use sha2::{Digest, Sha256};
 use state::StateStore;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline,
 };
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -330,6 +331,8 @@ pub struct ProviderSpec {
     pub limits: LimitsConfig,
     /// Circuit breaker.
     pub breaker: BreakerConfig,
+    /// Instance reuse.
+    pub instances: InstancesConfig,
     /// Where its `state` is persisted (`None`: in memory).
     pub state_file: Option<PathBuf>,
 }
@@ -345,10 +348,14 @@ pub struct CallStats {
     pub faults: AtomicU64,
     /// Calls refused while the circuit breaker was open.
     pub refused: AtomicU64,
+    /// Instances created (one per call unless `instances.reuse` is on).
+    pub instantiations: AtomicU64,
+    /// Calls served by a kept instance (`instances.reuse`).
+    pub reused: AtomicU64,
 }
 
 /// One loaded provider: its compiled component, pre-linked, plus its sandbox
-/// settings. Every call gets a fresh Store.
+/// settings. Every call gets a fresh Store, unless `instances.reuse` is on.
 pub struct ProviderRuntime {
     name: Arc<str>,
     pre: ProviderPre<StoreState>,
@@ -362,6 +369,9 @@ pub struct ProviderRuntime {
     breaker: Breaker,
     /// Config values, redacted from captured output and provider messages.
     redactor: Redactor,
+    instances: InstancesConfig,
+    /// Idle instances kept for reuse, least recently used first.
+    idle: Mutex<Vec<Warm>>,
 }
 
 impl std::fmt::Debug for ProviderRuntime {
@@ -451,6 +461,8 @@ impl ProviderRuntime {
                 first_byte_timeout: Duration::from_millis(spec.limits.first_byte_timeout_ms)
                     .min(timeout),
                 max_response_bytes: spec.limits.max_response_bytes,
+                sent: AtomicU64::new(0),
+                denied: AtomicU64::new(0),
             }),
             state,
             breaker: Breaker::new(&spec.breaker),
@@ -459,6 +471,8 @@ impl ProviderRuntime {
             source,
             stats: CallStats::default(),
             redactor,
+            instances: spec.instances,
+            idle: Mutex::new(Vec::new()),
             name,
         })
     }
@@ -488,11 +502,12 @@ impl ProviderRuntime {
         self.breaker.status()
     }
 
-    fn new_store(&self, runtime: &Runtime) -> Result<(Store<StoreState>, Captured), Error> {
+    /// A new Store (not yet instantiated) for calls of `subject`.
+    fn new_warm(&self, runtime: &Runtime, subject: Option<&str>) -> Warm {
         let cap = usize::try_from(self.limits.max_output_bytes).unwrap_or(usize::MAX);
         let captured = Captured {
-            stdout: MemoryOutputPipe::new(cap),
-            stderr: MemoryOutputPipe::new(cap),
+            stdout: CapturePipe::new(cap),
+            stderr: CapturePipe::new(cap),
             hits: Arc::new(CallHits::default()),
         };
         // Nothing inherited: no env, args, preopened dirs or network.
@@ -526,6 +541,49 @@ impl ProviderRuntime {
         if runtime.limit_memory {
             store.limiter(|s| &mut s.limiter);
         }
+        Warm {
+            store,
+            captured,
+            instance: None,
+            calls: 0,
+            subject: subject.map(str::to_string),
+        }
+    }
+
+    /// An instance for one call of `subject`: a kept one for the same subject when
+    /// `instances.reuse` is on and one is idle, else a new Store. Armed for the
+    /// call: deadline, fuel, a clean limit record.
+    fn checkout(
+        &self,
+        runtime: &Runtime,
+        function: &'static str,
+        subject: Option<&str>,
+    ) -> Result<Warm, Error> {
+        let kept = if self.instances.reuse {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.iter()
+                .rposition(|w| w.subject.as_deref() == subject)
+                .map(|i| idle.remove(i))
+        } else {
+            None
+        };
+        let mut warm = match kept {
+            Some(warm) => {
+                self.stats.reused.fetch_add(1, Ordering::Relaxed);
+                warm
+            }
+            None => self.new_warm(runtime, subject),
+        };
+        warm.calls += 1;
+        self.arm(runtime, function, &mut warm)?;
+        Ok(warm)
+    }
+
+    /// Prepare `warm` for one call: a clean limit record, the call's deadline and
+    /// its fuel.
+    fn arm(&self, runtime: &Runtime, function: &'static str, warm: &mut Warm) -> Result<(), Error> {
+        warm.captured.hits.clear();
+        let store = &mut warm.store;
         if runtime.epoch_interruption {
             // Every epoch tick a running guest yields to the executor, so a plugin
             // stuck in a loop never starves the other tasks of its thread; at the
@@ -547,9 +605,60 @@ impl ProviderRuntime {
         if runtime.consume_fuel {
             store
                 .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
-                .map_err(|e| self.fault("instantiate", e))?;
+                .map_err(|e| self.fault(function, e))?;
         }
-        Ok((store, captured))
+        Ok(())
+    }
+
+    /// After a call: keep the instance for its subject if reuse is on, the call
+    /// finished cleanly (no trap, timeout or limit: `clean`) and it has calls left;
+    /// otherwise drop it (and its Store) now.
+    fn checkin(&self, warm: Warm, clean: bool) {
+        if !(self.instances.reuse
+            && clean
+            && warm.instance.is_some()
+            && warm.calls < self.instances.max_calls)
+        {
+            return;
+        }
+        let evicted = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.push(warm);
+            let max = usize::try_from(self.instances.max_idle).unwrap_or(usize::MAX);
+            let excess = idle.len().saturating_sub(max);
+            idle.drain(..excess).collect::<Vec<_>>()
+        };
+        drop(evicted);
+    }
+
+    /// Drop every kept instance (a reload, or a test that wants fresh ones).
+    pub fn discard_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(idle);
+    }
+
+    /// Kept instances, idle right now.
+    pub fn idle_instances(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Egress requests this provider made: `(let through, refused)`.
+    pub fn egress_counts(&self) -> (u64, u64) {
+        (
+            self.egress.sent.load(Ordering::Relaxed),
+            self.egress.denied.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The instance of `warm`, instantiated now if it has none yet.
+    async fn instance(&self, warm: &mut Warm) -> wasmtime::Result<Arc<Provider>> {
+        if let Some(instance) = &warm.instance {
+            return Ok(instance.clone());
+        }
+        self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+        let instance = Arc::new(self.pre.instantiate_async(&mut warm.store).await?);
+        warm.instance = Some(instance.clone());
+        Ok(instance)
     }
 
     /// A redactor for one call's output: the config values, the state's values and
@@ -581,7 +690,7 @@ impl ProviderRuntime {
     ) {
         let mut redactor = None;
         for (stream, pipe) in [("stdout", &captured.stdout), ("stderr", &captured.stderr)] {
-            let bytes = pipe.contents();
+            let bytes = pipe.take();
             if bytes.is_empty() {
                 continue;
             }
@@ -670,7 +779,7 @@ impl ProviderRuntime {
         let cap = usize::try_from(self.limits.max_output_bytes).unwrap_or(usize::MAX);
         let full = [&captured.stdout, &captured.stderr]
             .into_iter()
-            .find(|p| p.contents().len() + 4096 > cap);
+            .find(|p| p.len() + 4096 > cap);
         match outcome {
             Err(_) => Err(self.timeout(function)),
             Ok(Err(e)) => match full {
@@ -729,15 +838,19 @@ impl ProviderRuntime {
     /// prove a provider can run), without calling it.
     pub async fn instantiate_check(&self, runtime: &Runtime) -> Result<(), Error> {
         const FUNCTION: &str = "instantiate";
-        let (mut store, captured) = self.new_store(runtime)?;
-        let instantiate = self.pre.instantiate_async(&mut store);
+        let mut warm = self.new_warm(runtime, None);
+        self.arm(runtime, FUNCTION, &mut warm)?;
+        let instantiate = self.pre.instantiate_async(&mut warm.store);
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await;
-        self.log_output(FUNCTION, &captured, None);
-        self.settle(FUNCTION, outcome, &captured).map(drop)
+        let captured = &warm.captured;
+        let result = self.settle(FUNCTION, outcome, captured).map(drop);
+        self.log_output(FUNCTION, captured, None);
+        result
     }
 
-    /// Call `get-credentials` in a fresh instance.
+    /// Call `get-credentials`, in a fresh instance (or, with `instances.reuse`, one
+    /// kept for the same subject).
     pub async fn get_credentials(
         &self,
         runtime: &Runtime,
@@ -747,19 +860,23 @@ impl ProviderRuntime {
         self.admit()?;
         self.stats.get_credentials.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let (mut store, captured) = self.new_store(runtime)?;
+        let mut warm = self.checkout(runtime, FUNCTION, request.subject.as_deref())?;
         let wit_request = wit::Request::from(request);
         let call = async {
-            let provider = self.pre.instantiate_async(&mut store).await?;
+            let provider = self.instance(&mut warm).await?;
             provider
                 .reauth_provider_auth_provider()
-                .call_get_credentials(&mut store, &wit_request)
+                .call_get_credentials(&mut warm.store, &wit_request)
                 .await
         };
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
-        drop(store);
-        let result = match self.settle(FUNCTION, outcome, &captured) {
+        let captured = &warm.captured;
+        let settled = self.settle(FUNCTION, outcome, captured);
+        // A provider error the guest returned is a clean finish, unless it was
+        // how the guest reported a limit it hit.
+        let clean = settled.is_ok() && captured.hits.get().is_none();
+        let result = match settled {
             Err(e) => Err(e),
             Ok(Err(error)) => match captured.hits.get() {
                 // The guest turned a limit it hit into an error of its own.
@@ -789,13 +906,15 @@ impl ProviderRuntime {
                     })
             }
         };
-        self.log_output(FUNCTION, &captured, result.as_ref().ok());
+        self.log_output(FUNCTION, captured, result.as_ref().ok());
+        self.checkin(warm, clean);
         self.book(FUNCTION, &result);
         tracing::debug!(provider = %self.name, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "get-credentials done");
         result
     }
 
-    /// Call `handle-security-error` in a fresh instance.
+    /// Call `handle-security-error`, in a fresh instance (or, with
+    /// `instances.reuse`, one kept for the same subject).
     pub async fn handle_security_error(
         &self,
         runtime: &Runtime,
@@ -808,32 +927,52 @@ impl ProviderRuntime {
         self.stats
             .handle_security_error
             .fetch_add(1, Ordering::Relaxed);
-        let (mut store, captured) = self.new_store(runtime)?;
+        let mut warm = self.checkout(runtime, FUNCTION, request.subject.as_deref())?;
         let wit_request = wit::Request::from(request);
         let wit_credentials = wit::Credentials::from(credentials);
         let wit_error = wit::SecurityError::from(error);
         let call = async {
-            let provider = self.pre.instantiate_async(&mut store).await?;
+            let provider = self.instance(&mut warm).await?;
             provider
                 .reauth_provider_auth_provider()
-                .call_handle_security_error(&mut store, &wit_request, &wit_credentials, &wit_error)
+                .call_handle_security_error(
+                    &mut warm.store,
+                    &wit_request,
+                    &wit_credentials,
+                    &wit_error,
+                )
                 .await
         };
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
-        drop(store);
+        let captured = &warm.captured;
         let result = self
-            .settle(FUNCTION, outcome, &captured)
+            .settle(FUNCTION, outcome, captured)
             .map(types::Decision::from);
-        self.log_output(FUNCTION, &captured, Some(credentials));
+        let clean = result.is_ok() && captured.hits.get().is_none();
+        self.log_output(FUNCTION, captured, Some(credentials));
+        self.checkin(warm, clean);
         self.book(FUNCTION, &result);
         result
     }
 }
 
+/// An instance and its Store: for one call, or kept between calls of one subject
+/// (`instances.reuse`).
+struct Warm {
+    store: Store<StoreState>,
+    captured: Captured,
+    /// `None` until the first call instantiates it.
+    instance: Option<Arc<Provider>>,
+    /// Calls served, including the current one.
+    calls: u32,
+    /// The only subject this instance serves.
+    subject: Option<String>,
+}
+
 /// One call's captured output and limit record.
 struct Captured {
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
+    stdout: CapturePipe,
+    stderr: CapturePipe,
     hits: Arc<CallHits>,
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build every Python and JavaScript provider under plugins/ (shipped ones and test
+# fixtures: directories holding app.py or app.js) into
+# plugins/target/components/<dir name>.wasm, with the kits in sdk/python and sdk/js.
+# A component newer than its sources and its kit is not rebuilt.
+#
+#   scripts/build-components.sh            # all of them
+#   scripts/build-components.sh NAME...    # only these
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=plugins/target/components
+mkdir -p "$out"
+
+newest() { find "$@" -type f \( -name '*.py' -o -name '*.js' -o -name '*.txt' -o -name '*.json' -o -name '*.sh' \) \
+    -not -path '*/node_modules/*' -not -path '*/.venv/*' -not -path '*/__pycache__/*' -printf '%T@\n' | sort -n | tail -1; }
+
+built=0
+for dir in plugins/*/ plugins/fixtures/*/; do
+    dir=${dir%/}
+    name=$(basename "$dir")
+    if [ $# -gt 0 ] && ! printf '%s\n' "$@" | grep -qx "$name"; then continue; fi
+    if [ -f "$dir/app.py" ]; then kit=sdk/python
+    elif [ -f "$dir/app.js" ]; then kit=sdk/js
+    else continue; fi
+    target="$out/$name.wasm"
+    if [ -f "$target" ]; then
+        stamp=$(stat -c %Y "$target")
+        sources=$(newest "$dir" "$kit" wit)
+        if [ "${sources%.*}" -lt "$stamp" ]; then continue; fi
+    fi
+    started=$(date +%s%N)
+    "$kit/build.sh" "$dir" "$target" >/dev/null
+    echo "built $target (${kit#sdk/}, $(( ($(date +%s%N) - started) / 1000000 )) ms, $(stat -c %s "$target") bytes)"
+    built=$((built + 1))
+done
+echo "components: $built built, in $out"
