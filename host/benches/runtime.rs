@@ -10,7 +10,7 @@ use common::plugin;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use reauth::clock::SystemClock;
-use reauth::config::{BreakerConfig, LimitsConfig};
+use reauth::config::{BreakerConfig, InstancesConfig, LimitsConfig};
 use reauth::runtime::{ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
 use reauth::{Host, ProviderConfig, Request, Secret};
 use sha2::{Digest, Sha256};
@@ -71,6 +71,7 @@ fn benches(c: &mut Criterion) {
                     ..LimitsConfig::default()
                 },
                 breaker: BreakerConfig::default(),
+                instances: InstancesConfig::default(),
                 state_file: None,
             },
         )
