@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup peers plugins demo test lint fmt wit-check bench bench-report bench-extism fuzz clean
+.PHONY: setup peers kits plugins conformance demo test lint fmt wit-check bench bench-report bench-extism fuzz clean
 
 ## Toolchain pieces a fresh machine lacks (RUSTUP_AUTO_INSTALL=0 here: be explicit).
 setup:
@@ -15,9 +15,22 @@ setup:
 peers:
 	scripts/install-peers.sh
 
-## Build the shipped providers and the test fixtures (guest workspace, wasm32-wasip2).
-plugins: setup
+## The Python and JavaScript authoring kits' tools (componentize-py, componentize-js).
+kits:
+	scripts/install-kits.sh
+
+## Build the shipped providers and the test fixtures: Rust (guest workspace,
+## wasm32-wasip2), then Python and JavaScript (plugins/target/components/).
+plugins: setup kits
 	cd plugins && $(CARGO) build --release --target wasm32-wasip2
+	scripts/build-components.sh
+
+## `reauth test` on every shipped provider (Rust, Python, JavaScript).
+SHIPPED := static password-rotation oauth2-client-credentials oidc-refresh-token \
+	oauth2-client-credentials-py password-rotation-js
+conformance: plugins
+	$(CARGO) build --workspace --all-targets
+	@for p in $(SHIPPED); do echo "== reauth test plugins/$$p"; target/debug/reauth test plugins/$$p || exit 1; done
 
 ## The main job: fetch → cached hits → refresh after expiry → re-authentication,
 ## against the embedded dev issuer.
@@ -25,11 +38,13 @@ demo: plugins
 	$(CARGO) run --release -p reauth --bin reauth -- demo
 
 ## Everything CI checks: formatting, lints, WIT drift, unit + integration tests,
-## then the audit of every log line the tests wrote for leaked secrets.
+## the conformance kit on every shipped provider, then the audit of every log line
+## the tests wrote for leaked secrets.
 test: lint plugins peers
 	rm -rf target/test-logs
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
+	$(MAKE) --no-print-directory conformance
 	$(CARGO) run -q -p reauth-tests --bin audit-logs
 
 lint: setup wit-check

@@ -12,7 +12,10 @@
 //!   tokens from the real oidc-provider IdP, next to fetching a token per operation;
 //! - `herd`: N concurrent callers on a cold key (each size in its own process, for
 //!   its peak RSS);
-//! - `scale`: RSS per loaded provider and lookup time with many subjects.
+//! - `scale`: RSS per loaded provider and lookup time with many subjects;
+//! - `polyglot`: Rust, Python and JavaScript providers (the same trivial logic):
+//!   precompile vs load from the precompiled cache, fresh instance + call, and a
+//!   call on a reused instance (`instances.reuse`).
 //!
 //! `--smoke` runs every section with tiny counts (CI runs it so the harness never
 //! rots); its numbers mean nothing.
@@ -34,11 +37,11 @@ struct Args {
     /// Tiny counts: check the harness works, not the numbers.
     #[arg(long)]
     smoke: bool,
-    /// Comma-separated sections: cache, miss, idp, herd, scale.
+    /// Comma-separated sections: cache, miss, idp, herd, scale, polyglot.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cache,miss,idp,herd,scale"
+        default_value = "cache,miss,idp,herd,scale,polyglot"
     )]
     sections: Vec<String>,
     /// Internal: run one herd of this size and print a JSON line.
@@ -590,6 +593,136 @@ fn section_scale(smoke: bool) -> Result<String> {
     Ok(out)
 }
 
+/// One provider of the polyglot section, loaded with or without instance reuse.
+fn polyglot_provider(
+    runtime: &reauth::runtime::Runtime,
+    plugin: &std::path::Path,
+    config: &[(&str, &str)],
+    reuse: bool,
+) -> Result<reauth::runtime::ProviderRuntime> {
+    let mut instances = reauth::config::InstancesConfig::default();
+    instances.reuse = reuse;
+    instances.max_calls = u32::MAX;
+    Ok(reauth::runtime::ProviderRuntime::load(
+        runtime,
+        reauth::runtime::ProviderSpec {
+            name: "bench".into(),
+            plugin: plugin.to_path_buf(),
+            sha256: None,
+            allowed_hosts: Vec::new(),
+            allow_http: false,
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), reauth::Secret::new(*v)))
+                .collect(),
+            limits: reauth::LimitsConfig::default(),
+            breaker: reauth::BreakerConfig::default(),
+            instances,
+            state_file: None,
+        },
+    )?)
+}
+
+fn section_polyglot(smoke: bool) -> Result<String> {
+    use reauth::runtime::{CompileSource, Runtime, RuntimeOptions};
+    use sha2::Digest;
+    let rt = runtime();
+    let p = plugins();
+    let langs: [(&str, &std::path::Path, &[(&str, &str)]); 3] = [
+        ("Rust (`static`)", &p.static_, &[("token", "rust-ok")]),
+        ("Python (componentize-py)", &p.hostile_py, &[("mode", "ok")]),
+        ("JavaScript (componentize-js)", &p.hostile_js, &[("mode", "ok")]),
+    ];
+    let (compiles, loads, calls) = if smoke { (1, 2, 5) } else { (3, 20, 400) };
+    let mut out = String::from(
+        "### Polyglot providers: compile, load, instantiate\n\n\
+         The same trivial logic (return a configured bearer token) in each language, \
+         in-process through `ProviderRuntime` (no cache in front).\n\n\
+         | provider | component | precompile (compile + write artifact) | load from precompiled cache | \
+         fresh instance + call p50 / p99 | reused instance call p50 / p99 | fresh / reused |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (label, plugin, config) in langs {
+        let bytes = std::fs::read(plugin)?;
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        let mut compile = Vec::new();
+        for _ in 0..compiles {
+            let dir = tempfile::tempdir()?;
+            let runtime = Runtime::new(
+                RuntimeOptions {
+                    cache_dir: Some(dir.path().to_path_buf()),
+                    ..RuntimeOptions::default()
+                },
+                std::sync::Arc::new(reauth::clock::SystemClock),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let start = Instant::now();
+            let (_, source) = runtime
+                .compile(&bytes, &sha)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            compile.push(start.elapsed());
+            ensure!(source == CompileSource::Compiled);
+        }
+        let dir = tempfile::tempdir()?;
+        let runtime = Runtime::new(
+            RuntimeOptions {
+                cache_dir: Some(dir.path().to_path_buf()),
+                ..RuntimeOptions::default()
+            },
+            std::sync::Arc::new(reauth::clock::SystemClock),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        runtime
+            .compile(&bytes, &sha)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut load = Vec::new();
+        for _ in 0..loads {
+            let start = Instant::now();
+            let (_, source) = runtime
+                .compile(&bytes, &sha)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            load.push(start.elapsed());
+            ensure!(source == CompileSource::Cache);
+        }
+        let measure = |reuse: bool| -> Result<Stats> {
+            let provider = polyglot_provider(&runtime, plugin, config, reuse)?;
+            let request = Request::new();
+            let mut samples = Vec::with_capacity(calls);
+            rt.block_on(async {
+                for i in 0..calls + 5 {
+                    let start = Instant::now();
+                    let c = provider.get_credentials(&runtime, &request).await?;
+                    if i >= 5 {
+                        samples.push(start.elapsed());
+                    }
+                    std::hint::black_box(c);
+                }
+                anyhow::Ok(())
+            })?;
+            Ok(stats(samples))
+        };
+        let fresh = measure(false)?;
+        let reused = measure(true)?;
+        out += &format!(
+            "| {label} | {:.1} MB | {} | {} | {} / {} | {} / {} | {:.0}× |\n",
+            bytes.len() as f64 / 1e6,
+            fmt(stats(compile).p50),
+            fmt(stats(load).p50),
+            fmt(fresh.p50),
+            fmt(fresh.p99),
+            fmt(reused.p50),
+            fmt(reused.p99),
+            fresh.p50.as_secs_f64() / reused.p50.as_secs_f64()
+        );
+    }
+    out += &format!(
+        "\nPrecompile: median of {compiles} (each into an empty cache); load: median of \
+         {loads}; calls: {calls} after 5 warm-up calls. A reused instance serves one subject \
+         only and is recycled after `instances.max_calls` (here unlimited).\n"
+    );
+    Ok(out)
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -640,7 +773,10 @@ fn main() -> Result<()> {
             "idp" => section_idp(args.smoke)?,
             "herd" => section_herd(args.smoke)?,
             "scale" => section_scale(args.smoke)?,
-            other => anyhow::bail!("unknown section `{other}` (cache, miss, idp, herd, scale)"),
+            "polyglot" => section_polyglot(args.smoke)?,
+            other => anyhow::bail!(
+                "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot)"
+            ),
         };
         println!("{text}");
     }

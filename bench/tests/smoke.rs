@@ -21,6 +21,7 @@ fn every_section_runs_in_smoke_mode() {
         "### End to end: real IdP",
         "### Herd",
         "### Scale",
+        "### Polyglot providers",
     ] {
         assert!(stdout.contains(heading), "missing `{heading}` in\n{stdout}");
     }
@@ -29,4 +30,7 @@ fn every_section_runs_in_smoke_mode() {
         "herd row: {stdout}"
     );
     assert!(stdout.contains("Exec / reauth (p50)"), "{stdout}");
+    for row in ["| Rust (`static`)", "| Python (componentize-py)", "| JavaScript (componentize-js)"] {
+        assert!(stdout.contains(row), "missing polyglot row `{row}` in\n{stdout}");
+    }
 }

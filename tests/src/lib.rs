@@ -38,10 +38,22 @@ pub struct Plugins {
     pub other_world: PathBuf,
     /// `plugins/fixtures/bench-logic` (the benchmarks' provider logic).
     pub bench_logic: PathBuf,
+    /// `plugins/fixtures/flawed` (one deliberate flaw per `flaw` config value).
+    pub flawed: PathBuf,
+    /// `plugins/oauth2-client-credentials-py` (Python).
+    pub oauth2_py: PathBuf,
+    /// `plugins/password-rotation-js` (JavaScript).
+    pub password_rotation_js: PathBuf,
+    /// `plugins/fixtures/hostile-py` (Python).
+    pub hostile_py: PathBuf,
+    /// `plugins/fixtures/hostile-js` (JavaScript).
+    pub hostile_js: PathBuf,
 }
 
 /// Build every guest component once per test binary (cargo makes repeat builds a
-/// no-op) and return their paths. Panics with cargo's output if the build fails.
+/// no-op; `scripts/build-components.sh` skips Python and JavaScript components
+/// newer than their sources) and return their paths. Panics with the build's
+/// output if it fails.
 pub fn plugins() -> &'static Plugins {
     static PLUGINS: OnceLock<Plugins> = OnceLock::new();
     PLUGINS.get_or_init(|| {
@@ -62,9 +74,31 @@ pub fn plugins() -> &'static Plugins {
             "building plugins failed:\n{}",
             String::from_utf8_lossy(&output.stderr)
         );
+        // Python and JavaScript components. Concurrent test binaries serialise on
+        // a lock file, so two never write one component at once.
+        let lock = std::fs::File::create(dir.join("target/components.lock"))
+            .expect("creating plugins/target/components.lock");
+        let output = Command::new("flock")
+            .arg(dir.join("target/components.lock"))
+            .arg(root().join("scripts/build-components.sh"))
+            .current_dir(root())
+            .output()
+            .expect("running scripts/build-components.sh");
+        drop(lock);
+        assert!(
+            output.status.success(),
+            "building the Python/JavaScript components failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
         let out = dir.join("target/wasm32-wasip2/release");
         let path = |name: &str| {
             let p = out.join(format!("{name}.wasm"));
+            assert!(p.exists(), "{} was not built", p.display());
+            p
+        };
+        let component = |name: &str| {
+            let p = dir.join("target/components").join(format!("{name}.wasm"));
             assert!(p.exists(), "{} was not built", p.display());
             p
         };
@@ -77,6 +111,11 @@ pub fn plugins() -> &'static Plugins {
             hostile: path("fixture_hostile"),
             other_world: path("fixture_other_world"),
             bench_logic: path("fixture_bench_logic"),
+            flawed: path("fixture_flawed"),
+            oauth2_py: component("oauth2-client-credentials-py"),
+            password_rotation_js: component("password-rotation-js"),
+            hostile_py: component("hostile-py"),
+            hostile_js: component("hostile-js"),
         }
     })
 }
