@@ -631,7 +631,11 @@ fn section_polyglot(smoke: bool) -> Result<String> {
     let langs: [(&str, &std::path::Path, &[(&str, &str)]); 3] = [
         ("Rust (`static`)", &p.static_, &[("token", "rust-ok")]),
         ("Python (componentize-py)", &p.hostile_py, &[("mode", "ok")]),
-        ("JavaScript (componentize-js)", &p.hostile_js, &[("mode", "ok")]),
+        (
+            "JavaScript (componentize-js)",
+            &p.hostile_js,
+            &[("mode", "ok")],
+        ),
     ];
     let (compiles, loads, calls) = if smoke { (1, 2, 5) } else { (3, 20, 400) };
     let mut out = String::from(
@@ -774,9 +778,9 @@ fn main() -> Result<()> {
             "herd" => section_herd(args.smoke)?,
             "scale" => section_scale(args.smoke)?,
             "polyglot" => section_polyglot(args.smoke)?,
-            other => anyhow::bail!(
-                "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot)"
-            ),
+            other => {
+                anyhow::bail!("unknown section `{other}` (cache, miss, idp, herd, scale, polyglot)")
+            }
         };
         println!("{text}");
     }

@@ -30,7 +30,14 @@ fn every_section_runs_in_smoke_mode() {
         "herd row: {stdout}"
     );
     assert!(stdout.contains("Exec / reauth (p50)"), "{stdout}");
-    for row in ["| Rust (`static`)", "| Python (componentize-py)", "| JavaScript (componentize-js)"] {
-        assert!(stdout.contains(row), "missing polyglot row `{row}` in\n{stdout}");
+    for row in [
+        "| Rust (`static`)",
+        "| Python (componentize-py)",
+        "| JavaScript (componentize-js)",
+    ] {
+        assert!(
+            stdout.contains(row),
+            "missing polyglot row `{row}` in\n{stdout}"
+        );
     }
 }

@@ -7,8 +7,8 @@ use reauth::clock::SystemClock;
 use reauth::conformance::{self, Manifest, Outcome};
 use reauth::runtime::{ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
 use reauth::{
-    BreakerConfig, Credential, Error, Host, LimitKind, LimitsConfig, ProviderConfig,
-    ProviderError, Request, Secret,
+    BreakerConfig, Credential, Error, Host, LimitKind, LimitsConfig, ProviderConfig, ProviderError,
+    Request, Secret,
 };
 use reauth_tests::peers::SlowEndpoint;
 use reauth_tests::{plugins, root, workspace_binary};
@@ -73,7 +73,10 @@ async fn python_and_js_loops_and_memory_hogs_are_stopped() {
             matches!(&e, Error::Timeout { provider, timeout_ms: 1500, .. } if provider == "spin"),
             "{lang}: {e:?}"
         );
-        assert!(spun < Duration::from_secs(4), "{lang}: stopped after {spun:?}");
+        assert!(
+            spun < Duration::from_secs(4),
+            "{lang}: stopped after {spun:?}"
+        );
         let e = host
             .get_credentials("alloc", &Request::new())
             .await
@@ -129,7 +132,9 @@ async fn js_fetch_and_python_http_obey_allowed_hosts() {
                 error: ProviderError::Unavailable(m),
                 ..
             } => assert!(
-                m.contains(&forbidden.authority()) || m.contains("denied") || m.contains("NetworkError"),
+                m.contains(&forbidden.authority())
+                    || m.contains("denied")
+                    || m.contains("NetworkError"),
                 "{lang}: {m}"
             ),
             other => panic!("{lang}: expected unavailable, got {other:?}"),
@@ -170,7 +175,9 @@ fn load(runtime: &Runtime, plugin: &Path, reuse: bool, max_calls: u32) -> Provid
 
 async fn call(runtime: &Runtime, p: &ProviderRuntime, subject: &str) -> Result<String, Error> {
     let request = Request::new().subject(subject);
-    p.get_credentials(runtime, &request).await.map(|c| token(&c))
+    p.get_credentials(runtime, &request)
+        .await
+        .map(|c| token(&c))
 }
 
 /// Instance reuse, in both heavy languages: off by default (every call sees a fresh
@@ -190,7 +197,11 @@ async fn reused_instances_stay_with_one_subject_and_are_recycled() {
     for (lang, plugin) in languages() {
         let fresh = load(&runtime, &plugin, false, 100);
         for _ in 0..3 {
-            assert_eq!(call(&runtime, &fresh, "a").await.unwrap(), "call-1", "{lang}: fresh");
+            assert_eq!(
+                call(&runtime, &fresh, "a").await.unwrap(),
+                "call-1",
+                "{lang}: fresh"
+            );
         }
         assert_eq!(fresh.idle_instances(), 0);
 
@@ -210,13 +221,20 @@ async fn reused_instances_stay_with_one_subject_and_are_recycled() {
         assert_eq!(call(&runtime, &reused, "c").await.unwrap(), "call-2");
         let boom = call(&runtime, &reused, "boom").await.unwrap_err();
         assert!(matches!(boom, Error::Plugin { .. }), "{lang}: {boom:?}");
-        assert_eq!(call(&runtime, &reused, "boom-free").await.unwrap(), "call-1");
+        assert_eq!(
+            call(&runtime, &reused, "boom-free").await.unwrap(),
+            "call-1"
+        );
         let stats = reused.stats();
         let instantiations = stats
             .instantiations
             .load(std::sync::atomic::Ordering::Relaxed);
         let kept = stats.reused.load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(instantiations + kept, 10, "{lang}: every call had an instance");
+        assert_eq!(
+            instantiations + kept,
+            10,
+            "{lang}: every call had an instance"
+        );
         assert_eq!(kept, 4, "{lang}: a2, a3, b2, c2 reused");
         assert!(reused.idle_instances() <= 4, "{lang}");
         reused.discard_idle();
