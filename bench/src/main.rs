@@ -260,6 +260,23 @@ fn section_miss(smoke: bool) -> Result<String> {
         component.push(start.elapsed());
         std::hint::black_box(c);
     }
+    // The same misses with `instances.reuse`: one subject, a new scope per call
+    // (a new cache key, so every call misses; reuse is per subject).
+    let mut reusing = logic_provider();
+    reusing.instances.reuse = true;
+    reusing.instances.max_calls = 1_000_000;
+    let host = Host::builder().provider("logic", reusing).build()?;
+    for i in 0..(n / 10).max(1) {
+        rt.block_on(host.get_credentials("logic", &Request::new().scope(format!("warm{i}"))))?;
+    }
+    let mut reused = Vec::with_capacity(n);
+    for i in 0..n {
+        let request = Request::new().scope(format!("s{i}"));
+        let start = Instant::now();
+        let c = rt.block_on(host.get_credentials("logic", &request))?;
+        reused.push(start.elapsed());
+        std::hint::black_box(c);
+    }
     let exec = exec_binary();
     ensure!(
         exec.exists(),
@@ -282,22 +299,27 @@ fn section_miss(smoke: bool) -> Result<String> {
         );
         spawned.push(start.elapsed());
     }
-    let (c, e) = (stats(component), stats(spawned));
+    let (c, e, r) = (stats(component), stats(spawned), stats(reused));
     let extism = extism_rows(if smoke { 3 } else { 400 }, c.p50)?;
     Ok(format!(
         "### Miss path: the same provider logic two ways\n\n\
          | | p50 | p99 | mean | samples |\n| --- | --- | --- | --- | --- |\n\
          | reauth component, fresh instance per call (+ cache insert) | {} | {} | {} | {n} |\n\
+         | reauth component, reused instance (`instances.reuse`; one subject, a new scope per call) | {} | {} | {} | {n} |\n\
          | exec credential plugin, a process per fetch (spawn, ExecCredential JSON, parse) | {} | {} | {} | {runs} |\n\
          {extism}\n\
-         Exec / reauth (p50): **{:.0}×**.\n",
+         Exec / reauth (p50): **{:.0}×** with fresh instances, **{:.0}×** with reused ones.\n",
         fmt(c.p50),
         fmt(c.p99),
         fmt(c.mean),
+        fmt(r.p50),
+        fmt(r.p99),
+        fmt(r.mean),
         fmt(e.p50),
         fmt(e.p99),
         fmt(e.mean),
-        e.p50.as_secs_f64() / c.p50.as_secs_f64()
+        e.p50.as_secs_f64() / c.p50.as_secs_f64(),
+        e.p50.as_secs_f64() / r.p50.as_secs_f64()
     ))
 }
 
@@ -600,9 +622,11 @@ fn polyglot_provider(
     config: &[(&str, &str)],
     reuse: bool,
 ) -> Result<reauth::runtime::ProviderRuntime> {
-    let mut instances = reauth::config::InstancesConfig::default();
-    instances.reuse = reuse;
-    instances.max_calls = u32::MAX;
+    let instances = reauth::config::InstancesConfig {
+        reuse,
+        max_calls: u32::MAX,
+        ..Default::default()
+    };
     Ok(reauth::runtime::ProviderRuntime::load(
         runtime,
         reauth::runtime::ProviderSpec {
@@ -628,7 +652,8 @@ fn section_polyglot(smoke: bool) -> Result<String> {
     use sha2::Digest;
     let rt = runtime();
     let p = plugins();
-    let langs: [(&str, &std::path::Path, &[(&str, &str)]); 3] = [
+    type Lang<'a> = (&'a str, &'a std::path::Path, &'a [(&'a str, &'a str)]);
+    let langs: [Lang; 3] = [
         ("Rust (`static`)", &p.static_, &[("token", "rust-ok")]),
         ("Python (componentize-py)", &p.hostile_py, &[("mode", "ok")]),
         (

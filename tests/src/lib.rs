@@ -161,6 +161,9 @@ pub const KNOWN_SECRETS: &[&str] = &[
     "svc-secret",
     "echoed-secret-7h6g5f",
     "from-a-file",
+    // The conformance kit's accepted and wrong client secrets.
+    "conformance-secret-8c1f",
+    "wrong-secret-77d0",
 ];
 
 /// Where the suite's logs go: `target/test-logs/` (one file per test binary

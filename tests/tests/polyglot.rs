@@ -149,9 +149,11 @@ async fn js_fetch_and_python_http_obey_allowed_hosts() {
 }
 
 fn load(runtime: &Runtime, plugin: &Path, reuse: bool, max_calls: u32) -> ProviderRuntime {
-    let mut instances = reauth::config::InstancesConfig::default();
-    instances.reuse = reuse;
-    instances.max_calls = max_calls;
+    let instances = reauth::config::InstancesConfig {
+        reuse,
+        max_calls,
+        ..Default::default()
+    };
     ProviderRuntime::load(
         runtime,
         ProviderSpec {
@@ -274,6 +276,7 @@ async fn the_conformance_kit_catches_deliberately_wrong_providers() {
             .map(|r| r.name)
             .collect();
         assert_eq!(&failed, failing, "flaw {flaw}:\n{}", report.table());
+        assert!(!report.table().contains(conformance::SECRET), "{flaw}");
         assert_eq!(report.results.len(), conformance::SCENARIOS.len());
     }
     // A component that does not fit the world is refused before any scenario runs.
@@ -309,6 +312,14 @@ fn every_shipped_provider_passes_reauth_test() {
             "{provider}:\n{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // The table names errors and principals, never a secret.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for secret in [conformance::SECRET, conformance::WRONG_SECRET] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "{provider}: a secret in the output"
+            );
+        }
     }
 }
 

@@ -140,7 +140,11 @@ impl ArtifactMeta {
     /// Read the artifact at `path` with its meta; `Err(why)` unless the meta says it
     /// was compiled from `source_sha256` by an engine like `engine` and the bytes
     /// match.
-    pub(crate) fn verify(path: &Path, source_sha256: &str, engine: &str) -> Result<(), String> {
+    pub(crate) fn read_verified(
+        path: &Path,
+        source_sha256: &str,
+        engine: &str,
+    ) -> Result<Vec<u8>, String> {
         let meta_path = path.with_extension("meta.json");
         let meta: ArtifactMeta = std::fs::read(&meta_path)
             .map_err(|e| format!("no readable meta ({e})"))
@@ -157,15 +161,14 @@ impl ArtifactMeta {
                 meta.engine
             ));
         }
-        // Streamed: a Python or JavaScript artifact is ~40 MB, and the caller maps
-        // the file rather than reading it into memory.
-        let mut file = std::fs::File::open(path).map_err(|e| format!("unreadable: {e}"))?;
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut file, &mut hasher).map_err(|e| format!("unreadable: {e}"))?;
-        if hex::encode(hasher.finalize()) != meta.artifact_sha256 {
+        // Read whole, not memory-mapped: a mapped file that someone truncates or
+        // rewrites in place (`cp` over it) would crash the host with SIGBUS.
+        let artifact = std::fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
+        let digest = hex::encode(Sha256::digest(&artifact));
+        if digest != meta.artifact_sha256 {
             return Err("artifact bytes do not match their recorded digest".into());
         }
-        Ok(())
+        Ok(artifact)
     }
 
     pub(crate) fn write(
@@ -205,8 +208,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.cwasm");
         ArtifactMeta::write(&path, "aaaa", b"artifact", "e1").unwrap();
-        let read = |sha, engine| ArtifactMeta::verify(&path, sha, engine);
-        read("aaaa", "e1").unwrap();
+        let read = |sha, engine| ArtifactMeta::read_verified(&path, sha, engine);
+        assert_eq!(read("aaaa", "e1").unwrap(), b"artifact");
         assert!(
             read("bbbb", "e1")
                 .unwrap_err()

@@ -242,19 +242,21 @@ impl Runtime {
         };
         let path = dir.join(format!("{sha256}-{}.cwasm", self.engine_hash));
         if path.exists() {
-            let loaded = ArtifactMeta::verify(&path, sha256, &self.engine_hash).and_then(|()| {
-                // SAFETY: the artifact was written by `Component::serialize` of an
-                // engine with the same compatibility hash for the component with
-                // this exact SHA-256 (both recorded in its meta, and its digest
-                // checked just now); the cache directory is created 0700 and owned
-                // by this user, and artifacts are replaced by rename, never
-                // rewritten in place, so the mapped file does not change under
-                // us. wasmtime additionally checks the artifact's header against
-                // this engine's configuration.
-                #[allow(unsafe_code)]
-                let component = unsafe { Component::deserialize_file(&self.engine, &path) };
-                component.map_err(|e| e.to_string())
-            });
+            let loaded = ArtifactMeta::read_verified(&path, sha256, &self.engine_hash).and_then(
+                |artifact| {
+                    // SAFETY: the artifact was written by `Component::serialize` of an
+                    // engine with the same compatibility hash for the component with
+                    // this exact SHA-256 (both recorded in its meta, and its digest
+                    // checked just now); the cache directory is created 0700 and
+                    // owned by this user. wasmtime additionally checks the
+                    // artifact's header against this engine's configuration. The
+                    // bytes are in memory, so nothing done to the file later can
+                    // reach the loaded code.
+                    #[allow(unsafe_code)]
+                    let component = unsafe { Component::deserialize(&self.engine, &artifact) };
+                    component.map_err(|e| e.to_string())
+                },
+            );
             match loaded {
                 Ok(component) => return Ok((component, CompileSource::Cache)),
                 Err(why) => {
