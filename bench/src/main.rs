@@ -242,41 +242,40 @@ fn exec_binary() -> PathBuf {
     exe.with_file_name("exec-credential")
 }
 
-fn section_miss(smoke: bool) -> Result<String> {
-    let rt = runtime();
-    let host = Host::builder()
-        .provider("logic", logic_provider())
-        .build()?;
-    let n = if smoke { 5 } else { 400 };
-    // Warm-up: the first instantiation pays for lazy initialisation.
+/// `n` cache misses on `provider` (after a warm-up: the first instantiation pays
+/// for lazy initialisation), each a new key made by `request(i)`; per-call times.
+fn misses(
+    rt: &tokio::runtime::Runtime,
+    provider: ProviderConfig,
+    n: usize,
+    request: impl Fn(String) -> Request,
+) -> Result<Vec<Duration>> {
+    let host = Host::builder().provider("logic", provider).build()?;
     for i in 0..(n / 10).max(1) {
-        rt.block_on(host.get_credentials("logic", &Request::new().subject(format!("warm{i}"))))?;
+        rt.block_on(host.get_credentials("logic", &request(format!("warm{i}"))))?;
     }
-    let mut component = Vec::with_capacity(n);
+    let mut samples = Vec::with_capacity(n);
     for i in 0..n {
-        let request = Request::new().subject(format!("s{i}"));
+        let request = request(format!("s{i}"));
         let start = Instant::now();
         let c = rt.block_on(host.get_credentials("logic", &request))?;
-        component.push(start.elapsed());
+        samples.push(start.elapsed());
         std::hint::black_box(c);
     }
+    Ok(samples)
+}
+
+fn section_miss(smoke: bool) -> Result<String> {
+    let rt = runtime();
+    let n = if smoke { 5 } else { 400 };
+    // A new subject per call: a new key and a fresh instance every time.
+    let component = misses(&rt, logic_provider(), n, |s| Request::new().subject(s))?;
     // The same misses with `instances.reuse`: one subject, a new scope per call
     // (a new cache key, so every call misses; reuse is per subject).
     let mut reusing = logic_provider();
     reusing.instances.reuse = true;
     reusing.instances.max_calls = 1_000_000;
-    let host = Host::builder().provider("logic", reusing).build()?;
-    for i in 0..(n / 10).max(1) {
-        rt.block_on(host.get_credentials("logic", &Request::new().scope(format!("warm{i}"))))?;
-    }
-    let mut reused = Vec::with_capacity(n);
-    for i in 0..n {
-        let request = Request::new().scope(format!("s{i}"));
-        let start = Instant::now();
-        let c = rt.block_on(host.get_credentials("logic", &request))?;
-        reused.push(start.elapsed());
-        std::hint::black_box(c);
-    }
+    let reused = misses(&rt, reusing, n, |s| Request::new().scope(s))?;
     let exec = exec_binary();
     ensure!(
         exec.exists(),
