@@ -978,6 +978,14 @@ mod tests {
                 "circuit_breaker = { cooldown_ms = 5000, max_cooldown_ms = 10 }",
                 "providers.a.circuit_breaker.max_cooldown_ms: must be at least circuit_breaker.cooldown_ms",
             ),
+            (
+                "instances = { reuse = true, max_calls = 0 }",
+                "providers.a.instances.max_calls: must be between 1 and 1000000",
+            ),
+            (
+                "instances = { max_idle = 65 }",
+                "providers.a.instances.max_idle: must be between 1 and 64",
+            ),
         ] {
             let e = parse(&format!("[providers.a]\nplugin = \"a.wasm\"\n{toml}\n"))
                 .unwrap_err()
@@ -985,10 +993,13 @@ mod tests {
             assert_eq!(e, format!("reauth.toml: {expected}"));
         }
         let ok = parse(
-            "[providers.a]\nplugin = \"a.wasm\"\nallow_http = true\nlimits = { fuel = 1000000, max_response_bytes = 4096 }\ncircuit_breaker = { faults = 5 }\n",
+            "[providers.a]\nplugin = \"a.wasm\"\nallow_http = true\nlimits = { fuel = 1000000, max_response_bytes = 4096 }\ncircuit_breaker = { faults = 5 }\ninstances = { reuse = true }\n",
         )
         .unwrap();
         let a = &ok.providers["a"];
+        assert!(a.instances.reuse);
+        assert_eq!(a.instances.max_calls, 100);
+        assert_eq!(a.instances.max_idle, 4);
         assert!(a.allow_http);
         assert_eq!(a.limits.fuel, Some(1_000_000));
         assert_eq!(a.limits.max_response_bytes, 4096);

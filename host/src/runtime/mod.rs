@@ -8,6 +8,12 @@
 //! trapped cannot be re-entered anyway. Long-lived state goes through the explicit,
 //! host-persisted `state` interface instead.
 //!
+//! Opt-in exception (`[providers.<name>.instances] reuse = true`): for providers
+//! whose instances are expensive (Python, JavaScript), an instance that finished a
+//! call cleanly is kept and serves later calls of the **same subject only**, until
+//! `max_calls`; any trap, timeout or limit hit discards it, and deadline, fuel and
+//! the limit record are re-armed for every call.
+//!
 //! Each call runs under an epoch deadline (a running guest yields to the executor
 //! every tick, and traps at its deadline) wrapped in a tokio timeout (a call stuck
 //! waiting on the network is cancelled), with a memory
