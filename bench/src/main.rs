@@ -674,16 +674,20 @@ fn section_polyglot(smoke: bool) -> Result<String> {
         let bytes = std::fs::read(plugin)?;
         let sha = hex::encode(sha2::Sha256::digest(&bytes));
         let mut compile = Vec::new();
-        for _ in 0..compiles {
-            let dir = tempfile::tempdir()?;
-            let runtime = Runtime::new(
+        // A runtime whose precompiled cache is `dir`.
+        let cached = |dir: &std::path::Path| {
+            Runtime::new(
                 RuntimeOptions {
-                    cache_dir: Some(dir.path().to_path_buf()),
+                    cache_dir: Some(dir.to_path_buf()),
                     ..RuntimeOptions::default()
                 },
                 std::sync::Arc::new(reauth::clock::SystemClock),
             )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| anyhow::anyhow!("{e}"))
+        };
+        for _ in 0..compiles {
+            let dir = tempfile::tempdir()?;
+            let runtime = cached(dir.path())?;
             let start = Instant::now();
             let (_, source) = runtime
                 .compile(&bytes, &sha)
@@ -692,14 +696,7 @@ fn section_polyglot(smoke: bool) -> Result<String> {
             ensure!(source == CompileSource::Compiled);
         }
         let dir = tempfile::tempdir()?;
-        let runtime = Runtime::new(
-            RuntimeOptions {
-                cache_dir: Some(dir.path().to_path_buf()),
-                ..RuntimeOptions::default()
-            },
-            std::sync::Arc::new(reauth::clock::SystemClock),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let runtime = cached(dir.path())?;
         runtime
             .compile(&bytes, &sha)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
