@@ -661,7 +661,7 @@ pub(crate) fn valid_provider_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn validate_provider(
+pub(crate) fn validate_provider(
     file: Option<&Path>,
     name: &str,
     p: &ProviderConfig,

@@ -144,9 +144,38 @@ pub struct Manifest {
     /// Scenarios that do not apply, each with the reason.
     #[serde(default)]
     pub skip: BTreeMap<String, String>,
-    /// Sandbox limits for the runs (defaults as in `reauth.toml`).
+    /// Sandbox limits for the runs (defaults as in `reauth.toml`, checked the same
+    /// way).
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// What every fetch asks for (default: the provider's own identity, no scopes,
+    /// no audience).
+    #[serde(default)]
+    pub request: RequestSpec,
+}
+
+/// `[request]`: the subject, scopes and audience of every call the kit makes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSpec {
+    /// Per-user identity, for providers that issue per-subject credentials.
+    pub subject: Option<String>,
+    /// Scopes.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Audience / resource.
+    pub audience: Option<String>,
+}
+
+impl RequestSpec {
+    fn request(&self, reason: Reason) -> Request {
+        Request {
+            subject: self.subject.clone(),
+            scopes: self.scopes.clone(),
+            audience: self.audience.clone(),
+            reason,
+        }
+    }
 }
 
 fn default_endpoint() -> EndpointKind {
@@ -170,6 +199,7 @@ impl Default for Manifest {
             expect: Expect::default(),
             skip: BTreeMap::new(),
             limits: LimitsConfig::default(),
+            request: RequestSpec::default(),
         }
     }
 }
@@ -204,6 +234,16 @@ impl Manifest {
         if manifest.expires_in < 60 {
             return Err(err("expires_in: must be at least 60 seconds".into()));
         }
+        // The limits are checked exactly as in reauth.toml.
+        let mut probe = crate::config::ProviderConfig::new("probe.wasm");
+        probe.limits = manifest.limits.clone();
+        crate::config::validate_provider(
+            None,
+            "probe",
+            &probe,
+            &crate::config::RuntimeConfig::default(),
+        )
+        .map_err(|e| err(e.message.replacen("providers.probe.", "", 1)))?;
         Ok(manifest)
     }
 
@@ -506,10 +546,7 @@ impl Kit<'_> {
     }
 
     async fn fetch(&self, provider: &ProviderRuntime, reason: Reason) -> Fetched {
-        let request = Request {
-            reason,
-            ..Request::default()
-        };
+        let request = self.manifest.request.request(reason);
         provider.get_credentials(&self.runtime, &request).await
     }
 
@@ -526,8 +563,9 @@ impl Kit<'_> {
                 .code("invalid_token")
                 .message("the access token expired");
         }
+        let request = self.manifest.request.request(Reason::Initial);
         provider
-            .handle_security_error(&self.runtime, &Request::default(), credentials, &error)
+            .handle_security_error(&self.runtime, &request, credentials, &error)
             .await
     }
 
@@ -1193,6 +1231,19 @@ mod tests {
         assert!(e.to_string().contains("colour"), "{e}");
         let e = Manifest::from_toml("expires_in = 5\n", p).unwrap_err();
         assert!(e.to_string().contains("expires_in"), "{e}");
+        let e = Manifest::from_toml("[limits]\ntimeout_ms = 0\n", p).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "conformance.toml: limits.timeout_ms: must be between 1 and 600000"
+        );
+        let e = Manifest::from_toml("[request]\nsubjects = [\"a\"]\n", p).unwrap_err();
+        assert!(e.to_string().contains("subjects"), "{e}");
+        let m = Manifest::from_toml("[request]\nsubject = \"alice\"\nscopes = [\"read\"]\n", p)
+            .unwrap();
+        let r = m.request.request(Reason::Expired);
+        assert_eq!(r.subject.as_deref(), Some("alice"));
+        assert_eq!(r.scopes, ["read"]);
+        assert_eq!(r.reason, Reason::Expired);
     }
 
     #[test]

@@ -279,6 +279,22 @@ async fn the_conformance_kit_catches_deliberately_wrong_providers() {
         assert!(!report.table().contains(conformance::SECRET), "{flaw}");
         assert_eq!(report.results.len(), conformance::SCENARIOS.len());
     }
+    // `[request]` reaches the provider: a subject is refused by the
+    // client-credentials provider, so the kit's first fetch fails.
+    let path = root().join("plugins/oauth2-client-credentials/conformance.toml");
+    let mut manifest =
+        Manifest::from_toml(&std::fs::read_to_string(&path).unwrap(), &path).unwrap();
+    manifest.request.subject = Some("alice".into());
+    let only = ["first-fetch".to_string()];
+    let report = conformance::run(&manifest, &plugins().oauth2, &only)
+        .await
+        .unwrap();
+    assert!(
+        matches!(report.outcome("first-fetch"), Some(Outcome::Fail(m)) if m.contains("per-subject")),
+        "{}",
+        report.table()
+    );
+    assert_eq!(report.results.len(), 1, "--scenario runs only that one");
     // A component that does not fit the world is refused before any scenario runs.
     let e = conformance::run(&Manifest::default(), &plugins().other_world, &[])
         .await
