@@ -14,6 +14,8 @@ mkdir -p "$out"
 newest() { find "$@" -type f \( -name '*.py' -o -name '*.js' -o -name '*.txt' -o -name '*.json' -o -name '*.sh' \) \
     -not -path '*/node_modules/*' -not -path '*/.venv/*' -not -path '*/__pycache__/*' -printf '%T@\n' | sort -n | tail -1; }
 
+# The kits' and the WIT's newest change, found once per kit.
+declare -A tools
 built=0
 for dir in plugins/*/ plugins/fixtures/*/; do
     dir=${dir%/}
@@ -25,7 +27,8 @@ for dir in plugins/*/ plugins/fixtures/*/; do
     target="$out/$name.wasm"
     if [ -f "$target" ]; then
         stamp=$(stat -c %Y "$target")
-        sources=$(newest "$dir" "$kit" wit)
+        [ -n "${tools[$kit]:-}" ] || tools[$kit]=$(newest "$kit" wit)
+        sources=$(printf '%s\n%s\n' "$(newest "$dir")" "${tools[$kit]}" | sort -n | tail -1)
         if [ "${sources%.*}" -lt "$stamp" ]; then continue; fi
     fi
     started=$(date +%s%N)

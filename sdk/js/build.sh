@@ -16,10 +16,7 @@ project="$(cd "$1" && pwd)"
 out="$2"
 [ -f "$project/app.js" ] || { echo "build: $project/app.js not found (the provider's module)" >&2; exit 1; }
 
-if [ ! -x "$kit/node_modules/.bin/componentize-js" ] \
-   || [ "$kit/package-lock.json" -nt "$kit/node_modules/.package-lock.json" ]; then
-    (cd "$kit" && npm ci --no-audit --no-fund --loglevel=error)
-fi
+"$kit/setup.sh"
 mkdir -p "$(dirname "$out")"
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT

@@ -5,7 +5,7 @@
 #
 # The project directory holds `app.py` (class AuthProvider) and any other modules
 # it imports. componentize-py (pinned in requirements.txt) is installed into a
-# private venv on first use: $REAUTH_PY_VENV, default sdk/python/.venv.
+# private venv on first use (setup.sh): $REAUTH_PY_VENV, default sdk/python/.venv.
 set -euo pipefail
 kit="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 wit="$(cd "$kit/../../wit" && pwd)"
@@ -14,11 +14,7 @@ project="$(cd "$1" && pwd)"
 out="$2"
 [ -f "$project/app.py" ] || { echo "build: $project/app.py not found (the provider's module)" >&2; exit 1; }
 
-venv="${REAUTH_PY_VENV:-$kit/.venv}"
-if ! "$venv/bin/componentize-py" --version 2>/dev/null | grep -q "$(sed -n 's/^componentize-py==//p' "$kit/requirements.txt")"; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$kit/requirements.txt"
-fi
+venv="$("$kit/setup.sh")"
 mkdir -p "$(dirname "$out")"
 # -p: the project first (it may shadow nothing of ours), then the kit's helpers.
 "$venv/bin/componentize-py" -d "$wit" -w reauth:provider/provider componentize \

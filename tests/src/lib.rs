@@ -76,15 +76,12 @@ pub fn plugins() -> &'static Plugins {
         );
         // Python and JavaScript components. Concurrent test binaries serialise on
         // a lock file, so two never write one component at once.
-        let lock = std::fs::File::create(dir.join("target/components.lock"))
-            .expect("creating plugins/target/components.lock");
         let output = Command::new("flock")
             .arg(dir.join("target/components.lock"))
             .arg(root().join("scripts/build-components.sh"))
             .current_dir(root())
             .output()
             .expect("running scripts/build-components.sh");
-        drop(lock);
         assert!(
             output.status.success(),
             "building the Python/JavaScript components failed:\n{}{}",
