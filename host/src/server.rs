@@ -461,7 +461,17 @@ async fn security_errors(
         Err(r) => return r.into_response(),
     };
     let request = Request::from(body.request);
-    let rejected = body.credential.into();
+    // Parsing already refused out-of-range values; the conversion is checked too.
+    let rejected = match crate::types::Credentials::try_from(body.credential) {
+        Ok(c) => c,
+        Err(e) => {
+            return Refused(
+                StatusCode::BAD_REQUEST,
+                format!("invalid JSON body at `credential`: {e}"),
+            )
+            .into_response();
+        }
+    };
     let error = body.error.into();
     let decision = match state
         .host

@@ -5,6 +5,13 @@
 //!
 //! These types carry secrets in the clear on purpose (they are the hand-over);
 //! their `Debug` output redacts them.
+//!
+//! Times come from HTTP bodies, so every conversion is checked: an
+//! `expires_at_unix` after [`MAX_EXPIRES_AT_UNIX`] (9999-12-31T23:59:59Z, the bound
+//! the plugin boundary uses too) is refused while parsing, with the field named,
+//! never overflowed. Going out, an expiry is cut to whole seconds by rounding
+//! *down*: the wire never shows a later expiry than the real one (a time before
+//! 1970 is shown as 0; it is long past either way).
 
 use crate::secret::Secret;
 use crate::types::{Credential, Credentials, Request, SecurityError, SecurityErrorKind};
@@ -57,6 +64,23 @@ impl std::fmt::Debug for WireCredential {
     }
 }
 
+/// Latest `expires_at_unix` accepted on the wire: 9999-12-31T23:59:59Z.
+pub const MAX_EXPIRES_AT_UNIX: u64 = 253_402_300_799;
+
+/// Why a wire value does not convert to the host's types.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// An expiry beyond [`MAX_EXPIRES_AT_UNIX`]; `field` names it.
+    #[error("`{field}` is {value}, after 9999-12-31T23:59:59Z (at most {MAX_EXPIRES_AT_UNIX})")]
+    ExpiryOutOfRange {
+        /// The field (`expires_at_unix`).
+        field: &'static str,
+        /// The value given.
+        value: u64,
+    },
+}
+
 /// Credentials as JSON: the credential's fields, plus `expires_at` (RFC 3339, UTC),
 /// `expires_at_unix` (seconds) and `principal` when known.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -64,11 +88,18 @@ pub struct WireCredentials {
     /// The credential.
     #[serde(flatten)]
     pub credential: WireCredential,
-    /// Expiry as `YYYY-MM-DDTHH:MM:SSZ`.
+    /// Expiry as `YYYY-MM-DDTHH:MM:SSZ` (rounded down to the second; informative,
+    /// `expires_at_unix` is what is read back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
-    /// Expiry in seconds since the Unix epoch (what clients should read).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Expiry in seconds since the Unix epoch, rounded down (what clients should
+    /// read); at most [`MAX_EXPIRES_AT_UNIX`], larger values are refused while
+    /// parsing.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "expiry_seconds"
+    )]
     pub expires_at_unix: Option<u64>,
     /// The stable identity the credential stands for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,20 +123,56 @@ impl From<&Credentials> for WireCredentials {
                     .collect(),
             },
         };
+        let seconds = c.expires_at.map(unix_seconds_down);
         WireCredentials {
             credential,
-            expires_at: c.expires_at.map(crate::cli::rfc3339),
-            expires_at_unix: c
-                .expires_at
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| d.as_secs()),
+            expires_at: seconds.map(|s| crate::cli::rfc3339(UNIX_EPOCH + Duration::from_secs(s))),
+            expires_at_unix: seconds,
             principal: c.principal.clone(),
         }
     }
 }
 
-impl From<WireCredentials> for Credentials {
-    fn from(w: WireCredentials) -> Self {
+/// Whole seconds since the epoch, rounded down, within `0..=MAX_EXPIRES_AT_UNIX`
+/// (never later than `t`, except a time before 1970, shown as 0).
+fn unix_seconds_down(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .min(MAX_EXPIRES_AT_UNIX)
+}
+
+/// `expires_at_unix` while parsing: a number in range, or an error serde reports at
+/// the field's path.
+fn expiry_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<u64>::deserialize(d)? {
+        Some(value) if value > MAX_EXPIRES_AT_UNIX => Err(serde::de::Error::custom(format!(
+            "{value} is after 9999-12-31T23:59:59Z (at most {MAX_EXPIRES_AT_UNIX})"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// The time `seconds` after the epoch, if within [`MAX_EXPIRES_AT_UNIX`].
+fn checked_expiry(seconds: u64) -> Result<SystemTime, WireError> {
+    let out_of_range = WireError::ExpiryOutOfRange {
+        field: "expires_at_unix",
+        value: seconds,
+    };
+    if seconds > MAX_EXPIRES_AT_UNIX {
+        return Err(out_of_range);
+    }
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(seconds))
+        .ok_or(out_of_range)
+}
+
+impl TryFrom<WireCredentials> for Credentials {
+    type Error = WireError;
+
+    /// Checked: an `expires_at_unix` beyond [`MAX_EXPIRES_AT_UNIX`] is an error
+    /// naming the field, never an overflow.
+    fn try_from(w: WireCredentials) -> Result<Self, WireError> {
+        let expires_at = w.expires_at_unix.map(checked_expiry).transpose()?;
         let credential = match w.credential {
             WireCredential::Bearer { token } => Credential::Bearer(Secret::new(token)),
             WireCredential::Basic { username, password } => Credential::Basic {
@@ -119,13 +186,11 @@ impl From<WireCredentials> for Credentials {
                     .collect(),
             ),
         };
-        Credentials {
+        Ok(Credentials {
             credential,
-            expires_at: w
-                .expires_at_unix
-                .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            expires_at,
             principal: w.principal,
-        }
+        })
     }
 }
 
@@ -202,10 +267,11 @@ impl From<WireSecurityError> for SecurityError {
     }
 }
 
-/// The time in `expires_at_unix`, if any.
+/// The time in `expires_at_unix`, if any and within [`MAX_EXPIRES_AT_UNIX`] (a
+/// larger value, only possible in a value built in code, is `None`: checked, never
+/// an overflow).
 pub fn expiry(c: &WireCredentials) -> Option<SystemTime> {
-    c.expires_at_unix
-        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+    c.expires_at_unix.and_then(|s| checked_expiry(s).ok())
 }
 
 #[cfg(test)]
@@ -230,7 +296,70 @@ mod tests {
                 "expires_at": "2025-11-25T19:46:40Z", "expires_at_unix": 1_764_100_000u64, "principal": "app"})
         );
         let back: WireCredentials = serde_json::from_value(json).unwrap();
-        assert_eq!(Credentials::from(back), c);
+        assert_eq!(Credentials::try_from(back).unwrap(), c);
         assert!(!format!("{w:?}").contains("pw-123456"));
+    }
+
+    fn bearer(expires_at_unix: Option<u64>) -> WireCredentials {
+        WireCredentials {
+            credential: WireCredential::Bearer { token: "t".into() },
+            expires_at: None,
+            expires_at_unix,
+            principal: None,
+        }
+    }
+
+    /// Issue #14 item 2: `UNIX_EPOCH + Duration::from_secs(u64::MAX)` panicked.
+    #[test]
+    fn huge_expires_at_unix_is_an_error_not_a_panic() {
+        for value in [u64::MAX, MAX_EXPIRES_AT_UNIX + 1, i64::MAX as u64] {
+            assert_eq!(
+                Credentials::try_from(bearer(Some(value))),
+                Err(WireError::ExpiryOutOfRange {
+                    field: "expires_at_unix",
+                    value
+                })
+            );
+            assert_eq!(expiry(&bearer(Some(value))), None);
+        }
+        let last = Credentials::try_from(bearer(Some(MAX_EXPIRES_AT_UNIX))).unwrap();
+        assert_eq!(
+            last.expires_at,
+            Some(UNIX_EPOCH + Duration::from_secs(MAX_EXPIRES_AT_UNIX))
+        );
+        // Parsing refuses it too, naming the field.
+        let json = r#"{"kind": "bearer", "token": "t", "expires_at_unix": 18446744073709551615}"#;
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let err = serde_path_to_error::deserialize::<_, WireCredentials>(de).unwrap_err();
+        assert_eq!(err.path().to_string(), "expires_at_unix", "{err}");
+        assert!(err.to_string().contains("9999-12-31T23:59:59Z"), "{err}");
+    }
+
+    /// Expiries shortened to whole seconds are rounded down, never up.
+    #[test]
+    fn expiry_is_rounded_down_to_the_second() {
+        let at = |t: SystemTime| Credentials {
+            credential: Credential::Bearer(Secret::new("t")),
+            expires_at: Some(t),
+            principal: None,
+        };
+        let w = WireCredentials::from(&at(UNIX_EPOCH + Duration::new(1_764_100_000, 999_999_999)));
+        assert_eq!(w.expires_at_unix, Some(1_764_100_000));
+        assert_eq!(w.expires_at.as_deref(), Some("2025-11-25T19:46:40Z"));
+        assert!(expiry(&w).unwrap() <= UNIX_EPOCH + Duration::new(1_764_100_000, 999_999_999));
+        // Out of the wire's range: clamped down to the largest value, which
+        // converts back.
+        let far = WireCredentials::from(&at(
+            UNIX_EPOCH + Duration::from_secs(MAX_EXPIRES_AT_UNIX + 10)
+        ));
+        assert_eq!(far.expires_at_unix, Some(MAX_EXPIRES_AT_UNIX));
+        assert_eq!(far.expires_at.as_deref(), Some("9999-12-31T23:59:59Z"));
+        assert!(Credentials::try_from(far).is_ok());
+        let before_1970 = WireCredentials::from(&at(UNIX_EPOCH - Duration::from_secs(5)));
+        assert_eq!(
+            before_1970.expires_at_unix,
+            Some(0),
+            "expired, not 'no expiry'"
+        );
     }
 }
