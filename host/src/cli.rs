@@ -130,7 +130,8 @@ pub enum Command {
         /// Provider name.
         #[arg(long, env = "REAUTH_PROVIDER")]
         provider: String,
-        /// Registry URL reported by `list` (repeatable).
+        /// A registry this credential is for (repeatable): `get` answers only for
+        /// these, `list` reports them.
         #[arg(long = "registry")]
         registries: Vec<String>,
         /// Where the credentials come from.
@@ -372,8 +373,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, Box
                 &mut stdin,
                 out,
             )
-            .await?;
-            Ok(ExitCode::SUCCESS)
+            .await
         }
         Command::AwsCredentialProcess { provider, backend } => {
             crate::adapters::aws(&backend.open()?, &provider, out).await?;
