@@ -642,6 +642,7 @@ fn polyglot_provider(
             breaker: reauth::BreakerConfig::default(),
             instances,
             state_file: None,
+            secret_keys: Vec::new(),
         },
     )?)
 }

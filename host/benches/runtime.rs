@@ -73,6 +73,7 @@ fn benches(c: &mut Criterion) {
                 breaker: BreakerConfig::default(),
                 instances: InstancesConfig::default(),
                 state_file: None,
+                secret_keys: Vec::new(),
             },
         )
         .unwrap();

@@ -28,7 +28,7 @@
 //! apart. While backing off, a credential that is past its use-until time but not
 //! yet expired is still served (stale-if-error); otherwise the last error is.
 
-use crate::clock::Clock;
+use crate::clock::{Clock, saturating_add};
 use crate::config::CacheConfig;
 use crate::error::Error;
 use crate::types::{Credential, Credentials, Reason, Request};
@@ -194,6 +194,9 @@ struct SlotState {
     failures: u32,
     retry_at: Option<SystemTime>,
     last_error: Option<Error>,
+    /// The principal of the last credential accepted for this key (kept across
+    /// invalidations): a provider never switches identity for one key.
+    principal: Option<String>,
 }
 
 struct Slot {
@@ -388,16 +391,10 @@ impl TokenCache {
         .await;
         let now = self.0.clock.now();
         let mut st = slot.lock();
-        match result {
-            Ok(credentials) => {
-                self.store(
-                    &mut st,
-                    &slot.key,
-                    credentials.clone(),
-                    settings,
-                    now,
-                    reason,
-                );
+        match result.and_then(|c| accept(&st, &slot.key, c, settings, now)) {
+            Ok(entry) => {
+                let credentials = entry.credentials.clone();
+                self.store(&mut st, &slot.key, entry, reason);
                 Ok((credentials, Lookup::Fetched(reason)))
             }
             Err(error) => {
@@ -435,34 +432,26 @@ impl TokenCache {
     async fn pace(&self, slot: &Slot, settings: &CacheConfig) {
         let last = slot.lock().last_fetch;
         if let Some(last) = last {
-            let next = last + Duration::from_millis(settings.min_interval_ms);
+            let next = saturating_add(last, Duration::from_millis(settings.min_interval_ms));
             if let Ok(wait) = next.duration_since(self.0.clock.now()) {
+                // `next` is at most `min_interval_ms` (≤ an hour by validation) ahead.
                 tokio::time::sleep(wait).await;
             }
         }
         slot.lock().last_fetch = Some(self.0.clock.now());
     }
 
-    fn store(
-        &self,
-        st: &mut SlotState,
-        key: &CacheKey,
-        credentials: Credentials,
-        settings: &CacheConfig,
-        now: SystemTime,
-        reason: Reason,
-    ) {
-        st.generation += 1;
+    /// Make `entry` (checked by [`accept`]) the key's credential.
+    fn store(&self, st: &mut SlotState, key: &CacheKey, mut entry: Entry, reason: Reason) {
+        st.generation = st.generation.saturating_add(1);
         st.failures = 0;
         st.retry_at = None;
         st.last_error = None;
-        st.entry = Some(schedule(
-            credentials,
-            settings,
-            now,
-            st.generation,
-            rand::random(),
-        ));
+        if entry.credentials.principal.is_some() {
+            st.principal.clone_from(&entry.credentials.principal);
+        }
+        entry.generation = st.generation;
+        st.entry = Some(entry);
         let _ = self.0.events.send(CacheEvent::Rotated {
             key: key.clone(),
             generation: st.generation,
@@ -494,15 +483,8 @@ impl TokenCache {
                 let result = fetch(request).await;
                 let now = cache.0.clock.now();
                 let mut st = slot.lock();
-                match result {
-                    Ok(credentials) => cache.store(
-                        &mut st,
-                        &slot.key,
-                        credentials,
-                        &settings,
-                        now,
-                        Reason::RefreshAhead,
-                    ),
+                match result.and_then(|c| accept(&st, &slot.key, c, &settings, now)) {
+                    Ok(entry) => cache.store(&mut st, &slot.key, entry, Reason::RefreshAhead),
                     Err(error) => {
                         tracing::warn!(provider = %slot.key.provider, error = %error, "refresh-ahead failed; keeping the cached credential");
                         record_failure(&mut st, &error, &settings, now);
@@ -566,7 +548,7 @@ fn record_failure(st: &mut SlotState, error: &Error, s: &CacheConfig, now: Syste
     } else {
         backoff(s, st.failures, rand::random())
     };
-    st.retry_at = Some(now + delay);
+    st.retry_at = Some(saturating_add(now, delay));
 }
 
 /// Exponential backoff with ±20 % jitter (`unit` in [0, 1)), capped at the maximum.
@@ -581,6 +563,9 @@ pub(crate) fn backoff(s: &CacheConfig, failures: u32, unit: f64) -> Duration {
 /// provider's `expires-at`, else the bearer JWT's `exp`, else `default_ttl`, capped
 /// by `max_lifetime`), use-until (expiry minus skew, the skew at most a tenth of the
 /// lifetime) and refresh-at (see the module docs). `unit` in [0, 1) is the jitter.
+///
+/// Every number here may come from a plugin, a JWT or the configuration, so all
+/// arithmetic saturates (a JWT `exp` of 2^64−1 is "the far future", not a panic).
 fn schedule(
     credentials: Credentials,
     s: &CacheConfig,
@@ -588,25 +573,25 @@ fn schedule(
     generation: u64,
     unit: f64,
 ) -> Entry {
-    let stated = credentials
-        .expires_at
-        .or_else(|| jwt_exp(&credentials.credential))
-        .unwrap_or(now + Duration::from_secs(s.default_ttl_secs));
+    let stated = known_expiry(&credentials)
+        .unwrap_or_else(|| saturating_add(now, Duration::from_secs(s.default_ttl_secs)));
     let expires = match s.max_lifetime_secs {
-        Some(max) => stated.min(now + Duration::from_secs(max)),
+        Some(max) => stated.min(saturating_add(now, Duration::from_secs(max))),
         None => stated,
     };
     let lifetime = expires.duration_since(now).unwrap_or(Duration::ZERO);
-    let use_until = expires - Duration::from_secs(s.skew_secs).min(lifetime / 10);
-    let window = lifetime.mul_f64((s.window_factor + s.window_jitter * unit).min(1.0));
+    let use_until = expires
+        .checked_sub(Duration::from_secs(s.skew_secs).min(lifetime / 10))
+        .unwrap_or(expires);
+    let factor = (s.window_factor + s.window_jitter * unit).clamp(0.0, 1.0);
+    let window = lifetime.mul_f64(factor);
     let min_period = Duration::from_secs(s.min_period_secs);
     let buffer = Duration::from_secs(s.buffer_secs);
-    let refresh_in = if min_period + buffer < lifetime {
-        window.max(min_period).min(lifetime - buffer)
-    } else {
-        window
+    let refresh_in = match min_period.checked_add(buffer) {
+        Some(clamps) if clamps < lifetime => window.max(min_period).min(lifetime - buffer),
+        _ => window,
     };
-    let refresh_at = (now + refresh_in).min(use_until);
+    let refresh_at = saturating_add(now, refresh_in).min(use_until);
     Entry {
         credentials,
         generation,
@@ -616,8 +601,63 @@ fn schedule(
     }
 }
 
+/// The earliest expiry the host can know for `credentials`: the provider's
+/// `expires-at` and, for a bearer JWT, its `exp` claim (a provider that computes
+/// `expires-at` from `expires_in` on arrival can be later than the token's own
+/// `exp`, which a strict server enforces).
+pub(crate) fn known_expiry(credentials: &Credentials) -> Option<SystemTime> {
+    match (credentials.expires_at, jwt_exp(&credentials.credential)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Check a freshly fetched credential against what the host knows and place it
+/// on the timeline: refused if it is already expired (a credential is never
+/// handed out at or past an expiry the host can know) or if it stands for
+/// another principal than the key's earlier credentials (a provider never
+/// switches identity, unless `cache.allow_principal_change`). The credential's
+/// `expires_at` becomes the earliest known expiry.
+fn accept(
+    st: &SlotState,
+    key: &CacheKey,
+    mut credentials: Credentials,
+    s: &CacheConfig,
+    now: SystemTime,
+) -> Result<Entry, Error> {
+    credentials.expires_at = known_expiry(&credentials);
+    if let Some(expires) = credentials.expires_at
+        && expires <= now
+    {
+        let ago = now.duration_since(expires).unwrap_or_default();
+        tracing::error!(provider = %key.provider, expired_ms_ago = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX), "provider returned an already-expired credential; refused");
+        return Err(Error::Contract {
+            provider: key.provider.to_string(),
+            detail: format!(
+                "returned a credential that expired {} ms ago (by its expires-at or JWT exp); it was not handed out",
+                ago.as_millis()
+            ),
+        });
+    }
+    if !s.allow_principal_change
+        && let (Some(before), Some(now_principal)) = (&st.principal, &credentials.principal)
+        && before != now_principal
+    {
+        tracing::error!(provider = %key.provider, before = %before, after = %now_principal, "provider switched principal for one key; credential refused");
+        return Err(Error::Contract {
+            provider: key.provider.to_string(),
+            detail: format!(
+                "returned a credential for principal `{now_principal}` where this key's credentials were for `{before}`; a provider must not switch identity (set cache.allow_principal_change = true if this is intended)"
+            ),
+        });
+    }
+    Ok(schedule(credentials, s, now, 0, rand::random()))
+}
+
 /// The `exp` claim of a bearer JWT, read without verification (the host does not
 /// need to trust it, only to know when the server will stop accepting it).
+/// Clamped to [`crate::clock::MAX_UNIX_SECS`]; a non-integer or negative `exp` is
+/// ignored.
 pub(crate) fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
     let Credential::Bearer(token) = credential else {
         return None;
@@ -628,7 +668,7 @@ pub(crate) fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let exp = claims.get("exp")?.as_u64()?;
-    Some(UNIX_EPOCH + Duration::from_secs(exp))
+    crate::clock::from_unix_secs(exp.min(crate::clock::MAX_UNIX_SECS))
 }
 
 #[cfg(test)]

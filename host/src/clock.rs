@@ -5,6 +5,31 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Latest instant the host represents: 9999-12-31T23:59:59Z (seconds since the
+/// Unix epoch). Times that come from outside (plugins, JWTs, clients of the
+/// sidecar) are clamped to it or refused, never added unchecked.
+pub const MAX_UNIX_SECS: u64 = 253_402_300_799;
+
+/// [`MAX_UNIX_SECS`] as a `SystemTime`.
+pub fn far_future() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(MAX_UNIX_SECS)
+}
+
+/// `secs` seconds after the Unix epoch, if not later than [`MAX_UNIX_SECS`].
+pub fn from_unix_secs(secs: u64) -> Option<SystemTime> {
+    (secs <= MAX_UNIX_SECS).then(|| UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// `t + d`, saturating at [`far_future`]: for durations that come from
+/// configuration, plugins or peers (never panics, whatever the numbers).
+pub fn saturating_add(t: SystemTime, d: Duration) -> SystemTime {
+    let limit = far_future();
+    match t.checked_add(d) {
+        Some(sum) if sum <= limit => sum,
+        _ => limit.max(t),
+    }
+}
+
 /// A wall clock.
 pub trait Clock: Send + Sync + 'static {
     /// Now.

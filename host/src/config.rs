@@ -93,6 +93,13 @@ pub struct RuntimeConfig {
     /// it. Default 10000.
     #[serde(default = "defaults::max_cache_entries")]
     pub max_cache_entries: usize,
+    /// Component instances the engine's pool holds at once, for all providers
+    /// together. Each provider reserves `limits.max_concurrent_calls` of them
+    /// (plus `instances.max_idle` with `instances.reuse`), so no provider can take
+    /// instances another one needs; a provider whose reservation does not fit
+    /// fails to load, naming this key. Default 1024.
+    #[serde(default = "defaults::max_instances")]
+    pub max_instances: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -102,6 +109,7 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             max_memory_mib: defaults::max_memory_mib(),
             max_cache_entries: defaults::max_cache_entries(),
+            max_instances: defaults::max_instances(),
         }
     }
 }
@@ -125,6 +133,11 @@ pub struct ProviderConfig {
     /// Handed to the plugin through `wasi:config`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
+    /// Config keys whose values are secret beyond those the host recognises by
+    /// itself (see [`is_secret_key`]): their values are redacted from everything
+    /// the plugin writes or reports.
+    #[serde(default)]
+    pub secret_keys: Vec<String>,
     /// Token cache settings.
     #[serde(default)]
     pub cache: CacheConfig,
@@ -151,6 +164,7 @@ impl ProviderConfig {
             allowed_hosts: Vec::new(),
             allow_http: false,
             config: BTreeMap::new(),
+            secret_keys: Vec::new(),
             cache: CacheConfig::default(),
             retry: RetryConfig::default(),
             limits: LimitsConfig::default(),
@@ -178,6 +192,31 @@ impl ProviderConfig {
             .insert(key.into(), ConfigValue::Env { env: var.into() });
         self
     }
+}
+
+/// Whether the value of config key `key` is a secret by its name: the key (any
+/// case, `-` or `_` separated) contains `secret`, `password`, `passwd`, `token`,
+/// `key`, `credential`, `assertion`, `private` or `auth`.
+///
+/// The redaction rule: a value is redacted from logs, errors and responses when
+/// it comes from an `{ env }` or `{ file }` reference, when its key is secret by
+/// this rule, or when the provider lists its key in `secret_keys`. Plain values of
+/// other keys (URLs, client ids, modes) are not, so messages stay readable.
+/// Provider `state` values and returned credentials are always redacted.
+pub fn is_secret_key(key: &str) -> bool {
+    const WORDS: [&str; 9] = [
+        "secret",
+        "password",
+        "passwd",
+        "token",
+        "key",
+        "credential",
+        "assertion",
+        "private",
+        "auth",
+    ];
+    let key = key.to_ascii_lowercase();
+    WORDS.iter().any(|w| key.contains(w))
 }
 
 /// A config value: inline, or a reference resolved by the host at load time.
@@ -275,6 +314,12 @@ pub struct CacheConfig {
     /// Minimum time between two plugin calls for the same key. Default 250 ms.
     #[serde(default = "defaults::min_interval_ms")]
     pub min_interval_ms: u64,
+    /// Accept a credential whose `principal` differs from the one this key's
+    /// earlier credentials stood for. Default false: the contract says a provider
+    /// never switches identity, so such a credential is refused with
+    /// [`crate::Error::Contract`].
+    #[serde(default)]
+    pub allow_principal_change: bool,
 }
 
 impl Default for CacheConfig {
@@ -290,6 +335,7 @@ impl Default for CacheConfig {
             backoff_initial_ms: defaults::backoff_initial_ms(),
             backoff_max_ms: defaults::backoff_max_ms(),
             min_interval_ms: defaults::min_interval_ms(),
+            allow_principal_change: false,
         }
     }
 }
@@ -360,6 +406,29 @@ pub struct LimitsConfig {
     /// two body chunks. Default 5000 (never more than `timeout_ms`).
     #[serde(default = "defaults::first_byte_timeout_ms")]
     pub first_byte_timeout_ms: u64,
+    /// Calls of this provider that may run at once (its bulkhead: it reserves
+    /// that many of `runtime.max_instances`). Default 8.
+    #[serde(default = "defaults::max_concurrent_calls")]
+    pub max_concurrent_calls: u32,
+    /// How long a call waits for one of `max_concurrent_calls` before failing with
+    /// [`crate::Error::Busy`]. Default 5000.
+    #[serde(default = "defaults::queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
+    /// HTTP requests one call may have in flight at once; one more fails the call
+    /// with [`crate::Error::Limit`]. Default 8.
+    #[serde(default = "defaults::max_requests_in_flight")]
+    pub max_requests_in_flight: u32,
+    /// HTTP requests all calls of this provider may have in flight at once; more
+    /// wait for a place (within the call's timeout). Default 32.
+    #[serde(default = "defaults::max_provider_requests_in_flight")]
+    pub max_provider_requests_in_flight: u32,
+    /// Host-side objects (HTTP fields, requests, responses, streams, pollables…)
+    /// one call may hold at once; one more fails the call with
+    /// [`crate::Error::Limit`]. Each HTTP `fields` object is also capped at 64 KiB
+    /// and each `get-random-bytes` call at 64 KiB, so what the host allocates
+    /// for a call stays bounded. Default 1024.
+    #[serde(default = "defaults::max_host_resources")]
+    pub max_host_resources: u32,
 }
 
 impl Default for LimitsConfig {
@@ -373,6 +442,11 @@ impl Default for LimitsConfig {
             max_output_bytes: defaults::max_output_bytes(),
             connect_timeout_ms: defaults::connect_timeout_ms(),
             first_byte_timeout_ms: defaults::first_byte_timeout_ms(),
+            max_concurrent_calls: defaults::max_concurrent_calls(),
+            queue_timeout_ms: defaults::queue_timeout_ms(),
+            max_requests_in_flight: defaults::max_requests_in_flight(),
+            max_provider_requests_in_flight: defaults::max_provider_requests_in_flight(),
+            max_host_resources: defaults::max_host_resources(),
         }
     }
 }
@@ -551,6 +625,30 @@ pub mod defaults {
     pub fn instance_max_idle() -> u32 {
         4
     }
+    /// `runtime.max_instances`.
+    pub fn max_instances() -> u32 {
+        1024
+    }
+    /// `limits.max_concurrent_calls`.
+    pub fn max_concurrent_calls() -> u32 {
+        8
+    }
+    /// `limits.queue_timeout_ms`.
+    pub fn queue_timeout_ms() -> u64 {
+        5000
+    }
+    /// `limits.max_requests_in_flight`.
+    pub fn max_requests_in_flight() -> u32 {
+        8
+    }
+    /// `limits.max_provider_requests_in_flight`.
+    pub fn max_provider_requests_in_flight() -> u32 {
+        32
+    }
+    /// `limits.max_host_resources`.
+    pub fn max_host_resources() -> u32 {
+        1024
+    }
 }
 
 impl HostConfig {
@@ -620,6 +718,13 @@ impl HostConfig {
                 "must be at least 1",
             ));
         }
+        if !(16..=65_536).contains(&self.runtime.max_instances) {
+            return Err(ConfigError::at(
+                file,
+                "runtime.max_instances",
+                "must be between 16 and 65536",
+            ));
+        }
         if self.runtime.max_memory_mib == 0 {
             return Err(ConfigError::at(
                 file,
@@ -660,6 +765,9 @@ pub(crate) fn valid_provider_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
+
+/// Upper bound of the cache's second-valued settings (no token lives longer).
+const TEN_YEARS_SECS: u64 = 10 * 366 * 86_400;
 
 pub(crate) fn validate_provider(
     file: Option<&Path>,
@@ -738,6 +846,55 @@ pub(crate) fn validate_provider(
             l.first_byte_timeout_ms,
             1..=600_000,
         ),
+        (
+            "limits.max_concurrent_calls",
+            u64::from(l.max_concurrent_calls),
+            1..=4096,
+        ),
+        ("limits.queue_timeout_ms", l.queue_timeout_ms, 0..=600_000),
+        (
+            "limits.max_requests_in_flight",
+            u64::from(l.max_requests_in_flight),
+            1..=1024,
+        ),
+        (
+            "limits.max_provider_requests_in_flight",
+            u64::from(l.max_provider_requests_in_flight),
+            1..=65_536,
+        ),
+        (
+            "limits.max_host_resources",
+            u64::from(l.max_host_resources),
+            64..=1_000_000,
+        ),
+        (
+            "cache.default_ttl_secs",
+            p.cache.default_ttl_secs,
+            1..=TEN_YEARS_SECS,
+        ),
+        (
+            "cache.max_lifetime_secs",
+            p.cache.max_lifetime_secs.unwrap_or(1),
+            1..=TEN_YEARS_SECS,
+        ),
+        ("cache.skew_secs", p.cache.skew_secs, 0..=86_400),
+        (
+            "cache.min_period_secs",
+            p.cache.min_period_secs,
+            0..=TEN_YEARS_SECS,
+        ),
+        ("cache.buffer_secs", p.cache.buffer_secs, 0..=TEN_YEARS_SECS),
+        (
+            "cache.min_interval_ms",
+            p.cache.min_interval_ms,
+            0..=3_600_000,
+        ),
+        (
+            "retry.max_retry_after_ms",
+            p.retry.max_retry_after_ms,
+            0..=3_600_000,
+        ),
+        ("retry.budget_ms", p.retry.budget_ms, 1..=86_400_000),
         (
             "circuit_breaker.faults",
             u64::from(p.circuit_breaker.faults),
@@ -903,7 +1060,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "reauth.toml:6: providers.a.limits.bogus: unknown field `bogus`, expected one of `timeout_ms`, `memory_mib`, `fuel`, `max_credential_bytes`, `max_response_bytes`, `max_output_bytes`, `connect_timeout_ms`, `first_byte_timeout_ms`"
+            "reauth.toml:6: providers.a.limits.bogus: unknown field `bogus`, expected one of `timeout_ms`, `memory_mib`, `fuel`, `max_credential_bytes`, `max_response_bytes`, `max_output_bytes`, `connect_timeout_ms`, `first_byte_timeout_ms`, `max_concurrent_calls`, `queue_timeout_ms`, `max_requests_in_flight`, `max_provider_requests_in_flight`, `max_host_resources`"
         );
     }
 

@@ -496,7 +496,7 @@ impl Kit<'_> {
     /// with `secret`; only the real endpoint is in its `allowed_hosts`.
     fn load(&self, secret: &str, endpoint: &FakeEndpoint) -> Result<ProviderRuntime, Error> {
         let base = endpoint.base();
-        let config = self
+        let config: Vec<(String, Secret)> = self
             .manifest
             .config
             .iter()
@@ -512,6 +512,14 @@ impl Kit<'_> {
                     .expect("a socket address is a host pattern"),
             ],
         };
+        // Keys whose value carries the kit's secret, or whose name says secret.
+        let secret_keys = self
+            .manifest
+            .config
+            .iter()
+            .filter(|(k, v)| v.contains("${secret}") || crate::config::is_secret_key(k))
+            .map(|(k, _)| k.clone())
+            .collect();
         ProviderRuntime::load(
             &self.runtime,
             ProviderSpec {
@@ -528,6 +536,7 @@ impl Kit<'_> {
                 },
                 instances: InstancesConfig::default(),
                 state_file: None,
+                secret_keys,
             },
         )
     }

@@ -106,6 +106,32 @@ pub enum Error {
         last_fault: String,
     },
 
+    /// The provider broke the contract in a way the host refuses to pass on: it
+    /// returned an already-expired credential, or switched principal for one key.
+    /// Nothing was handed out; the key backs off like after a failed fetch.
+    #[error("provider `{provider}`: {detail}")]
+    Contract {
+        /// Provider name.
+        provider: String,
+        /// What it did.
+        detail: String,
+    },
+
+    /// All of the provider's `limits.max_concurrent_calls` were busy for
+    /// `limits.queue_timeout_ms` (its bulkhead): the call was not started. Not a
+    /// fault of the provider (the breaker does not count it); retry later.
+    #[error(
+        "provider `{provider}`: all {max_concurrent_calls} call slots stayed busy for {waited_ms} ms (limits.max_concurrent_calls); try again later"
+    )]
+    Busy {
+        /// Provider name.
+        provider: String,
+        /// The provider's quota of concurrent calls.
+        max_concurrent_calls: u32,
+        /// How long the call waited for a slot.
+        waited_ms: u64,
+    },
+
     /// An I/O failure of the host itself (state or cache directory).
     #[error("{context}: {source}")]
     Io {
@@ -128,7 +154,9 @@ impl Error {
             | Error::Plugin { provider, .. }
             | Error::Timeout { provider, .. }
             | Error::Limit { provider, .. }
-            | Error::CoolingDown { provider, .. } => Some(provider),
+            | Error::CoolingDown { provider, .. }
+            | Error::Contract { provider, .. }
+            | Error::Busy { provider, .. } => Some(provider),
             Error::Config(_) | Error::Io { .. } => None,
         }
     }
@@ -203,6 +231,19 @@ impl Error {
                 retry_in_ms: *retry_in_ms,
                 last_fault: last_fault.clone(),
             },
+            Error::Busy {
+                provider,
+                max_concurrent_calls,
+                waited_ms,
+            } => Error::Busy {
+                provider: provider.clone(),
+                max_concurrent_calls: *max_concurrent_calls,
+                waited_ms: *waited_ms,
+            },
+            Error::Contract { provider, detail } => Error::Contract {
+                provider: provider.clone(),
+                detail: detail.clone(),
+            },
             Error::Io { context, source } => Error::Io {
                 context: context.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
@@ -252,6 +293,12 @@ pub enum LimitKind {
     ResponseBody,
     /// `limits.max_output_bytes`: too much stdout/stderr.
     Output,
+    /// `limits.max_requests_in_flight`: too many HTTP requests at once.
+    RequestsInFlight,
+    /// `limits.max_host_resources`: too many host-side objects (HTTP fields,
+    /// requests, streams…) alive at once, or a host call asked for too much
+    /// (e.g. random bytes).
+    HostResources,
 }
 
 impl LimitKind {
@@ -265,6 +312,8 @@ impl LimitKind {
             LimitKind::CredentialSize => "limits.max_credential_bytes",
             LimitKind::ResponseBody => "limits.max_response_bytes",
             LimitKind::Output => "limits.max_output_bytes",
+            LimitKind::RequestsInFlight => "limits.max_requests_in_flight",
+            LimitKind::HostResources => "limits.max_host_resources",
         }
     }
 }

@@ -207,6 +207,7 @@ impl HostBuilder {
                     .as_deref()
                     .map(|d| config.resolve(d)),
                 max_memory_bytes: config.runtime.max_memory_mib << 20,
+                max_instances: config.runtime.max_instances,
                 ..defaults
             },
             self.clock.clone(),
@@ -322,6 +323,16 @@ fn provider_spec(
         .state_dir
         .as_deref()
         .map(|d| config.resolve(d).join(format!("{name}.json")));
+    let secret_keys = p
+        .config
+        .iter()
+        .filter(|(key, value)| {
+            !matches!(value, config::ConfigValue::Value(_))
+                || config::is_secret_key(key)
+                || p.secret_keys.contains(key)
+        })
+        .map(|(key, _)| key.clone())
+        .collect();
     let spec = ProviderSpec {
         name: name.to_string(),
         plugin: config.resolve(&p.plugin),
@@ -333,6 +344,7 @@ fn provider_spec(
         breaker: p.circuit_breaker.clone(),
         instances: p.instances.clone(),
         state_file: state_file.clone(),
+        secret_keys,
     };
     let identity = Identity {
         config: p.clone(),
@@ -547,6 +559,7 @@ impl Host {
         }
         for name in old.keys().filter(|n| !config.providers.contains_key(*n)) {
             self.inner.cache.remove_provider(name);
+            self.inner.runtime.release(name);
             tracing::info!(provider = %name, "provider removed");
             report.removed.push(name.clone());
         }
@@ -609,6 +622,9 @@ impl Host {
             .cache
             .get(&key, request, &ready.cache, &ready.fetch)
             .await;
+        if let Err(Error::Contract { .. }) = &result {
+            ready.metrics.contract_violation();
+        }
         ready.metrics.lookup(match &result {
             Ok((_, Lookup::Hit)) => LookupKind::Hit,
             Ok((_, Lookup::Joined)) => LookupKind::Join,
@@ -670,7 +686,8 @@ impl Host {
         ready
             .metrics
             .security_error(error.kind, started.elapsed(), &result);
-        let decision = result?;
+        // A plugin's retry-after (up to 2^64−1 ms) never leaves the host unclamped.
+        let decision = ready.retry.clamp(result?);
         if decision == Decision::RefreshAndRetry {
             let key = KeyRef::new(&ready.name, request);
             let dropped = self.inner.cache.invalidate_if(&key, credentials);

@@ -208,7 +208,7 @@ fn kind_name(k: SecurityErrorKind) -> &'static str {
     }
 }
 
-const LIMITS: [&str; 8] = [
+const LIMITS: [&str; 11] = [
     "memory",
     "fuel",
     "stack",
@@ -217,6 +217,9 @@ const LIMITS: [&str; 8] = [
     "response_body",
     "output",
     "timeout",
+    "requests_in_flight",
+    "host_resources",
+    "concurrent_calls",
 ];
 
 fn limit_index(e: &Error) -> Option<usize> {
@@ -229,8 +232,11 @@ fn limit_index(e: &Error) -> Option<usize> {
             LimitKind::CredentialSize => 4,
             LimitKind::ResponseBody => 5,
             LimitKind::Output => 6,
+            LimitKind::RequestsInFlight => 8,
+            LimitKind::HostResources => 9,
         },
         Error::Timeout { .. } => 7,
+        Error::Busy { .. } => 10,
         _ => return None,
     })
 }
@@ -250,7 +256,8 @@ pub struct ProviderMetrics {
     retry_after_waits: AtomicU64,
     ttl: Histogram<10>,
     last_success_ms: AtomicU64,
-    limits: [AtomicU64; 8],
+    limits: [AtomicU64; 11],
+    contract_violations: AtomicU64,
 }
 
 impl ProviderMetrics {
@@ -315,6 +322,17 @@ impl ProviderMetrics {
     pub(crate) fn lookup(&self, kind: LookupKind) {
         let i = LookupKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         self.lookups[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record a credential refused for breaking the contract
+    /// ([`Error::Contract`]: already expired, principal switched).
+    pub(crate) fn contract_violation(&self) {
+        self.contract_violations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Credentials refused for breaking the contract so far.
+    pub fn contract_violations(&self) -> u64 {
+        self.contract_violations.load(Ordering::Relaxed)
     }
 
     /// Record a re-authentication by `with_credentials`.
@@ -543,6 +561,20 @@ impl Metrics {
                     label(p)
                 );
             }
+        }
+        family(
+            &mut out,
+            "reauth_contract_violations_total",
+            "counter",
+            "Credentials refused because the provider broke the contract (already expired, principal switched).",
+        );
+        for (p, m) in &providers {
+            let n = m.contract_violations.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "reauth_contract_violations_total{{provider=\"{}\"}} {n}",
+                label(p)
+            );
         }
         family(
             &mut out,

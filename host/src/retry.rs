@@ -152,6 +152,20 @@ impl RetryPolicy {
         )
     }
 
+    /// The longest `retry-after` wait this policy allows: a provider's longer
+    /// `retry-after` is cut to it wherever a decision leaves the host.
+    pub fn max_retry_after(&self) -> Duration {
+        self.max_retry_after
+    }
+
+    /// `decision` with a `retry-after` wait clamped to [`Self::max_retry_after`].
+    pub fn clamp(&self, decision: Decision) -> Decision {
+        match decision {
+            Decision::RetryAfter(wait) => Decision::RetryAfter(wait.min(self.max_retry_after)),
+            other => other,
+        }
+    }
+
     /// What to do after the provider decided `decision`, given the re-authentications
     /// and waits already spent and the time `elapsed` since the operation started.
     pub fn next(&self, decision: Decision, reauths: u32, waits: u32, elapsed: Duration) -> Action {
@@ -176,6 +190,21 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (hardening review, item 10): a plugin's `retry-after` of
+    /// 2^64−1 ms reached sidecar clients unclamped.
+    #[test]
+    fn retry_after_is_clamped_to_the_policy() {
+        let p = RetryPolicy::default();
+        let max = p.max_retry_after();
+        assert_eq!(
+            p.clamp(Decision::RetryAfter(Duration::from_millis(u64::MAX))),
+            Decision::RetryAfter(max)
+        );
+        let short = Decision::RetryAfter(Duration::from_millis(1));
+        assert_eq!(p.clamp(short), short);
+        assert_eq!(p.clamp(Decision::Fail), Decision::Fail);
+    }
 
     #[test]
     fn budget_of_one_reauthentication() {

@@ -490,3 +490,154 @@ fn borrowed_keys_find_owned_keys_whatever_the_scope_order() {
     let other = Request::new().scope("a").subject("s");
     assert!(!KeyRef::new(&provider, &other).equivalent(&owned));
 }
+
+/// A fetcher that returns the credentials `make` builds for the n-th call (from 0).
+fn fixed(make: impl Fn(usize) -> Credentials + Send + Sync + 'static) -> Fetcher {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let make = Arc::new(make);
+    Arc::new(move |_request: Request| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        let make = make.clone();
+        Box::pin(async move { Ok(make(n)) })
+    })
+}
+
+fn jwt(payload: &str) -> String {
+    let body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload);
+    format!("eyJhbGciOiJub25lIn0.{body}.sig")
+}
+
+/// Regression (hardening review, item 1): a bearer JWT with `exp` = 2^64−1 and no
+/// `expires-at` panicked the host ("overflow when adding duration to instant").
+#[tokio::test(start_paused = true)]
+async fn a_jwt_exp_of_u64_max_is_the_far_future_not_a_panic() {
+    let (cache, _fake, settings, _clock) = setup(Duration::from_secs(60));
+    let token = jwt(r#"{"exp":18446744073709551615}"#);
+    let t = token.clone();
+    let fetch = fixed(move |_| bearer(&t, None));
+    let k = key(None);
+    let (c, lookup) = cache
+        .get(&k.as_ref(), &Request::new(), &settings, &fetch)
+        .await
+        .unwrap();
+    assert_eq!(lookup, Lookup::Fetched(Reason::Initial));
+    assert_eq!(c.expires_at, Some(crate::clock::far_future()));
+    // Served from the cache afterwards.
+    let (_, lookup) = cache
+        .get(&k.as_ref(), &Request::new(), &settings, &fetch)
+        .await
+        .unwrap();
+    assert_eq!(lookup, Lookup::Hit);
+    // Every extreme the configuration allows schedules without panicking.
+    let extreme = CacheConfig {
+        default_ttl_secs: u64::MAX,
+        max_lifetime_secs: Some(u64::MAX),
+        skew_secs: u64::MAX,
+        min_period_secs: u64::MAX,
+        buffer_secs: u64::MAX,
+        ..CacheConfig::default()
+    };
+    let now = UNIX_EPOCH + Duration::from_secs(START);
+    for c in [
+        bearer("opaque", None),
+        bearer(&token, None),
+        bearer("opaque", Some(crate::clock::far_future())),
+    ] {
+        let e = schedule(c, &extreme, now, 1, 0.99);
+        assert!(e.refresh_at <= e.use_until && e.use_until <= e.expires);
+    }
+}
+
+/// Regression (item 9): an already-expired credential (expires-at in 1970) was
+/// handed out.
+#[tokio::test(start_paused = true)]
+async fn an_already_expired_credential_is_refused_not_handed_out() {
+    let (cache, _fake, settings, _clock) = setup(Duration::from_secs(60));
+    let fetch = fixed(|_| bearer("old", Some(UNIX_EPOCH + Duration::from_secs(1))));
+    let err = cache
+        .get(&key(None).as_ref(), &Request::new(), &settings, &fetch)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Contract { .. }), "{err}");
+    assert!(err.to_string().contains("expired"), "{err}");
+    assert_eq!(cache.stats(&key(None).as_ref()).failures, 1);
+}
+
+/// Regression (item 9): a provider that computes `expires-at` from `expires_in` on
+/// arrival is later than the JWT's own `exp`; the host used the later one and
+/// handed tokens out past their `exp`. The earlier of the two wins, and a token
+/// whose `exp` passed is refused whatever its `expires-at` says.
+#[tokio::test(start_paused = true)]
+async fn the_earlier_of_expires_at_and_the_jwt_exp_wins() {
+    let (cache, _fake, settings, clock) = setup(Duration::from_secs(60));
+    let now = clock.now();
+    let exp = START + 100;
+    let token = jwt(&format!(r#"{{"exp":{exp}}}"#));
+    let t = token.clone();
+    let fetch = fixed(move |_| bearer(&t, Some(now + Duration::from_millis(100_500))));
+    let (c, _) = cache
+        .get(&key(None).as_ref(), &Request::new(), &settings, &fetch)
+        .await
+        .unwrap();
+    assert_eq!(c.expires_at, Some(UNIX_EPOCH + Duration::from_secs(exp)));
+    assert!(cache.use_until(&key(None).as_ref()).unwrap() <= UNIX_EPOCH + Duration::from_secs(exp));
+
+    let stale = jwt(r#"{"exp":1000}"#);
+    let fetch = fixed(move |_| bearer(&stale, Some(now + Duration::from_secs(3600))));
+    let err = cache
+        .get(
+            &key(Some("other")).as_ref(),
+            &Request::new().subject("other"),
+            &settings,
+            &fetch,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Contract { .. }), "{err}");
+}
+
+/// Regression (item 12): a refresh returning another principal for the same key
+/// was served silently.
+#[tokio::test(start_paused = true)]
+async fn a_provider_switching_principal_for_a_key_is_refused_unless_allowed() {
+    let (cache, _fake, settings, clock) = setup(Duration::from_secs(60));
+    let now = clock.now();
+    let make = move |n: usize| Credentials {
+        principal: Some(format!("user-{n}")),
+        ..bearer(&format!("t{n}"), Some(now + Duration::from_secs(3600)))
+    };
+    let k = key(None);
+    let fetch = fixed(make);
+    let (first, _) = cache
+        .get(&k.as_ref(), &Request::new(), &settings, &fetch)
+        .await
+        .unwrap();
+    assert!(cache.invalidate_if(&k.as_ref(), &first));
+    let err = cache
+        .get(&k.as_ref(), &Request::new(), &settings, &fetch)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Contract { .. }), "{err}");
+    assert!(
+        err.to_string().contains("user-0") && err.to_string().contains("user-1"),
+        "{err}"
+    );
+
+    // Opted out: the new principal is accepted.
+    let (cache, _fake, _, _) = setup(Duration::from_secs(60));
+    let allowing = Arc::new(CacheConfig {
+        allow_principal_change: true,
+        ..CacheConfig::default()
+    });
+    let fetch = fixed(make);
+    let (first, _) = cache
+        .get(&k.as_ref(), &Request::new(), &allowing, &fetch)
+        .await
+        .unwrap();
+    cache.invalidate_if(&k.as_ref(), &first);
+    let (second, _) = cache
+        .get(&k.as_ref(), &Request::new(), &allowing, &fetch)
+        .await
+        .unwrap();
+    assert_eq!(second.principal.as_deref(), Some("user-1"));
+}

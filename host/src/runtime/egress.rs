@@ -14,12 +14,23 @@
 //! - Response bodies are capped at `limits.max_response_bytes`: reading past it
 //!   fails the read with `HTTP-response-body-size` and fails the call with
 //!   [`crate::Error::Limit`].
+//! - Requests in flight (sent, until their connection is done) are capped per call
+//!   (`limits.max_requests_in_flight`: one more fails the call with
+//!   [`crate::Error::Limit`]) and per provider
+//!   (`limits.max_provider_requests_in_flight`: one more waits for a free place,
+//!   within the call's timeout), so no plugin can hold the host's file
+//!   descriptors.
+//! - The URL is parsed once: userinfo (`user:pass@host`) is refused, and the
+//!   request is rebuilt to go to exactly the `host:port` that was checked.
+//! - Everything a plugin controls that reaches a log line or an error (host, path)
+//!   passes the provider's redactor first.
 
 use super::limits::CallHits;
 use crate::error::LimitKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
 /// One `allowed_hosts` entry: `host`, `host:port`, `*.domain`, `*.domain:port`,
@@ -127,19 +138,23 @@ pub fn is_loopback(host: &str) -> bool {
 }
 
 /// How a request's target is logged: `scheme://host[:port]/path` — never the
-/// userinfo (`user:password@`) or the query, which can carry secrets.
-fn log_target(uri: &http::Uri) -> String {
-    format!(
+/// userinfo (`user:password@`) or the query, which can carry secrets — with the
+/// provider's known secrets redacted from what remains.
+fn log_target(uri: &http::Uri, redact: &Redact) -> String {
+    let target = format!(
         "{}://{}{}{}",
         uri.scheme_str().unwrap_or("?"),
         uri.host().unwrap_or("?"),
         uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default(),
         uri.path()
-    )
+    );
+    redact(&target)
 }
 
+/// Redacts a provider's known secrets from text a plugin controls.
+pub(crate) type Redact = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
 /// The provider's egress policy, shared by all of its calls.
-#[derive(Debug)]
 pub(crate) struct EgressPolicy {
     pub(crate) provider: Arc<str>,
     pub(crate) allowed: Vec<HostPattern>,
@@ -152,11 +167,38 @@ pub(crate) struct EgressPolicy {
     pub(crate) sent: AtomicU64,
     /// Requests refused (host not allowed, plain http, bad URI).
     pub(crate) denied: AtomicU64,
+    /// Places for requests in flight, shared by all of the provider's calls.
+    pub(crate) in_flight: Arc<Semaphore>,
+    /// `limits.max_requests_in_flight`: requests in flight per call.
+    pub(crate) max_per_call: usize,
+    /// The provider's secrets, redacted from logged targets.
+    pub(crate) redact: Redact,
+}
+
+impl std::fmt::Debug for EgressPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EgressPolicy")
+            .field("provider", &self.provider)
+            .field("allowed", &self.allowed)
+            .field("allow_http", &self.allow_http)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EgressPolicy {
     /// `Err(why)` if the request may not leave.
-    fn check(&self, uri: &http::Uri) -> Result<(), &'static str> {
+    /// `Err(why)` if the request may not leave; else the URI it goes to, rebuilt
+    /// from the parts that were checked (so the connection cannot reach anything
+    /// else than what the allow-list let through).
+    fn check(&self, uri: &http::Uri) -> Result<http::Uri, &'static str> {
+        let Some(authority) = uri.authority() else {
+            return Err("request has no host");
+        };
+        if authority.as_str().contains('@') {
+            return Err(
+                "userinfo (user:password@) in a URL is not allowed; send credentials in headers",
+            );
+        }
         let Some(host) = uri.host() else {
             return Err("request has no host");
         };
@@ -170,15 +212,22 @@ impl EgressPolicy {
         }
         let default_port = if https { 443 } else { 80 };
         let port = uri.port_u16().unwrap_or(default_port);
-        if self
+        if !self
             .allowed
             .iter()
             .any(|p| p.allows(host, port, default_port))
         {
-            Ok(())
-        } else {
-            Err("host not in allowed_hosts")
+            return Err("host not in allowed_hosts");
         }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = uri.scheme().cloned();
+        parts.authority = Some(
+            format!("{}:{port}", host.to_ascii_lowercase())
+                .parse()
+                .map_err(|_| "invalid host")?,
+        );
+        parts.path_and_query = uri.path_and_query().cloned();
+        http::Uri::from_parts(parts).map_err(|_| "invalid URI")
     }
 }
 
@@ -186,6 +235,20 @@ impl EgressPolicy {
 pub(crate) struct EgressHooks {
     pub(crate) policy: Arc<EgressPolicy>,
     pub(crate) hits: Arc<CallHits>,
+    /// Places for this call's requests in flight (`limits.max_requests_in_flight`).
+    pub(crate) in_flight: Arc<Semaphore>,
+}
+
+impl EgressHooks {
+    /// The hooks of one call (or one kept instance) under `policy`.
+    pub(crate) fn new(policy: Arc<EgressPolicy>, hits: Arc<CallHits>) -> Self {
+        let in_flight = Arc::new(Semaphore::new(policy.max_per_call));
+        EgressHooks {
+            policy,
+            hits,
+            in_flight,
+        }
+    }
 }
 
 impl WasiHttpHooks for EgressHooks {
@@ -208,14 +271,28 @@ impl WasiHttpHooks for EgressHooks {
                 )>,
             > + Send,
     > {
-        let policy = &self.policy;
-        let uri = request.uri().clone();
-        let target = log_target(&uri);
-        if let Err(why) = policy.check(&uri) {
+        let policy = self.policy.clone();
+        let mut request = request;
+        let target = log_target(request.uri(), &policy.redact);
+        let checked = match policy.check(request.uri()) {
+            Ok(uri) => uri,
+            Err(why) => {
+                policy.denied.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(provider = %policy.provider, %target, "egress denied: {why}");
+                return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+            }
+        };
+        *request.uri_mut() = checked;
+        let Ok(call_place) = self.in_flight.clone().try_acquire_owned() else {
             policy.denied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(provider = %policy.provider, %target, "egress denied: {why}");
+            let detail = format!(
+                "more than {} HTTP requests in flight at once",
+                policy.max_per_call
+            );
+            tracing::warn!(provider = %policy.provider, %target, "egress denied: {detail}");
+            self.hits.hit(LimitKind::RequestsInFlight, detail);
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
-        }
+        };
         policy.sent.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(provider = %policy.provider, method = %request.method(), %target, "egress");
         let clamp = |t: Option<Duration>, cap: Duration| Some(t.map_or(cap, |t| t.min(cap)));
@@ -231,8 +308,22 @@ impl WasiHttpHooks for EgressHooks {
         Box::new(async move {
             use http_body_util::{BodyExt, LengthLimitError, Limited};
             use wasmtime_wasi_http::Error as HttpError;
+            // The provider-wide cap: wait for a place (the call's timeout bounds it).
+            let provider_place = policy
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| HttpError::HttpRequestDenied)?;
             let (response, io) =
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            // Both places are held until the connection is done (or dropped with
+            // the call's Store).
+            let io = async move {
+                let done = io.await;
+                drop((call_place, provider_place));
+                done
+            };
             let too_large = move |size: Option<u64>| {
                 hits.hit(
                     LimitKind::ResponseBody,
@@ -292,6 +383,10 @@ mod tests {
         assert!(HostPattern::parse("x:99999").is_err());
     }
 
+    fn no_redaction() -> Redact {
+        Arc::new(|s: &str| s.to_string())
+    }
+
     fn policy(allow_http: bool) -> EgressPolicy {
         EgressPolicy {
             provider: Arc::from("p"),
@@ -305,6 +400,9 @@ mod tests {
             max_response_bytes: 1,
             sent: AtomicU64::new(0),
             denied: AtomicU64::new(0),
+            in_flight: Arc::new(Semaphore::new(4)),
+            max_per_call: 2,
+            redact: no_redaction(),
         }
     }
 
@@ -313,7 +411,46 @@ mod tests {
         let uri: http::Uri = "https://svc:hunter2-pw@idp.example.com:8443/token?secret=s3cr3t"
             .parse()
             .unwrap();
-        assert_eq!(log_target(&uri), "https://idp.example.com:8443/token");
+        assert_eq!(
+            log_target(&uri, &no_redaction()),
+            "https://idp.example.com:8443/token"
+        );
+    }
+
+    /// Regression (item 7 of the hardening review): a config secret placed in
+    /// the URL's host or path reached the `egress` log lines.
+    #[test]
+    fn logged_targets_redact_the_providers_secrets() {
+        let uri: http::Uri = "https://s3cr3t-in-host.example.com/p/s3cr3t-in-path/x"
+            .parse()
+            .unwrap();
+        let redact: Redact = Arc::new(|s: &str| {
+            s.replace("s3cr3t-in-host", "[redacted]")
+                .replace("s3cr3t-in-path", "[redacted]")
+        });
+        let logged = log_target(&uri, &redact);
+        assert_eq!(logged, "https://[redacted].example.com/p/[redacted]/x");
+    }
+
+    /// Regression (item 13): `http://127.0.0.1:19611@localhost:19610/` passed the
+    /// check for `localhost:19610` and the connection then went to the authority
+    /// string with the userinfo in it. Userinfo is refused, and what is sent is
+    /// rebuilt from the checked host and port.
+    #[test]
+    fn userinfo_is_refused_and_the_checked_authority_is_what_is_sent() {
+        let mut p = policy(false);
+        p.allowed = vec![HostPattern::parse("localhost:19610").unwrap()];
+        let check = |uri: &str| p.check(&uri.parse().unwrap());
+        assert!(
+            check("http://127.0.0.1:19611@localhost:19610/")
+                .unwrap_err()
+                .contains("userinfo")
+        );
+        assert!(check("http://user@localhost:19610/").is_err());
+        let sent = check("http://LOCALHOST:19610/token?a=b").unwrap();
+        assert_eq!(sent.to_string(), "http://localhost:19610/token?a=b");
+        let sent = check("http://localhost:19610").unwrap();
+        assert_eq!(sent.authority().unwrap().as_str(), "localhost:19610");
     }
 
     #[test]

@@ -55,11 +55,13 @@ use integrity::ArtifactMeta;
 use limits::{Breaker, CallHits, CallLimiter, Redactor};
 use sha2::{Digest, Sha256};
 use state::StateStore;
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
@@ -74,6 +76,15 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// At most this much captured output is logged per stream and call.
 const OUTPUT_LOGGED: usize = 4096;
+
+/// Largest in-memory size of one `wasi:http` `fields` object (headers) a plugin
+/// may build; with `limits.max_host_resources` this bounds the header memory the
+/// host holds for one call.
+const FIELD_SIZE_LIMIT: usize = 64 * 1024;
+
+/// Largest `get-random-bytes` / `get-insecure-random-bytes` request: a host call
+/// cannot be interrupted, so its work is kept short (64 MiB took ~0.5 s).
+const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 
 /// The per-call Store data.
 pub(crate) struct StoreState {
@@ -137,6 +148,9 @@ pub struct RuntimeOptions {
     /// pooling allocator's `max_memory_bytes` bounds a plugin; it exists only to
     /// measure its cost.
     pub limit_memory: bool,
+    /// Component instances in the pool (`runtime.max_instances`), shared out as
+    /// providers' reservations.
+    pub max_instances: u32,
 }
 
 impl Default for RuntimeOptions {
@@ -147,6 +161,7 @@ impl Default for RuntimeOptions {
             consume_fuel: true,
             epoch_interruption: true,
             limit_memory: true,
+            max_instances: crate::config::defaults::max_instances(),
         }
     }
 }
@@ -162,6 +177,18 @@ pub struct Runtime {
     consume_fuel: bool,
     epoch_interruption: bool,
     limit_memory: bool,
+    max_instances: u32,
+    /// Instances reserved per provider name (see [`Runtime::reserve`]).
+    reservations: Mutex<BTreeMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("cache_dir", &self.cache_dir)
+            .field("max_instances", &self.max_instances)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a provider's compiled code came from.
@@ -183,11 +210,12 @@ impl Runtime {
     /// ticker and link every interface a provider may import.
     pub fn new(options: RuntimeOptions, clock: Arc<dyn Clock>) -> Result<Self, BoxError> {
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(256)
-            .total_core_instances(1024)
-            .total_memories(512)
-            .total_tables(1024)
-            .total_stacks(256)
+        let instances = options.max_instances.max(16);
+        pool.total_component_instances(instances)
+            .total_core_instances(instances.saturating_mul(4))
+            .total_memories(instances.saturating_mul(2))
+            .total_tables(instances.saturating_mul(4))
+            .total_stacks(instances)
             .max_memory_size(usize::try_from(options.max_memory_bytes)?);
         let mut config = Config::new();
         config
@@ -227,7 +255,38 @@ impl Runtime {
             consume_fuel: options.consume_fuel,
             epoch_interruption: options.epoch_interruption,
             limit_memory: options.limit_memory,
+            max_instances: instances,
+            reservations: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Reserve `count` pool instances for provider `name` (replacing its earlier
+    /// reservation): the providers' reservations together never exceed
+    /// `runtime.max_instances`, so a provider at its `max_concurrent_calls` can
+    /// never take an instance another provider needs.
+    pub(crate) fn reserve(&self, name: &str, count: u32) -> Result<(), String> {
+        let mut reservations = self.reservations.lock().unwrap_or_else(|e| e.into_inner());
+        let others: u64 = reservations
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .map(|(_, c)| u64::from(*c))
+            .sum();
+        if others + u64::from(count) > u64::from(self.max_instances) {
+            return Err(format!(
+                "its {count} instances (limits.max_concurrent_calls, plus instances.max_idle with reuse) do not fit: the other providers reserve {others} of runtime.max_instances = {}; raise runtime.max_instances or lower limits.max_concurrent_calls",
+                self.max_instances
+            ));
+        }
+        reservations.insert(name.to_string(), count);
+        Ok(())
+    }
+
+    /// Give back provider `name`'s reservation (it was removed).
+    pub(crate) fn release(&self, name: &str) {
+        self.reservations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
     }
 
     /// Compile `bytes` (whose hex SHA-256 is `sha256`), or load the artifact the
@@ -343,6 +402,9 @@ pub struct ProviderSpec {
     pub instances: InstancesConfig,
     /// Where its `state` is persisted (`None`: in memory).
     pub state_file: Option<PathBuf>,
+    /// Config keys whose values are secret (redacted wherever plugin-controlled
+    /// text is logged or reported); see [`crate::config::is_secret_key`].
+    pub secret_keys: Vec<String>,
 }
 
 /// Call counters of one provider.
@@ -380,6 +442,9 @@ pub struct ProviderRuntime {
     instances: InstancesConfig,
     /// Idle instances kept for reuse, least recently used first.
     idle: Mutex<Vec<Warm>>,
+    /// The bulkhead: one permit per call that may run at once
+    /// (`limits.max_concurrent_calls`).
+    call_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for ProviderRuntime {
@@ -447,11 +512,42 @@ impl ProviderRuntime {
                 StateStore::open(spec.state_file.clone()).map_err(|e| load_err(Box::new(e)))?,
             ),
         };
+        let reservation =
+            spec.limits
+                .max_concurrent_calls
+                .saturating_add(if spec.instances.reuse {
+                    spec.instances.max_idle
+                } else {
+                    0
+                });
+        runtime
+            .reserve(&spec.name, reservation)
+            .map_err(|why| load_err(why.into()))?;
+        // A reload keeps the bulkhead when the quota is unchanged, so calls still
+        // running on the old version count against the same slots.
+        let call_slots = match previous {
+            Some(p) if p.limits.max_concurrent_calls == spec.limits.max_concurrent_calls => {
+                p.call_slots.clone()
+            }
+            _ => Arc::new(Semaphore::new(spec.limits.max_concurrent_calls as usize)),
+        };
         let name: Arc<str> = Arc::from(spec.name.as_str());
         let mut redactor = Redactor::default();
-        for (_, value) in &spec.config {
-            redactor.add(value.expose());
+        for (key, value) in &spec.config {
+            if spec.secret_keys.contains(key) {
+                redactor.add(value.expose());
+            }
         }
+        let redact: egress::Redact = {
+            let (redactor, state) = (redactor.clone(), state.clone());
+            Arc::new(move |text: &str| {
+                let mut all = redactor.clone();
+                for value in state.values() {
+                    all.add(&value);
+                }
+                all.redact(text).into_owned()
+            })
+        };
         let timeout = Duration::from_millis(spec.limits.timeout_ms);
         Ok(ProviderRuntime {
             pre,
@@ -471,6 +567,11 @@ impl ProviderRuntime {
                 max_response_bytes: spec.limits.max_response_bytes,
                 sent: AtomicU64::new(0),
                 denied: AtomicU64::new(0),
+                in_flight: Arc::new(Semaphore::new(
+                    spec.limits.max_provider_requests_in_flight as usize,
+                )),
+                max_per_call: spec.limits.max_requests_in_flight as usize,
+                redact,
             }),
             state,
             breaker: Breaker::new(&spec.breaker),
@@ -481,6 +582,7 @@ impl ProviderRuntime {
             redactor,
             instances: spec.instances,
             idle: Mutex::new(Vec::new()),
+            call_slots,
             name,
         })
     }
@@ -513,10 +615,11 @@ impl ProviderRuntime {
     /// A new Store (not yet instantiated) for calls of `subject`.
     fn new_warm(&self, runtime: &Runtime, subject: Option<&str>) -> Warm {
         let cap = usize::try_from(self.limits.max_output_bytes).unwrap_or(usize::MAX);
+        let hits = Arc::new(CallHits::default());
         let captured = Captured {
-            stdout: CapturePipe::new(cap),
-            stderr: CapturePipe::new(cap),
-            hits: Arc::new(CallHits::default()),
+            stdout: CapturePipe::new(cap, hits.clone()),
+            stderr: CapturePipe::new(cap, hits.clone()),
+            hits,
         };
         // Nothing inherited: no env, args, preopened dirs or network.
         let wasi = WasiCtx::builder()
@@ -526,17 +629,22 @@ impl ProviderRuntime {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
             .build();
+        // Everything the host allocates on the plugin's behalf is bounded: table
+        // entries (fields, requests, streams…), each fields object's size, random
+        // bytes per call, requests in flight (egress).
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(self.limits.max_host_resources as usize);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(FIELD_SIZE_LIMIT);
         let mut store = Store::new(
             &runtime.engine,
             StoreState {
-                table: ResourceTable::new(),
+                table,
                 wasi,
-                http: WasiHttpCtx::new(),
-                hooks: EgressHooks {
-                    policy: self.egress.clone(),
-                    hits: captured.hits.clone(),
-                },
+                http,
+                hooks: EgressHooks::new(self.egress.clone(), captured.hits.clone()),
                 config: self.config.clone(),
                 state: self.state.clone(),
                 limiter: CallLimiter {
@@ -753,10 +861,66 @@ impl ProviderRuntime {
             }
             _ => {}
         }
+        // The message can carry text the plugin controls (a header name, a URL):
+        // it passes the redactor like everything else the plugin says.
+        let message = self
+            .call_redactor(None)
+            .redact(&format!("{e:#}"))
+            .into_owned();
+        if e.downcast_ref::<wasmtime::component::ResourceTableError>()
+            .is_some_and(|t| matches!(t, wasmtime::component::ResourceTableError::Full))
+            || message.contains("resource table has no free keys")
+        {
+            return self.limit(
+                function,
+                LimitKind::HostResources,
+                format!(
+                    "the plugin held more than {} host-side objects (HTTP fields, requests, streams…) at once",
+                    self.limits.max_host_resources
+                ),
+            );
+        }
+        if message.contains("requested len") && message.contains("exceeds limit") {
+            return self.limit(
+                function,
+                LimitKind::HostResources,
+                format!("a get-random-bytes call asked for more than {MAX_RANDOM_BYTES} bytes"),
+            );
+        }
+        if message.contains("maximum concurrent limit") {
+            // The engine's pool ran out (reservations keep this from happening
+            // but for a reload's overlap): not the provider's fault.
+            tracing::warn!(provider = %self.name, function, "the engine's instance pool is exhausted: {message}");
+            return Error::Busy {
+                provider: self.name.to_string(),
+                max_concurrent_calls: self.limits.max_concurrent_calls,
+                waited_ms: 0,
+            };
+        }
         Error::Plugin {
             provider: self.name.to_string(),
             function,
-            source: format!("{e:#}").into(),
+            source: message.into(),
+        }
+    }
+
+    /// Wait (at most `limits.queue_timeout_ms`) for one of the provider's
+    /// `limits.max_concurrent_calls` slots: the bulkhead that keeps one provider
+    /// from taking what others need. Held for the whole call.
+    async fn call_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        let started = Instant::now();
+        let wait = Duration::from_millis(self.limits.queue_timeout_ms);
+        match tokio::time::timeout(wait, self.call_slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                let waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::warn!(provider = %self.name, max_concurrent_calls = self.limits.max_concurrent_calls, waited_ms, "all call slots busy; call refused");
+                Err(Error::Busy {
+                    provider: self.name.to_string(),
+                    max_concurrent_calls: self.limits.max_concurrent_calls,
+                    waited_ms,
+                })
+            }
         }
     }
 
@@ -768,48 +932,34 @@ impl ProviderRuntime {
         }
     }
 
-    /// Settle a finished (or timed-out) call: a limit it hit comes first, then a
-    /// timeout or trap; output that filled its capture is a limit too when the call
-    /// failed (the guest's write failed, which usually makes it trap).
+    /// Settle a finished (or timed-out) call: a limit it hit comes first (output
+    /// past the cap included: the capture records it), then a timeout or trap. A
+    /// call that succeeded although its output was cut keeps its result.
     fn settle<T>(
         &self,
         function: &'static str,
         outcome: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
         captured: &Captured,
     ) -> Result<T, Error> {
-        let failed = !matches!(outcome, Ok(Ok(_)));
-        if failed && let Some((kind, detail)) = captured.hits.get() {
-            return Err(self.limit(function, kind, detail));
-        }
-        // A write that does not fit fails whole, leaving the capture just short of
-        // the cap: a WASI 0.2 write is at most what check-write permitted, and a
-        // blocking write at most 4096 bytes.
-        let cap = usize::try_from(self.limits.max_output_bytes).unwrap_or(usize::MAX);
-        let full = [&captured.stdout, &captured.stderr]
-            .into_iter()
-            .find(|p| p.len() + 4096 > cap);
-        match outcome {
-            Err(_) => Err(self.timeout(function)),
-            Ok(Err(e)) => match full {
-                Some(_) if !matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => Err(self
-                    .limit(
-                        function,
-                        LimitKind::Output,
-                        format!("the plugin wrote more than {cap} bytes to stdout/stderr"),
-                    )),
-                _ => Err(self.fault(function, e)),
-            },
-            Ok(Ok(value)) => {
-                if full.is_some() {
-                    tracing::warn!(provider = %self.name, function, cap, "plugin output reached limits.max_output_bytes; the rest was dropped");
+        match (outcome, captured.hits.get()) {
+            (Ok(Ok(value)), hit) => {
+                if let Some((LimitKind::Output, _)) = hit {
+                    tracing::warn!(provider = %self.name, function, cap = self.limits.max_output_bytes, "plugin output reached limits.max_output_bytes; the rest was dropped");
                 }
                 Ok(value)
             }
+            (_, Some((kind, detail))) => Err(self.limit(function, kind, detail)),
+            (Err(_), None) => Err(self.timeout(function)),
+            (Ok(Err(e)), None) => Err(self.fault(function, e)),
         }
     }
 
-    /// Book a call's result with the breaker and the fault counter.
+    /// Book a call's result with the breaker and the fault counter. A call that
+    /// never got a slot ([`Error::Busy`]) is neither a fault nor a success.
     fn book<T>(&self, function: &'static str, result: &Result<T, Error>) {
+        if let Err(Error::Busy { .. }) = result {
+            return;
+        }
         let fault = match result {
             Err(e @ (Error::Plugin { .. } | Error::Timeout { .. } | Error::Limit { .. })) => {
                 Some(e.to_string())
@@ -846,6 +996,7 @@ impl ProviderRuntime {
     /// prove a provider can run), without calling it.
     pub async fn instantiate_check(&self, runtime: &Runtime) -> Result<(), Error> {
         const FUNCTION: &str = "instantiate";
+        let _slot = self.call_slot().await?;
         let mut warm = self.new_warm(runtime, None);
         self.arm(runtime, FUNCTION, &mut warm)?;
         let instantiate = self.pre.instantiate_async(&mut warm.store);
@@ -866,6 +1017,7 @@ impl ProviderRuntime {
     ) -> Result<types::Credentials, Error> {
         const FUNCTION: &str = "get-credentials";
         self.admit()?;
+        let _slot = self.call_slot().await?;
         self.stats.get_credentials.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let mut warm = self.checkout(runtime, FUNCTION, request.subject.as_deref())?;
@@ -932,6 +1084,7 @@ impl ProviderRuntime {
     ) -> Result<types::Decision, Error> {
         const FUNCTION: &str = "handle-security-error";
         self.admit()?;
+        let _slot = self.call_slot().await?;
         self.stats
             .handle_security_error
             .fetch_add(1, Ordering::Relaxed);
