@@ -14,17 +14,36 @@
 //! The API hands out secrets, so: TCP binds to loopback unless
 //! [`ServeOptions::allow_non_loopback`]; the Unix socket is created `0600` (bound
 //! inside a private directory, then moved into place, so it is never reachable with
-//! looser permissions); an API token (`Authorization: Bearer …`) can be required on
-//! `/v1/*`; bodies are limited (413 beyond); malformed JSON is a 400 naming the
-//! field. Shutdown is graceful: requests in flight finish.
+//! looser permissions); an API token (`Authorization: Bearer …`, scheme matched
+//! case-insensitively) can be required on `/v1/*`; malformed JSON is a 400 naming
+//! the field. Every error status carries `{"error": {"kind", "message"}}`, axum's
+//! own rejections (405, 413 …) included.
+//!
+//! A client can hold resources only for bounded times, so a slow or hostile client
+//! cannot pin the server (issue #14): [`Server::run`] runs its own accept loop
+//! (`axum::serve` has no header-read timeout) over hyper's HTTP/1 connection with
+//!
+//! - a header read timeout (also the idle keep-alive limit): a client that never
+//!   finishes its headers is disconnected;
+//! - a body read timeout and a body size limit: an announced `Content-Length` over
+//!   the limit is answered 413 at once, before any of the body is read; a body that
+//!   does not arrive in time is answered 408;
+//! - a cap on concurrent connections (TCP and socket together): at the cap the
+//!   accept loop stops accepting, so new connections wait in the kernel's listen
+//!   backlog until a connection closes (which the timeouts above guarantee), and a
+//!   log line says so; file descriptors can never run out because of idle clients;
+//! - a graceful-shutdown deadline: requests in flight get [`ServeOptions::shutdown_grace`]
+//!   to finish, then their connections are dropped;
+//! - a handler that panics answers 500 (JSON) and is logged; the process keeps
+//!   serving.
 
 use crate::error::Error;
 use crate::host::{Host, ProviderStatus};
 use crate::secret::Secret;
-use crate::types::{Decision, ProviderError, Reason, Request};
+use crate::types::{Credentials, Decision, ProviderError, Reason, Request, SecurityError};
 use crate::wire::{WireCredentials, WireRequest, WireSecurityError};
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -33,7 +52,11 @@ use serde::Deserialize;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 /// How `reauth serve` listens.
 #[derive(Debug, Clone)]
@@ -46,8 +69,23 @@ pub struct ServeOptions {
     pub allow_non_loopback: bool,
     /// Require `Authorization: Bearer <token>` on `/v1/*`.
     pub api_token: Option<Secret>,
-    /// Largest request body (default 64 KiB).
+    /// Largest request body (default 64 KiB); a larger announced `Content-Length`
+    /// is answered 413 before the body is read.
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers, from the first
+    /// moment the server waits for them (so also how long an idle keep-alive
+    /// connection stays open). Default 10 s.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body once its headers have
+    /// arrived; then it is answered 408 and disconnected. Default 30 s.
+    pub body_read_timeout: Duration,
+    /// Concurrent connections, TCP and Unix socket together (default 512, at
+    /// least 1). At the cap new connections wait in the listen backlog until one
+    /// closes, and a warning is logged.
+    pub max_connections: usize,
+    /// After shutdown begins, how long requests in flight may take to finish;
+    /// connections still open then are dropped. Default 10 s.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeOptions {
@@ -58,8 +96,35 @@ impl Default for ServeOptions {
             allow_non_loopback: false,
             api_token: None,
             max_body_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
+}
+
+/// Parse a duration given on the command line: `250ms`, `10s`, `2m`, or a bare
+/// number of seconds (`10`). Zero is refused (it would disable the server).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 10s, 2m)"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("`{text}`: the unit must be ms, s or m")),
+    };
+    if d.is_zero() {
+        return Err("the duration must be more than 0".into());
+    }
+    Ok(d)
 }
 
 /// Why the server could not start.
@@ -112,13 +177,168 @@ pub fn router(host: Host, options: &ServeOptions) -> Router {
             state.clone(),
             require_token,
         ));
-    Router::new()
+    let body = BodyLimits {
+        max_bytes: options.max_body_bytes,
+        timeout: options.body_read_timeout,
+    };
+    let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(|| async { api_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(body, read_body))
+        .with_state(state);
+    harden(app)
+}
+
+/// The layers every response passes: error statuses get JSON bodies
+/// ([`json_errors`]), a panicking handler a 500 ([`catch_panic`]).
+fn harden(app: Router) -> Router {
+    app.layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn(catch_panic))
+}
+
+/// The body limits [`read_body`] enforces.
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    max_bytes: usize,
+    timeout: Duration,
+}
+
+/// Read the whole request body before anything else runs, within the size limit
+/// and the body read timeout: an announced `Content-Length` over the limit is a
+/// 413 at once (nothing read), a body that does not arrive in time a 408. Both
+/// close the connection.
+async fn read_body(
+    State(limits): State<BodyLimits>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let too_large = || {
+        closing(api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is larger than {} bytes", limits.max_bytes),
+        ))
+    };
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limits.max_bytes as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let read =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limits.max_bytes));
+    let bytes = match tokio::time::timeout(limits.timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Ok(Err(e)) => {
+            return closing(api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("reading the request body failed: {e}"),
+            ));
+        }
+        Err(_) => {
+            return closing(api_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    limits.timeout.as_millis()
+                ),
+            ));
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// `response` with `Connection: close` (the request's body was not read to its end).
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Give every error status a JSON body: responses the handlers build already have
+/// one; axum's own rejections (405 with an empty body, text/plain 400/413 …) get
+/// `{"error": {"kind", "message"}}` with their text as the message.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let reason = status.canonical_reason().unwrap_or("error");
+    let message = match axum::body::to_bytes(body, 4096).await {
+        Ok(text) if !text.trim_ascii().is_empty() => {
+            String::from_utf8_lossy(text.trim_ascii()).into_owned()
+        }
+        _ => reason.to_owned(),
+    };
+    let kind: String = reason
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let body = json!({"error": {"kind": kind, "message": message}}).to_string();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// Defence in depth: a handler that panics answers 500 (JSON) and is logged, and
+/// the connection and the process keep serving. (The panic's own message goes to
+/// stderr through the panic hook; the log line names the request only.)
+async fn catch_panic(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    match (CatchUnwind(Box::pin(next.run(request)))).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::error!(%method, %path, "request handler panicked: answered 500");
+            api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error: the request handler failed (see the server log)",
+            )
+        }
+    }
+}
+
+/// A future that turns a panic while polling `F` into `Err` (never polled again
+/// afterwards).
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
 }
 
 /// A bound server: listeners open, not serving yet.
@@ -127,6 +347,7 @@ pub struct Server {
     tcp: Option<tokio::net::TcpListener>,
     unix: Option<(tokio::net::UnixListener, PathBuf)>,
     addresses: Vec<String>,
+    limits: ConnectionLimits,
 }
 
 impl std::fmt::Debug for Server {
@@ -177,6 +398,7 @@ impl Server {
             tcp,
             unix,
             addresses,
+            limits: ConnectionLimits::from(options),
         })
     }
 
@@ -185,46 +407,229 @@ impl Server {
         &self.addresses
     }
 
-    /// Serve until `shutdown` completes; requests in flight finish first. The
-    /// socket file is removed afterwards.
+    /// Serve until `shutdown` completes. Then the listeners close, requests in
+    /// flight get [`ServeOptions::shutdown_grace`] to finish, and connections still
+    /// open are dropped. The socket file is removed afterwards.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
-        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            app: self.app,
+            http: http_builder(&self.limits),
+            slots: Arc::new(Semaphore::new(
+                self.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            limits: self.limits,
+            throttle: Throttle::default(),
+        });
         let mut servers = tokio::task::JoinSet::new();
         if let Some(listener) = self.tcp {
-            let (app, stop) = (self.app.clone(), stopped());
-            servers.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-            });
+            servers.spawn(accept_loop(listener, shared.clone(), stop_rx.clone()));
         }
         let socket = self.unix.as_ref().map(|(_, p)| p.clone());
         if let Some((listener, _)) = self.unix {
-            let (app, stop) = (self.app.clone(), stopped());
-            servers.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-            });
+            servers.spawn(accept_loop(listener, shared.clone(), stop_rx.clone()));
         }
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
         while let Some(done) = servers.join_next().await {
-            if let Ok(Err(e)) = done {
-                tracing::error!("server stopped with an error: {e}");
+            if let Err(e) = done {
+                tracing::error!("a listener task failed: {e}");
             }
         }
         if let Some(path) = socket {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// The connection limits of [`ServeOptions`].
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    header_read_timeout: Duration,
+    max_connections: usize,
+    shutdown_grace: Duration,
+}
+
+impl From<&ServeOptions> for ConnectionLimits {
+    fn from(o: &ServeOptions) -> Self {
+        ConnectionLimits {
+            header_read_timeout: o.header_read_timeout,
+            max_connections: o.max_connections,
+            shutdown_grace: o.shutdown_grace,
+        }
+    }
+}
+
+fn http_builder(limits: &ConnectionLimits) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    http
+}
+
+/// What every accept loop and connection shares.
+struct Shared {
+    app: Router,
+    http: hyper::server::conn::http1::Builder,
+    /// One permit per open connection.
+    slots: Arc<Semaphore>,
+    limits: ConnectionLimits,
+    throttle: Throttle,
+}
+
+/// At most one log line per `EVERY` for a recurring condition (a flood must not
+/// flood the log too).
+#[derive(Default)]
+struct Throttle(Mutex<Option<Instant>>);
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn ready(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// A listener the accept loop can serve (TCP or Unix socket).
+trait Accept: Send + 'static {
+    /// The accepted connection.
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// The next connection.
+    fn accept_stream(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        let (stream, _) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// Resolves once shutdown has begun (or the sender is gone).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Accept connections while a slot is free, each served on its own task, until
+/// shutdown; then close the listener and give the connections the grace period.
+async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let permit = match shared.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if shared.throttle.ready() {
+                    tracing::warn!(
+                        max_connections = shared.limits.max_connections,
+                        "connection limit reached: new connections wait until one closes \
+                         (raise --max-connections if this is expected load)"
+                    );
+                }
+                tokio::select! {
+                    permit = shared.slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    () = stopping(&mut stop) => break,
+                }
+            }
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept_stream() => accepted,
+            () = stopping(&mut stop) => break,
+        };
+        match stream {
+            Ok(stream) => {
+                connections.spawn(serve_connection(
+                    stream,
+                    shared.clone(),
+                    stop.clone(),
+                    permit,
+                ));
+            }
+            Err(e) if is_per_connection(&e) => {}
+            Err(e) => {
+                // Typically out of file descriptors: wait a little instead of spinning.
+                if shared.throttle.ready() {
+                    tracing::error!("accepting a connection failed: {e}");
+                }
+                drop(permit);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = stopping(&mut stop) => break,
+                }
+            }
+        }
+    }
+    drop(listener);
+    let grace = shared.limits.shutdown_grace;
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drain).await.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "shutdown grace of {} ms over: dropping the connections still open",
+            grace.as_millis()
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Accept errors that concern one connection only (the next accept may succeed).
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock
+    )
+}
+
+/// One connection: HTTP/1 with the header read timeout; on shutdown it finishes
+/// the request in flight (if any) and closes. Holds its connection slot until it
+/// ends.
+async fn serve_connection<S>(
+    stream: S,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(shared.app.clone());
+    let conn = shared
+        .http
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stopping(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is_timeout() => {
+            tracing::debug!("connection closed: its request headers did not arrive in time");
+        }
+        Err(e) => tracing::debug!("connection ended: {e}"),
     }
 }
 
@@ -307,6 +712,14 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme is
+/// case-insensitive (RFC 9110 §11.1), one or more spaces follow it.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 async fn require_token(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -317,7 +730,7 @@ async fn require_token(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer_token);
         if !given.is_some_and(|g| same(g.as_bytes(), expected.expose().as_bytes())) {
             let mut r = api_error(
                 StatusCode::UNAUTHORIZED,
@@ -430,11 +843,10 @@ async fn credentials(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request: WireRequest = match parse(&headers, &body) {
+    let request = match credentials_body(&headers, &body) {
         Ok(r) => r,
         Err(r) => return r.into_response(),
     };
-    let request = Request::from(request);
     match state.host.get_credentials_traced(&name, &request).await {
         Ok((c, _)) => axum::Json(WireCredentials::from(&c)).into_response(),
         Err(e) => error_response(&e),
@@ -450,29 +862,42 @@ struct SecurityErrorBody {
     error: WireSecurityError,
 }
 
+/// The body of `POST …/credentials`, parsed and converted as the handler does.
+fn credentials_body(headers: &HeaderMap, body: &Bytes) -> Result<Request, Refused> {
+    parse::<WireRequest>(headers, body).map(Request::from)
+}
+
+/// The body of `POST …/security-errors`, parsed and converted (checked) as the
+/// handler does.
+fn security_error_body(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Request, Credentials, SecurityError), Refused> {
+    let body: SecurityErrorBody = parse(headers, body)?;
+    // Parsing already refused out-of-range values; the conversion is checked too.
+    let rejected = Credentials::try_from(body.credential).map_err(|e| {
+        Refused(
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body at `credential`: {e}"),
+        )
+    })?;
+    Ok((
+        Request::from(body.request),
+        rejected,
+        SecurityError::from(body.error),
+    ))
+}
+
 async fn security_errors(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let body: SecurityErrorBody = match parse(&headers, &body) {
-        Ok(b) => b,
+    let (request, rejected, error) = match security_error_body(&headers, &body) {
+        Ok(parts) => parts,
         Err(r) => return r.into_response(),
     };
-    let request = Request::from(body.request);
-    // Parsing already refused out-of-range values; the conversion is checked too.
-    let rejected = match crate::types::Credentials::try_from(body.credential) {
-        Ok(c) => c,
-        Err(e) => {
-            return Refused(
-                StatusCode::BAD_REQUEST,
-                format!("invalid JSON body at `credential`: {e}"),
-            )
-            .into_response();
-        }
-    };
-    let error = body.error.into();
     let decision = match state
         .host
         .handle_security_error(&name, &request, &rejected, &error)
@@ -509,14 +934,188 @@ async fn security_errors(
     }
 }
 
+/// Entry points for the fuzz targets in `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+    use crate::types::Credential;
+
+    fn headers(content_type: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = content_type.and_then(|v| HeaderValue::from_str(v).ok()) {
+            headers.insert(header::CONTENT_TYPE, v);
+        }
+        headers
+    }
+
+    /// Parse and convert a `POST …/credentials` body as the server does: a request
+    /// or a refusal (4xx with a message), never a panic.
+    pub fn credentials_body(content_type: Option<&str>, body: &[u8]) {
+        match super::credentials_body(&headers(content_type), &Bytes::copy_from_slice(body)) {
+            Ok(request) => assert_eq!(request.reason, Reason::Initial),
+            Err(Refused(status, message)) => {
+                assert!(status.is_client_error() && !message.is_empty());
+            }
+        }
+    }
+
+    /// Parse and convert a `POST …/security-errors` body as the server does: the
+    /// parts or a refusal, never a panic; what converts goes back to the wire and
+    /// converts again to the same credentials, and its `Debug` shows no secret.
+    pub fn security_error_body(content_type: Option<&str>, body: &[u8]) {
+        match super::security_error_body(&headers(content_type), &Bytes::copy_from_slice(body)) {
+            Ok((_, credentials, error)) => {
+                let wire = WireCredentials::from(&credentials);
+                let back = Credentials::try_from(wire.clone())
+                    .expect("a converted credential converts back");
+                assert_eq!(back, credentials, "round trip");
+                let json = serde_json::to_vec(&wire).expect("serialises");
+                let again: WireCredentials = serde_json::from_slice(&json).expect("parses back");
+                assert_eq!(again, wire);
+                // A secret leaks when it shows up more often than in the same text
+                // rendered with every secret blanked (it may equal a header name,
+                // the username or the principal).
+                let secrets: Vec<&str> = match &wire.credential {
+                    crate::wire::WireCredential::Bearer { token } => vec![token.as_str()],
+                    crate::wire::WireCredential::Basic { password, .. } => vec![password.as_str()],
+                    crate::wire::WireCredential::Headers { headers } => {
+                        headers.values().map(String::as_str).collect()
+                    }
+                };
+                let blanked = Credentials {
+                    credential: match &credentials.credential {
+                        Credential::Bearer(_) => Credential::Bearer(Secret::new("")),
+                        Credential::Basic { username, .. } => Credential::Basic {
+                            username: username.clone(),
+                            password: Secret::new(""),
+                        },
+                        Credential::Headers(h) => Credential::Headers(
+                            h.iter()
+                                .map(|(k, _)| (k.clone(), Secret::new("")))
+                                .collect(),
+                        ),
+                    },
+                    ..credentials.clone()
+                };
+                let real = format!("{credentials:?} {wire:?} {error:?}");
+                let public = format!(
+                    "{blanked:?} {:?} {error:?}",
+                    WireCredentials::from(&blanked)
+                );
+                for s in secrets.iter().filter(|s| s.len() >= 8) {
+                    assert!(
+                        real.matches(s).count() <= public.matches(s).count(),
+                        "Debug output shows a secret"
+                    );
+                }
+            }
+            Err(Refused(status, message)) => {
+                assert!(status.is_client_error() && !message.is_empty());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::same;
+    use super::*;
+    use hyper::service::Service as _;
+    use serde_json::Value;
 
     #[test]
     fn token_comparison() {
         assert!(same(b"abc", b"abc"));
         assert!(!same(b"abc", b"abd"));
         assert!(!same(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer tok", "bearer tok", "BEARER tok", "bEaReR   tok"] {
+            assert_eq!(bearer_token(value), Some("tok"), "{value}");
+        }
+        for value in ["Basic tok", "Bearer", "Bearer ", "Bearertok", "tok"] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "0", "0s", "s", "1h", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    async fn call(app: &Router, method: &str, path: &str) -> (StatusCode, HeaderMap, Value) {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let response = service.call(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {bytes:?}"));
+        (parts.status, parts.headers, value)
+    }
+
+    async fn boom() -> &'static str {
+        panic!("handler bug")
+    }
+
+    /// Issue #14: a panicking handler dropped the connection; now it answers 500
+    /// JSON, is logged, and the router keeps serving.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_json_and_serving_goes_on() {
+        let app = harden(
+            Router::new()
+                .route("/boom", get(boom))
+                .route("/ok", get(|| async { "fine" })),
+        );
+        for _ in 0..2 {
+            let (status, headers, body) = call(&app, "GET", "/boom").await;
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+            assert_eq!(body["error"]["kind"], "internal", "{body}");
+            assert!(!body.to_string().contains("handler bug"), "{body}");
+        }
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let ok = service
+            .call(axum::http::Request::get("/ok").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+    }
+
+    /// Issue #14: 405 had an empty body; every error status carries JSON.
+    #[tokio::test]
+    async fn axum_rejections_get_json_bodies() {
+        let app = harden(
+            Router::new()
+                .route("/only-post", post(|| async { "posted" }))
+                .route(
+                    "/text",
+                    get(|| async { (StatusCode::BAD_REQUEST, "plain text refusal") }),
+                ),
+        );
+        let (status, headers, body) = call(&app, "GET", "/only-post").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(headers[header::ALLOW], "POST");
+        assert_eq!(
+            body,
+            json!({"error": {"kind": "method_not_allowed", "message": "Method Not Allowed"}})
+        );
+        let (status, _, body) = call(&app, "GET", "/text").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body,
+            json!({"error": {"kind": "bad_request", "message": "plain text refusal"}})
+        );
     }
 }
