@@ -97,9 +97,25 @@ pub enum Command {
         /// Allow --listen on a non-loopback address (the API hands out secrets).
         #[arg(long)]
         allow_non_loopback: bool,
-        /// Require `Authorization: Bearer <token>` on /v1/*, the token read from this file.
+        /// Require `Authorization: Bearer <token>` on /v1/*, the token read from this
+        /// file (at least 16 characters, surrounding whitespace ignored).
         #[arg(long, env = "REAUTH_API_TOKEN_FILE")]
         api_token_file: Option<PathBuf>,
+        /// Time a client has to send a request's headers; also the idle keep-alive
+        /// limit (`500ms`, `10s`, `2m`).
+        #[arg(long, default_value = "10s", value_parser = crate::server::parse_duration)]
+        header_timeout: std::time::Duration,
+        /// Time a client has to send a request's body once its headers arrived (then 408).
+        #[arg(long, default_value = "30s", value_parser = crate::server::parse_duration)]
+        body_timeout: std::time::Duration,
+        /// Concurrent connections (TCP and socket together); at the cap, new
+        /// connections wait until one closes, and a warning is logged.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections: u32,
+        /// On SIGTERM/Ctrl-C, how long requests in flight may take before their
+        /// connections are dropped.
+        #[arg(long, default_value = "10s", value_parser = crate::server::parse_duration)]
+        shutdown_grace: std::time::Duration,
     },
     /// kubectl exec credential plugin: prints an ExecCredential (v1 or v1beta1, per
     /// KUBERNETES_EXEC_INFO) with the provider's bearer token.
@@ -306,6 +322,10 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, Box
             socket,
             allow_non_loopback,
             api_token_file,
+            header_timeout,
+            body_timeout,
+            max_connections,
+            shutdown_grace,
         } => {
             let api_token = match api_token_file {
                 Some(f) => {
@@ -332,6 +352,10 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, Box
                 socket,
                 allow_non_loopback,
                 api_token,
+                header_read_timeout: header_timeout,
+                body_read_timeout: body_timeout,
+                max_connections: max_connections as usize,
+                shutdown_grace,
                 ..Default::default()
             };
             serve(config, options, out).await
