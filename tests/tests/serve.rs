@@ -1,15 +1,20 @@
 //! The sidecar API (`reauth::server`, what `reauth serve` runs) over TCP and a Unix
 //! socket: round trips, the API token, socket permissions, loopback-only binding,
 //! bad requests, single-flight across HTTP requests, metrics, graceful shutdown,
-//! and every response checked against `host/openapi.json`.
+//! and every response checked against `host/openapi.json`; and the server against
+//! hostile clients (issue #14), with raw TCP clients writing bytes: slow headers,
+//! bodies that never finish, oversize announcements, connection floods, a
+//! half-sent request at SIGTERM (the real binary).
 
 use reauth::server::{ServeError, ServeOptions, Server};
 use reauth::{Host, ProviderConfig, Secret};
-use reauth_tests::peers::{SlowEndpoint, http};
-use reauth_tests::{plugins, root};
+use reauth_tests::peers::{Peer, SlowEndpoint, free_port, http};
+use reauth_tests::{plugins, root, workspace_binary};
 use serde_json::{Value, json};
 use std::os::unix::fs::PermissionsExt as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 const API_TOKEN: &str = "api-token-0f9e8d7c6b5a";
 
@@ -76,6 +81,10 @@ fn check_spec(path: &str, method: &str, status: u16, body: &[u8]) {
     let op = &spec["paths"][path][method];
     assert!(op.is_object(), "{method} {path} is not in openapi.json");
     let mut response = op["responses"][status.to_string()].clone();
+    if !response.is_object() && status >= 400 {
+        // Any other error status: the common error shape.
+        response = op["responses"]["default"].clone();
+    }
     assert!(
         response.is_object(),
         "{method} {path} → {status} is not in openapi.json"
@@ -404,7 +413,7 @@ async fn bad_requests_are_named_and_bounded() {
     let (s, _) = raw("{}", "text/plain").await;
     assert_eq!(s, 415);
     let big = format!("{{\"subject\": \"{}\"}}", "x".repeat(4096));
-    let (s, _, _) = http(
+    let (s, _, b) = http(
         tcp,
         "POST",
         "/v1/providers/counter/credentials",
@@ -414,6 +423,7 @@ async fn bad_requests_are_named_and_bounded() {
     .await
     .unwrap();
     assert_eq!(s, 413);
+    check_spec("/v1/providers/{name}/credentials", "post", s, &b);
     let (s, body) = post(tcp, "/v1/providers/nope/credentials", json!({}), None).await;
     assert_eq!(
         (s, body["error"]["kind"].as_str()),
@@ -522,4 +532,396 @@ async fn concurrent_requests_share_one_plugin_call_and_shutdown_is_graceful() {
         http(&unix, "GET", "/healthz", &[], None).await.is_err(),
         "stopped"
     );
+}
+
+/// A raw TCP client: connect to `target` (`http://127.0.0.1:PORT`) and write `bytes`.
+async fn raw(target: &str, bytes: &[u8]) -> TcpStream {
+    let addr = target.strip_prefix("http://").unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
+/// Read until the server closes the connection, at most `bound`: what arrived, and
+/// whether the connection was closed (EOF or reset) within the bound.
+async fn read_until_closed(stream: &mut TcpStream, bound: Duration) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(bound, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (got, closed)
+}
+
+/// The status and the JSON body of a raw HTTP/1.1 response (`Content-Length` framed).
+fn status_and_json(response: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(response);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    (status, value)
+}
+
+async fn serving(options: ServeOptions) -> Running {
+    start(
+        host(None),
+        ServeOptions {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..options
+        },
+    )
+    .await
+}
+
+/// Issue #14: a client sending its headers one byte at a time (or never finishing
+/// them) held the connection forever (> 75 s). Now it is cut off after the header
+/// read timeout, however it dribbles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_headers_are_cut_off_after_the_header_timeout() {
+    reauth_tests::logs();
+    let running = serving(ServeOptions {
+        header_read_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let tcp = running.addresses[0].clone();
+    // Headers started, never finished.
+    let mut stalled = raw(&tcp, b"GET /healthz HTTP/1.1\r\nHost: reauth\r\n").await;
+    // Headers dribbled one byte every 100 ms, for longer than the timeout.
+    let dribbling = tokio::spawn({
+        let tcp = tcp.clone();
+        async move {
+            let mut stream = raw(&tcp, b"G").await;
+            let started = Instant::now();
+            for &b in b"ET /healthz HTTP/1.1\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if stream.write_all(&[b]).await.is_err() {
+                    return Some(started.elapsed());
+                }
+            }
+            let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+            closed.then(|| started.elapsed())
+        }
+    });
+    let (got, closed) = read_until_closed(&mut stalled, Duration::from_secs(10)).await;
+    assert!(closed, "a stalled request stayed open 10 s");
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let cut = dribbling.await.unwrap();
+    assert!(cut.is_some(), "a dribbling client was never cut off");
+    // An idle connection (no byte sent) is closed too.
+    let mut idle = raw(&tcp, b"").await;
+    let (_, closed) = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(closed, "an idle connection stayed open 10 s");
+    // The server still answers.
+    let (status, _, _) = http(&tcp, "GET", "/healthz", &[], None).await.unwrap();
+    assert_eq!(status, 200);
+    let _ = running.stop.send(());
+}
+
+/// Issue #14: a body that never finishes is answered 408 (JSON) after the body
+/// read timeout, and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_finishes_is_answered_408_after_the_body_timeout() {
+    reauth_tests::logs();
+    let running = serving(ServeOptions {
+        body_read_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let tcp = &running.addresses[0];
+    let mut stream = raw(
+        tcp,
+        b"POST /v1/providers/counter/credentials HTTP/1.1\r\nHost: reauth\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"",
+    )
+    .await;
+    let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed, "the connection stayed open");
+    let (status, body) = status_and_json(&got);
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(body["error"]["kind"], "request_timeout", "{body}");
+    check_spec(
+        "/v1/providers/{name}/credentials",
+        "post",
+        status,
+        serde_json::to_vec(&body).unwrap().as_slice(),
+    );
+    let _ = running.stop.send(());
+}
+
+/// Issue #14: `Content-Length: 10000000000` with a 2-byte body was never
+/// answered. Now: 413 (JSON) at once, before any body is read (the body timeout
+/// here is far longer than the bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_oversize_body_is_answered_413_at_once() {
+    reauth_tests::logs();
+    let running = serving(ServeOptions {
+        body_read_timeout: Duration::from_secs(300),
+        ..Default::default()
+    })
+    .await;
+    let tcp = &running.addresses[0];
+    for path in [
+        "/v1/providers/counter/credentials",
+        "/v1/providers/counter/security-errors",
+    ] {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: reauth\r\nContent-Type: application/json\r\n\
+             Content-Length: 10000000000\r\n\r\n{{}}"
+        );
+        let mut stream = raw(tcp, request.as_bytes()).await;
+        let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+        assert!(closed, "{path}: not answered and closed within 10 s");
+        let (status, body) = status_and_json(&got);
+        assert_eq!(
+            (status, body["error"]["kind"].as_str()),
+            (413, Some("too_large")),
+            "{path}: {body}"
+        );
+        check_spec(
+            &path.replace("/counter/", "/{name}/"),
+            "post",
+            status,
+            serde_json::to_vec(&body).unwrap().as_slice(),
+        );
+    }
+    let _ = running.stop.send(());
+}
+
+/// Issue #14: 405 had an empty body, and axum's own rejections were plain text.
+/// Every error status carries `{"error": {"kind", "message"}}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_status_has_a_json_body() {
+    reauth_tests::logs();
+    let running = serving(ServeOptions::default()).await;
+    let tcp = &running.addresses[0];
+    for (method, path, status) in [
+        ("GET", "/v1/providers/counter/credentials", 405),
+        ("DELETE", "/healthz", 405),
+        ("GET", "/v2/whatever", 404),
+    ] {
+        let (s, headers, body) = http(tcp, method, path, &[], None).await.unwrap();
+        assert_eq!(s, status, "{method} {path}");
+        assert_eq!(
+            headers["content-type"], "application/json",
+            "{method} {path}"
+        );
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        let spec = spec();
+        conforms(&spec, &spec["components"]["schemas"]["Error"], &value, "$")
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    }
+    let (_, headers, body) = http(tcp, "GET", "/v1/providers/counter/credentials", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(headers["allow"], "POST");
+    let value: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(value["error"]["kind"], "method_not_allowed");
+    let _ = running.stop.send(());
+}
+
+/// Issue #14: 1,100 idle connections under a 1,024 fd limit made valid requests
+/// time out with nothing logged. Now connections are capped: at the cap a warning
+/// is logged, new connections wait in the backlog, and a good request is served
+/// once the idle ones are closed (here by the header read timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_wait_and_a_good_request_is_served() {
+    let logs = reauth_tests::logs();
+    let running = serving(ServeOptions {
+        max_connections: 4,
+        header_read_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let tcp = running.addresses[0].clone();
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(raw(&tcp, b"").await);
+    }
+    let (status, _, _) = http(&tcp, "GET", "/healthz", &[], None)
+        .await
+        .expect("a good request behind 8 idle connections is served within 10 s");
+    assert_eq!(status, 200);
+    assert!(
+        logs.contents().contains("connection limit reached"),
+        "no log line for the cap"
+    );
+    drop(idle);
+    let _ = running.stop.send(());
+
+    // With no timeout to help: a good request waits while the cap is held, and is
+    // served as soon as the holders close.
+    let running = serving(ServeOptions {
+        max_connections: 4,
+        header_read_timeout: Duration::from_secs(300),
+        ..Default::default()
+    })
+    .await;
+    let tcp = running.addresses[0].clone();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(raw(&tcp, b"GET /healthz HTTP/1.1\r\nHost: r").await);
+    }
+    let good = tokio::spawn({
+        let tcp = tcp.clone();
+        async move { http(&tcp, "GET", "/healthz", &[], None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    let (status, _, _) = good.await.unwrap().expect("served once the holders closed");
+    assert_eq!(status, 200);
+    let _ = running.stop.send(());
+}
+
+/// RFC 9110: the auth scheme is case-insensitive; `bearer <token>` was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowercase_bearer_scheme_is_accepted() {
+    reauth_tests::logs();
+    reauth_tests::record_secret(API_TOKEN);
+    let running = serving(ServeOptions {
+        api_token: Some(Secret::new(API_TOKEN)),
+        ..Default::default()
+    })
+    .await;
+    let tcp = &running.addresses[0];
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let auth = format!("{scheme} {API_TOKEN}");
+        let (status, _, body) = http(
+            tcp,
+            "GET",
+            "/v1/providers",
+            &[("authorization", auth.as_str())],
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{scheme}: {}", String::from_utf8_lossy(&body));
+    }
+    let auth = format!("Basic {API_TOKEN}");
+    let (status, _, _) = http(
+        tcp,
+        "GET",
+        "/v1/providers",
+        &[("authorization", &auth)],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    let _ = running.stop.send(());
+}
+
+/// Issue #14 item 2: `credential.expires_at_unix = 18446744073709551615` panicked
+/// in the conversion and dropped the connection. Now: a 400 naming the field, and
+/// the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_error_with_an_expiry_past_year_9999_is_a_400_naming_the_field() {
+    reauth_tests::logs();
+    let running = serving(ServeOptions::default()).await;
+    let tcp = &running.addresses[0];
+    for value in [u64::MAX, 253_402_300_800] {
+        let report = json!({
+            "credential": {"kind": "bearer", "token": "count-1-", "expires_at_unix": value},
+            "error": {"kind": "token_expired", "status": 401}
+        });
+        let (status, body) = post(tcp, "/v1/providers/counter/security-errors", report, None).await;
+        assert_eq!(status, 400, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("`credential.expires_at_unix`") && message.contains("9999"),
+            "{message}"
+        );
+    }
+    // The largest accepted value still works.
+    let report = json!({
+        "credential": {"kind": "bearer", "token": "count-1-", "expires_at_unix": 253_402_300_799u64},
+        "error": {"kind": "token_expired", "status": 401}
+    });
+    let (status, body) = post(tcp, "/v1/providers/counter/security-errors", report, None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = http(tcp, "GET", "/healthz", &[], None).await.unwrap();
+    assert_eq!(status, 200);
+    let _ = running.stop.send(());
+}
+
+/// Issue #14: SIGTERM waited forever for a half-sent request. Now the real
+/// `reauth serve` exits once the shutdown grace is over (1 s here; the bound
+/// below only proves it is not hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_half_sent_request_exits_after_the_shutdown_grace() {
+    use std::io::{BufRead as _, BufReader};
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reauth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[providers.db]\nplugin = \"{}\"\n[providers.db.config]\nusername = \"app\"\npassword = \"static-pw-1q2w3e\"\n",
+            plugins().static_.display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(workspace_binary("reauth", "reauth"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--header-timeout", "300s", "--body-timeout", "300s"])
+        .args(["--shutdown-grace", "1s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting reauth serve");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut sidecar = Peer::new(child, "-TERM", Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.starts_with("listening on http://") => break,
+            Ok(_) => {}
+            Err(_) => assert!(Instant::now() < deadline, "reauth serve did not start"),
+        }
+    }
+    let tcp = format!("http://127.0.0.1:{port}");
+    // One request with half its body, one with half its headers.
+    let _half_body = raw(
+        &tcp,
+        b"POST /v1/providers/db/credentials HTTP/1.1\r\nHost: reauth\r\n\
+          Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{",
+    )
+    .await;
+    let _half_headers = raw(
+        &tcp,
+        b"POST /v1/providers/db/credentials HTTP/1.1\r\nHost: r",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = tokio::task::spawn_blocking(move || sidecar.stop())
+        .await
+        .unwrap()
+        .expect("reauth serve did not exit within 20 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let lines: Vec<String> = rx.try_iter().collect();
+    assert!(lines.iter().any(|l| l == "stopped"), "{lines:?}");
 }
