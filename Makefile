@@ -80,7 +80,7 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
-	for target in config_parse www_authenticate credential_from_guest; do \
+	for target in config_parse www_authenticate credential_from_guest sidecar_credentials_body sidecar_security_error_body; do \
 		$(CARGO) +nightly fuzz run -s none -a $$target -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
 	done
 
