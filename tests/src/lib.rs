@@ -299,8 +299,14 @@ impl CapturedLogs {
     /// binary: a per-thread subscriber misses events from other threads).
     pub fn install_global(&self) {
         let logs = self.clone();
+        // Everything at TRACE, as a user's RUST_LOG=trace, with the directives the
+        // reauth binary adds (wasmtime's bindings trace every plugin argument).
+        let mut filter = tracing_subscriber::EnvFilter::new("trace");
+        for directive in reauth::runtime::SECRET_SAFE_LOG_DIRECTIVES {
+            filter = filter.add_directive(directive.parse().expect("valid directive"));
+        }
         let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
+            .with_env_filter(filter)
             .with_ansi(false)
             .with_writer(move || logs.clone())
             .finish();

@@ -757,3 +757,331 @@ async fn reload_keeps_working_versions_and_applies_good_ones() {
     assert!(e.to_string().contains("reauth.toml"), "{e}");
     assert_eq!(bearer(&get("changing").await.unwrap()), "v2");
 }
+
+// ---------------------------------------------------------------------------
+// Hardening review (issue #14): host-side resources, wrong answers, secrets in
+// plugin-controlled text. Each test fails on the behaviour the review found.
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Resident set size of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Item 3: 8,192 `wasi:http` fields of ~12 KB each kept alive by one call grew the
+/// host by ~1 GiB; the host's objects for one call are now bounded
+/// (`limits.max_host_resources`, 64 KiB per fields object) and the call fails with
+/// a limit naming the key. Item 6: a loop of 64 MiB `get-random-bytes` calls
+/// overran its deadline; each call is bounded now.
+#[tokio::test]
+async fn host_side_objects_and_random_bytes_are_bounded_per_call() {
+    reauth_tests::logs();
+    let host = Host::builder()
+        .provider("fields", hostile("fields-flood"))
+        .provider("random", hostile("random-flood"))
+        .provider("ok", hostile("ok"))
+        .build()
+        .unwrap();
+    let before = rss_kib();
+    let e = host
+        .get_credentials("fields", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::HostResources), "{e}");
+    assert!(e.to_string().contains("limits.max_host_resources"), "{e}");
+    let after = rss_kib();
+    eprintln!("fields flood: RSS {} → {} MiB", before / 1024, after / 1024);
+    let started = Instant::now();
+    let e = host
+        .get_credentials("random", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::HostResources), "{e}");
+    eprintln!("random flood stopped after {:?}", started.elapsed());
+    // The neighbour is unaffected.
+    let c = host.get_credentials("ok", &Request::new()).await.unwrap();
+    assert_eq!(bearer(&c), "hostile-ok");
+}
+
+/// Item 4: one call kept ~30,000 requests in flight to an address that never
+/// answers and ran the host out of file descriptors. Requests in flight are
+/// capped per call (one more fails the call with a limit) and per provider.
+#[tokio::test]
+async fn requests_in_flight_are_capped_per_call() {
+    reauth_tests::logs();
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counted = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let mut flood = hostile("request-flood")
+        .config("authority", addr.to_string())
+        .config("count", "30000")
+        .allow_host(addr.to_string());
+    flood.limits.timeout_ms = 3000;
+    let host = Host::builder()
+        .provider("flood", flood)
+        .provider("ok", hostile("ok"))
+        .build()
+        .unwrap();
+    let fds_before = open_fds();
+    let e = host
+        .get_credentials("flood", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::RequestsInFlight), "{e}");
+    assert!(
+        e.to_string().contains("limits.max_requests_in_flight"),
+        "{e}"
+    );
+    let peak_connections = accepted.load(Ordering::SeqCst);
+    assert!(
+        peak_connections <= 8,
+        "{peak_connections} connections reached the server (cap 8)"
+    );
+    // The call's sockets went with its Store.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fds_after = open_fds();
+    assert!(
+        fds_after <= fds_before + 10,
+        "file descriptors {fds_before} → {fds_after}"
+    );
+    let c = host.get_credentials("ok", &Request::new()).await.unwrap();
+    assert_eq!(bearer(&c), "hostile-ok");
+    holder.abort();
+}
+
+/// Item 5: 300 concurrent calls to a provider that only sleeps took all of the
+/// engine's instances; 40 % of another provider's calls failed, and those
+/// failures opened the *good* provider's breaker. Each provider has a bulkhead
+/// now (its reservation of the pool): the sleeper's extra calls wait, then fail
+/// with `Error::Busy` (not a fault), and the neighbour never fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_provider_cannot_take_the_instances_another_one_needs() {
+    reauth_tests::logs();
+    let mut slow = hostile("sleep").config("sleep_ms", "1500");
+    slow.limits.queue_timeout_ms = 300;
+    let host = Host::builder()
+        .provider("slow", slow)
+        .provider("ok", hostile("ok"))
+        .build()
+        .unwrap();
+    let mut slow_calls = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let host = host.clone();
+        slow_calls.spawn(async move {
+            host.get_credentials("slow", &Request::new().subject(format!("s{i}")))
+                .await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut ok_calls = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let host = host.clone();
+        ok_calls.spawn(async move {
+            host.get_credentials("ok", &Request::new().subject(format!("o{i}")))
+                .await
+        });
+    }
+    let mut ok_failures = Vec::new();
+    while let Some(r) = ok_calls.join_next().await {
+        if let Err(e) = r.unwrap() {
+            ok_failures.push(e.to_string());
+        }
+    }
+    let (mut served, mut busy, mut other) = (0, 0, Vec::new());
+    while let Some(r) = slow_calls.join_next().await {
+        match r.unwrap() {
+            Ok(_) => served += 1,
+            Err(Error::Busy { .. }) => busy += 1,
+            Err(e) => other.push(e.to_string()),
+        }
+    }
+    assert!(
+        ok_failures.is_empty(),
+        "the neighbour failed: {ok_failures:?}"
+    );
+    assert!(other.is_empty(), "unexpected errors: {other:?}");
+    assert!(served >= 8 && busy > 0, "served {served}, busy {busy}");
+    for name in ["ok", "slow"] {
+        match &host.status()[name] {
+            ProviderStatus::Ready { breaker, .. } => {
+                assert_eq!(breaker.consecutive_faults, 0, "{name}: {breaker:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A reservation that does not fit the pool fails to load, naming the keys.
+    let mut greedy = hostile("ok");
+    greedy.limits.max_concurrent_calls = 2000;
+    let host = Host::builder()
+        .provider("greedy", greedy)
+        .provider("ok", hostile("ok"))
+        .build()
+        .unwrap();
+    match &host.status()["greedy"] {
+        ProviderStatus::Failed(why) => {
+            assert!(why.contains("runtime.max_instances"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(host.get_credentials("ok", &Request::new()).await.is_ok());
+}
+
+/// Items 1, 9 and 12: a JWT `exp` of 2^64−1 panicked the host; credentials that
+/// had already expired (by `expires-at` or by their JWT `exp`) were handed out; a
+/// provider switching principal for one key was served silently.
+#[tokio::test]
+async fn wrong_answers_from_a_plugin_are_refused_not_passed_through() {
+    reauth_tests::logs();
+    let host = Host::builder()
+        .provider("max-exp", hostile("jwt-max-exp"))
+        .provider("expired", hostile("expired"))
+        .provider("jwt-expired", hostile("jwt-expired"))
+        .provider("flip", hostile("principal-flip"))
+        .build()
+        .unwrap();
+    let c = host
+        .get_credentials("max-exp", &Request::new())
+        .await
+        .unwrap();
+    assert!(c.expires_at.is_some());
+    for name in ["expired", "jwt-expired"] {
+        let e = host
+            .get_credentials(name, &Request::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Contract { .. }), "{name}: {e}");
+    }
+    let request = Request::new();
+    let first = host.get_credentials("flip", &request).await.unwrap();
+    assert_eq!(first.principal.as_deref(), Some("user-0"));
+    let error = SecurityError::new(SecurityErrorKind::Unauthorized).status(401);
+    let decision = host
+        .handle_security_error("flip", &request, &first, &error)
+        .await
+        .unwrap();
+    assert_eq!(decision, Decision::RefreshAndRetry);
+    let e = host.get_credentials("flip", &request).await.unwrap_err();
+    assert!(matches!(e, Error::Contract { .. }), "{e}");
+    assert!(e.to_string().contains("user-1"), "{e}");
+    assert_eq!(host.metrics().provider("flip").contract_violations(), 1);
+}
+
+/// Item 10: a `retry-after` of 2^64−1 ms was passed on unclamped. Item 11: a
+/// plugin that caught the output limit and reported `unavailable` came back as
+/// its own error, not as the limit, and was not counted as a fault.
+#[tokio::test]
+async fn retry_after_is_clamped_and_an_output_limit_is_always_a_limit() {
+    reauth_tests::logs();
+    let host = Host::builder()
+        .provider("wait", hostile("ok").config("handle", "retry-after-max"))
+        .provider("chatty", hostile("stderr-until-error"))
+        .build()
+        .unwrap();
+    let request = Request::new();
+    let c = host.get_credentials("wait", &request).await.unwrap();
+    let error = SecurityError::new(SecurityErrorKind::Unauthorized).status(401);
+    let decision = host
+        .handle_security_error("wait", &request, &c, &error)
+        .await
+        .unwrap();
+    let max = reauth::RetryPolicy::default().max_retry_after();
+    assert_eq!(decision, Decision::RetryAfter(max));
+    let e = host
+        .get_credentials("chatty", &Request::new())
+        .await
+        .unwrap_err();
+    assert_eq!(limit_of(&e), Some(LimitKind::Output), "{e}");
+    match &host.status()["chatty"] {
+        ProviderStatus::Ready { breaker, .. } => assert_eq!(breaker.consecutive_faults, 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Item 7: a config secret placed in a URL reached the `egress` log lines, and a
+/// secret used as a header name reached the error (and the sidecar's 502 body).
+/// Item 8: every config value of 6+ characters was redacted, non-secrets too.
+/// Item 13: `http://127.0.0.1:P@localhost:Q/` passed the check for `localhost:Q`.
+#[tokio::test]
+async fn plugin_controlled_text_is_redacted_and_urls_are_parsed_once() {
+    let logs = reauth_tests::logs();
+    const SECRET: &str = "hush-7f3a9c-secret";
+    const HEADER_SECRET: &str = "hush 2b8e header";
+    reauth_tests::record_secret(SECRET);
+    reauth_tests::record_secret(HEADER_SECRET);
+    let (addr, hits) = server(None).await;
+    let host = Host::builder()
+        .provider("url", hostile("secret-in-url").config("secret", SECRET))
+        .provider(
+            "header",
+            hostile("secret-header-name")
+                .config("secret", HEADER_SECRET)
+                .config("url", format!("http://{addr}/target"))
+                .allow_host(addr.to_string()),
+        )
+        .provider(
+            "userinfo",
+            hostile("read-body")
+                .config(
+                    "url",
+                    format!("http://127.0.0.1:1@localhost:{}/target", addr.port()),
+                )
+                .allow_host(format!("localhost:{}", addr.port())),
+        )
+        .provider("plain", hostile("no-such-mode-value"))
+        .build()
+        .unwrap();
+    let e = host
+        .get_credentials("url", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(!e.to_string().contains(SECRET), "{e}");
+    let e = host
+        .get_credentials("header", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(!e.to_string().contains(HEADER_SECRET), "{e}");
+    let e = host
+        .get_credentials("userinfo", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("Denied"), "{e}");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the userinfo URL got through"
+    );
+    // A plain config value (not a secret by source, name or declaration) stays
+    // readable in messages.
+    let e = host
+        .get_credentials("plain", &Request::new())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no-such-mode-value"), "{e}");
+    let logged = logs.contents();
+    assert!(logged.contains("egress denied"), "no egress log line");
+    assert!(!logged.contains(SECRET), "the URL secret reached the log");
+    assert!(
+        !logged.contains(HEADER_SECRET),
+        "the header secret reached the log"
+    );
+}

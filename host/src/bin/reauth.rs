@@ -10,8 +10,15 @@ fn main() -> ExitCode {
         reauth::cli::Command::Serve { .. } | reauth::cli::Command::Watch { .. } => "info",
         _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // wasmtime's WASI bindings trace every argument a plugin passes (URLs,
+    // headers): never let them through, whatever RUST_LOG says.
+    for directive in reauth::runtime::SECRET_SAFE_LOG_DIRECTIVES {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);

@@ -71,6 +71,18 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+/// `tracing` filter directives that every subscriber of a process hosting
+/// providers should add (the `reauth` binary does): wasmtime's generated WASI
+/// bindings log every host call's arguments at TRACE — the URLs, headers and
+/// bodies a plugin sends — and those carry secrets. Add them after the user's own
+/// filter (`EnvFilter::add_directive`), so that `RUST_LOG=trace` stays safe.
+pub const SECRET_SAFE_LOG_DIRECTIVES: &[&str] = &[
+    "wasmtime_wasi_http::p2::bindings=off",
+    "wasmtime_wasi::p2::bindings=off",
+    "wasmtime_wasi_http::p3=off",
+    "wasmtime_wasi::p3=off",
+];
+
 /// How often the epoch advances: the granularity of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
