@@ -1005,3 +1005,116 @@ pub async fn aws(backend: &Backend, provider: &str, out: &mut dyn Write) -> Resu
     writeln!(out, "{document}")?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(pid: u32, start: u64, exe: &str) -> ProcessId {
+        ProcessId {
+            pid,
+            start,
+            exe: Some(exe.to_string()),
+        }
+    }
+
+    #[test]
+    fn docker_registry_names_compare_strictly() {
+        let same = |a: &str, b: &str| {
+            let (a, b) = (docker_registry(a), docker_registry(b));
+            a.is_some() && a == b
+        };
+        assert!(same("https://registry.example.com", "registry.example.com"));
+        assert!(same(
+            "registry.example.com/",
+            "HTTPS://Registry.Example.com/v2/"
+        ));
+        assert!(same(
+            "http://registry.example.com:5000",
+            "registry.example.com:5000"
+        ));
+        assert!(same("https://index.docker.io/v1/", "docker.io"));
+        assert!(same("registry-1.docker.io", "index.docker.io"));
+        assert!(same("[::1]:5000", "https://[::1]:5000/"));
+        // Another host, port or path is another registry.
+        assert!(!same(
+            "registry.example.com",
+            "registry.example.com.evil.test"
+        ));
+        assert!(!same(
+            "registry.example.com",
+            "evil.test/registry.example.com"
+        ));
+        assert!(!same("registry.example.com", "registry.example.com:5000"));
+        assert!(!same("registry.example.com/team", "registry.example.com"));
+        assert!(!same("docker.io", "ghcr.io"));
+        // Nothing odd matches anything.
+        for bad in [
+            "",
+            "   ",
+            "ftp://registry.example.com",
+            "user@registry.example.com",
+            "https://user:pw@registry.example.com",
+            "registry.example.com?x=1",
+            "registry.example.com#x",
+            "registry.example.com:",
+            "registry.example.com:abc",
+            "https://",
+            "/v2/",
+            "reg istry.example.com",
+            "a:1:2",
+        ] {
+            assert_eq!(docker_registry(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_kubectl_rerun_is_suspected_only_for_the_same_process_program_and_unexpired_token() {
+        let mut l = Ledger::default();
+        let kubectl = process(100, 5, "1:1");
+        l.record(KUBECTL, &kubectl, "t1", Some(1_000), 900);
+        assert!(l.kubectl_rerun(&kubectl, "t1", 950));
+        // Expired per the timestamp kubectl holds: client-go re-runs for that.
+        assert!(!l.kubectl_rerun(&kubectl, "t1", 1_000));
+        // Another token, process, start time (PID reuse) or program (exec).
+        assert!(!l.kubectl_rerun(&kubectl, "t2", 950));
+        assert!(!l.kubectl_rerun(&process(101, 5, "1:1"), "t1", 950));
+        assert!(!l.kubectl_rerun(&process(100, 6, "1:1"), "t1", 950));
+        assert!(!l.kubectl_rerun(&process(100, 5, "1:2"), "t1", 950));
+        // Once reported, never again, whoever asks.
+        assert!(l.report("t1", 950));
+        assert!(!l.report("t1", 951));
+        assert!(!l.kubectl_rerun(&kubectl, "t1", 950));
+    }
+
+    #[test]
+    fn the_ledger_stays_bounded_and_forgets_ended_processes() {
+        let mut l = Ledger::default();
+        for pid in 0..500 {
+            l.record(KUBECTL, &process(pid, 1, "1:1"), "t", None, 10);
+            l.report(&format!("t{pid}"), 10);
+        }
+        l.prune(20, |_| true);
+        assert_eq!(l.handed.len(), Ledger::MAX_ENTRIES);
+        assert_eq!(l.reported.len(), Ledger::MAX_ENTRIES);
+        assert_eq!(l.handed.last().unwrap().process.pid, 499, "the newest kept");
+        l.prune(20 + Ledger::REPORTED_FOR, |p| p.pid == 499);
+        assert_eq!(l.handed.len(), 1);
+        assert!(l.reported.is_empty());
+        // Re-recording a process replaces its entry.
+        l.record(KUBECTL, &process(499, 1, "1:1"), "u", None, 30);
+        assert_eq!(l.handed.len(), 1);
+        assert_eq!(
+            l.last(KUBECTL, &process(499, 1, "1:1")).unwrap().credential,
+            "u"
+        );
+    }
+
+    #[test]
+    fn fingerprints_do_not_contain_the_secret() {
+        let f = fingerprint("s3cr3t-token");
+        assert_eq!(f.len(), 32);
+        assert!(!f.contains("s3cr3t"));
+        assert_eq!(f, fingerprint("s3cr3t-token"));
+    }
+}

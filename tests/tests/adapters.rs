@@ -138,6 +138,10 @@ fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
             "/CN=127.0.0.1",
             "-addext",
             "subjectAltName=IP:127.0.0.1",
+            // Self-signed and its own trust anchor, as a leaf (rustls refuses a
+            // CA certificate as a server's).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
         ])
         .stderr(Stdio::null())
         .status()
@@ -158,44 +162,61 @@ fn tokens_seen(log: &Path) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_kubectl_gets_its_token_through_the_sidecar_and_a_fresh_one_after_a_401() {
-    reauth_tests::logs();
-    let kubectl = kubectl_binary();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed_cert(dir.path());
-    let (log, reject) = (
-        dir.path().join("requests.jsonl"),
-        dir.path().join("rejected.txt"),
-    );
-    let mut api = Command::new("python3")
-        .arg(root().join("tests/peers/kube-api/server.py"))
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--log")
-        .arg(&log)
-        .arg("--reject")
-        .arg(&reject)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting the fake API server");
-    let mut port = String::new();
-    BufReader::new(api.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
-    let _api = proc(api);
-    let port: u16 = port.trim().parse().expect("API server port");
+/// Everything a kubectl test needs: the fake API server, the IdP, the sidecar and
+/// a kubeconfig running the adapter with `provideClusterInfo: true`. The adapters'
+/// ledger lives in `run_dir` (`XDG_RUNTIME_DIR` of every process started here).
+struct Kube {
+    dir: tempfile::TempDir,
+    kubectl: PathBuf,
+    cert: PathBuf,
+    port: u16,
+    log: PathBuf,
+    reject: PathBuf,
+    socket: PathBuf,
+    kubeconfig: PathBuf,
+    run_dir: PathBuf,
+    idp: Idp,
+    server: Peer,
+    _api: Peer,
+}
 
-    // Tokens come from the real IdP (client credentials, JWTs).
-    reauth_tests::record_secret("cc-basic-secret-0123456789");
-    let idp = Idp::start(&dir.path().join("idp-keys.json"), 300, None);
-    let config = dir.path().join("reauth.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[providers.k8s]
+impl Kube {
+    async fn start() -> Kube {
+        let kubectl = kubectl_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed_cert(dir.path());
+        let (log, reject) = (
+            dir.path().join("requests.jsonl"),
+            dir.path().join("rejected.txt"),
+        );
+        let mut api = Command::new("python3")
+            .arg(root().join("tests/peers/kube-api/server.py"))
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--log")
+            .arg(&log)
+            .arg("--reject")
+            .arg(&reject)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the fake API server");
+        let mut port = String::new();
+        BufReader::new(api.stdout.take().unwrap())
+            .read_line(&mut port)
+            .unwrap();
+        let api = proc(api);
+        let port: u16 = port.trim().parse().expect("API server port");
+
+        // Tokens come from the real IdP (client credentials, JWTs).
+        reauth_tests::record_secret("cc-basic-secret-0123456789");
+        let idp = Idp::start(&dir.path().join("idp-keys.json"), 300, None);
+        let config = dir.path().join("reauth.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[providers.k8s]
 plugin = "{}"
 allowed_hosts = ["{}"]
 [providers.k8s.config]
@@ -203,20 +224,20 @@ issuer = "{}"
 client_id = "cc-basic"
 client_secret = "cc-basic-secret-0123456789"
 "#,
-            plugins().oauth2.display(),
-            idp.authority(),
-            idp.issuer
-        ),
-    )
-    .unwrap();
-    let socket = dir.path().join("reauth.sock");
-    let (mut server, _stdout) = sidecar(&config, &socket);
+                plugins().oauth2.display(),
+                idp.authority(),
+                idp.issuer
+            ),
+        )
+        .unwrap();
+        let socket = dir.path().join("reauth.sock");
+        let (server, _stdout) = sidecar(&config, &socket);
 
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            r#"apiVersion: v1
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                r#"apiVersion: v1
 kind: Config
 clusters:
 - name: fake
@@ -230,6 +251,7 @@ users:
       apiVersion: client.authentication.k8s.io/v1beta1
       command: {reauth}
       args: ["kubectl-credential", "--provider", "k8s", "--server", "{socket}"]
+      provideClusterInfo: true
 contexts:
 - name: fake
   context:
@@ -237,25 +259,168 @@ contexts:
     user: reauth
 current-context: fake
 "#,
-            cert = cert.display(),
-            reauth = reauth().display(),
-            socket = socket.display()
-        ),
-    )
-    .unwrap();
-    let kubectl_version = || {
-        Command::new(&kubectl)
+                cert = cert.display(),
+                reauth = reauth().display(),
+                socket = socket.display()
+            ),
+        )
+        .unwrap();
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        Kube {
+            dir,
+            kubectl,
+            cert,
+            port,
+            log,
+            reject,
+            socket,
+            kubeconfig,
+            run_dir,
+            idp,
+            server,
+            _api: api,
+        }
+    }
+
+    /// `kubectl get --raw /version`.
+    fn kubectl_version(&self) -> Output {
+        Command::new(&self.kubectl)
             .arg("--kubeconfig")
-            .arg(&kubeconfig)
+            .arg(&self.kubeconfig)
             .args(["get", "--raw", "/version", "--request-timeout=10s"])
-            .env("HOME", dir.path())
+            .env("HOME", self.dir.path())
+            .env("XDG_RUNTIME_DIR", &self.run_dir)
+            .env("RUST_LOG", "reauth=info")
             .output()
             .unwrap()
-    };
+    }
+
+    /// The adapter's command line, as the kubeconfig has it.
+    fn adapter_args(&self) -> Vec<String> {
+        vec![
+            reauth().display().to_string(),
+            "kubectl-credential".into(),
+            "--provider".into(),
+            "k8s".into(),
+            "--server".into(),
+            self.socket.display().to_string(),
+        ]
+    }
+
+    /// `KUBERNETES_EXEC_INFO` as kubectl 1.20 sets it with `provideClusterInfo`.
+    fn exec_info(&self) -> String {
+        use base64::Engine as _;
+        let ca = std::fs::read(&self.cert).unwrap();
+        json!({
+            "kind": "ExecCredential",
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "spec": {"cluster": {
+                "server": format!("https://127.0.0.1:{}", self.port),
+                "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca),
+                "config": null,
+            }},
+        })
+        .to_string()
+    }
+
+    /// Run `program args…` (a shell or Python standing in for kubectl or a
+    /// dispatcher) with the ledger in `run_dir`; `ADAPTER` in its environment is
+    /// the adapter's command line, shell-quoted.
+    fn run_as_parent(&self, program: &str, args: &[&str], exec_info: bool) -> Output {
+        let adapter = self
+            .adapter_args()
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("ADAPTER", adapter)
+            .env("XDG_RUNTIME_DIR", &self.run_dir)
+            .env_remove("KUBERNETES_EXEC_INFO");
+        if exec_info {
+            cmd.env("KUBERNETES_EXEC_INFO", self.exec_info());
+        }
+        let out = cmd.output().expect("running the stand-in parent");
+        assert!(
+            out.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    async fn rejections(&self) -> u64 {
+        metric_or_zero(
+            &self.socket,
+            "reauth_security_errors_total{provider=\"k8s\"",
+        )
+        .await
+    }
+
+    async fn fetches(&self) -> u64 {
+        metric_or_zero(
+            &self.socket,
+            "reauth_plugin_calls_total{provider=\"k8s\",function=\"get-credentials\",outcome=\"ok\"}",
+        )
+        .await
+    }
+
+    /// The files the adapters keep: only the ledger, whose entries of ended
+    /// processes are gone.
+    fn assert_no_leftovers(&self) {
+        let dir = self.run_dir.join("reauth");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["adapters.json"], "files kept in {}", dir.display());
+        let ledger: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("adapters.json")).unwrap()).unwrap();
+        let handed = ledger["handed"].as_array().map_or(0, Vec::len);
+        assert!(
+            handed <= 1,
+            "entries of ended processes were kept: {ledger}"
+        );
+    }
+}
+
+/// The sum of every `/metrics` sample whose line starts with `prefix` (0 if none).
+async fn metric_or_zero(socket: &Path, prefix: &str) -> u64 {
+    let (_, _, body) = http(
+        &format!("unix:{}", socket.display()),
+        "GET",
+        "/metrics",
+        &[],
+        None,
+    )
+    .await
+    .unwrap();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_kubectl_gets_its_token_through_the_sidecar_and_a_fresh_one_after_a_401() {
+    reauth_tests::logs();
+    let mut k = Kube::start().await;
+    // What versions before the ledger left behind: one marker per kubectl process.
+    let legacy = k.run_dir.join("reauth/kubectl");
+    std::fs::create_dir_all(&legacy).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    for d in [legacy.parent().unwrap(), &legacy] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    std::fs::write(legacy.join("4242-123456"), "x").unwrap();
 
     // Two kubectl processes, one token: the sidecar's cache is shared.
     for _ in 0..2 {
-        let out = kubectl_version();
+        let out = k.kubectl_version();
         assert!(
             out.status.success(),
             "kubectl failed: {}",
@@ -263,7 +428,7 @@ current-context: fake
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("v1.20.2-fake"));
     }
-    let seen = tokens_seen(&log);
+    let seen = tokens_seen(&k.log);
     for t in &seen {
         reauth_tests::record_secret(t);
     }
@@ -273,51 +438,185 @@ current-context: fake
         "both kubectl runs sent the same cached token"
     );
     let first = seen[0].clone();
-    assert_eq!(
-        metric(&socket, "reauth_plugin_calls_total{provider=\"k8s\",function=\"get-credentials\",outcome=\"ok\"}").await,
-        1
-    );
+    assert_eq!(k.fetches().await, 1);
+    assert_eq!(k.rejections().await, 0);
 
     // The API server revokes the token: kubectl gets a 401 and re-runs the plugin;
     // the adapter sees the same kubectl process ask again for the token it already
-    // has, reports the rejection, and the sidecar drops it and fetches a fresh one.
-    std::fs::write(&reject, format!("{first}\n")).unwrap();
-    let rejected_run = kubectl_version();
-    assert_eq!(tokens_seen(&log)[2], first);
+    // has, the API server confirms it rejects that token, the adapter reports the
+    // rejection, and the sidecar drops it and fetches a fresh one.
+    std::fs::write(&k.reject, format!("{first}\n")).unwrap();
+    let rejected_run = k.kubectl_version();
+    eprintln!(
+        "the run with the revoked token: {}",
+        String::from_utf8_lossy(&rejected_run.stderr)
+    );
+    let seen = tokens_seen(&k.log);
+    assert_eq!(seen[2], first);
     assert_eq!(
-        metric(&socket, "reauth_security_errors_total{provider=\"k8s\",kind=\"unauthorized\",decision=\"refresh_and_retry\"}").await,
+        seen.len(),
+        4,
+        "kubectl's request and the adapter's check, both with the revoked token"
+    );
+    assert_eq!(seen[3], first);
+    assert_eq!(
+        metric(&k.socket, "reauth_security_errors_total{provider=\"k8s\",kind=\"unauthorized\",decision=\"refresh_and_retry\"}").await,
         1,
         "the 401 re-run was reported as a rejection"
     );
     assert_eq!(
-        metric(&socket, "reauth_fetches_total{provider=\"k8s\",reason=\"after_security_error\",tier=\"mandatory\"}").await,
+        metric(&k.socket, "reauth_fetches_total{provider=\"k8s\",reason=\"after_security_error\",tier=\"mandatory\"}").await,
         1,
         "and made the sidecar fetch a fresh token"
     );
     // kubectl 1.20 does not repeat the failed request itself; the next run uses the
     // fresh token.
-    let out = kubectl_version();
+    let out = k.kubectl_version();
     assert!(
         out.status.success(),
         "after the refresh: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let seen = tokens_seen(&log);
+    let seen = tokens_seen(&k.log);
     for t in &seen {
         reauth_tests::record_secret(t);
     }
     let last = seen.last().unwrap();
     assert_ne!(last, &first, "a fresh token");
-    assert_eq!(idp.token_requests("cc-basic").await, (2, 0));
+    assert_eq!(k.idp.token_requests("cc-basic").await, (2, 0));
+    assert_eq!(k.rejections().await, 1);
     println!(
         "kubectl: the run with the revoked token exited {:?}; the API server saw {} requests",
         rejected_run.status.code(),
         seen.len()
     );
+    k.assert_no_leftovers();
 
-    let status = server.stop().expect("reauth serve stops on SIGTERM");
+    let status = k.server.stop().expect("reauth serve stops on SIGTERM");
     assert!(status.success(), "reauth serve exit: {status:?}");
-    assert!(!socket.exists());
+    assert!(!k.socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_adapter_run_three_times_from_one_shell_reports_no_rejection() {
+    reauth_tests::logs();
+    let k = Kube::start().await;
+    // Before: the second and third runs had the same parent (the shell) and got the
+    // same token, which read as "kubectl re-ran the plugin after a 401".
+    let three = "$ADAPTER >/dev/null && $ADAPTER >/dev/null && $ADAPTER >/dev/null; true";
+    let out = k.run_as_parent("sh", &["-c", &format!("eval \"{three}\"")], false);
+    assert!(out.stdout.is_empty());
+    assert_eq!(k.rejections().await, 0, "no rejection reported");
+    assert_eq!(
+        k.fetches().await,
+        1,
+        "one token fetched, for all three runs"
+    );
+    assert!(
+        tokens_seen(&k.log).is_empty(),
+        "standalone runs are not checked against the API server"
+    );
+    // The same from a shell that looks like client-go (KUBERNETES_EXEC_INFO set):
+    // the later runs are suspected, and the API server, asked, accepts the token.
+    let out = k.run_as_parent("sh", &["-c", &format!("eval \"{three}\"")], true);
+    assert!(out.status.success());
+    assert_eq!(k.rejections().await, 0, "no rejection reported");
+    assert_eq!(k.fetches().await, 1, "no extra fetch");
+    let checks = tokens_seen(&k.log);
+    for t in &checks {
+        reauth_tests::record_secret(t);
+    }
+    assert_eq!(checks.len(), 2, "the two suspected re-runs were checked");
+    assert_eq!(k.idp.token_requests("cc-basic").await, (1, 0));
+    k.assert_no_leftovers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_dispatcher_that_execs_kubectl_in_the_same_process_reports_no_rejection() {
+    reauth_tests::logs();
+    let k = Kube::start().await;
+    // The gcloud kubectl dispatcher: runs the plugin for its version probe, then
+    // execs the real kubectl in the same process (same PID, same start time), which
+    // runs the plugin again and gets the same token. Here Python stands in for the
+    // dispatcher and a shell for the real kubectl.
+    let dispatcher = r#"
+import os, shlex, subprocess
+adapter = shlex.split(os.environ["ADAPTER"])
+subprocess.run(adapter, check=True, stdout=subprocess.DEVNULL)
+os.execv(os.environ["NEXT"], [os.environ["NEXT"], "-c", os.environ["NEXT_ARGS"]])
+"#;
+    let pid_of_runs = "import os, shlex, subprocess; subprocess.run(shlex.split(os.environ['ADAPTER']), check=True, stdout=subprocess.DEVNULL)";
+    // 1. The dispatcher execs another program (as gcloud's does).
+    let out = Command::new("python3")
+        .args(["-c", dispatcher])
+        .env(
+            "ADAPTER",
+            k.adapter_args()
+                .iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+        .env("NEXT", "/bin/sh")
+        .env("NEXT_ARGS", "eval \"$ADAPTER\" >/dev/null; true")
+        .env("XDG_RUNTIME_DIR", &k.run_dir)
+        .env("KUBERNETES_EXEC_INFO", k.exec_info())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(k.rejections().await, 0, "no rejection reported");
+    assert_eq!(k.fetches().await, 1);
+    assert!(
+        tokens_seen(&k.log).is_empty(),
+        "another program is another caller: not even a check"
+    );
+    // 2. A process that execs the same program again: suspected, checked with the
+    // API server, which accepts the token: nothing reported.
+    let out = Command::new("python3")
+        .args(["-c", dispatcher])
+        .env(
+            "ADAPTER",
+            k.adapter_args()
+                .iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+        .env("NEXT", which("python3"))
+        .env("NEXT_ARGS", pid_of_runs)
+        .env("XDG_RUNTIME_DIR", &k.run_dir)
+        .env("KUBERNETES_EXEC_INFO", k.exec_info())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(k.rejections().await, 0, "no rejection reported");
+    assert_eq!(k.fetches().await, 1, "no extra fetch");
+    let checks = tokens_seen(&k.log);
+    for t in &checks {
+        reauth_tests::record_secret(t);
+    }
+    assert_eq!(checks.len(), 1, "the suspected re-run was checked once");
+    assert_eq!(k.idp.token_requests("cc-basic").await, (1, 0));
+    k.assert_no_leftovers();
+}
+
+/// The absolute path of `program` on `PATH`.
+fn which(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(program))
+                .find(|f| f.is_file())
+        })
+        .unwrap_or_else(|| panic!("{program} not on PATH"))
 }
 
 fn git(dir: &Path, args: &[&str]) -> Output {
@@ -614,6 +913,149 @@ fn docker_credential_helper_protocol() {
         String::from_utf8_lossy(&out.stderr)
             .contains("unknown docker credential operation `bogus`")
     );
+}
+
+fn docker_helper(config: &Path, registries: &[&str], op: &str, stdin: &str) -> Output {
+    let mut cmd = Command::new(reauth());
+    cmd.args(["docker-credential", "--provider", "registry"]);
+    for r in registries {
+        cmd.args(["--registry", r]);
+    }
+    run(cmd.arg("--config").arg(config).arg(op), stdin)
+}
+
+#[test]
+fn docker_get_answers_not_found_for_a_server_that_is_not_the_registry() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standalone_config(dir.path());
+    let registry = ["https://registry.example.com"];
+    // The registry, in the forms docker sends it.
+    for server in [
+        "registry.example.com",
+        "https://registry.example.com/",
+        "REGISTRY.example.com/v2/",
+    ] {
+        let out = docker_helper(&config, &registry, "get", server);
+        assert!(
+            out.status.success(),
+            "{server}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["Secret"], "static-pw-1q2w3e");
+    }
+    // Any other server (what credsStore asks for every pull): docker-credential-
+    // helpers' "not found", exit code 1, and no secret.
+    for server in [
+        "https://index.docker.io/v1/",
+        "evil.example.com",
+        "registry.example.com.evil.example.com",
+        "registry.example.com:5000",
+        "registry.example.com@evil.example.com",
+        "evil.example.com/registry.example.com",
+        "ftp://registry.example.com",
+    ] {
+        let out = docker_helper(&config, &registry, "get", server);
+        assert_eq!(out.status.code(), Some(1), "{server}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "credentials not found in native keychain",
+            "{server}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("static-pw-1q2w3e"));
+    }
+    // Without --registry, nothing is handed out.
+    let out = docker_helper(&config, &[], "get", "registry.example.com");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "credentials not found in native keychain"
+    );
+    // A --registry that is not a registry URL is a configuration error.
+    let out = docker_helper(&config, &["user@host"], "get", "host");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--registry `user@host`"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_logout_erasing_twice_refreshes_once_and_other_registries_not_at_all() {
+    reauth_tests::logs();
+    let (pw1, pw2) = ("docker-pw-one-8u7y6t", "docker-pw-two-5r4e3w");
+    reauth_tests::record_secret(pw1);
+    reauth_tests::record_secret(pw2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secrets = SecretsEndpoint::start("robot", pw1, 3600, "vault-token").await;
+    let config = d.join("reauth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[providers.registry]
+plugin = "{}"
+allowed_hosts = ["{}"]
+[providers.registry.config]
+secret_url = "{}/v1/database/static-creds/registry"
+format = "vault-static-creds"
+vault_token = "vault-token"
+"#,
+            plugins().password_rotation.display(),
+            secrets.base.trim_start_matches("http://"),
+            secrets.base
+        ),
+    )
+    .unwrap();
+    let socket = d.join("reauth.sock");
+    let (_server, _stdout) = sidecar(&config, &socket);
+    let run_dir = d.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let helper = format!(
+        "'{}' docker-credential --provider registry --registry registry.example.com --server '{}'",
+        reauth().display(),
+        socket.display()
+    );
+    std::fs::write(d.join("host"), "registry.example.com").unwrap();
+    std::fs::write(d.join("url"), "https://registry.example.com/").unwrap();
+    std::fs::write(d.join("other"), "ghcr.io").unwrap();
+    // One docker process (a shell here) running the helper as `docker logout` does:
+    // its children, stdin from a file.
+    let as_docker = |script: String| {
+        let out = Command::new("sh")
+            .current_dir(d)
+            .args(["-c", &format!("{script}; true")])
+            .env("HELPER", &helper)
+            .env("XDG_RUNTIME_DIR", &run_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out
+    };
+    let reads = || secrets.reads.load(std::sync::atomic::Ordering::Relaxed);
+    let rejections = || {
+        metric_or_zero(
+            &socket,
+            "reauth_security_errors_total{provider=\"registry\"",
+        )
+    };
+
+    let out = as_docker("eval \"$HELPER get\" < host".into());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(pw1));
+    assert_eq!(reads(), 1);
+
+    // Erase for another registry: nothing happens.
+    as_docker("eval \"$HELPER erase\" < other".into());
+    assert_eq!(reads(), 1);
+    assert_eq!(rejections().await, 0);
+
+    // docker 28's logout: erase for the host name, then for the URL. Before, each
+    // erase dropped whatever was current: two refreshes.
+    secrets.set_password(pw2);
+    as_docker("eval \"$HELPER erase\" < host; eval \"$HELPER erase\" < url".into());
+    assert_eq!(rejections().await, 1, "one rejection reported");
+    assert_eq!(reads(), 2, "one refresh");
+    let out = as_docker("eval \"$HELPER get\" < host".into());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(pw2));
+    assert_eq!(reads(), 2);
 }
 
 #[test]
