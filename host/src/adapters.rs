@@ -583,7 +583,7 @@ async fn probe(cluster: &Value, token: &str) -> Probe {
         return Probe::Unknown("the cluster is reached through a proxy".into());
     }
     match tokio::time::timeout(PROBE_TIMEOUT, probe_tls(cluster, token)).await {
-        Ok(Ok(status)) if status == 401 => Probe::Rejected,
+        Ok(Ok(401)) => Probe::Rejected,
         Ok(Ok(status)) => Probe::Accepted(status),
         Ok(Err(e)) => Probe::Unknown(e.to_string()),
         Err(_) => Probe::Unknown(format!("no answer within {PROBE_TIMEOUT:?}")),
