@@ -24,7 +24,9 @@
 //! (`axum::serve` has no header-read timeout) over hyper's HTTP/1 connection with
 //!
 //! - a header read timeout (also the idle keep-alive limit): a client that never
-//!   finishes its headers is disconnected;
+//!   finishes its headers is disconnected; a request head over 64 KiB is refused
+//!   (431; like a malformed request line's 400, it comes from the HTTP layer
+//!   before any request exists, so it has no JSON body);
 //! - a body read timeout and a body size limit: an announced `Content-Length` over
 //!   the limit is answered 413 at once, before any of the body is read; a body that
 //!   does not arrive in time is answered 408;
@@ -462,10 +464,18 @@ impl From<&ServeOptions> for ConnectionLimits {
     }
 }
 
+/// The read buffer of a connection, so the largest request head.
+const MAX_HEADER_BUFFER: usize = 64 * 1024;
+
 fn http_builder(limits: &ConnectionLimits) -> hyper::server::conn::http1::Builder {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        // Headers beyond 64 KiB are refused (431): with the connection cap this
+        // bounds what slow clients can make the server buffer (hyper's default is
+        // ~400 KiB per connection).
+        .max_header_size(MAX_HEADER_BUFFER)
+        .max_buf_size(MAX_HEADER_BUFFER);
     http
 }
 

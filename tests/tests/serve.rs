@@ -431,6 +431,15 @@ async fn bad_requests_are_named_and_bounded() {
     );
     let (s, _, _) = http(tcp, "GET", "/v2/whatever", &[], None).await.unwrap();
     assert_eq!(s, 404);
+    // A request head over 64 KiB is refused by the HTTP layer (no buffering of
+    // whatever a client sends); the server serves on.
+    let huge = "h".repeat(100 * 1024);
+    let (s, _, _) = http(tcp, "GET", "/healthz", &[("x-huge", huge.as_str())], None)
+        .await
+        .unwrap();
+    assert_eq!(s, 431);
+    let (s, _, _) = http(tcp, "GET", "/healthz", &[], None).await.unwrap();
+    assert_eq!(s, 200);
     let _ = running.stop.send(());
 }
 
