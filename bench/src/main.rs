@@ -17,6 +17,11 @@
 //!   precompile vs load from the precompiled cache, fresh instance + call, and a
 //!   call on a reused instance (`instances.reuse`).
 //!
+//! - `neighbours`: a good provider's fetch latency (fresh instance + call per
+//!   fetch) alone, then with hostile providers hammered next to it in the same
+//!   host (slow, flooding egress, hoarding host objects, asking for huge random
+//!   buffers): the isolation the sandbox promises, measured.
+//!
 //! `--smoke` runs every section with tiny counts (CI runs it so the harness never
 //! rots); its numbers mean nothing.
 
@@ -37,11 +42,11 @@ struct Args {
     /// Tiny counts: check the harness works, not the numbers.
     #[arg(long)]
     smoke: bool,
-    /// Comma-separated sections: cache, miss, idp, herd, scale, polyglot.
+    /// Comma-separated sections: cache, miss, idp, herd, scale, polyglot, neighbours.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cache,miss,idp,herd,scale,polyglot"
+        default_value = "cache,miss,idp,herd,scale,polyglot,neighbours"
     )]
     sections: Vec<String>,
     /// Internal: run one herd of this size and print a JSON line.
@@ -749,6 +754,138 @@ fn section_polyglot(smoke: bool) -> Result<String> {
     Ok(out)
 }
 
+/// The hostile fixture in `mode`, hammered: no backoff, pacing or breaker in the
+/// way, so every attempt reaches the plugin.
+fn hostile_provider(mode: &str) -> ProviderConfig {
+    let mut p = ProviderConfig::new(&plugins().hostile).config("mode", mode);
+    p.cache.backoff_initial_ms = 1;
+    p.cache.backoff_max_ms = 1;
+    p.cache.min_interval_ms = 0;
+    p.circuit_breaker.faults = 1000;
+    p
+}
+
+fn section_neighbours(smoke: bool) -> Result<String> {
+    let rt = runtime();
+    rt.block_on(async {
+        // Accepts connections and never answers: the egress flood's target.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sink = listener.local_addr()?;
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+                if held.len() > 4096 {
+                    held.clear();
+                }
+            }
+        });
+        let mut slow = hostile_provider("sleep").config("sleep_ms", "2000");
+        slow.limits.queue_timeout_ms = 100;
+        let mut flood = hostile_provider("request-flood")
+            .config("authority", sink.to_string())
+            .config("count", "30000")
+            .allow_host(sink.to_string());
+        flood.limits.timeout_ms = 1000;
+        let host = Host::builder()
+            .provider("good", hostile_provider("ok"))
+            .provider("slow", slow)
+            .provider("flood", flood)
+            .provider("hoard", hostile_provider("fields-flood"))
+            .provider("random", hostile_provider("random-flood"))
+            .build()?;
+        let samples = if smoke { 20 } else { 2000 };
+        let next = AtomicU64::new(0);
+        // Four callers of the good provider, each fetch for a new subject (a
+        // plugin call every time, never a cache hit).
+        let measure = || async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..4 {
+                let host = host.clone();
+                let start = next.fetch_add(samples as u64, Ordering::Relaxed);
+                tasks.spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut failures = 0u64;
+                    for i in 0..samples / 4 {
+                        let request = Request::new().subject(format!("g{}", start + i as u64));
+                        let t = Instant::now();
+                        match host.get_credentials("good", &request).await {
+                            Ok(_) => latencies.push(t.elapsed()),
+                            Err(_) => failures += 1,
+                        }
+                    }
+                    (latencies, failures)
+                });
+            }
+            let (mut all, mut failures) = (Vec::new(), 0);
+            while let Some(done) = tasks.join_next().await {
+                let (l, f) = done.expect("caller task");
+                all.extend(l);
+                failures += f;
+            }
+            (stats(all), failures)
+        };
+        let (quiet, quiet_failures) = measure().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let hammered = Arc::new(AtomicU64::new(0));
+        let mut hammers = tokio::task::JoinSet::new();
+        for (provider, callers) in [("slow", 64), ("flood", 2), ("hoard", 2), ("random", 2)] {
+            for c in 0..callers {
+                let (host, stop, hammered) = (host.clone(), stop.clone(), hammered.clone());
+                hammers.spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let request = Request::new().subject(format!("{provider}-{c}-{i}"));
+                        let _ = host.get_credentials(provider, &request).await;
+                        hammered.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                    }
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss_before = status_kib("VmRSS:");
+        let (noisy, noisy_failures) = measure().await;
+        let rss_peak = status_kib("VmHWM:");
+        stop.store(true, Ordering::Relaxed);
+        while hammers.join_next().await.is_some() {}
+        holder.abort();
+        let ratio = noisy.p99.as_secs_f64() / quiet.p99.as_secs_f64();
+        let mut out = String::from(
+            "### Noisy neighbours
+
+A good provider's fetches (fresh instance + call, 4 callers, a new              subject per fetch) alone, then with hostile providers hammered in the same host:              `sleep` (64 callers, 2 s each), `request-flood` (30,000 requests to a listener that              never answers), `fields-flood` (thousands of 12 KB header objects), `random-flood`              (64 MiB random buffers); breakers disabled so every attempt reaches its plugin.
+
+             | good provider | p50 | p99 | mean | failures |
+| --- | --- | --- | --- | --- |
+",
+        );
+        out += &format!(
+            "| quiet | {} | {} | {} | {quiet_failures} |
+",
+            fmt(quiet.p50),
+            fmt(quiet.p99),
+            fmt(quiet.mean)
+        );
+        out += &format!(
+            "| with hostile neighbours | {} | {} | {} | {noisy_failures} |
+",
+            fmt(noisy.p50),
+            fmt(noisy.p99),
+            fmt(noisy.mean)
+        );
+        out += &format!(
+            "
+p99 ratio noisy/quiet: {ratio:.2} (goal ≤ 2.0, zero failures). Hostile calls attempted              meanwhile: {}; RSS {} MiB before the noisy run, peak {} MiB.
+",
+            hammered.load(Ordering::Relaxed),
+            rss_before / 1024,
+            rss_peak / 1024
+        );
+        Ok(out)
+    })
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -800,8 +937,11 @@ fn main() -> Result<()> {
             "herd" => section_herd(args.smoke)?,
             "scale" => section_scale(args.smoke)?,
             "polyglot" => section_polyglot(args.smoke)?,
+            "neighbours" => section_neighbours(args.smoke)?,
             other => {
-                anyhow::bail!("unknown section `{other}` (cache, miss, idp, herd, scale, polyglot)")
+                anyhow::bail!(
+                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours)"
+                )
             }
         };
         println!("{text}");

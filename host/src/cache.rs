@@ -197,6 +197,9 @@ struct SlotState {
     /// The principal of the last credential accepted for this key (kept across
     /// invalidations): a provider never switches identity for one key.
     principal: Option<String>,
+    /// When a security error last dropped this key's entry (forced refreshes are
+    /// at most one per `cache.min_reauth_interval_ms`).
+    last_forced: Option<SystemTime>,
 }
 
 struct Slot {
@@ -496,7 +499,17 @@ impl TokenCache {
     }
 
     /// Drop `key`'s entry if it still holds `failed`; returns whether it did.
-    pub(crate) fn invalidate_if(&self, key: &KeyRef<'_>, failed: &Credentials) -> bool {
+    ///
+    /// At most one such forced refresh per key per `min_reauth_interval`: a
+    /// client reporting rejections in a loop (a bug, or a server that rejects every
+    /// token) cannot turn into a flood of IdP calls; within the interval the
+    /// report is ignored and the current credential stays.
+    pub(crate) fn invalidate_if(
+        &self,
+        key: &KeyRef<'_>,
+        failed: &Credentials,
+        min_reauth_interval: Duration,
+    ) -> bool {
         let Some(slot) = self.existing_slot(key) else {
             return false;
         };
@@ -505,6 +518,14 @@ impl TokenCache {
             Some(e) if e.credentials.credential == failed.credential => e.generation,
             _ => return false,
         };
+        let now = self.0.clock.now();
+        if let Some(last) = st.last_forced
+            && now < saturating_add(last, min_reauth_interval)
+        {
+            tracing::warn!(provider = %slot.key.provider, min_reauth_interval_ms = u64::try_from(min_reauth_interval.as_millis()).unwrap_or(u64::MAX), "security error reported again within cache.min_reauth_interval_ms of the last forced refresh; not refreshing");
+            return false;
+        }
+        st.last_forced = Some(now);
         st.entry = None;
         let _ = self.0.events.send(CacheEvent::Invalidated {
             key: slot.key.clone(),

@@ -320,6 +320,12 @@ pub struct CacheConfig {
     /// [`crate::Error::Contract`].
     #[serde(default)]
     pub allow_principal_change: bool,
+    /// At most one forced refresh (a security error dropping the cached
+    /// credential) per key within this interval; later reports in the interval
+    /// are ignored, so a client reporting 401 in a loop cannot flood the IdP.
+    /// Default 5000 (0 disables the limit).
+    #[serde(default = "defaults::min_reauth_interval_ms")]
+    pub min_reauth_interval_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -336,6 +342,7 @@ impl Default for CacheConfig {
             backoff_max_ms: defaults::backoff_max_ms(),
             min_interval_ms: defaults::min_interval_ms(),
             allow_principal_change: false,
+            min_reauth_interval_ms: defaults::min_reauth_interval_ms(),
         }
     }
 }
@@ -625,6 +632,10 @@ pub mod defaults {
     pub fn instance_max_idle() -> u32 {
         4
     }
+    /// `cache.min_reauth_interval_ms`.
+    pub fn min_reauth_interval_ms() -> u64 {
+        5000
+    }
     /// `runtime.max_instances`.
     pub fn max_instances() -> u32 {
         1024
@@ -887,6 +898,11 @@ pub(crate) fn validate_provider(
         (
             "cache.min_interval_ms",
             p.cache.min_interval_ms,
+            0..=3_600_000,
+        ),
+        (
+            "cache.min_reauth_interval_ms",
+            p.cache.min_reauth_interval_ms,
             0..=3_600_000,
         ),
         (

@@ -690,7 +690,11 @@ impl Host {
         let decision = ready.retry.clamp(result?);
         if decision == Decision::RefreshAndRetry {
             let key = KeyRef::new(&ready.name, request);
-            let dropped = self.inner.cache.invalidate_if(&key, credentials);
+            let dropped = self.inner.cache.invalidate_if(
+                &key,
+                credentials,
+                std::time::Duration::from_millis(ready.cache.min_reauth_interval_ms),
+            );
             tracing::debug!(provider, dropped, "security error: refresh-and-retry");
         }
         Ok(decision)

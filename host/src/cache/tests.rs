@@ -338,7 +338,7 @@ async fn burst_of_1000_security_errors_with_the_old_credential_refreshes_once() 
     for _ in 0..1000 {
         let (cache, k, s, f, old) = (cache.clone(), k.clone(), s.clone(), f.clone(), old.clone());
         tasks.push(tokio::spawn(async move {
-            let dropped = cache.invalidate_if(&k.as_ref(), &old);
+            let dropped = cache.invalidate_if(&k.as_ref(), &old, Duration::ZERO);
             let retry = Request {
                 reason: Reason::AfterSecurityError,
                 ..Request::new()
@@ -389,8 +389,8 @@ async fn subjects_are_isolated() {
         .unwrap();
     assert_eq!((token(&a), token(&b)), ("t1alice".into(), "t2bob".into()));
     // Alice's credential is rejected and her IdP account is broken: Bob is unaffected.
-    assert!(cache.invalidate_if(&key(Some("alice")).as_ref(), &a));
-    assert!(!cache.invalidate_if(&key(Some("bob")).as_ref(), &a));
+    assert!(cache.invalidate_if(&key(Some("alice")).as_ref(), &a, Duration::ZERO));
+    assert!(!cache.invalidate_if(&key(Some("bob")).as_ref(), &a, Duration::ZERO));
     fake.fail_with(Some(ProviderError::Denied("alice revoked".into())));
     assert!(
         cache
@@ -612,7 +612,7 @@ async fn a_provider_switching_principal_for_a_key_is_refused_unless_allowed() {
         .get(&k.as_ref(), &Request::new(), &settings, &fetch)
         .await
         .unwrap();
-    assert!(cache.invalidate_if(&k.as_ref(), &first));
+    assert!(cache.invalidate_if(&k.as_ref(), &first, Duration::ZERO));
     let err = cache
         .get(&k.as_ref(), &Request::new(), &settings, &fetch)
         .await
@@ -634,10 +634,44 @@ async fn a_provider_switching_principal_for_a_key_is_refused_unless_allowed() {
         .get(&k.as_ref(), &Request::new(), &allowing, &fetch)
         .await
         .unwrap();
-    cache.invalidate_if(&k.as_ref(), &first);
+    cache.invalidate_if(&k.as_ref(), &first, Duration::ZERO);
     let (second, _) = cache
         .get(&k.as_ref(), &Request::new(), &allowing, &fetch)
         .await
         .unwrap();
     assert_eq!(second.principal.as_deref(), Some("user-1"));
+}
+
+/// A client reporting rejections in a loop (hardening review, item 15: a
+/// misfiring adapter) cannot force more than one refresh per key per
+/// `cache.min_reauth_interval_ms`; compare-and-invalidate applies on top.
+#[tokio::test(start_paused = true)]
+async fn forced_refreshes_are_limited_per_key() {
+    let (cache, fake, settings, _clock) = setup(Duration::from_secs(3600));
+    let fetch = fake.fetcher();
+    let k = key(None);
+    let interval = Duration::from_secs(5);
+    let mut current = cache
+        .get(&k.as_ref(), &Request::new(), &settings, &fetch)
+        .await
+        .unwrap()
+        .0;
+    assert!(cache.invalidate_if(&k.as_ref(), &current, interval));
+    current = cache
+        .get(&k.as_ref(), &Request::new(), &settings, &fetch)
+        .await
+        .unwrap()
+        .0;
+    // Reported again at once: ignored, the current credential stays.
+    for _ in 0..100 {
+        assert!(!cache.invalidate_if(&k.as_ref(), &current, interval));
+        let (again, lookup) = cache
+            .get(&k.as_ref(), &Request::new(), &settings, &fetch)
+            .await
+            .unwrap();
+        assert_eq!((token(&again), lookup), (token(&current), Lookup::Hit));
+    }
+    assert_eq!(fake.calls(), 2);
+    tokio::time::advance(interval).await;
+    assert!(cache.invalidate_if(&k.as_ref(), &current, interval));
 }
