@@ -825,6 +825,12 @@ fn section_neighbours(smoke: bool) -> Result<String> {
             }
             (stats(all), failures)
         };
+        // Warm up (first instantiations, allocator) before the quiet run.
+        for i in 0..50 {
+            let _ = host
+                .get_credentials("good", &Request::new().subject(format!("warm-{i}")))
+                .await;
+        }
         let (quiet, quiet_failures) = measure().await;
         let stop = Arc::new(AtomicBool::new(false));
         let hammered = Arc::new(AtomicU64::new(0));
@@ -851,25 +857,21 @@ fn section_neighbours(smoke: bool) -> Result<String> {
         while hammers.join_next().await.is_some() {}
         holder.abort();
         let ratio = noisy.p99.as_secs_f64() / quiet.p99.as_secs_f64();
-        let mut out = String::from(
-            "### Noisy neighbours
-
-A good provider's fetches (fresh instance + call, 4 callers, a new              subject per fetch) alone, then with hostile providers hammered in the same host:              `sleep` (64 callers, 2 s each), `request-flood` (30,000 requests to a listener that              never answers), `fields-flood` (thousands of 12 KB header objects), `random-flood`              (64 MiB random buffers); breakers disabled so every attempt reaches its plugin.
-
-             | good provider | p50 | p99 | mean | failures |
-| --- | --- | --- | --- | --- |
-",
-        );
+        let mut out = String::from("### Noisy neighbours\n\n");
+        out += "A good provider's fetches (fresh instance + call, 4 callers, a new subject per \
+                fetch) alone, then with hostile providers hammered in the same host: `sleep` (64 \
+                callers, 2 s each), `request-flood` (30,000 requests to a listener that never \
+                answers), `fields-flood` (thousands of 12 KB header objects), `random-flood` (64 MiB \
+                random buffers); breakers disabled so every attempt reaches its plugin.\n\n\
+                | good provider | p50 | p99 | mean | failures |\n| --- | --- | --- | --- | --- |\n";
         out += &format!(
-            "| quiet | {} | {} | {} | {quiet_failures} |
-",
+            "| quiet | {} | {} | {} | {quiet_failures} |\n",
             fmt(quiet.p50),
             fmt(quiet.p99),
             fmt(quiet.mean)
         );
         out += &format!(
-            "| with hostile neighbours | {} | {} | {} | {noisy_failures} |
-",
+            "| with hostile neighbours | {} | {} | {} | {noisy_failures} |\n",
             fmt(noisy.p50),
             fmt(noisy.p99),
             fmt(noisy.mean)

@@ -84,7 +84,7 @@ pub const SECRET_SAFE_LOG_DIRECTIVES: &[&str] = &[
 ];
 
 /// How often the epoch advances: the granularity of call deadlines.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// At most this much captured output is logged per stream and call.
 const OUTPUT_LOGGED: usize = 4096;
