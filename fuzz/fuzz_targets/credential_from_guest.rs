@@ -14,6 +14,9 @@ struct Input {
     expires: Option<(u64, u32)>,
     principal: Option<String>,
     max_bytes: u16,
+    /// A JWT payload for bearer tokens (e.g. `{"exp": 18446744073709551615}`).
+    jwt_payload: Option<Vec<u8>>,
+    now_secs: u64,
 }
 
 fuzz_target!(|input: Input| {
@@ -23,5 +26,7 @@ fuzz_target!(|input: Input| {
         input.expires,
         input.principal,
         u64::from(input.max_bytes),
+        input.jwt_payload.as_deref(),
+        input.now_secs,
     );
 });

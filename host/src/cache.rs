@@ -692,5 +692,41 @@ pub(crate) fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
     crate::clock::from_unix_secs(exp.min(crate::clock::MAX_UNIX_SECS))
 }
 
+/// For the fuzz targets: take `credentials` as a fetch at `now` would (every
+/// number hostile), under the default and the most extreme cache settings, and
+/// check the timeline's invariants. Must never panic.
+pub(crate) fn fuzz_accept(credentials: &Credentials, now: SystemTime) {
+    let key = CacheKey::new(Arc::from("fuzz"), &Request::new());
+    let extreme = CacheConfig {
+        default_ttl_secs: u64::MAX,
+        max_lifetime_secs: Some(u64::MAX),
+        skew_secs: u64::MAX,
+        min_period_secs: u64::MAX,
+        buffer_secs: u64::MAX,
+        ..CacheConfig::default()
+    };
+    for settings in [CacheConfig::default(), extreme] {
+        match accept(
+            &SlotState::default(),
+            &key,
+            credentials.clone(),
+            &settings,
+            now,
+        ) {
+            Ok(entry) => {
+                assert!(entry.refresh_at <= entry.use_until && entry.use_until <= entry.expires);
+                if let Some(known) = known_expiry(credentials) {
+                    assert!(
+                        known > now,
+                        "a credential past its known expiry was accepted"
+                    );
+                    assert!(entry.expires <= known, "served past a known expiry");
+                }
+            }
+            Err(e) => assert!(matches!(e, Error::Contract { .. })),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

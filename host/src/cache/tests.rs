@@ -675,3 +675,41 @@ async fn forced_refreshes_are_limited_per_key() {
     tokio::time::advance(interval).await;
     assert!(cache.invalidate_if(&k.as_ref(), &current, interval));
 }
+
+/// The fuzz target's property on a grid of extreme inputs (runs in CI; the fuzz
+/// target explores further): no panic, never served past a known expiry.
+#[test]
+fn accept_holds_its_invariants_for_extreme_expiries() {
+    let exps = [
+        "0",
+        "1",
+        "-1",
+        "1e300",
+        "\"soon\"",
+        "null",
+        "9223372036854775807",
+        "18446744073709551615",
+        "253402300799",
+        "253402300800",
+    ];
+    let expires = [
+        None,
+        Some(UNIX_EPOCH),
+        Some(UNIX_EPOCH + Duration::from_secs(START)),
+        Some(crate::clock::far_future()),
+    ];
+    let nows = [
+        UNIX_EPOCH,
+        UNIX_EPOCH + Duration::from_secs(START),
+        crate::clock::far_future(),
+    ];
+    for exp in exps {
+        let token = jwt(&format!(r#"{{"exp":{exp}}}"#));
+        for expires_at in expires {
+            for now in nows {
+                fuzz_accept(&bearer(&token, expires_at), now);
+                fuzz_accept(&bearer("opaque", expires_at), now);
+            }
+        }
+    }
+}

@@ -132,20 +132,33 @@ pub mod fuzzing {
     /// Build a guest credential from raw parts, run it through
     /// [`credentials_from_guest`] and check what must hold for any input: no panic,
     /// the size limit enforced, and no secret in the error or in `Debug` output.
+    /// With `jwt_payload`, a bearer token is a JWT carrying that payload (its
+    /// `exp` is hostile too), and an accepted credential is then placed on the
+    /// cache's timeline at `now_secs` (see `cache::fuzz_accept`).
     pub fn credential_from_guest(
         kind: u8,
         strings: &[String],
         expires: Option<(u64, u32)>,
         principal: Option<String>,
         max_bytes: u64,
+        jwt_payload: Option<&[u8]>,
+        now_secs: u64,
     ) {
+        use base64::Engine as _;
         let s = |i: usize| strings.get(i).cloned().unwrap_or_default();
         let credential = match kind % 3 {
             0 => wit::Credential::Basic(wit::BasicAuth {
                 username: s(0),
                 password: s(1),
             }),
-            1 => wit::Credential::Bearer(s(0)),
+            1 => match jwt_payload {
+                Some(payload) => wit::Credential::Bearer(format!(
+                    "eyJhbGciOiJub25lIn0.{}.{}",
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload),
+                    s(0)
+                )),
+                None => wit::Credential::Bearer(s(0)),
+            },
             _ => wit::Credential::Headers(
                 strings
                     .chunks(2)
@@ -188,6 +201,8 @@ pub mod fuzzing {
         let blanked_input = blank(&input);
         match credentials_from_guest(input, max_bytes) {
             Ok(c) => {
+                let now = UNIX_EPOCH + Duration::from_secs(now_secs % (1 << 40));
+                crate::cache::fuzz_accept(&c, now);
                 let debug = format!("{c:?}");
                 let blanked = format!("{:?}", types::Credentials::from(blanked_input));
                 assert!(!leaks(&debug, &blanked), "Debug output leaks a secret");
