@@ -28,6 +28,10 @@
 //! apart. While backing off, a credential that is past its use-until time but not
 //! yet expired is still served (stale-if-error); otherwise the last error is.
 
+// Every number here may come from a plugin, a JWT or a config: no unchecked
+// arithmetic (see `clock::saturating_add`).
+#![deny(clippy::arithmetic_side_effects)]
+
 use crate::clock::{Clock, saturating_add};
 use crate::config::CacheConfig;
 use crate::error::Error;
@@ -297,7 +301,10 @@ impl TokenCache {
             .map(|(k, s)| (k.clone(), s.last_used.load(Ordering::Relaxed)))
             .collect();
         idle.sort_by_key(|(_, used)| *used);
-        let excess = slots.len() + 1 - self.0.max_entries;
+        let excess = slots
+            .len()
+            .saturating_add(1)
+            .saturating_sub(self.0.max_entries);
         let target = excess.max(self.0.max_entries / 10).min(idle.len());
         for (key, _) in idle.into_iter().take(target) {
             slots.remove(&key);
@@ -602,14 +609,18 @@ fn schedule(
     };
     let lifetime = expires.duration_since(now).unwrap_or(Duration::ZERO);
     let use_until = expires
-        .checked_sub(Duration::from_secs(s.skew_secs).min(lifetime / 10))
+        .checked_sub(
+            Duration::from_secs(s.skew_secs).min(lifetime.checked_div(10).unwrap_or_default()),
+        )
         .unwrap_or(expires);
     let factor = (s.window_factor + s.window_jitter * unit).clamp(0.0, 1.0);
     let window = lifetime.mul_f64(factor);
     let min_period = Duration::from_secs(s.min_period_secs);
     let buffer = Duration::from_secs(s.buffer_secs);
     let refresh_in = match min_period.checked_add(buffer) {
-        Some(clamps) if clamps < lifetime => window.max(min_period).min(lifetime - buffer),
+        Some(clamps) if clamps < lifetime => {
+            window.max(min_period).min(lifetime.saturating_sub(buffer))
+        }
         _ => window,
     };
     let refresh_at = saturating_add(now, refresh_in).min(use_until);
