@@ -709,6 +709,14 @@ fn error_response(e: &Error) -> Response {
             }
             return r;
         }
+        Error::Busy { .. } => {
+            // The provider's bulkhead is full: not a fault, retry shortly.
+            let mut r = api_error(StatusCode::SERVICE_UNAVAILABLE, "busy", e);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+        Error::Contract { .. } => (StatusCode::BAD_GATEWAY, "contract"),
         Error::NotLoaded { .. } | Error::Load { .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, "load_failed")
         }

@@ -934,3 +934,88 @@ async fn sigterm_with_a_half_sent_request_exits_after_the_shutdown_grace() {
     let lines: Vec<String> = rx.try_iter().collect();
     assert!(lines.iter().any(|l| l == "stopped"), "{lines:?}");
 }
+
+/// Issue #14, items 5 and 10 through the sidecar: a provider whose bulkhead is
+/// full answers 503 `busy` with `Retry-After` (and its breaker does not count it),
+/// and a plugin's `retry-after` of 2^64−1 ms reaches the client clamped to the
+/// provider's `retry.max_retry_after_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bulkhead_is_503_busy_and_retry_after_is_clamped() {
+    reauth_tests::logs();
+    let slow = SlowEndpoint::start("slow-token-value", Duration::from_millis(1500)).await;
+    let mut narrow = ProviderConfig::new(&plugins().testkit)
+        .allow_host(slow.authority())
+        .config("mode", "fetch")
+        .config("url", &slow.url);
+    narrow.limits.max_concurrent_calls = 1;
+    narrow.limits.queue_timeout_ms = 50;
+    let host = Host::builder()
+        .provider("slow", narrow)
+        .provider(
+            "db",
+            ProviderConfig::new(&plugins().hostile)
+                .config("mode", "ok")
+                .config("handle", "retry-after-max"),
+        )
+        .build()
+        .unwrap();
+    let running = start(
+        host,
+        ServeOptions {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let tcp = running.addresses[0].clone();
+    let first = {
+        let tcp = tcp.clone();
+        tokio::spawn(async move {
+            post(
+                &tcp,
+                "/v1/providers/slow/credentials",
+                json!({"subject": "a"}),
+                None,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, bytes) = http(
+        &tcp,
+        "POST",
+        "/v1/providers/slow/credentials",
+        &[("content-type", "application/json")],
+        Some(json!({"subject": "b"}).to_string().into_bytes()),
+    )
+    .await
+    .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["kind"], "busy", "{body}");
+    let (status, body) = first.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (_, _, listing) = http(&tcp, "GET", "/v1/providers", &[], None).await.unwrap();
+    let listing: Value = serde_json::from_slice(&listing).unwrap();
+    let slow_status = listing["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "slow")
+        .unwrap()
+        .clone();
+    assert_eq!(slow_status["consecutive_faults"], 0, "{slow_status}");
+
+    let (status, fetched) = post(&tcp, "/v1/providers/db/credentials", json!({}), None).await;
+    assert_eq!(status, 200, "{fetched}");
+    let report = json!({
+        "credential": fetched,
+        "error": {"kind": "unauthorized", "status": 401}
+    });
+    let (status, body) = post(&tcp, "/v1/providers/db/security-errors", report, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["decision"], "retry_after", "{body}");
+    let max = reauth::RetryPolicy::default().max_retry_after().as_millis() as u64;
+    assert_eq!(body["retry_after_ms"], max, "{body}");
+    let _ = running.stop.send(());
+}
