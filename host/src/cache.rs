@@ -230,11 +230,30 @@ impl Slot {
     }
 }
 
+/// Told the provider's name whenever a fetched credential is refused for
+/// breaking the contract (for metrics: counted once per refusal).
+pub(crate) type ViolationHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 struct Inner {
     slots: RwLock<HashMap<CacheKey, Arc<Slot>>>,
     clock: Arc<dyn Clock>,
     events: broadcast::Sender<CacheEvent>,
     max_entries: usize,
+    on_violation: Option<ViolationHook>,
+}
+
+/// What [`TokenCache::invalidate_if`] did with a report of a rejected credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Invalidation {
+    /// The entry held the rejected credential and was dropped: the next lookup
+    /// fetches.
+    Dropped,
+    /// The entry holds another credential (already refreshed) or none: nothing to
+    /// do, the next lookup serves the current one.
+    NotCurrent,
+    /// The entry holds the rejected credential, but a forced refresh happened
+    /// less than `min_reauth_interval` ago: not dropped again.
+    Suppressed,
 }
 
 /// The cache of every provider's credentials. Cheap to clone.
@@ -251,14 +270,42 @@ pub struct KeyStats {
 }
 
 impl TokenCache {
+    #[cfg(test)]
     pub(crate) fn new(clock: Arc<dyn Clock>, max_entries: usize) -> Self {
+        Self::with_violation_hook(clock, max_entries, None)
+    }
+
+    /// Like [`TokenCache::new`], calling `on_violation` for every credential
+    /// refused for breaking the contract.
+    pub(crate) fn with_violation_hook(
+        clock: Arc<dyn Clock>,
+        max_entries: usize,
+        on_violation: Option<ViolationHook>,
+    ) -> Self {
         let (events, _) = broadcast::channel(1024);
         TokenCache(Arc::new(Inner {
             slots: RwLock::new(HashMap::new()),
             clock,
             events,
             max_entries: max_entries.max(1),
+            on_violation,
         }))
+    }
+
+    /// [`accept`] a fetch's result, telling the violation hook about a refusal.
+    fn accepted(
+        &self,
+        st: &SlotState,
+        key: &CacheKey,
+        result: Result<Credentials, Error>,
+        settings: &CacheConfig,
+        now: SystemTime,
+    ) -> Result<Entry, Error> {
+        let accepted = result.and_then(|c| accept(st, key, c, settings, now));
+        if let (Err(Error::Contract { .. }), Some(hook)) = (&accepted, &self.0.on_violation) {
+            hook(&key.provider);
+        }
+        accepted
     }
 
     /// Receive every later [`CacheEvent`].
@@ -401,11 +448,21 @@ impl TokenCache {
         .await;
         let now = self.0.clock.now();
         let mut st = slot.lock();
-        match result.and_then(|c| accept(&st, &slot.key, c, settings, now)) {
+        match self.accepted(&st, &slot.key, result, settings, now) {
             Ok(entry) => {
                 let credentials = entry.credentials.clone();
                 self.store(&mut st, &slot.key, entry, reason);
                 Ok((credentials, Lookup::Fetched(reason)))
+            }
+            // The call never reached the plugin (its bulkhead was full): not a
+            // failure of the provider, no backoff, nothing to replay.
+            Err(error @ Error::Busy { .. }) => {
+                if let Some(entry) = &st.entry
+                    && now < entry.expires
+                {
+                    return Ok((entry.credentials.clone(), Lookup::Stale));
+                }
+                Err(error)
             }
             Err(error) => {
                 record_failure(&mut st, &error, settings, now);
@@ -444,8 +501,9 @@ impl TokenCache {
         if let Some(last) = last {
             let next = saturating_add(last, Duration::from_millis(settings.min_interval_ms));
             if let Ok(wait) = next.duration_since(self.0.clock.now()) {
-                // `next` is at most `min_interval_ms` (≤ an hour by validation) ahead.
-                tokio::time::sleep(wait).await;
+                // Never longer than the interval, even after the wall clock
+                // stepped backwards.
+                tokio::time::sleep(wait.min(Duration::from_millis(settings.min_interval_ms))).await;
             }
         }
         slot.lock().last_fetch = Some(self.0.clock.now());
@@ -493,8 +551,9 @@ impl TokenCache {
                 let result = fetch(request).await;
                 let now = cache.0.clock.now();
                 let mut st = slot.lock();
-                match result.and_then(|c| accept(&st, &slot.key, c, &settings, now)) {
+                match cache.accepted(&st, &slot.key, result, &settings, now) {
                     Ok(entry) => cache.store(&mut st, &slot.key, entry, Reason::RefreshAhead),
+                    Err(Error::Busy { .. }) => {}
                     Err(error) => {
                         tracing::warn!(provider = %slot.key.provider, error = %error, "refresh-ahead failed; keeping the cached credential");
                         record_failure(&mut st, &error, &settings, now);
@@ -505,32 +564,35 @@ impl TokenCache {
         });
     }
 
-    /// Drop `key`'s entry if it still holds `failed`; returns whether it did.
+    /// Drop `key`'s entry if it still holds `failed` (compare-and-invalidate).
     ///
     /// At most one such forced refresh per key per `min_reauth_interval`: a
     /// client reporting rejections in a loop (a bug, or a server that rejects every
     /// token) cannot turn into a flood of IdP calls; within the interval the
-    /// report is ignored and the current credential stays.
+    /// report is [`Invalidation::Suppressed`] and the current credential stays.
     pub(crate) fn invalidate_if(
         &self,
         key: &KeyRef<'_>,
         failed: &Credentials,
         min_reauth_interval: Duration,
-    ) -> bool {
+    ) -> Invalidation {
         let Some(slot) = self.existing_slot(key) else {
-            return false;
+            return Invalidation::NotCurrent;
         };
         let mut st = slot.lock();
         let generation = match &st.entry {
             Some(e) if e.credentials.credential == failed.credential => e.generation,
-            _ => return false,
+            _ => return Invalidation::NotCurrent,
         };
         let now = self.0.clock.now();
+        // (A last forced refresh "in the future" means the wall clock stepped
+        // back: that does not extend the interval.)
         if let Some(last) = st.last_forced
+            && last <= now
             && now < saturating_add(last, min_reauth_interval)
         {
             tracing::warn!(provider = %slot.key.provider, min_reauth_interval_ms = u64::try_from(min_reauth_interval.as_millis()).unwrap_or(u64::MAX), "security error reported again within cache.min_reauth_interval_ms of the last forced refresh; not refreshing");
-            return false;
+            return Invalidation::Suppressed;
         }
         st.last_forced = Some(now);
         st.entry = None;
@@ -538,7 +600,7 @@ impl TokenCache {
             key: slot.key.clone(),
             generation,
         });
-        true
+        Invalidation::Dropped
     }
 
     /// When the entry for `key` stops being served, if there is one.
@@ -675,15 +737,25 @@ fn accept(
         && let (Some(before), Some(now_principal)) = (&st.principal, &credentials.principal)
         && before != now_principal
     {
-        tracing::error!(provider = %key.provider, before = %before, after = %now_principal, "provider switched principal for one key; credential refused");
+        // The principals are plugin-controlled text: shown as fingerprints.
+        let (before, after) = (fingerprint(before), fingerprint(now_principal));
+        tracing::error!(provider = %key.provider, %before, %after, "provider switched principal for one key; credential refused");
         return Err(Error::Contract {
             provider: key.provider.to_string(),
             detail: format!(
-                "returned a credential for principal `{now_principal}` where this key's credentials were for `{before}`; a provider must not switch identity (set cache.allow_principal_change = true if this is intended)"
+                "returned a credential for another principal (fingerprint {after}) than this key's earlier credentials ({before}); a provider must not switch identity (set cache.allow_principal_change = true if this is intended)"
             ),
         });
     }
     Ok(schedule(credentials, s, now, 0, rand::random()))
+}
+
+/// A short, stable fingerprint of a principal for logs and errors (the value
+/// itself is plugin-controlled text).
+fn fingerprint(principal: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(principal.as_bytes());
+    format!("sha256:{}", hex::encode(&digest[..6]))
 }
 
 /// The `exp` claim of a bearer JWT, read without verification (the host does not
@@ -699,8 +771,20 @@ pub(crate) fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let exp = claims.get("exp")?.as_u64()?;
-    crate::clock::from_unix_secs(exp.min(crate::clock::MAX_UNIX_SECS))
+    let exp = claims.get("exp")?;
+    // RFC 7519 allows a fractional NumericDate: round it down.
+    let secs = match exp.as_u64() {
+        Some(secs) => secs,
+        None => {
+            let x = exp.as_f64().filter(|x| x.is_finite() && *x >= 0.0)?;
+            if x >= crate::clock::MAX_UNIX_SECS as f64 {
+                crate::clock::MAX_UNIX_SECS
+            } else {
+                x.floor() as u64
+            }
+        }
+    };
+    crate::clock::from_unix_secs(secs.min(crate::clock::MAX_UNIX_SECS))
 }
 
 /// For the fuzz targets: take `credentials` as a fetch at `now` would (every

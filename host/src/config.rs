@@ -194,9 +194,15 @@ impl ProviderConfig {
     }
 }
 
-/// Whether the value of config key `key` is a secret by its name: the key (any
-/// case, `-` or `_` separated) contains `secret`, `password`, `passwd`, `token`,
-/// `key`, `credential`, `assertion`, `private` or `auth`.
+/// Whether the value of config key `key` is a secret by its name. The key is cut
+/// into words (at `_`, `-`, `.` and lower→upper case changes); it is secret when
+/// one word is `secret`, `password`, `passwd`, `pwd`, `passphrase`, `token`,
+/// `key`, `apikey`, `credential(s)`, `assertion` or `private`, unless its last
+/// word says it names something about the secret rather than the secret itself
+/// (`url`, `uri`, `endpoint`, `method`, `alg`, `algorithm`, `kid`, `id`,
+/// `audience`, `type`, `name`, `header`, `path`, `file`, `env`): `client_secret`,
+/// `refresh_token`, `api_key` and `privateKey` are secret; `token_url`,
+/// `auth_method`, `key_id` and `private_key_alg` are not.
 ///
 /// The redaction rule: a value is redacted from logs, errors and responses when
 /// it comes from an `{ env }` or `{ file }` reference, when its key is secret by
@@ -204,19 +210,57 @@ impl ProviderConfig {
 /// other keys (URLs, client ids, modes) are not, so messages stay readable.
 /// Provider `state` values and returned credentials are always redacted.
 pub fn is_secret_key(key: &str) -> bool {
-    const WORDS: [&str; 9] = [
+    const SECRET: [&str; 13] = [
         "secret",
         "password",
         "passwd",
+        "pwd",
+        "passphrase",
         "token",
         "key",
+        "apikey",
         "credential",
+        "credentials",
         "assertion",
         "private",
-        "auth",
+        "secrets",
     ];
-    let key = key.to_ascii_lowercase();
-    WORDS.iter().any(|w| key.contains(w))
+    const ABOUT: [&str; 15] = [
+        "url",
+        "uri",
+        "endpoint",
+        "method",
+        "alg",
+        "algorithm",
+        "kid",
+        "id",
+        "audience",
+        "type",
+        "name",
+        "header",
+        "path",
+        "file",
+        "env",
+    ];
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut previous_lower = false;
+    for c in key.chars() {
+        if matches!(c, '_' | '-' | '.' | ' ') {
+            words.push(std::mem::take(&mut word));
+            previous_lower = false;
+            continue;
+        }
+        if c.is_ascii_uppercase() && previous_lower {
+            words.push(std::mem::take(&mut word));
+        }
+        previous_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+        word.push(c.to_ascii_lowercase());
+    }
+    words.push(word);
+    words.retain(|w| !w.is_empty());
+    let about = words.last().is_some_and(|w| ABOUT.contains(&w.as_str()));
+    !about && words.iter().any(|w| SECRET.contains(&w.as_str()))
 }
 
 /// A config value: inline, or a reference resolved by the host at load time.
@@ -1202,6 +1246,46 @@ mod tests {
             e.contains("providers.a.config.x: unsupported reference `vault`"),
             "{e}"
         );
+    }
+
+    /// Regression (hardening review, item 8): every value of 6+ characters was
+    /// redacted, so `misconfigured: auth_method `[redacted]` needs …` said nothing.
+    #[test]
+    fn secret_keys_by_name() {
+        for key in [
+            "client_secret",
+            "password",
+            "refresh_token",
+            "token",
+            "api_key",
+            "apiKey",
+            "privateKey",
+            "private_key",
+            "client_assertion",
+            "x-api-key",
+            "db.password",
+            "secret",
+        ] {
+            assert!(is_secret_key(key), "{key} is a secret");
+        }
+        for key in [
+            "auth_method",
+            "token_url",
+            "tokenEndpoint",
+            "client_id",
+            "key_id",
+            "private_key_alg",
+            "private_key_kid",
+            "assertion_audience",
+            "authority",
+            "scope",
+            "mode",
+            "username",
+            "url",
+            "monkey",
+        ] {
+            assert!(!is_secret_key(key), "{key} is not a secret");
+        }
     }
 
     #[test]

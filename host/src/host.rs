@@ -1,6 +1,6 @@
 //! [`Host`]: the embedder's entry point.
 
-use crate::cache::{CacheEvent, Fetcher, KeyRef, KeyStats, Lookup, TokenCache};
+use crate::cache::{CacheEvent, Fetcher, Invalidation, KeyRef, KeyStats, Lookup, TokenCache};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
@@ -242,7 +242,16 @@ impl HostBuilder {
             inner: Arc::new(Inner {
                 runtime,
                 providers: RwLock::new(Arc::new(providers)),
-                cache: TokenCache::new(self.clock, config.runtime.max_cache_entries),
+                cache: TokenCache::with_violation_hook(
+                    self.clock,
+                    config.runtime.max_cache_entries,
+                    Some({
+                        let metrics = metrics.clone();
+                        Arc::new(move |provider: &str| {
+                            metrics.provider(provider).contract_violation()
+                        })
+                    }),
+                ),
                 config: Mutex::new(config),
                 metrics,
             }),
@@ -482,6 +491,11 @@ impl Host {
             }));
         }
         let old = self.snapshot();
+        // Removed providers give their pool reservation back first, so a rename
+        // or a quota moved between providers fits.
+        for name in old.keys().filter(|n| !config.providers.contains_key(*n)) {
+            self.inner.runtime.release(name);
+        }
         let mut report = ReloadReport::default();
         let mut next = Providers::new();
         for (name, p) in &config.providers {
@@ -559,7 +573,6 @@ impl Host {
         }
         for name in old.keys().filter(|n| !config.providers.contains_key(*n)) {
             self.inner.cache.remove_provider(name);
-            self.inner.runtime.release(name);
             tracing::info!(provider = %name, "provider removed");
             report.removed.push(name.clone());
         }
@@ -622,9 +635,6 @@ impl Host {
             .cache
             .get(&key, request, &ready.cache, &ready.fetch)
             .await;
-        if let Err(Error::Contract { .. }) = &result {
-            ready.metrics.contract_violation();
-        }
         ready.metrics.lookup(match &result {
             Ok((_, Lookup::Hit)) => LookupKind::Hit,
             Ok((_, Lookup::Joined)) => LookupKind::Join,
@@ -690,12 +700,18 @@ impl Host {
         let decision = ready.retry.clamp(result?);
         if decision == Decision::RefreshAndRetry {
             let key = KeyRef::new(&ready.name, request);
-            let dropped = self.inner.cache.invalidate_if(
+            let outcome = self.inner.cache.invalidate_if(
                 &key,
                 credentials,
                 std::time::Duration::from_millis(ready.cache.min_reauth_interval_ms),
             );
-            tracing::debug!(provider, dropped, "security error: refresh-and-retry");
+            tracing::debug!(provider, ?outcome, "security error: refresh-and-retry");
+            if outcome == Invalidation::Suppressed {
+                // The key was force-refreshed moments ago and the server rejects
+                // this credential too: another refresh would not help and would
+                // load the IdP. The caller gets `fail`.
+                return Ok(Decision::Fail);
+            }
         }
         Ok(decision)
     }

@@ -83,16 +83,20 @@ pub enum CallOutcome {
     Fault,
     /// Refused without a call: the provider is cooling down after faults.
     CoolingDown,
+    /// Refused without a call: all of the provider's call slots stayed busy
+    /// (its bulkhead, `limits.max_concurrent_calls`).
+    Busy,
 }
 
 impl CallOutcome {
-    const ALL: [CallOutcome; 6] = [
+    const ALL: [CallOutcome; 7] = [
         CallOutcome::Ok,
         CallOutcome::Unavailable,
         CallOutcome::Denied,
         CallOutcome::Misconfigured,
         CallOutcome::Fault,
         CallOutcome::CoolingDown,
+        CallOutcome::Busy,
     ];
 
     fn name(self) -> &'static str {
@@ -103,6 +107,7 @@ impl CallOutcome {
             CallOutcome::Misconfigured => "misconfigured",
             CallOutcome::Fault => "fault",
             CallOutcome::CoolingDown => "cooling_down",
+            CallOutcome::Busy => "busy",
         }
     }
 
@@ -116,6 +121,7 @@ impl CallOutcome {
                 ProviderError::Misconfigured(_) => CallOutcome::Misconfigured,
             },
             Err(Error::CoolingDown { .. }) => CallOutcome::CoolingDown,
+            Err(Error::Busy { .. }) => CallOutcome::Busy,
             Err(_) => CallOutcome::Fault,
         }
     }
@@ -247,7 +253,7 @@ const FUNCTIONS: [&str; 2] = ["get-credentials", "handle-security-error"];
 /// The counters of one provider.
 #[derive(Default)]
 pub struct ProviderMetrics {
-    calls: [[AtomicU64; 6]; 2],
+    calls: [[AtomicU64; 7]; 2],
     durations: [Histogram<12>; 2],
     lookups: [AtomicU64; 5],
     fetches: [AtomicU64; 4],

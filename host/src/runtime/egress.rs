@@ -251,7 +251,20 @@ impl EgressHooks {
     }
 }
 
+/// Largest write to an outgoing request body the host buffers, and how many such
+/// writes: a body written but never sent stays with its request, so this bounds
+/// what each of the call's `limits.max_host_resources` objects can hold.
+const OUTGOING_BODY_CHUNK: usize = 16 * 1024;
+
 impl WasiHttpHooks for EgressHooks {
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        OUTGOING_BODY_CHUNK
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
@@ -273,11 +286,11 @@ impl WasiHttpHooks for EgressHooks {
     > {
         let policy = self.policy.clone();
         let mut request = request;
-        let target = log_target(request.uri(), &policy.redact);
         let checked = match policy.check(request.uri()) {
             Ok(uri) => uri,
             Err(why) => {
                 policy.denied.fetch_add(1, Ordering::Relaxed);
+                let target = log_target(request.uri(), &policy.redact);
                 tracing::warn!(provider = %policy.provider, %target, "egress denied: {why}");
                 return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
             }
@@ -289,12 +302,18 @@ impl WasiHttpHooks for EgressHooks {
                 "more than {} HTTP requests in flight at once",
                 policy.max_per_call
             );
+            let target = log_target(request.uri(), &policy.redact);
             tracing::warn!(provider = %policy.provider, %target, "egress denied: {detail}");
             self.hits.hit(LimitKind::RequestsInFlight, detail);
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         };
         policy.sent.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(provider = %policy.provider, method = %request.method(), %target, "egress");
+        // The redacted target is built only when it is logged (redaction costs).
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let target = log_target(request.uri(), &policy.redact);
+            tracing::debug!(provider = %policy.provider, method = %request.method(), %target, "egress");
+        }
+        let (uri, redact) = (request.uri().clone(), policy.redact.clone());
         let clamp = |t: Option<Duration>, cap: Duration| Some(t.map_or(cap, |t| t.min(cap)));
         let options = options.unwrap_or_default();
         let options = RequestOptions {
@@ -328,7 +347,8 @@ impl WasiHttpHooks for EgressHooks {
                 hits.hit(
                     LimitKind::ResponseBody,
                     format!(
-                        "response body from {target} larger than {max} bytes{}",
+                        "response body from {} larger than {max} bytes{}",
+                        log_target(&uri, &redact),
                         size.map(|s| format!(" (content-length {s})"))
                             .unwrap_or_default()
                     ),

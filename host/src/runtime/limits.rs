@@ -36,10 +36,13 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 /// Refuses linear-memory growth past the provider's cap (trapping the guest at once,
 /// rather than letting `memory.grow` fail and the guest abort somewhere else) and
-/// records the hit.
+/// records the hit. The cap is for all of the Store's memories together (a
+/// component with several memories does not get the cap for each).
 pub(crate) struct CallLimiter {
     pub(crate) memory_bytes: usize,
     pub(crate) hits: std::sync::Arc<CallHits>,
+    /// Bytes of linear memory the Store's memories hold together.
+    pub(crate) used: usize,
 }
 
 impl wasmtime::ResourceLimiter for CallLimiter {
@@ -49,16 +52,19 @@ impl wasmtime::ResourceLimiter for CallLimiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes || maximum.is_some_and(|m| desired > m) {
+        let total = self.used.saturating_add(desired.saturating_sub(current));
+        if total > self.memory_bytes || maximum.is_some_and(|m| desired > m) {
             let detail = format!(
-                "linear memory may not grow past {} MiB (from {} to {} bytes requested)",
+                "linear memory may not grow past {} MiB (from {} to {} bytes requested, {} bytes in all memories)",
                 self.memory_bytes >> 20,
                 current,
-                desired
+                desired,
+                total
             );
             self.hits.hit(LimitKind::Memory, detail.clone());
             return Err(wasmtime::Error::msg(detail));
         }
+        self.used = total;
         Ok(true)
     }
 
@@ -228,6 +234,30 @@ mod tests {
             "a [redacted] b [redacted] c abc"
         );
         assert!(matches!(r.redact("nothing here"), Cow::Borrowed(_)));
+    }
+
+    /// Review finding: each memory was checked on its own, so a component with k
+    /// memories got k × `memory_mib`.
+    #[test]
+    fn the_memory_cap_covers_all_memories_together() {
+        use wasmtime::ResourceLimiter as _;
+        let hits = std::sync::Arc::new(CallHits::default());
+        let mut limiter = CallLimiter {
+            memory_bytes: 10 << 20,
+            hits: hits.clone(),
+            used: 0,
+        };
+        assert!(limiter.memory_growing(0, 6 << 20, None).unwrap());
+        assert!(
+            limiter.memory_growing(0, 6 << 20, None).is_err(),
+            "second memory"
+        );
+        assert_eq!(hits.get().map(|(k, _)| k), Some(LimitKind::Memory));
+        assert!(
+            limiter.memory_growing(0, 4 << 20, None).unwrap(),
+            "fits beside"
+        );
+        assert!(limiter.memory_growing(6 << 20, 7 << 20, None).is_err());
     }
 
     #[test]

@@ -94,6 +94,14 @@ const OUTPUT_LOGGED: usize = 4096;
 /// host holds for one call.
 const FIELD_SIZE_LIMIT: usize = 64 * 1024;
 
+/// Core instances one component may create (Python and JavaScript components
+/// use a handful; a component needing more is refused at load).
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+/// Linear memories one component may have.
+const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+/// Tables one component may have.
+const MAX_TABLES_PER_COMPONENT: u32 = 32;
+
 /// Largest `get-random-bytes` / `get-insecure-random-bytes` request: a host call
 /// cannot be interrupted, so its work is kept short (64 MiB took ~0.5 s).
 const MAX_RANDOM_BYTES: u64 = 64 * 1024;
@@ -223,10 +231,18 @@ impl Runtime {
     pub fn new(options: RuntimeOptions, clock: Arc<dyn Clock>) -> Result<Self, BoxError> {
         let mut pool = PoolingAllocationConfig::new();
         let instances = options.max_instances.max(16);
-        pool.total_component_instances(instances)
-            .total_core_instances(instances.saturating_mul(4))
-            .total_memories(instances.saturating_mul(2))
-            .total_tables(instances.saturating_mul(4))
+        // Every component is bounded in the core instances, memories and tables it
+        // may use (a bigger one is refused at load), and the pool holds that much
+        // for each of its component instances: reserving component instances
+        // (`Runtime::reserve`) then reserves everything else too, so no provider
+        // can exhaust the core-instance, memory or table pools of the others.
+        pool.max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
+            .total_component_instances(instances)
+            .total_core_instances(instances.saturating_mul(MAX_CORE_INSTANCES_PER_COMPONENT))
+            .total_memories(instances.saturating_mul(MAX_MEMORIES_PER_COMPONENT))
+            .total_tables(instances.saturating_mul(MAX_TABLES_PER_COMPONENT))
             .total_stacks(instances)
             .max_memory_size(usize::try_from(options.max_memory_bytes)?);
         let mut config = Config::new();
@@ -457,6 +473,8 @@ pub struct ProviderRuntime {
     /// The bulkhead: one permit per call that may run at once
     /// (`limits.max_concurrent_calls`).
     call_slots: Arc<Semaphore>,
+    /// Pool instances reserved for this provider (see [`Runtime::reserve`]).
+    reservation: u32,
 }
 
 impl std::fmt::Debug for ProviderRuntime {
@@ -532,6 +550,12 @@ impl ProviderRuntime {
                 } else {
                     0
                 });
+        // While calls of the version this one replaces may still run, keep the
+        // larger of both reservations (it shrinks at the next reload).
+        let reservation = match previous {
+            Some(p) => reservation.max(p.reservation),
+            None => reservation,
+        };
         runtime
             .reserve(&spec.name, reservation)
             .map_err(|why| load_err(why.into()))?;
@@ -595,6 +619,7 @@ impl ProviderRuntime {
             instances: spec.instances,
             idle: Mutex::new(Vec::new()),
             call_slots,
+            reservation,
             name,
         })
     }
@@ -663,6 +688,7 @@ impl ProviderRuntime {
                     memory_bytes: usize::try_from(self.limits.memory_mib << 20)
                         .unwrap_or(usize::MAX),
                     hits: captured.hits.clone(),
+                    used: 0,
                 },
             },
         );
@@ -742,8 +768,15 @@ impl ProviderRuntime {
     /// finished cleanly (no trap, timeout or limit: `clean`) and it has calls left;
     /// otherwise drop it (and its Store) now.
     fn checkin(&self, warm: Warm, clean: bool) {
+        // An instance with requests still in flight would keep holding egress
+        // places while idle: it is not kept.
+        let quiet = {
+            let hooks = &warm.store.data().hooks;
+            hooks.in_flight.available_permits() == hooks.policy.max_per_call
+        };
         if !(self.instances.reuse
             && clean
+            && quiet
             && warm.instance.is_some()
             && warm.calls < self.instances.max_calls)
         {
@@ -899,7 +932,9 @@ impl ProviderRuntime {
                 format!("a get-random-bytes call asked for more than {MAX_RANDOM_BYTES} bytes"),
             );
         }
-        if message.contains("maximum concurrent limit") {
+        if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+        {
             // The engine's pool ran out (reservations keep this from happening
             // but for a reload's overlap): not the provider's fault.
             tracing::warn!(provider = %self.name, function, "the engine's instance pool is exhausted: {message}");
