@@ -97,7 +97,7 @@ pub struct RuntimeConfig {
     /// together. Each provider reserves `limits.max_concurrent_calls` of them
     /// (plus `instances.max_idle` with `instances.reuse`), so no provider can take
     /// instances another one needs; a provider whose reservation does not fit
-    /// fails to load, naming this key. Default 1024.
+    /// fails to load, naming this key. 16–2048, default 1024.
     #[serde(default = "defaults::max_instances")]
     pub max_instances: u32,
 }
@@ -773,18 +773,21 @@ impl HostConfig {
                 "must be at least 1",
             ));
         }
-        if !(16..=65_536).contains(&self.runtime.max_instances) {
+        // The pool reserves address space for 4 memories per instance, each
+        // slot as large as wasmtime's memory reservation (4 GiB): 2048 instances
+        // is 32 TiB of the 128 TiB a process can address.
+        if !(16..=2048).contains(&self.runtime.max_instances) {
             return Err(ConfigError::at(
                 file,
                 "runtime.max_instances",
-                "must be between 16 and 65536",
+                "must be between 16 and 2048",
             ));
         }
-        if self.runtime.max_memory_mib == 0 {
+        if !(1..=65_536).contains(&self.runtime.max_memory_mib) {
             return Err(ConfigError::at(
                 file,
                 "runtime.max_memory_mib",
-                "must be at least 1",
+                "must be between 1 and 65536",
             ));
         }
         Ok(())
