@@ -762,6 +762,8 @@ fn hostile_provider(mode: &str) -> ProviderConfig {
     p.cache.backoff_max_ms = 1;
     p.cache.min_interval_ms = 0;
     p.circuit_breaker.faults = 1000;
+    p.circuit_breaker.cooldown_ms = 1;
+    p.circuit_breaker.max_cooldown_ms = 1;
     p
 }
 
@@ -845,6 +847,10 @@ fn section_neighbours(smoke: bool) -> Result<String> {
                         let _ = host.get_credentials(provider, &request).await;
                         hammered.fetch_add(1, Ordering::Relaxed);
                         i += 1;
+                        // A refused call returns at once: let the other tasks run
+                        // (the hammer measures hostile providers, not a client
+                        // spinning on a worker thread).
+                        tokio::task::yield_now().await;
                     }
                 });
             }
