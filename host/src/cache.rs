@@ -787,20 +787,25 @@ pub(crate) fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
     crate::clock::from_unix_secs(secs.min(crate::clock::MAX_UNIX_SECS))
 }
 
-/// For the fuzz targets: take `credentials` as a fetch at `now` would (every
-/// number hostile), under the default and the most extreme cache settings, and
-/// check the timeline's invariants. Must never panic.
-pub(crate) fn fuzz_accept(credentials: &Credentials, now: SystemTime) {
-    let key = CacheKey::new(Arc::from("fuzz"), &Request::new());
-    let extreme = CacheConfig {
+/// Every second-valued cache setting at its largest representable value (beyond
+/// what validation allows: the timeline must hold even so).
+fn extreme_settings() -> CacheConfig {
+    CacheConfig {
         default_ttl_secs: u64::MAX,
         max_lifetime_secs: Some(u64::MAX),
         skew_secs: u64::MAX,
         min_period_secs: u64::MAX,
         buffer_secs: u64::MAX,
         ..CacheConfig::default()
-    };
-    for settings in [CacheConfig::default(), extreme] {
+    }
+}
+
+/// For the fuzz targets: take `credentials` as a fetch at `now` would (every
+/// number hostile), under the default and the most extreme cache settings, and
+/// check the timeline's invariants. Must never panic.
+pub(crate) fn fuzz_accept(credentials: &Credentials, now: SystemTime) {
+    let key = CacheKey::new(Arc::from("fuzz"), &Request::new());
+    for settings in [CacheConfig::default(), extreme_settings()] {
         match accept(
             &SlotState::default(),
             &key,

@@ -726,24 +726,7 @@ auth.require = ("/git/" => ("method" => "basic", "realm" => "git", "require" => 
 
     // The password lives in a Vault-shaped endpoint; the sidecar reads it.
     let secrets = SecretsEndpoint::start("git-user", pw1, 3600, "vault-token").await;
-    let config = d.join("reauth.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[providers.repo]
-plugin = "{}"
-allowed_hosts = ["{}"]
-[providers.repo.config]
-secret_url = "{}/v1/database/static-creds/git"
-format = "vault-static-creds"
-vault_token = "vault-token"
-"#,
-            plugins().password_rotation.display(),
-            secrets.base.trim_start_matches("http://"),
-            secrets.base
-        ),
-    )
-    .unwrap();
+    let config = vault_backed_config(d, "repo", "git", &secrets.base);
     let socket = d.join("reauth.sock");
     let (_server, _stdout) = sidecar(&config, &socket);
     let helper = format!(
@@ -987,24 +970,7 @@ async fn docker_logout_erasing_twice_refreshes_once_and_other_registries_not_at_
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let secrets = SecretsEndpoint::start("robot", pw1, 3600, "vault-token").await;
-    let config = d.join("reauth.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[providers.registry]
-plugin = "{}"
-allowed_hosts = ["{}"]
-[providers.registry.config]
-secret_url = "{}/v1/database/static-creds/registry"
-format = "vault-static-creds"
-vault_token = "vault-token"
-"#,
-            plugins().password_rotation.display(),
-            secrets.base.trim_start_matches("http://"),
-            secrets.base
-        ),
-    )
-    .unwrap();
+    let config = vault_backed_config(d, "registry", "registry", &secrets.base);
     let socket = d.join("reauth.sock");
     let (_server, _stdout) = sidecar(&config, &socket);
     let run_dir = d.join("run");
@@ -1180,4 +1146,27 @@ async fn sidecar_reloads_its_config_and_logs_json() {
     }
     assert!(text.contains("reloaded"), "{text}");
     assert!(!text.contains("static-pw-1q2w3e"));
+}
+
+/// A `reauth.toml` in `dir` with one `password-rotation` provider `provider`
+/// reading `static-creds/<path>` from the Vault-shaped endpoint at `base`.
+fn vault_backed_config(dir: &Path, provider: &str, path: &str, base: &str) -> PathBuf {
+    let config = dir.join("reauth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[providers.{provider}]
+plugin = "{}"
+allowed_hosts = ["{}"]
+[providers.{provider}.config]
+secret_url = "{base}/v1/database/static-creds/{path}"
+format = "vault-static-creds"
+vault_token = "vault-token"
+"#,
+            plugins().password_rotation.display(),
+            base.trim_start_matches("http://"),
+        ),
+    )
+    .unwrap();
+    config
 }

@@ -537,14 +537,7 @@ async fn a_jwt_exp_of_u64_max_is_the_far_future_not_a_panic() {
         .unwrap();
     assert_eq!(lookup, Lookup::Hit);
     // Every extreme the configuration allows schedules without panicking.
-    let extreme = CacheConfig {
-        default_ttl_secs: u64::MAX,
-        max_lifetime_secs: Some(u64::MAX),
-        skew_secs: u64::MAX,
-        min_period_secs: u64::MAX,
-        buffer_secs: u64::MAX,
-        ..CacheConfig::default()
-    };
+    let extreme = extreme_settings();
     let now = UNIX_EPOCH + Duration::from_secs(START);
     for c in [
         bearer("opaque", None),
