@@ -43,35 +43,26 @@
 #![deny(missing_docs)]
 
 pub mod adapters;
-pub mod cache;
-pub mod classify;
 pub mod cli;
-pub mod clock;
-pub mod config;
 pub mod conformance;
-mod error;
 mod host;
 pub mod issuer;
-pub mod metrics;
-pub mod retry;
 pub mod runtime;
 pub mod scaffold;
-mod secret;
 pub mod server;
-mod types;
 pub mod verify;
 pub mod watch;
-pub mod wire;
 
-pub use cache::{CacheEvent, CacheKey, KeyRef, KeyStats, Lookup};
-pub use config::{
-    BreakerConfig, CacheConfig, ConfigError, HostConfig, LimitsConfig, ProviderConfig, RetryConfig,
-};
-pub use error::{BoxError, Error, LimitKind, Result};
+// The engine-free core (crate `reauth-core`), at the paths embedders already use.
+pub use reauth_core::{cache, classify, clock, config, hosts, metrics, retry, wire};
+// Internal paths (`crate::types::…`) keep working for the modules here.
+use reauth_core::{error, secret, types};
+
 pub use host::{Host, HostBuilder, ProviderStatus, ReloadReport};
-pub use retry::{OperationError, Rejection, RetryPolicy};
-pub use secret::Secret;
-pub use types::{
-    Credential, Credentials, Decision, ProviderError, Reason, Request, SecurityError,
-    SecurityErrorKind,
+pub use reauth_core::Secret;
+pub use reauth_core::{
+    BoxError, BreakerConfig, CacheConfig, CacheEvent, CacheKey, ConfigError, Credential,
+    Credentials, Decision, Error, HostConfig, KeyRef, KeyStats, LimitKind, LimitsConfig, Lookup,
+    OperationError, ProviderConfig, ProviderError, Reason, Rejection, Request, Result, RetryConfig,
+    RetryPolicy, SecurityError, SecurityErrorKind,
 };

@@ -29,7 +29,7 @@ fn to_datetime(t: SystemTime) -> wit::Datetime {
 }
 
 /// Latest `expires-at` accepted from a plugin: 9999-12-31T23:59:59Z.
-const MAX_EXPIRES_AT_SECS: u64 = 253_402_300_799;
+const MAX_EXPIRES_AT_SECS: u64 = crate::clock::MAX_UNIX_SECS;
 
 fn from_datetime(d: wit::Datetime) -> Option<SystemTime> {
     if d.seconds > MAX_EXPIRES_AT_SECS || d.nanoseconds > 999_999_999 {

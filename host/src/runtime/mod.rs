@@ -43,7 +43,7 @@ pub use limits::BreakerStatus;
 #[doc(hidden)]
 pub use bindings::fuzzing;
 
-use crate::clock::{Clock, WasiWallClock};
+use crate::clock::Clock;
 use crate::config::{BreakerConfig, InstancesConfig, LimitsConfig};
 use crate::error::{BoxError, Error, LimitKind};
 use crate::secret::Secret;
@@ -60,6 +60,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -1183,4 +1184,20 @@ struct Captured {
     stdout: CapturePipe,
     stderr: CapturePipe,
     hits: Arc<CallHits>,
+}
+
+/// Presents a [`Clock`] to plugins as `wasi:clocks/wall-clock`.
+pub(crate) struct WasiWallClock(pub(crate) Arc<dyn Clock>);
+
+impl wasmtime_wasi::HostWallClock for WasiWallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_nanos(1)
+    }
+
+    fn now(&self) -> Duration {
+        self.0
+            .now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+    }
 }

@@ -6,8 +6,11 @@ use std::fmt;
 use std::time::SystemTime;
 
 /// What a client presents to a server.
+///
+/// Deliberately exhaustive: it mirrors the WIT contract's `credential` variant
+/// one to one, and a new variant is a contract change (a new WIT version) that
+/// every consumer — the host's conversions included — must handle on purpose.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum Credential {
     /// Username and password.
     Basic {

@@ -171,7 +171,8 @@ pub enum CacheEvent {
 }
 
 /// Fetches a credential for a request; called with the fetch lock held.
-pub(crate) type Fetcher = Arc<
+#[doc(hidden)]
+pub type Fetcher = Arc<
     dyn Fn(Request) -> Pin<Box<dyn Future<Output = Result<Credentials, Error>> + Send>>
         + Send
         + Sync,
@@ -232,7 +233,8 @@ impl Slot {
 
 /// Told the provider's name whenever a fetched credential is refused for
 /// breaking the contract (for metrics: counted once per refusal).
-pub(crate) type ViolationHook = Arc<dyn Fn(&str) + Send + Sync>;
+#[doc(hidden)]
+pub type ViolationHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 struct Inner {
     slots: RwLock<HashMap<CacheKey, Arc<Slot>>>,
@@ -244,7 +246,8 @@ struct Inner {
 
 /// What [`TokenCache::invalidate_if`] did with a report of a rejected credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Invalidation {
+#[doc(hidden)]
+pub enum Invalidation {
     /// The entry held the rejected credential and was dropped: the next lookup
     /// fetches.
     Dropped,
@@ -258,7 +261,8 @@ pub(crate) enum Invalidation {
 
 /// The cache of every provider's credentials. Cheap to clone.
 #[derive(Clone)]
-pub(crate) struct TokenCache(Arc<Inner>);
+#[doc(hidden)]
+pub struct TokenCache(Arc<Inner>);
 
 /// Counts of what the cache did for one key (for tests, metrics and the demo).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -271,13 +275,15 @@ pub struct KeyStats {
 
 impl TokenCache {
     #[cfg(test)]
-    pub(crate) fn new(clock: Arc<dyn Clock>, max_entries: usize) -> Self {
+    #[doc(hidden)]
+    pub fn new(clock: Arc<dyn Clock>, max_entries: usize) -> Self {
         Self::with_violation_hook(clock, max_entries, None)
     }
 
     /// Like [`TokenCache::new`], calling `on_violation` for every credential
     /// refused for breaking the contract.
-    pub(crate) fn with_violation_hook(
+    #[doc(hidden)]
+    pub fn with_violation_hook(
         clock: Arc<dyn Clock>,
         max_entries: usize,
         on_violation: Option<ViolationHook>,
@@ -309,7 +315,8 @@ impl TokenCache {
     }
 
     /// Receive every later [`CacheEvent`].
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<CacheEvent> {
+    #[doc(hidden)]
+    pub fn subscribe(&self) -> broadcast::Receiver<CacheEvent> {
         self.0.events.subscribe()
     }
 
@@ -361,7 +368,8 @@ impl TokenCache {
 
     /// Drop every key of `provider` (changed or removed by a reload); returns how
     /// many. A fetch already running finishes for its own callers.
-    pub(crate) fn remove_provider(&self, provider: &str) -> usize {
+    #[doc(hidden)]
+    pub fn remove_provider(&self, provider: &str) -> usize {
         let mut slots = self.0.slots.write().unwrap_or_else(|e| e.into_inner());
         let doomed: Vec<CacheKey> = slots
             .keys()
@@ -376,13 +384,21 @@ impl TokenCache {
     }
 
     /// Number of keys held.
-    pub(crate) fn len(&self) -> usize {
+    #[doc(hidden)]
+    pub fn len(&self) -> usize {
         self.0.slots.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no key is held.
+    #[doc(hidden)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The cached credential for `key`, fetching it with `fetch` when missing or
     /// expired (see the module docs for the exact rules).
-    pub(crate) async fn get(
+    #[doc(hidden)]
+    pub async fn get(
         &self,
         key: &KeyRef<'_>,
         request: &Request,
@@ -570,7 +586,8 @@ impl TokenCache {
     /// client reporting rejections in a loop (a bug, or a server that rejects every
     /// token) cannot turn into a flood of IdP calls; within the interval the
     /// report is [`Invalidation::Suppressed`] and the current credential stays.
-    pub(crate) fn invalidate_if(
+    #[doc(hidden)]
+    pub fn invalidate_if(
         &self,
         key: &KeyRef<'_>,
         failed: &Credentials,
@@ -604,21 +621,24 @@ impl TokenCache {
     }
 
     /// When the entry for `key` stops being served, if there is one.
-    pub(crate) fn use_until(&self, key: &KeyRef<'_>) -> Option<SystemTime> {
+    #[doc(hidden)]
+    pub fn use_until(&self, key: &KeyRef<'_>) -> Option<SystemTime> {
         let slot = self.existing_slot(key)?;
         let st = slot.lock();
         st.entry.as_ref().map(|e| e.use_until)
     }
 
     /// When the entry for `key` enters its advisory (refresh-ahead) window.
-    pub(crate) fn refresh_at(&self, key: &KeyRef<'_>) -> Option<SystemTime> {
+    #[doc(hidden)]
+    pub fn refresh_at(&self, key: &KeyRef<'_>) -> Option<SystemTime> {
         let slot = self.existing_slot(key)?;
         let st = slot.lock();
         st.entry.as_ref().map(|e| e.refresh_at)
     }
 
     /// Failure and generation counters for `key`.
-    pub(crate) fn stats(&self, key: &KeyRef<'_>) -> KeyStats {
+    #[doc(hidden)]
+    pub fn stats(&self, key: &KeyRef<'_>) -> KeyStats {
         self.existing_slot(key)
             .map(|slot| {
                 let st = slot.lock();
@@ -642,7 +662,8 @@ fn record_failure(st: &mut SlotState, error: &Error, s: &CacheConfig, now: Syste
 }
 
 /// Exponential backoff with ±20 % jitter (`unit` in [0, 1)), capped at the maximum.
-pub(crate) fn backoff(s: &CacheConfig, failures: u32, unit: f64) -> Duration {
+#[doc(hidden)]
+pub fn backoff(s: &CacheConfig, failures: u32, unit: f64) -> Duration {
     let exp = failures.saturating_sub(1).min(30);
     let base = (s.backoff_initial_ms as f64) * f64::from(1u32 << exp.min(20));
     let jittered = base * (0.8 + 0.4 * unit);
@@ -699,7 +720,8 @@ fn schedule(
 /// `expires-at` and, for a bearer JWT, its `exp` claim (a provider that computes
 /// `expires-at` from `expires_in` on arrival can be later than the token's own
 /// `exp`, which a strict server enforces).
-pub(crate) fn known_expiry(credentials: &Credentials) -> Option<SystemTime> {
+#[doc(hidden)]
+pub fn known_expiry(credentials: &Credentials) -> Option<SystemTime> {
     match (credentials.expires_at, jwt_exp(&credentials.credential)) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -762,7 +784,8 @@ fn fingerprint(principal: &str) -> String {
 /// need to trust it, only to know when the server will stop accepting it).
 /// Clamped to [`crate::clock::MAX_UNIX_SECS`]; a non-integer or negative `exp` is
 /// ignored.
-pub(crate) fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
+#[doc(hidden)]
+pub fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
     let Credential::Bearer(token) = credential else {
         return None;
     };
@@ -803,7 +826,8 @@ fn extreme_settings() -> CacheConfig {
 /// For the fuzz targets: take `credentials` as a fetch at `now` would (every
 /// number hostile), under the default and the most extreme cache settings, and
 /// check the timeline's invariants. Must never panic.
-pub(crate) fn fuzz_accept(credentials: &Credentials, now: SystemTime) {
+#[doc(hidden)]
+pub fn fuzz_accept(credentials: &Credentials, now: SystemTime) {
     let key = CacheKey::new(Arc::from("fuzz"), &Request::new());
     for settings in [CacheConfig::default(), extreme_settings()] {
         match accept(

@@ -268,7 +268,8 @@ pub struct ProviderMetrics {
 
 impl ProviderMetrics {
     /// Record one `get-credentials` call made for `reason`.
-    pub(crate) fn fetched<T: CredentialsLike>(
+    #[doc(hidden)]
+    pub fn fetched<T: CredentialsLike>(
         &self,
         reason: Reason,
         elapsed: Duration,
@@ -291,7 +292,8 @@ impl ProviderMetrics {
     }
 
     /// Record one `handle-security-error` call for an error of `kind`.
-    pub(crate) fn security_error(
+    #[doc(hidden)]
+    pub fn security_error(
         &self,
         kind: SecurityErrorKind,
         elapsed: Duration,
@@ -325,14 +327,16 @@ impl ProviderMetrics {
     }
 
     /// Record how a lookup was served.
-    pub(crate) fn lookup(&self, kind: LookupKind) {
+    #[doc(hidden)]
+    pub fn lookup(&self, kind: LookupKind) {
         let i = LookupKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         self.lookups[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Record a credential refused for breaking the contract
     /// ([`Error::Contract`]: already expired, principal switched).
-    pub(crate) fn contract_violation(&self) {
+    #[doc(hidden)]
+    pub fn contract_violation(&self) {
         self.contract_violations.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -342,12 +346,14 @@ impl ProviderMetrics {
     }
 
     /// Record a re-authentication by `with_credentials`.
-    pub(crate) fn reauthenticated(&self) {
+    #[doc(hidden)]
+    pub fn reauthenticated(&self) {
         self.reauthentications.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Record a retry-after wait by `with_credentials`.
-    pub(crate) fn waited(&self) {
+    #[doc(hidden)]
+    pub fn waited(&self) {
         self.retry_after_waits.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -359,7 +365,8 @@ impl ProviderMetrics {
 }
 
 /// What the fetch metrics need of a credential.
-pub(crate) trait CredentialsLike {
+#[doc(hidden)]
+pub trait CredentialsLike {
     fn expires_at(&self) -> Option<SystemTime>;
 }
 

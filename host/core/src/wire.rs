@@ -65,7 +65,7 @@ impl std::fmt::Debug for WireCredential {
 }
 
 /// Latest `expires_at_unix` accepted on the wire: 9999-12-31T23:59:59Z.
-pub const MAX_EXPIRES_AT_UNIX: u64 = 253_402_300_799;
+pub const MAX_EXPIRES_AT_UNIX: u64 = crate::clock::MAX_UNIX_SECS;
 
 /// Why a wire value does not convert to the host's types.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,7 +126,7 @@ impl From<&Credentials> for WireCredentials {
         let seconds = c.expires_at.map(unix_seconds_down);
         WireCredentials {
             credential,
-            expires_at: seconds.map(|s| crate::cli::rfc3339(UNIX_EPOCH + Duration::from_secs(s))),
+            expires_at: seconds.map(|s| crate::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(s))),
             expires_at_unix: seconds,
             principal: c.principal.clone(),
         }

@@ -74,22 +74,6 @@ impl Clock for ManualClock {
     }
 }
 
-/// Presents a [`Clock`] to plugins as `wasi:clocks/wall-clock`.
-pub(crate) struct WasiWallClock(pub(crate) Arc<dyn Clock>);
-
-impl wasmtime_wasi::HostWallClock for WasiWallClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_nanos(1)
-    }
-
-    fn now(&self) -> Duration {
-        self.0
-            .now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-    }
-}
-
 /// A wall clock driven by tokio's clock: under `tokio::time::pause()` it only
 /// moves when tokio's time does (auto-advance or `tokio::time::advance`), so
 /// expiry, refresh-ahead and backoff can be tested without waiting.
@@ -113,4 +97,30 @@ impl Clock for TokioClock {
     fn now(&self) -> SystemTime {
         self.base + self.start.elapsed()
     }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a system time (UTC), cut to whole seconds (rounded
+/// down); times before 1970 print as the epoch.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

@@ -816,7 +816,8 @@ impl HostConfig {
 }
 
 /// Provider names appear in URLs, metrics and file names: keep them plain.
-pub(crate) fn valid_provider_name(name: &str) -> bool {
+#[doc(hidden)]
+pub fn valid_provider_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -827,7 +828,8 @@ pub(crate) fn valid_provider_name(name: &str) -> bool {
 /// Upper bound of the cache's second-valued settings (no token lives longer).
 const TEN_YEARS_SECS: u64 = 10 * 366 * 86_400;
 
-pub(crate) fn validate_provider(
+#[doc(hidden)]
+pub fn validate_provider(
     file: Option<&Path>,
     name: &str,
     p: &ProviderConfig,
@@ -851,7 +853,7 @@ pub(crate) fn validate_provider(
         ));
     }
     for (i, host) in p.allowed_hosts.iter().enumerate() {
-        if let Err(why) = crate::runtime::egress::HostPattern::parse(host) {
+        if let Err(why) = crate::hosts::HostPattern::parse(host) {
             return Err(ConfigError::at(
                 file,
                 format!("{}[{i}]", key("allowed_hosts")),
@@ -1063,7 +1065,8 @@ pub(crate) fn validate_provider(
 
 /// Resolve a provider's config values (`{ env }`, `{ file }`) into plain secrets.
 /// Errors name the provider and the key, never the value.
-pub(crate) fn resolve_values(
+#[doc(hidden)]
+pub fn resolve_values(
     file: Option<&Path>,
     base_dir: &Path,
     provider: &str,

@@ -1,0 +1,48 @@
+//! # reauth-core: the engine-free part of reauth
+//!
+//! Everything about credentials that does not need a WebAssembly engine or an
+//! HTTP server: the types that cross the provider contract ([`types`]), secrets
+//! that never print themselves ([`Secret`]), the configuration and its
+//! validation ([`config`], [`hosts`]), the token cache ([`cache`]: refresh-ahead,
+//! single-flight, compare-and-invalidate), the retry policy ([`retry`]), the
+//! classification of server errors ([`classify`]), clocks ([`clock`]), metrics
+//! ([`metrics`]) and the JSON hand-over shapes ([`wire`]).
+//!
+//! Embedders normally depend on `reauth`, which re-exports all of this at the
+//! same paths (`reauth::config::…`, `reauth::Secret`, …) and adds the runtime.
+//!
+//! ```
+//! use reauth_core::{Request, SecurityErrorKind, classify};
+//!
+//! let request = Request::new().scope("orders:read");
+//! assert_eq!(request.scopes, ["orders:read"]);
+//! let error = classify::from_http(401, Some(r#"Bearer error="invalid_token""#), None).unwrap();
+//! assert_eq!(error.kind, SecurityErrorKind::Unauthorized);
+//! assert_eq!(error.code.as_deref(), Some("invalid_token"));
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod cache;
+pub mod classify;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod hosts;
+pub mod metrics;
+pub mod retry;
+pub mod secret;
+pub mod types;
+pub mod wire;
+
+pub use cache::{CacheEvent, CacheKey, KeyRef, KeyStats, Lookup};
+pub use config::{
+    BreakerConfig, CacheConfig, ConfigError, HostConfig, LimitsConfig, ProviderConfig, RetryConfig,
+};
+pub use error::{BoxError, Error, LimitKind, Result};
+pub use retry::{OperationError, Rejection, RetryPolicy};
+pub use secret::Secret;
+pub use types::{
+    Credential, Credentials, Decision, ProviderError, Reason, Request, SecurityError,
+    SecurityErrorKind,
+};
