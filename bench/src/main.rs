@@ -545,6 +545,8 @@ fn providers_child(n: usize) -> Result<()> {
     // Warm the precompiled cache first, as a deployment would (`reauth check`).
     let mut config = reauth::HostConfig::default();
     config.runtime.cache_dir = Some(cache.path().to_path_buf());
+    // 100 providers × the default bulkhead of 8 need more than the default pool.
+    config.runtime.max_instances = 1024;
     config.providers.insert("warm".into(), logic_provider());
     drop(Host::builder_from_config(config.clone()).build()?);
     config.providers.clear();

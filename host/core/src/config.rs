@@ -97,7 +97,10 @@ pub struct RuntimeConfig {
     /// together. Each provider reserves `limits.max_concurrent_calls` of them
     /// (plus `instances.max_idle` with `instances.reuse`), so no provider can take
     /// instances another one needs; a provider whose reservation does not fit
-    /// fails to load, naming this key. 16–2048, default 1024.
+    /// fails to load, naming this key. 16–2048, default 256 (32 providers at the
+    /// default quota). The pool reserves address space for 4 memories of 4 GiB per
+    /// instance: 4 TiB at the default, of the 128 TiB a process can address, so
+    /// many hosts fit in one process; raise it for more providers.
     #[serde(default = "defaults::max_instances")]
     pub max_instances: u32,
 }
@@ -682,7 +685,7 @@ pub mod defaults {
     }
     /// `runtime.max_instances`.
     pub fn max_instances() -> u32 {
-        1024
+        256
     }
     /// `limits.max_concurrent_calls`.
     pub fn max_concurrent_calls() -> u32 {
