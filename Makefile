@@ -35,7 +35,7 @@ conformance: plugins
 ## The main job: fetch → cached hits → refresh after expiry → re-authentication,
 ## against the embedded dev issuer.
 demo: plugins
-	$(CARGO) run --release -p reauth --bin reauth -- demo
+	$(CARGO) run --release -p reauth-cli --bin reauth -- demo
 
 ## Everything CI checks: formatting, lints, WIT drift, unit + integration tests,
 ## the conformance kit on every shipped provider, then the audit of every log line

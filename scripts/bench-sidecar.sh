@@ -11,7 +11,7 @@ for tool in wrk hyperfine; do
     command -v $tool >/dev/null || { sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo; $sudo apt-get install -y -qq $tool >/dev/null; }
 done
 make -s plugins >/dev/null
-cargo build -q --release -p reauth --bin reauth
+cargo build -q --release -p reauth-cli --bin reauth
 bin=target/release/reauth
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (Option<&str>, &[u8])| {
     let (content_type, body) = input;
-    reauth::server::fuzzing::credentials_body(content_type, body);
+    reauth_cli::server::fuzzing::credentials_body(content_type, body);
     // The common case, as real clients send it.
-    reauth::server::fuzzing::credentials_body(Some("application/json"), body);
+    reauth_cli::server::fuzzing::credentials_body(Some("application/json"), body);
 });

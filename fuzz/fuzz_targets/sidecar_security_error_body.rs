@@ -2,7 +2,7 @@
 //! bytes parse and convert as the server does (checked expiry arithmetic) into the
 //! request, the rejected credential and the error, or a 4xx refusal, never a
 //! panic; what converts round-trips through the wire form and shows no secret in
-//! `Debug` (checked inside `reauth::server::fuzzing`).
+//! `Debug` (checked inside `reauth_cli::server::fuzzing`).
 //!
 //! Besides raw bytes, the input can be a structured report whose
 //! `expires_at_unix` and strings are chosen by the fuzzer, so the numeric edge
@@ -30,7 +30,7 @@ enum Input<'a> {
 fuzz_target!(|input: Input| {
     match input {
         Input::Raw(content_type, body) => {
-            reauth::server::fuzzing::security_error_body(content_type, body);
+            reauth_cli::server::fuzzing::security_error_body(content_type, body);
         }
         Input::Structured(r) => {
             let s = |i: usize| r.strings.get(i).cloned().unwrap_or_default();
@@ -53,7 +53,7 @@ fuzz_target!(|input: Input| {
                 "credential": credential,
                 "error": error,
             });
-            reauth::server::fuzzing::security_error_body(
+            reauth_cli::server::fuzzing::security_error_body(
                 Some("application/json"),
                 body.to_string().as_bytes(),
             );

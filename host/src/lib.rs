@@ -36,20 +36,15 @@
 //! ```
 //!
 //! Configuration files are described in [`config`]; the sandbox in [`runtime`];
-//! the cache's semantics in [`cache`]. [`issuer`] is a development-only OAuth2
-//! token endpoint the demo and tests run against. [`verify`] checks bearer JWTs for
+//! the cache's semantics in [`cache`]. The `reauth` command, the sidecar, the
+//! adapters, the conformance kit and the dev issuer live in the `reauth-cli`
+//! crate; the engine-free core in `reauth-core`. [`verify`] checks bearer JWTs for
 //! servers that embed reauth (static keys or JWKS, expired told apart from invalid).
 
 #![deny(missing_docs)]
 
-pub mod adapters;
-pub mod cli;
-pub mod conformance;
 mod host;
-pub mod issuer;
 pub mod runtime;
-pub mod scaffold;
-pub mod server;
 pub mod verify;
 pub mod watch;
 

@@ -1,8 +1,8 @@
-//! `reauth check` and `reauth demo`, through `reauth::cli::run` — the function the
+//! `reauth check` and `reauth demo`, through `reauth_cli::cli::run` — the function the
 //! binary calls — with real plugins and the in-process dev issuer.
 
 use clap::Parser;
-use reauth::cli::{Cli, run};
+use reauth_cli::cli::{Cli, run};
 use reauth_tests::plugins;
 use std::process::ExitCode;
 

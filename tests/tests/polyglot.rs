@@ -4,12 +4,12 @@
 //! every language.
 
 use reauth::clock::SystemClock;
-use reauth::conformance::{self, Manifest, Outcome};
 use reauth::runtime::{ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
 use reauth::{
     BreakerConfig, Credential, Error, Host, LimitKind, LimitsConfig, ProviderConfig, ProviderError,
     Request, Secret,
 };
+use reauth_cli::conformance::{self, Manifest, Outcome};
 use reauth_tests::peers::SlowEndpoint;
 use reauth_tests::{plugins, root, workspace_binary};
 use std::path::{Path, PathBuf};

@@ -1,11 +1,11 @@
 //! The shipped providers and the fixtures, through the real host, against real
 //! peers on loopback.
 
-use reauth::issuer::{DevClient, DevIssuer, DevIssuerConfig};
 use reauth::{
     Credential, Decision, Error, Host, HostConfig, ProviderConfig, ProviderError, Reason, Request,
     SecurityError, SecurityErrorKind,
 };
+use reauth_cli::issuer::{DevClient, DevIssuer, DevIssuerConfig};
 use reauth_tests::plugins;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,12 +2,12 @@
 //! herds, compare-and-invalidate bursts, `with_credentials` decisions, and an
 //! end-to-end loop against the dev issuer and a JWT-validating resource server.
 
-use reauth::issuer::{DevClient, DevIssuer, DevIssuerConfig};
 use reauth::retry::{OperationError, Rejection};
 use reauth::{
     Credential, Credentials, Host, ProviderConfig, Request, SecurityError, SecurityErrorKind,
     classify,
 };
+use reauth_cli::issuer::{DevClient, DevIssuer, DevIssuerConfig};
 use reauth_tests::plugins;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! Secret hygiene: its own test binary, because it installs a process-wide
 //! `tracing` subscriber and must see every log line the host writes.
 
-use reauth::issuer::{DevClient, DevIssuer, DevIssuerConfig};
 use reauth::{Credential, Host, ProviderConfig, Request, SecurityError, SecurityErrorKind};
+use reauth_cli::issuer::{DevClient, DevIssuer, DevIssuerConfig};
 use reauth_tests::{plugins, record_secret};
 use std::time::Duration;
 

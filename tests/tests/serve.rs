@@ -1,4 +1,4 @@
-//! The sidecar API (`reauth::server`, what `reauth serve` runs) over TCP and a Unix
+//! The sidecar API (`reauth_cli::server`, what `reauth serve` runs) over TCP and a Unix
 //! socket: round trips, the API token, socket permissions, loopback-only binding,
 //! bad requests, single-flight across HTTP requests, metrics, graceful shutdown,
 //! and every response checked against `host/openapi.json`; and the server against
@@ -6,8 +6,8 @@
 //! bodies that never finish, oversize announcements, connection floods, a
 //! half-sent request at SIGTERM (the real binary).
 
-use reauth::server::{ServeError, ServeOptions, Server};
 use reauth::{Host, ProviderConfig, Secret};
+use reauth_cli::server::{ServeError, ServeOptions, Server};
 use reauth_tests::peers::{Peer, SlowEndpoint, free_port, http};
 use reauth_tests::{plugins, root, workspace_binary};
 use serde_json::{Value, json};

@@ -24,27 +24,27 @@ type File = (&'static str, &'static str, bool);
 const RUST: &[File] = &[
     (
         "Cargo.toml",
-        include_str!("../../sdk/templates/rust/Cargo.toml.tmpl"),
+        include_str!("../../../sdk/templates/rust/Cargo.toml.tmpl"),
         false,
     ),
     (
         "src/lib.rs",
-        include_str!("../../sdk/templates/rust/src/lib.rs"),
+        include_str!("../../../sdk/templates/rust/src/lib.rs"),
         false,
     ),
     (
         "build.sh",
-        include_str!("../../sdk/templates/rust/build.sh"),
+        include_str!("../../../sdk/templates/rust/build.sh"),
         true,
     ),
     (
         "conformance.toml",
-        include_str!("../../sdk/templates/rust/conformance.toml"),
+        include_str!("../../../sdk/templates/rust/conformance.toml"),
         false,
     ),
     (
         "README.md",
-        include_str!("../../sdk/templates/rust/README.md"),
+        include_str!("../../../sdk/templates/rust/README.md"),
         false,
     ),
 ];
@@ -52,22 +52,22 @@ const RUST: &[File] = &[
 const PYTHON: &[File] = &[
     (
         "app.py",
-        include_str!("../../sdk/templates/python/app.py"),
+        include_str!("../../../sdk/templates/python/app.py"),
         false,
     ),
     (
         "build.sh",
-        include_str!("../../sdk/templates/python/build.sh"),
+        include_str!("../../../sdk/templates/python/build.sh"),
         true,
     ),
     (
         "conformance.toml",
-        include_str!("../../sdk/templates/python/conformance.toml"),
+        include_str!("../../../sdk/templates/python/conformance.toml"),
         false,
     ),
     (
         "README.md",
-        include_str!("../../sdk/templates/python/README.md"),
+        include_str!("../../../sdk/templates/python/README.md"),
         false,
     ),
 ];
@@ -75,22 +75,22 @@ const PYTHON: &[File] = &[
 const JS: &[File] = &[
     (
         "app.js",
-        include_str!("../../sdk/templates/js/app.js"),
+        include_str!("../../../sdk/templates/js/app.js"),
         false,
     ),
     (
         "build.sh",
-        include_str!("../../sdk/templates/js/build.sh"),
+        include_str!("../../../sdk/templates/js/build.sh"),
         true,
     ),
     (
         "conformance.toml",
-        include_str!("../../sdk/templates/js/conformance.toml"),
+        include_str!("../../../sdk/templates/js/conformance.toml"),
         false,
     ),
     (
         "README.md",
-        include_str!("../../sdk/templates/js/README.md"),
+        include_str!("../../../sdk/templates/js/README.md"),
         false,
     ),
 ];

@@ -4,10 +4,10 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = reauth::cli::Cli::parse();
+    let cli = reauth_cli::cli::Cli::parse();
     // A daemon logs what it does; one-shot commands and tool helpers only warn.
     let default_level = match cli.command {
-        reauth::cli::Command::Serve { .. } | reauth::cli::Command::Watch { .. } => "info",
+        reauth_cli::cli::Command::Serve { .. } | reauth_cli::cli::Command::Watch { .. } => "info",
         _ => "warn",
     };
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -23,8 +23,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(filter);
     match cli.log_format {
-        reauth::cli::LogFormat::Text => logs.init(),
-        reauth::cli::LogFormat::Json => logs.json().init(),
+        reauth_cli::cli::LogFormat::Text => logs.init(),
+        reauth_cli::cli::LogFormat::Json => logs.json().init(),
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         }
     };
     let mut stdout = std::io::stdout();
-    match runtime.block_on(reauth::cli::run(cli, &mut stdout)) {
+    match runtime.block_on(reauth_cli::cli::run(cli, &mut stdout)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("reauth: {e}");
