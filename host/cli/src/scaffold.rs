@@ -128,7 +128,7 @@ pub fn find_sdk(explicit: Option<&Path>) -> Result<PathBuf, ScaffoldError> {
         Some(p) => p.to_path_buf(),
         None => match std::env::var_os("REAUTH_SDK") {
             Some(p) => PathBuf::from(p),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk"),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk"),
         },
     };
     let sdk = candidate
