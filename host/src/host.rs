@@ -4,7 +4,8 @@ use crate::cache::{CacheEvent, Fetcher, Invalidation, KeyRef, KeyStats, Lookup, 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
-use crate::metrics::{LookupKind, Metrics, ProviderMetrics};
+use crate::metrics::{LookupKind, Metrics, ProviderMetrics, SharedEvent};
+use crate::store::{FileSharedCache, SharedCache, SharedEntry};
 use crate::retry::{Action, OperationError, Rejection, RetryPolicy};
 use crate::runtime::BreakerStatus;
 use crate::runtime::egress::HostPattern;
@@ -14,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The outcome of loading one provider.
 #[derive(Debug, Clone)]
@@ -50,6 +51,8 @@ struct Ready {
     retry: RetryPolicy,
     fetch: Fetcher,
     metrics: Arc<ProviderMetrics>,
+    /// Its view of the shared cache (L2), when there is one.
+    shared: Option<Arc<SharedTier>>,
     /// What this version was built from; a reload with the same identity keeps it
     /// (and its cache).
     identity: Identity,
@@ -140,6 +143,8 @@ struct Inner {
     /// The configuration currently applied (runtime settings are fixed at build).
     config: Mutex<HostConfig>,
     metrics: Arc<Metrics>,
+    /// The cross-process token cache (L2), fixed at build.
+    shared: Option<Arc<dyn SharedCache>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -155,9 +160,17 @@ pub struct HostBuilder {
     config: HostConfig,
     clock: Arc<dyn Clock>,
     runtime_options: Option<RuntimeOptions>,
+    shared: Option<Option<Arc<dyn SharedCache>>>,
 }
 
 impl HostBuilder {
+    /// Share fresh credentials with other processes through `cache` (L2) instead
+    /// of the one `[runtime.shared_cache]` configures; `None` turns it off.
+    pub fn shared_cache(mut self, cache: Option<Arc<dyn SharedCache>>) -> Self {
+        self.shared = Some(cache);
+        self
+    }
+
     /// Add (or replace) a provider.
     pub fn provider(mut self, name: impl Into<String>, provider: ProviderConfig) -> Self {
         self.config.providers.insert(name.into(), provider);
@@ -218,10 +231,14 @@ impl HostBuilder {
         })?;
         let runtime = Arc::new(runtime);
         let metrics = Arc::new(Metrics::default());
+        let shared = match self.shared {
+            Some(chosen) => chosen,
+            None => open_shared_cache(&config),
+        };
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
             let loaded = provider_spec(&config, name, p).and_then(|resolved| {
-                load_provider(&runtime, &config, &metrics, name, p, resolved, None)
+                load_provider(&runtime, &config, &metrics, shared.as_ref(), name, p, resolved, None)
             });
             let slot = match loaded {
                 Ok(ready) => {
@@ -254,6 +271,7 @@ impl HostBuilder {
                 ),
                 config: Mutex::new(config),
                 metrics,
+                shared,
             }),
         })
     }
@@ -261,10 +279,12 @@ impl HostBuilder {
 
 /// Load and wire one provider from its resolved spec (see [`provider_spec`]).
 /// `previous` is the version a reload replaces (its state store is taken over).
+#[allow(clippy::too_many_arguments)]
 fn load_provider(
     runtime: &Arc<Runtime>,
     config: &HostConfig,
     metrics: &Metrics,
+    shared: Option<&Arc<dyn SharedCache>>,
     name: &str,
     p: &ProviderConfig,
     (spec, identity): (ProviderSpec, Identity),
@@ -281,17 +301,47 @@ fn load_provider(
         previous.map(|r| &*r.runtime),
     )?);
     let provider_metrics = metrics.provider(name);
+    loaded.set_metrics(provider_metrics.clone());
+    let settings = Arc::new(p.cache.clone());
+    let tier = shared.map(|cache| {
+        Arc::new(SharedTier {
+            cache: cache.clone(),
+            identity: identity.digest(name, loaded.sha256()),
+            settings: settings.clone(),
+            clock: runtime.clock().clone(),
+            metrics: provider_metrics.clone(),
+            // Long enough for the fetcher's whole call, including its wait for a
+            // call slot; past it the waiter fetches itself.
+            wait: Duration::from_millis(
+                p.limits
+                    .timeout_ms
+                    .saturating_add(p.limits.queue_timeout_ms)
+                    .saturating_add(1000),
+            ),
+        })
+    });
     let fetch: Fetcher = {
-        let (runtime, loaded, metrics) =
-            (runtime.clone(), loaded.clone(), provider_metrics.clone());
+        let (runtime, loaded, metrics, tier) = (
+            runtime.clone(),
+            loaded.clone(),
+            provider_metrics.clone(),
+            tier.clone(),
+        );
         Arc::new(move |request: Request| {
-            let (runtime, loaded, metrics) = (runtime.clone(), loaded.clone(), metrics.clone());
+            let (runtime, loaded, metrics, tier) =
+                (runtime.clone(), loaded.clone(), metrics.clone(), tier.clone());
             Box::pin(async move {
-                let started = std::time::Instant::now();
-                let result = loaded.get_credentials(&runtime, &request).await;
-                let now = runtime.clock().now();
-                metrics.fetched(request.reason, started.elapsed(), &result, now);
-                result
+                let call = async {
+                    let started = std::time::Instant::now();
+                    let result = loaded.get_credentials(&runtime, &request).await;
+                    let now = runtime.clock().now();
+                    metrics.fetched(request.reason, started.elapsed(), &result, now);
+                    result
+                };
+                match &tier {
+                    Some(tier) => tier.fetch(&request, call).await,
+                    None => call.await,
+                }
             })
         })
     };
@@ -302,11 +352,160 @@ fn load_provider(
             ..identity
         },
         runtime: loaded,
-        cache: Arc::new(p.cache.clone()),
+        cache: settings,
         retry,
         fetch,
         metrics: provider_metrics,
+        shared: tier,
     })
+}
+
+impl Identity {
+    /// A digest of everything that makes this provider's credentials what they
+    /// are (name, plugin, configuration values): the shared cache keeps entries of
+    /// different versions apart. Only ever fed to the shared cache's keyed hash.
+    fn digest(&self, name: &str, plugin_sha256: &str) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        field(name.as_bytes());
+        field(plugin_sha256.as_bytes());
+        for (key, value) in &self.values {
+            field(key.as_bytes());
+            field(value.expose().as_bytes());
+        }
+        h.finalize().to_vec()
+    }
+}
+
+/// The `[runtime.shared_cache]` the configuration asks for, if it opens. One that
+/// does not is logged and left out: it saves IdP calls, it never decides whether
+/// a provider works.
+fn open_shared_cache(config: &HostConfig) -> Option<Arc<dyn SharedCache>> {
+    let dir = config.shared_cache_dir()?;
+    let key_file = config
+        .runtime
+        .shared_cache
+        .key_file
+        .as_deref()
+        .map(|k| config.resolve(k));
+    match FileSharedCache::open(&dir, key_file.as_deref()) {
+        Ok(cache) => {
+            tracing::debug!(dir = %dir.display(), key_id = %cache.key_id(), "shared token cache open");
+            Some(Arc::new(cache))
+        }
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "runtime.shared_cache: cannot open the shared token cache; running without it");
+            None
+        }
+    }
+}
+
+/// One provider's view of the shared cache (L2): read before the provider is
+/// called, one process fetching per key at a time, written after.
+struct SharedTier {
+    cache: Arc<dyn SharedCache>,
+    identity: Vec<u8>,
+    settings: Arc<config::CacheConfig>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<ProviderMetrics>,
+    wait: Duration,
+}
+
+impl SharedTier {
+    /// The entry id of `request`'s key.
+    fn id(&self, request: &Request) -> String {
+        fn field(material: &mut Vec<u8>, bytes: &[u8]) {
+            material.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            material.extend_from_slice(bytes);
+        }
+        // Tagged, so that no string stands for "none".
+        fn optional(material: &mut Vec<u8>, value: Option<&str>) {
+            match value {
+                None => field(material, b"N"),
+                Some(v) => field(material, &[b"S", v.as_bytes()].concat()),
+            }
+        }
+        let mut material = self.identity.clone();
+        optional(&mut material, request.subject.as_deref());
+        let mut scopes: Vec<&str> = request.scopes.iter().map(String::as_str).collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        field(&mut material, &(scopes.len() as u64).to_le_bytes());
+        for scope in scopes {
+            field(&mut material, scope.as_bytes());
+        }
+        optional(&mut material, request.audience.as_deref());
+        self.cache.entry_id(&material)
+    }
+
+    /// The entry, if other processes may still take it as it is.
+    async fn usable(&self, id: &str) -> Option<Credentials> {
+        let entry = self.cache.read(id).await?;
+        let now = self.clock.now();
+        let (_, use_until, _) = crate::cache::timeline(&entry.credentials, &self.settings, now);
+        (now < entry.fresh_until && now < use_until).then_some(entry.credentials)
+    }
+
+    /// Serve `request` from the shared cache, or run `call` (as the only process
+    /// fetching this key) and share its result.
+    async fn fetch(
+        &self,
+        request: &Request,
+        call: impl Future<Output = Result<Credentials>>,
+    ) -> Result<Credentials> {
+        let id = self.id(request);
+        if let Some(credentials) = self.usable(&id).await {
+            self.metrics.shared(SharedEvent::Hit);
+            return Ok(credentials);
+        }
+        let _fetching = self.cache.fetching(&id, self.wait).await;
+        // Another process may have fetched it while this one waited.
+        if let Some(credentials) = self.usable(&id).await {
+            self.metrics.shared(SharedEvent::Join);
+            return Ok(credentials);
+        }
+        self.metrics.shared(SharedEvent::Miss);
+        let result = call.await;
+        if let Ok(credentials) = &result {
+            let now = self.clock.now();
+            let (expires, use_until, refresh_at) =
+                crate::cache::timeline(credentials, &self.settings, now);
+            if now < use_until {
+                let mut shared = credentials.clone();
+                shared.expires_at = Some(expires);
+                let entry = SharedEntry {
+                    credentials: shared,
+                    written_at: now,
+                    fresh_until: refresh_at,
+                };
+                match self.cache.write(&id, &entry).await {
+                    Ok(()) => self.metrics.shared(SharedEvent::Write),
+                    Err(e) => {
+                        self.metrics.shared(SharedEvent::Error);
+                        tracing::warn!(error = %e, "could not write the shared token cache");
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// A server rejected `credentials`: drop them for every process, if the shared
+    /// entry still holds them.
+    async fn invalidate(&self, request: &Request, credentials: &Credentials) {
+        let id = self.id(request);
+        if self
+            .cache
+            .remove_if(&id, &SharedEntry::fingerprint(credentials))
+            .await
+        {
+            self.metrics.shared(SharedEvent::Invalidation);
+        }
+    }
 }
 
 /// The load spec of one provider, and its identity except the plugin's digest.
@@ -379,6 +578,7 @@ impl Host {
             config: HostConfig::default(),
             clock: Arc::new(SystemClock),
             runtime_options: None,
+            shared: None,
         }
     }
 
@@ -388,6 +588,7 @@ impl Host {
             config,
             clock: Arc::new(SystemClock),
             runtime_options: None,
+            shared: None,
         }
     }
 
@@ -533,6 +734,7 @@ impl Host {
                     &self.inner.runtime,
                     &config,
                     &self.inner.metrics,
+                    self.inner.shared.as_ref(),
                     name,
                     p,
                     resolved,
@@ -706,6 +908,11 @@ impl Host {
                 std::time::Duration::from_millis(ready.cache.min_reauth_interval_ms),
             );
             tracing::debug!(provider, ?outcome, "security error: refresh-and-retry");
+            if outcome != Invalidation::Suppressed
+                && let Some(tier) = &ready.shared
+            {
+                tier.invalidate(request, credentials).await;
+            }
             if outcome == Invalidation::Suppressed {
                 // The key was force-refreshed moments ago and the server rejects
                 // this credential too: another refresh would not help and would

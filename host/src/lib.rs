@@ -45,6 +45,7 @@
 
 mod host;
 pub mod runtime;
+pub mod store;
 pub mod verify;
 pub mod watch;
 

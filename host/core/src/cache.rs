@@ -716,6 +716,21 @@ fn schedule(
     }
 }
 
+/// Where a credential fetched at `now` lands on the cache's timeline, without
+/// jitter: (expiry, use-until, refresh-at). What the shared cache (L2) records so
+/// that other processes refresh it on the writer's schedule.
+#[doc(hidden)]
+pub fn timeline(
+    credentials: &Credentials,
+    s: &CacheConfig,
+    now: SystemTime,
+) -> (SystemTime, SystemTime, SystemTime) {
+    let mut credentials = credentials.clone();
+    credentials.expires_at = known_expiry(&credentials);
+    let e = schedule(credentials, s, now, 0, 0.0);
+    (e.expires, e.use_until, e.refresh_at)
+}
+
 /// The earliest expiry the host can know for `credentials`: the provider's
 /// `expires-at` and, for a bearer JWT, its `exp` claim (a provider that computes
 /// `expires-at` from `expires_in` on arrival can be later than the token's own

@@ -103,6 +103,58 @@ pub struct RuntimeConfig {
     /// many hosts fit in one process; raise it for more providers.
     #[serde(default = "defaults::max_instances")]
     pub max_instances: u32,
+    /// `[runtime.shared_cache]`: the token cache shared by the reauth processes of
+    /// one user on this machine (L2).
+    #[serde(default)]
+    pub shared_cache: SharedCacheConfig,
+}
+
+/// `[runtime.shared_cache]`: fresh credentials shared, encrypted on disk, by every
+/// reauth process of one user on one machine (the sidecar, `reauth get`, each
+/// adapter run, embedding services), so that only one of them calls the identity
+/// provider per token lifetime. On by default whenever a directory is known:
+/// `dir`, else `<state_dir>/shared-cache`, else `<cache_dir>/shared-cache`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedCacheConfig {
+    /// Use it. Default true.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Its directory (created 0700).
+    pub dir: Option<PathBuf>,
+    /// The key file entries are sealed with (created 0600 with a random key on
+    /// first use). Default `<dir>/key`. Its first line seals; further lines are
+    /// older keys still accepted (rotation).
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for SharedCacheConfig {
+    fn default() -> Self {
+        SharedCacheConfig {
+            enabled: true,
+            dir: None,
+            key_file: None,
+        }
+    }
+}
+
+impl HostConfig {
+    /// The shared cache's directory, if it is on and one is known (resolved
+    /// against the config file's directory).
+    pub fn shared_cache_dir(&self) -> Option<PathBuf> {
+        let c = &self.runtime.shared_cache;
+        if !c.enabled {
+            return None;
+        }
+        let dir = c.dir.clone().or_else(|| {
+            self.runtime
+                .state_dir
+                .as_ref()
+                .or(self.runtime.cache_dir.as_ref())
+                .map(|d| d.join("shared-cache"))
+        })?;
+        Some(self.resolve(&dir))
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -113,6 +165,7 @@ impl Default for RuntimeConfig {
             max_memory_mib: defaults::max_memory_mib(),
             max_cache_entries: defaults::max_cache_entries(),
             max_instances: defaults::max_instances(),
+            shared_cache: SharedCacheConfig::default(),
         }
     }
 }
@@ -682,6 +735,10 @@ pub mod defaults {
     /// `cache.min_reauth_interval_ms`.
     pub fn min_reauth_interval_ms() -> u64 {
         5000
+    }
+    /// A switch that is on by default.
+    pub fn yes() -> bool {
+        true
     }
     /// `runtime.max_instances`.
     pub fn max_instances() -> u32 {

@@ -132,6 +132,19 @@ pub enum Error {
         waited_ms: u64,
     },
 
+    /// The provider's `state` could not be taken for the call: another call (of
+    /// this process or another one) held it until the call's deadline, or it could
+    /// not be read. The call was stopped; nothing was written.
+    #[error("provider `{provider}`: {detail}")]
+    State {
+        /// Provider name.
+        provider: String,
+        /// What happened, naming the state file (never a value).
+        detail: String,
+        /// The process that held the state, when known.
+        holder: Option<u32>,
+    },
+
     /// An I/O failure of the host itself (state or cache directory).
     #[error("{context}: {source}")]
     Io {
@@ -156,7 +169,8 @@ impl Error {
             | Error::Limit { provider, .. }
             | Error::CoolingDown { provider, .. }
             | Error::Contract { provider, .. }
-            | Error::Busy { provider, .. } => Some(provider),
+            | Error::Busy { provider, .. }
+            | Error::State { provider, .. } => Some(provider),
             Error::Config(_) | Error::Io { .. } => None,
         }
     }
@@ -243,6 +257,15 @@ impl Error {
             Error::Contract { provider, detail } => Error::Contract {
                 provider: provider.clone(),
                 detail: detail.clone(),
+            },
+            Error::State {
+                provider,
+                detail,
+                holder,
+            } => Error::State {
+                provider: provider.clone(),
+                detail: detail.clone(),
+                holder: *holder,
             },
             Error::Io { context, source } => Error::Io {
                 context: context.clone(),

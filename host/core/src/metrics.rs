@@ -264,6 +264,51 @@ pub struct ProviderMetrics {
     last_success_ms: AtomicU64,
     limits: [AtomicU64; 11],
     contract_violations: AtomicU64,
+    shared: [AtomicU64; 6],
+    state_lock_waits: AtomicU64,
+    state_lock_wait_us: AtomicU64,
+}
+
+/// What happened in the shared (cross-process) token cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SharedEvent {
+    /// A fresh entry served an L1 miss: no provider call.
+    Hit,
+    /// Another process was fetching the key; its result was taken.
+    Join,
+    /// Nothing usable: this process called the provider.
+    Miss,
+    /// A fetched credential was written.
+    Write,
+    /// A rejected credential was removed for every process.
+    Invalidation,
+    /// The backend failed (the call went on without it).
+    Error,
+}
+
+impl SharedEvent {
+    /// Every event, in metric order.
+    pub const ALL: [SharedEvent; 6] = [
+        SharedEvent::Hit,
+        SharedEvent::Join,
+        SharedEvent::Miss,
+        SharedEvent::Write,
+        SharedEvent::Invalidation,
+        SharedEvent::Error,
+    ];
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            SharedEvent::Hit => "hit",
+            SharedEvent::Join => "join",
+            SharedEvent::Miss => "miss",
+            SharedEvent::Write => "write",
+            SharedEvent::Invalidation => "invalidation",
+            SharedEvent::Error => "error",
+        }
+    }
 }
 
 impl ProviderMetrics {
@@ -338,6 +383,30 @@ impl ProviderMetrics {
     #[doc(hidden)]
     pub fn contract_violation(&self) {
         self.contract_violations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record a shared-cache event.
+    #[doc(hidden)]
+    pub fn shared(&self, event: SharedEvent) {
+        let i = SharedEvent::ALL.iter().position(|e| *e == event).unwrap_or(0);
+        self.shared[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Shared-cache events of `event`'s kind so far.
+    pub fn shared_events(&self, event: SharedEvent) -> u64 {
+        let i = SharedEvent::ALL.iter().position(|e| *e == event).unwrap_or(0);
+        self.shared[i].load(Ordering::Relaxed)
+    }
+
+    /// Record a call that waited `waited` for its provider's state (held by
+    /// another call of this or another process).
+    #[doc(hidden)]
+    pub fn state_lock_waited(&self, waited: Duration) {
+        self.state_lock_waits.fetch_add(1, Ordering::Relaxed);
+        self.state_lock_wait_us.fetch_add(
+            u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Credentials refused for breaking the contract so far.
@@ -587,6 +656,48 @@ impl Metrics {
                 out,
                 "reauth_contract_violations_total{{provider=\"{}\"}} {n}",
                 label(p)
+            );
+        }
+        family(
+            &mut out,
+            "reauth_shared_cache_events_total",
+            "counter",
+            "Shared (cross-process) token cache events: hit, join (took another process's fetch), miss, write, invalidation, error.",
+        );
+        for (p, m) in &providers {
+            for (i, event) in SharedEvent::ALL.iter().enumerate() {
+                let n = m.shared[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "reauth_shared_cache_events_total{{provider=\"{}\",event=\"{}\"}} {n}",
+                    label(p),
+                    event.name()
+                );
+            }
+        }
+        family(
+            &mut out,
+            "reauth_state_lock_waits_total",
+            "counter",
+            "Calls that waited for their provider's state, held by another call of this or another process.",
+        );
+        for (p, m) in &providers {
+            let n = m.state_lock_waits.load(Ordering::Relaxed);
+            let _ = writeln!(out, "reauth_state_lock_waits_total{{provider=\"{}\"}} {n}", label(p));
+        }
+        family(
+            &mut out,
+            "reauth_state_lock_wait_seconds_total",
+            "counter",
+            "Time calls spent waiting for their provider's state.",
+        );
+        for (p, m) in &providers {
+            let us = m.state_lock_wait_us.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "reauth_state_lock_wait_seconds_total{{provider=\"{}\"}} {}",
+                label(p),
+                us as f64 / 1e6
             );
         }
         family(

@@ -8,7 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "reauth:provider/provider",
-    imports: { default: trappable },
+    imports: {
+        // A call waits for its provider's state lock without blocking a thread.
+        "reauth:provider/state": async | trappable,
+        default: trappable,
+    },
     exports: { default: async },
     require_store_data_send: true,
     with: {

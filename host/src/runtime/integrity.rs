@@ -178,10 +178,11 @@ impl ArtifactMeta {
         engine: &str,
     ) -> std::io::Result<()> {
         let meta = ArtifactMeta::new(source_sha256, artifact, engine);
-        super::state::write_atomically(path, artifact)?;
-        super::state::write_atomically(
+        crate::store::file::write_atomically(path, artifact, true)?;
+        crate::store::file::write_atomically(
             &path.with_extension("meta.json"),
             &serde_json::to_vec(&meta).map_err(std::io::Error::other)?,
+            true,
         )
     }
 }

@@ -54,7 +54,7 @@ use egress::{EgressHooks, EgressPolicy, HostPattern};
 use integrity::ArtifactMeta;
 use limits::{Breaker, CallHits, CallLimiter, Redactor};
 use sha2::{Digest, Sha256};
-use state::StateStore;
+use state::{CallState, ProviderState, StateFault};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -114,7 +114,7 @@ pub(crate) struct StoreState {
     http: WasiHttpCtx,
     hooks: EgressHooks,
     config: Arc<WasiConfigVariables>,
-    state: Arc<StateStore>,
+    state: CallState,
     limiter: CallLimiter,
 }
 
@@ -138,16 +138,16 @@ impl WasiHttpView for StoreState {
 }
 
 impl bindings::reauth::provider::state::Host for StoreState {
-    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.state.get(&key))
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        self.state.get(&key).await
     }
 
-    fn set(&mut self, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
-        Ok(self.state.set(key, value))
+    async fn set(&mut self, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
+        self.state.set(key, value).await
     }
 
-    fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
-        Ok(self.state.delete(&key))
+    async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
+        self.state.delete(&key).await
     }
 }
 
@@ -460,7 +460,7 @@ pub struct ProviderRuntime {
     pre: ProviderPre<StoreState>,
     config: Arc<WasiConfigVariables>,
     egress: Arc<EgressPolicy>,
-    state: Arc<StateStore>,
+    state: Arc<ProviderState>,
     limits: LimitsConfig,
     sha256: String,
     source: CompileSource,
@@ -539,9 +539,7 @@ impl ProviderRuntime {
         })?;
         let state = match previous {
             Some(p) if p.state.path() == spec.state_file.as_deref() => p.state.clone(),
-            _ => Arc::new(
-                StateStore::open(spec.state_file.clone()).map_err(|e| load_err(Box::new(e)))?,
-            ),
+            _ => Arc::new(ProviderState::open(&spec.name, spec.state_file.clone())),
         };
         let reservation =
             spec.limits
@@ -684,7 +682,7 @@ impl ProviderRuntime {
                 http,
                 hooks: EgressHooks::new(self.egress.clone(), captured.hits.clone()),
                 config: self.config.clone(),
-                state: self.state.clone(),
+                state: CallState::new(self.state.clone()),
                 limiter: CallLimiter {
                     memory_bytes: usize::try_from(self.limits.memory_mib << 20)
                         .unwrap_or(usize::MAX),
@@ -739,6 +737,10 @@ impl ProviderRuntime {
     fn arm(&self, runtime: &Runtime, function: &'static str, warm: &mut Warm) -> Result<(), Error> {
         warm.captured.hits.clear();
         let store = &mut warm.store;
+        store
+            .data_mut()
+            .state
+            .arm(Duration::from_millis(self.limits.timeout_ms));
         if runtime.epoch_interruption {
             // Every epoch tick a running guest yields to the executor, so a plugin
             // stuck in a loop never starves the other tasks of its thread; at the
@@ -823,6 +825,12 @@ impl ProviderRuntime {
         Ok(instance)
     }
 
+    /// Count this provider's state-lock waits in `metrics`.
+    #[doc(hidden)]
+    pub fn set_metrics(&self, metrics: Arc<crate::metrics::ProviderMetrics>) {
+        self.state.set_metrics(metrics);
+    }
+
     /// A redactor for one call's output: the config values, the state's values and
     /// any secret the call returned.
     fn call_redactor(&self, returned: Option<&types::Credentials>) -> Redactor {
@@ -886,6 +894,9 @@ impl ProviderRuntime {
     /// Map a call's failure to the error naming what happened: a limit the call hit
     /// (whatever the guest made of it), a timeout, or the trap.
     fn fault(&self, function: &'static str, e: wasmtime::Error) -> Error {
+        if let Some(StateFault(fault)) = e.downcast_ref::<StateFault>() {
+            return self.state_error(fault);
+        }
         match e.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => return self.timeout(function),
             Some(Trap::OutOfFuel) => {
@@ -972,6 +983,19 @@ impl ProviderRuntime {
         }
     }
 
+    fn state_error(&self, fault: &crate::store::StoreError) -> Error {
+        let holder = match fault {
+            crate::store::StoreError::Locked { holder, .. } => *holder,
+            _ => None,
+        };
+        tracing::warn!(provider = %self.name, "{fault}");
+        Error::State {
+            provider: self.name.to_string(),
+            detail: fault.to_string(),
+            holder,
+        }
+    }
+
     fn timeout(&self, function: &'static str) -> Error {
         Error::Timeout {
             provider: self.name.to_string(),
@@ -1050,6 +1074,7 @@ impl ProviderRuntime {
         let instantiate = self.pre.instantiate_async(&mut warm.store);
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await;
+        warm.store.data_mut().state.finish();
         let captured = &warm.captured;
         let result = self.settle(FUNCTION, outcome, captured).map(drop);
         self.log_output(FUNCTION, captured, None);
@@ -1079,6 +1104,8 @@ impl ProviderRuntime {
         };
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
+        // The state is released as soon as the call ends, however it ended.
+        let (dead_holder, _) = warm.store.data_mut().state.finish();
         let captured = &warm.captured;
         let settled = self.settle(FUNCTION, outcome, captured);
         // A provider error the guest returned is a clean finish, unless it was
@@ -1089,11 +1116,25 @@ impl ProviderRuntime {
             Ok(Err(error)) => match captured.hits.get() {
                 // The guest turned a limit it hit into an error of its own.
                 Some((kind, detail)) => Err(self.limit(FUNCTION, kind, detail)),
-                None => Err(Error::Provider {
-                    provider: self.name.to_string(),
-                    error: types::ProviderError::from(error)
-                        .map_message(|m| self.call_redactor(None).redact(&m).into_owned()),
-                }),
+                None => {
+                    let error = types::ProviderError::from(error)
+                        .map_message(|m| self.call_redactor(None).redact(&m).into_owned());
+                    Err(Error::Provider {
+                        provider: self.name.to_string(),
+                        error: match (error, &dead_holder) {
+                            (types::ProviderError::Denied(m), Some(dead)) => {
+                                types::ProviderError::Denied(format!(
+                                    "{m} (process {} died while it held this provider's state{}: a refresh token it had already rotated at the identity provider was lost with it)",
+                                    dead.pid,
+                                    dead.since
+                                        .map(|t| format!(", since {}", crate::clock::rfc3339(t)))
+                                        .unwrap_or_default()
+                                ))
+                            }
+                            (error, _) => error,
+                        },
+                    })
+                }
             },
             Ok(Ok(credentials)) => {
                 bindings::credentials_from_guest(credentials, self.limits.max_credential_bytes)
@@ -1154,6 +1195,7 @@ impl ProviderRuntime {
         };
         let outcome =
             tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
+        warm.store.data_mut().state.finish();
         let captured = &warm.captured;
         let result = self
             .settle(FUNCTION, outcome, captured)

@@ -1,42 +1,40 @@
-//! The `state` interface: a small per-provider key/value store, persisted as one
-//! JSON file per provider, written atomically (temp file + fsync + rename) so a
-//! crash never leaves half a refresh token behind.
+//! The `state` interface: a small per-provider key/value store the host persists
+//! (see [`crate::store`]). A call takes its provider's state the first time it
+//! touches it and keeps it until the call ends, so a call that reads a refresh
+//! token and writes the rotated one is one transaction, across processes too.
 
-use std::collections::BTreeMap;
-use std::io::Write;
+use crate::store::{DeadHolder, FileStateStore, MemoryStateStore, StateGuard, StateStore, StoreError};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use crate::metrics::ProviderMetrics;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-/// Most keys one provider may keep.
-pub(crate) const MAX_KEYS: usize = 256;
-/// Largest key or value, in bytes.
-pub(crate) const MAX_VALUE: usize = 64 * 1024;
 
-/// One provider's persisted key/value state, shared by all of its calls.
-pub(crate) struct StateStore {
+/// One provider's state: where it lives, and the values last seen (what the
+/// redactor removes from the plugin's output).
+pub(crate) struct ProviderState {
+    store: Arc<dyn StateStore>,
+    name: String,
     path: Option<PathBuf>,
-    values: Mutex<BTreeMap<String, String>>,
+    known: Mutex<Vec<String>>,
+    metrics: OnceLock<Arc<ProviderMetrics>>,
 }
 
-impl StateStore {
-    /// Open (or start) the store at `path`; `None` keeps state in memory only.
-    pub(crate) fn open(path: Option<PathBuf>) -> std::io::Result<Self> {
-        let values = match &path {
-            Some(p) if p.exists() => {
-                let text = std::fs::read_to_string(p)?;
-                serde_json::from_str(&text).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{} is not a state file: {e}", p.display()),
-                    )
-                })?
-            }
-            _ => BTreeMap::new(),
+impl ProviderState {
+    /// The state of provider `name`: in the file `path` (`<dir>/<name>.json`,
+    /// locked across processes) or, with `None`, in memory.
+    pub(crate) fn open(name: &str, path: Option<PathBuf>) -> Self {
+        let store: Arc<dyn StateStore> = match path.as_deref().and_then(Path::parent) {
+            Some(dir) => Arc::new(FileStateStore::new(dir)),
+            None => Arc::new(MemoryStateStore::default()),
         };
-        Ok(StateStore {
+        ProviderState {
+            store,
+            name: name.to_string(),
             path,
-            values: Mutex::new(values),
-        })
+            known: Mutex::new(Vec::new()),
+            metrics: OnceLock::new(),
+        }
     }
 
     /// Where the state is persisted.
@@ -44,122 +42,118 @@ impl StateStore {
         self.path.as_deref()
     }
 
-    /// Every value held (to redact them from captured output).
+    /// Count lock waits in `metrics`.
+    pub(crate) fn set_metrics(&self, metrics: Arc<ProviderMetrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// Every value seen last (to redact them from captured output).
     pub(crate) fn values(&self) -> Vec<String> {
-        self.lock().values().cloned().collect()
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub(crate) fn get(&self, key: &str) -> Option<String> {
-        self.lock().get(key).cloned()
-    }
-
-    pub(crate) fn set(&self, key: String, value: String) -> Result<(), String> {
-        if key.len() > MAX_VALUE || value.len() > MAX_VALUE {
-            return Err(format!(
-                "state keys and values are limited to {MAX_VALUE} bytes"
-            ));
-        }
-        let mut values = self.lock();
-        if !values.contains_key(&key) && values.len() >= MAX_KEYS {
-            return Err(format!("state is limited to {MAX_KEYS} keys"));
-        }
-        let previous = values.insert(key.clone(), value);
-        if let Err(e) = self.persist(&values) {
-            match previous {
-                Some(p) => values.insert(key, p),
-                None => values.remove(&key),
-            };
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    pub(crate) fn delete(&self, key: &str) -> Result<(), String> {
-        let mut values = self.lock();
-        if let Some(previous) = values.remove(key)
-            && let Err(e) = self.persist(&values)
-        {
-            values.insert(key.to_string(), previous);
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
-        self.values.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn persist(&self, values: &BTreeMap<String, String>) -> Result<(), String> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        write_atomically(
-            path,
-            &serde_json::to_vec(values).map_err(|e| e.to_string())?,
-        )
-        // The message names the file, never the values.
-        .map_err(|e| format!("persisting state to {}: {e}", path.display()))
+    fn saw(&self, guard: &dyn StateGuard) {
+        *self.known.lock().unwrap_or_else(|e| e.into_inner()) =
+            guard.values().values().cloned().collect();
     }
 }
 
-/// Write `bytes` to `path` so that readers see the old or the new content, never a
-/// mix: temp file in the same directory, fsync, rename, fsync the directory.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile_in(dir)?;
-    tmp.1.write_all(bytes)?;
-    tmp.1.sync_all()?;
-    std::fs::rename(&tmp.0, path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+/// A call's failure to take its provider's state; the call traps with it and the
+/// host reports [`crate::Error::State`].
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub(crate) struct StateFault(pub(crate) StoreError);
+
+/// One call's access to its provider's state.
+pub(crate) struct CallState {
+    provider: Arc<ProviderState>,
+    guard: Option<Box<dyn StateGuard>>,
+    /// The end of the lock wait: a little before the call's own timeout, so the
+    /// call fails with the cause rather than a bare timeout.
+    deadline: Instant,
+    dead: Option<DeadHolder>,
+    touched: bool,
 }
 
-fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    for _ in 0..16 {
-        let name = format!(".tmp-{}-{:016x}", std::process::id(), rand::random::<u64>());
-        let path = dir.join(name);
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(f) => return Ok((path, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
+impl CallState {
+    pub(crate) fn new(provider: Arc<ProviderState>) -> Self {
+        CallState {
+            provider,
+            guard: None,
+            deadline: Instant::now(),
+            dead: None,
+            touched: false,
         }
     }
-    Err(std::io::Error::other("could not create a temporary file"))
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Arm for a call of at most `timeout`.
+    pub(crate) fn arm(&mut self, timeout: Duration) {
+        self.guard = None;
+        self.dead = None;
+        self.touched = false;
+        self.deadline = Instant::now() + timeout.mul_f64(0.9);
+    }
 
-    #[test]
-    fn persists_across_reopen_and_limits_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.json");
-        let s = StateStore::open(Some(path.clone())).unwrap();
-        s.set("refresh".into(), "r1".into()).unwrap();
-        s.set("refresh".into(), "r2".into()).unwrap();
-        s.set("gone".into(), "x".into()).unwrap();
-        s.delete("gone").unwrap();
-        let again = StateStore::open(Some(path)).unwrap();
-        assert_eq!(again.get("refresh").as_deref(), Some("r2"));
-        assert_eq!(again.get("gone"), None);
-        let big = "x".repeat(MAX_VALUE + 1);
-        assert!(again.set("k".into(), big).is_err());
-        assert_eq!(again.get("k"), None);
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
-            .collect();
-        assert!(leftovers.is_empty());
+    /// End the call: release the state. Returns the previous holder if it died
+    /// holding the state, and whether the call touched state at all.
+    pub(crate) fn finish(&mut self) -> (Option<DeadHolder>, bool) {
+        self.guard = None;
+        (self.dead.take(), std::mem::take(&mut self.touched))
+    }
+
+    async fn guard(&mut self) -> wasmtime::Result<&mut Box<dyn StateGuard>> {
+        if self.guard.is_none() {
+            let wait = self.deadline.saturating_duration_since(Instant::now());
+            let started = Instant::now();
+            let guard = self
+                .provider
+                .store
+                .lock(&self.provider.name, wait)
+                .await
+                .map_err(|e| wasmtime::Error::new(StateFault(e)))?;
+            let waited = started.elapsed();
+            if waited > Duration::from_millis(1) {
+                if let Some(m) = self.provider.metrics.get() {
+                    m.state_lock_waited(waited);
+                }
+                tracing::debug!(provider = %self.provider.name, waited_ms = waited.as_millis() as u64, "state lock taken after waiting");
+            }
+            self.provider.saw(&*guard);
+            self.dead = guard.previous_holder().cloned();
+            self.touched = true;
+            self.guard = Some(guard);
+        }
+        Ok(self.guard.as_mut().expect("just set"))
+    }
+
+    pub(crate) async fn get(&mut self, key: &str) -> wasmtime::Result<Option<String>> {
+        Ok(self.guard().await?.values().get(key).cloned())
+    }
+
+    pub(crate) async fn set(
+        &mut self,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), String>> {
+        let provider = self.provider.clone();
+        let guard = self.guard().await?;
+        let mut values = guard.values().clone();
+        if let Err(why) = crate::store::file::check_set(&values, &key, &value) {
+            return Ok(Err(why));
+        }
+        values.insert(key, value);
+        let committed = guard.commit(values).map_err(|e| e.to_string());
+        provider.saw(&**guard);
+        Ok(committed)
+    }
+
+    pub(crate) async fn delete(&mut self, key: &str) -> wasmtime::Result<Result<(), String>> {
+        let guard = self.guard().await?;
+        if !guard.values().contains_key(key) {
+            return Ok(Ok(()));
+        }
+        let mut values = guard.values().clone();
+        values.remove(key);
+        Ok(guard.commit(values).map_err(|e| e.to_string()))
     }
 }

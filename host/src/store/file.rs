@@ -1,0 +1,556 @@
+//! The local backends of [`StateStore`]: one file per provider with a `flock(2)`
+//! lock beside it, or memory only.
+
+use super::{DeadHolder, StateGuard, StateStore, StoreError, StoreFuture};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Most keys one provider may keep.
+pub(crate) const MAX_KEYS: usize = 256;
+/// Largest key or value, in bytes.
+pub(crate) const MAX_VALUE: usize = 64 * 1024;
+/// Largest state file read (every key and value at their limits, JSON-escaped,
+/// stays far below).
+const MAX_STATE_FILE: u64 = 64 * 1024 * 1024;
+
+/// Create `dir` (and its parents) as 0700 if missing.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Write `bytes` to `path` so that readers see the old or the new content, never a
+/// mix: temp file (0600) in the same directory, fsync when `durable`, rename,
+/// fsync the directory. A failed write removes its temp file.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    private_dir(dir)?;
+    let (tmp, mut file) = tempfile_in(dir)?;
+    let written = (|| {
+        file.write_all(bytes)?;
+        if durable {
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if durable && let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+const TMP_PREFIX: &str = ".tmp-";
+
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, File)> {
+    for _ in 0..16 {
+        let name = format!(
+            "{TMP_PREFIX}{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let path = dir.join(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("could not create a temporary file"))
+}
+
+/// Remove the temporary files that writers killed mid-write left in `dir`
+/// (`.tmp-<pid>-<rand>` of a process that no longer runs). Returns how many.
+pub(crate) fn remove_debris(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TMP_PREFIX)) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "removed temporary files left by interrupted writes");
+    }
+    removed
+}
+
+/// An exclusive `flock(2)` on a lock file, recording the holder's PID in it while
+/// held. The kernel releases it when the holder dies; the record tells the next
+/// holder that happened.
+pub(crate) struct FileLock {
+    file: File,
+}
+
+/// How a lock was taken.
+pub(crate) struct Acquired {
+    pub(crate) lock: FileLock,
+    /// Whether another holder had it first (the call waited).
+    pub(crate) waited: bool,
+    /// The previous holder, if it died holding the lock.
+    pub(crate) dead: Option<DeadHolder>,
+}
+
+impl FileLock {
+    /// Take the lock on `path` (created 0600), polling for at most `wait`.
+    /// `Err(Ok(holder))` when the wait ran out.
+    pub(crate) async fn acquire(
+        path: &Path,
+        wait: Duration,
+    ) -> Result<Acquired, Result<Option<u32>, std::io::Error>> {
+        if let Some(dir) = path.parent() {
+            private_dir(dir).map_err(Err)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(Err)?;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let mut waited = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    waited = true;
+                    if started.elapsed() >= wait {
+                        return Err(Ok(read_record(&mut file).map(|h| h.pid)));
+                    }
+                    tokio::time::sleep(pause.min(wait.saturating_sub(started.elapsed()))).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Err(e)),
+            }
+        }
+        let dead = read_record(&mut file);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let record = format!("pid={} since={now}\n", std::process::id());
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(record.as_bytes()));
+        if let Err(e) = written {
+            return Err(Err(e));
+        }
+        Ok(Acquired {
+            lock: FileLock { file },
+            waited,
+            dead,
+        })
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // A clean release leaves an empty record; closing the file drops the flock.
+        let _ = self.file.set_len(0);
+    }
+}
+
+/// The holder record in a lock file, if any (a holder that released cleanly
+/// leaves none).
+fn read_record(file: &mut File) -> Option<DeadHolder> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.take(256).read_to_string(&mut text).ok()?;
+    let mut pid = None;
+    let mut since = None;
+    for field in text.split_whitespace() {
+        if let Some(p) = field.strip_prefix("pid=") {
+            pid = p.parse().ok();
+        } else if let Some(s) = field.strip_prefix("since=") {
+            since = s
+                .parse()
+                .ok()
+                .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)));
+        }
+    }
+    Some(DeadHolder { pid: pid?, since })
+}
+
+/// In-process locks, one per provider: calls of one process queue here first
+/// (fair, no polling), then take the file lock.
+#[derive(Default)]
+struct LocalLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl LocalLocks {
+    fn of(&self, provider: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(provider.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+/// Provider state in `<dir>/<provider>.json`, locked across processes with
+/// `flock(2)` on `<dir>/<provider>.lock`. See the [module docs](super).
+pub struct FileStateStore {
+    dir: PathBuf,
+    local: LocalLocks,
+}
+
+impl std::fmt::Debug for FileStateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStateStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileStateStore {
+    /// A store in `dir` (created 0700 on first write). Temporary files left by
+    /// writers that were killed mid-write are removed now.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        remove_debris(&dir);
+        FileStateStore {
+            dir,
+            local: LocalLocks::default(),
+        }
+    }
+
+    /// The file holding `provider`'s state.
+    pub fn path(&self, provider: &str) -> PathBuf {
+        self.dir.join(format!("{provider}.json"))
+    }
+
+    fn lock_path(&self, provider: &str) -> PathBuf {
+        self.dir.join(format!("{provider}.lock"))
+    }
+}
+
+struct FileGuard {
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    _lock: FileLock,
+    path: PathBuf,
+    values: BTreeMap<String, String>,
+    dead: Option<DeadHolder>,
+}
+
+impl StateGuard for FileGuard {
+    fn values(&self) -> &BTreeMap<String, String> {
+        &self.values
+    }
+
+    fn commit(&mut self, values: BTreeMap<String, String>) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(&values).map_err(|e| StoreError::Corrupt {
+            what: self.path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        write_atomically(&self.path, &bytes, true).map_err(|source| StoreError::Io {
+            what: format!("persisting state to {}", self.path.display()),
+            source,
+        })?;
+        self.values = values;
+        Ok(())
+    }
+
+    fn previous_holder(&self) -> Option<&DeadHolder> {
+        self.dead.as_ref()
+    }
+}
+
+fn read_state(path: &Path) -> Result<BTreeMap<String, String>, StoreError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                what: format!("reading state file {}", path.display()),
+                source,
+            });
+        }
+    };
+    let mut text = String::new();
+    file.take(MAX_STATE_FILE)
+        .read_to_string(&mut text)
+        .map_err(|source| StoreError::Io {
+            what: format!("reading state file {}", path.display()),
+            source,
+        })?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+        what: path.display().to_string(),
+        // serde's message names a position, never the content.
+        why: format!("not a state file ({e})"),
+    })
+}
+
+impl StateStore for FileStateStore {
+    fn lock<'a>(
+        &'a self,
+        provider: &'a str,
+        wait: Duration,
+    ) -> StoreFuture<'a, Result<Box<dyn StateGuard>, StoreError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let path = self.path(provider);
+            let locked = |holder| StoreError::Locked {
+                what: format!("state of provider `{provider}` ({})", path.display()),
+                holder,
+                waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            };
+            let local = tokio::time::timeout(wait, self.local.of(provider).lock_owned())
+                .await
+                .map_err(|_| locked(Some(std::process::id())))?;
+            let acquired =
+                match FileLock::acquire(&self.lock_path(provider), wait.saturating_sub(started.elapsed()))
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(Ok(holder)) => return Err(locked(holder)),
+                    Err(Err(source)) => {
+                        return Err(StoreError::Io {
+                            what: format!("locking {}", self.lock_path(provider).display()),
+                            source,
+                        });
+                    }
+                };
+            if acquired.waited {
+                tracing::debug!(provider, waited_ms = started.elapsed().as_millis() as u64, "waited for another process holding the provider's state");
+            }
+            if let Some(dead) = &acquired.dead {
+                tracing::warn!(provider, pid = dead.pid, "the previous holder of this provider's state died holding it; a refresh token it rotated but did not save is lost");
+            }
+            let values = read_state(&path)?;
+            Ok(Box::new(FileGuard {
+                _local: local,
+                _lock: acquired.lock,
+                path,
+                values,
+                dead: acquired.dead,
+            }) as Box<dyn StateGuard>)
+        })
+    }
+
+    fn describe(&self, provider: &str) -> String {
+        self.path(provider).display().to_string()
+    }
+}
+
+/// Provider state in memory, lost when the process ends; calls of one provider
+/// still take turns.
+#[derive(Default)]
+pub struct MemoryStateStore {
+    states: Mutex<HashMap<String, Arc<tokio::sync::Mutex<BTreeMap<String, String>>>>>,
+}
+
+impl std::fmt::Debug for MemoryStateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStateStore").finish_non_exhaustive()
+    }
+}
+
+struct MemoryGuard(tokio::sync::OwnedMutexGuard<BTreeMap<String, String>>);
+
+impl StateGuard for MemoryGuard {
+    fn values(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    fn commit(&mut self, values: BTreeMap<String, String>) -> Result<(), StoreError> {
+        *self.0 = values;
+        Ok(())
+    }
+
+    fn previous_holder(&self) -> Option<&DeadHolder> {
+        None
+    }
+}
+
+impl StateStore for MemoryStateStore {
+    fn lock<'a>(
+        &'a self,
+        provider: &'a str,
+        wait: Duration,
+    ) -> StoreFuture<'a, Result<Box<dyn StateGuard>, StoreError>> {
+        Box::pin(async move {
+            let state = self
+                .states
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(provider.to_string())
+                .or_default()
+                .clone();
+            let started = Instant::now();
+            let guard = tokio::time::timeout(wait, state.lock_owned())
+                .await
+                .map_err(|_| StoreError::Locked {
+                    what: format!("state of provider `{provider}` (in memory)"),
+                    holder: Some(std::process::id()),
+                    waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                })?;
+            Ok(Box::new(MemoryGuard(guard)) as Box<dyn StateGuard>)
+        })
+    }
+
+    fn describe(&self, _provider: &str) -> String {
+        "memory".into()
+    }
+}
+
+/// Check the size limits of one `set`.
+pub(crate) fn check_set(
+    values: &BTreeMap<String, String>,
+    key: &str,
+    value: &str,
+) -> Result<(), String> {
+    if key.len() > MAX_VALUE || value.len() > MAX_VALUE {
+        return Err(format!(
+            "state keys and values are limited to {MAX_VALUE} bytes"
+        ));
+    }
+    if !values.contains_key(key) && values.len() >= MAX_KEYS {
+        return Err(format!("state is limited to {MAX_KEYS} keys"));
+    }
+    Ok(())
+}
+
+/// The mode bits of `path` beyond the owner's (`reauth check` reports them).
+pub fn loose_permissions(path: &Path) -> Option<u32> {
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn commits_survive_reopen_and_leave_no_debris() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStateStore::new(dir.path().join("state"));
+        rt().block_on(async {
+            let mut g = store.lock("p", Duration::from_secs(1)).await.unwrap();
+            assert!(g.values().is_empty());
+            g.commit(BTreeMap::from([("refresh".into(), "r2".into())]))
+                .unwrap();
+            drop(g);
+            let again = FileStateStore::new(dir.path().join("state"));
+            let g = again.lock("p", Duration::from_secs(1)).await.unwrap();
+            assert_eq!(g.values().get("refresh").map(String::as_str), Some("r2"));
+            assert!(g.previous_holder().is_none(), "a clean release leaves no holder");
+        });
+        let mode = std::fs::metadata(dir.path().join("state")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let mode = std::fs::metadata(dir.path().join("state/p.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn a_second_holder_waits_and_times_out_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two stores on one directory stand for two processes: only the flock
+        // stands between them.
+        let a = FileStateStore::new(dir.path());
+        let b = FileStateStore::new(dir.path());
+        rt().block_on(async {
+            let held = a.lock("p", Duration::from_secs(1)).await.unwrap();
+            let err = match b.lock("p", Duration::from_millis(50)).await {
+                Err(e) => e,
+                Ok(_) => panic!("two holders at once"),
+            };
+            match &err {
+                StoreError::Locked { holder, .. } => {
+                    assert_eq!(*holder, Some(std::process::id()))
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(err.to_string().contains("held by process"), "{err}");
+            // Other providers are not blocked.
+            b.lock("q", Duration::from_millis(50)).await.unwrap();
+            drop(held);
+            b.lock("p", Duration::from_millis(200)).await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_holder_that_died_is_reported_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a killed holder leaves: a record, and no flock (the kernel dropped it).
+        std::fs::write(dir.path().join("p.lock"), "pid=4242 since=1700000000\n").unwrap();
+        let store = FileStateStore::new(dir.path());
+        rt().block_on(async {
+            let g = store.lock("p", Duration::from_secs(1)).await.unwrap();
+            assert_eq!(g.previous_holder().map(|d| d.pid), Some(4242));
+        });
+    }
+
+    #[test]
+    fn debris_of_dead_writers_is_removed_and_a_corrupt_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        // PID 0x7fffffff does not run; our own PID does.
+        std::fs::write(dir.path().join(".tmp-2147483647-00ff"), "secret").unwrap();
+        let mine = format!(".tmp-{}-00ff", std::process::id());
+        std::fs::write(dir.path().join(&mine), "in progress").unwrap();
+        std::fs::write(dir.path().join("p.json"), "{not json").unwrap();
+        let store = FileStateStore::new(dir.path());
+        assert!(!dir.path().join(".tmp-2147483647-00ff").exists());
+        assert!(dir.path().join(&mine).exists());
+        let err = rt()
+            .block_on(store.lock("p", Duration::from_secs(1)))
+            .err()
+            .expect("corrupt");
+        assert!(err.to_string().contains("p.json"), "{err}");
+    }
+
+    #[test]
+    fn memory_store_serialises_calls() {
+        let store = MemoryStateStore::default();
+        rt().block_on(async {
+            let mut g = store.lock("p", Duration::from_secs(1)).await.unwrap();
+            g.commit(BTreeMap::from([("k".into(), "v".into())])).unwrap();
+            assert!(store.lock("p", Duration::from_millis(20)).await.is_err());
+            drop(g);
+            let g = store.lock("p", Duration::from_millis(20)).await.unwrap();
+            assert_eq!(g.values().get("k").map(String::as_str), Some("v"));
+        });
+    }
+}

@@ -1,0 +1,148 @@
+//! Where provider state and shared credentials live, and the locks that make them
+//! correct when several processes use them at once.
+//!
+//! Two abstractions, each with a local backend here and room for distributed ones
+//! (Redis, PostgreSQL) behind the same traits:
+//!
+//! - [`StateStore`]: each provider's `state` (the rotating refresh token). A call
+//!   takes the provider's state **the first time it touches it** ([`StateStore::lock`]):
+//!   the lock excludes every other call of the provider, in this process and in every
+//!   other one; the state is read as it is at that moment (never a copy from
+//!   start-up), each write is durable before the plugin continues, and the lock is
+//!   held until the call ends. So two processes can never spend one refresh token.
+//!   Calls that never touch state take no lock. [`FileStateStore`] keeps one file per
+//!   provider (`<state_dir>/<provider>.json`) and locks `<provider>.lock` with
+//!   `flock(2)`: a holder that dies releases it, and the next holder learns that it
+//!   died holding it (see [`StateGuard::previous_holder`]).
+//! - [`SharedCache`] (L2): fresh credentials shared by the processes of one user on
+//!   one machine, so a `reauth get` or a `kubectl` adapter run does not call the
+//!   identity provider while another process holds a valid token. The in-memory cache
+//!   (L1) stays the hot path; L2 is read on an L1 miss, before the provider is called,
+//!   and a per-key cross-process lock makes one process fetch while the others wait
+//!   for its result. [`FileSharedCache`] seals every entry with an AEAD.
+//!
+//! **Trust model.** Both local backends protect against *other* users (directories
+//! 0700, files 0600), against copies of the files alone (backups, an accidental
+//! commit: L2 entries are encrypted, and the key file is separate), and against a
+//! tampered or swapped entry (it does not open, and is a miss). They do not protect
+//! against the same Unix user, who can read the key file.
+
+pub(crate) mod file;
+mod shared;
+
+pub use file::{FileStateStore, MemoryStateStore};
+pub use shared::{FileSharedCache, SharedEntry};
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+/// A boxed future, as the store traits return them (object-safe).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A failure of a state store or shared cache. Messages name the provider and the
+/// file, never a value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another call held the provider's state for longer than the wait allowed.
+    #[error("{what} stayed locked for {waited_ms} ms{}", holder_text(*.holder))]
+    Locked {
+        /// What was locked (the provider's state file).
+        what: String,
+        /// The process holding it, when it said so.
+        holder: Option<u32>,
+        /// How long the call waited.
+        waited_ms: u64,
+    },
+    /// The stored data could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the store was doing, and where.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stored data is not what the store wrote.
+    #[error("{what}: {why}")]
+    Corrupt {
+        /// The file.
+        what: String,
+        /// What is wrong with it (never its content).
+        why: String,
+    },
+}
+
+fn holder_text(holder: Option<u32>) -> String {
+    match holder {
+        Some(pid) => format!(" (held by process {pid})"),
+        None => String::new(),
+    }
+}
+
+/// A call that held a provider's state and ended without releasing it cleanly:
+/// its process died (or was killed) while holding the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadHolder {
+    /// Its process id.
+    pub pid: u32,
+    /// When it took the lock.
+    pub since: Option<SystemTime>,
+}
+
+/// Exclusive access to one provider's state for one call. Dropping it releases the
+/// lock.
+pub trait StateGuard: Send {
+    /// The state as it was when the lock was taken, with this call's commits.
+    fn values(&self) -> &BTreeMap<String, String>;
+    /// Make `values` the provider's state, durably (it survives a crash once this
+    /// returns).
+    fn commit(&mut self, values: BTreeMap<String, String>) -> Result<(), StoreError>;
+    /// The previous holder, when it died holding the lock: a refresh token it had
+    /// rotated at the identity provider but not yet written is lost.
+    fn previous_holder(&self) -> Option<&DeadHolder>;
+}
+
+/// Where providers' state lives. See the [module docs](self).
+pub trait StateStore: Send + Sync + 'static {
+    /// Take `provider`'s state: wait, at most `wait`, until no other call (of this
+    /// process or another) holds it, then read it. [`StoreError::Locked`] when the
+    /// wait ran out.
+    fn lock<'a>(
+        &'a self,
+        provider: &'a str,
+        wait: Duration,
+    ) -> StoreFuture<'a, Result<Box<dyn StateGuard>, StoreError>>;
+
+    /// Where `provider`'s state is kept, for messages and `reauth check`.
+    fn describe(&self, provider: &str) -> String;
+}
+
+/// The cross-process token cache (L2). Keys are opaque ids the host derives from
+/// the provider's identity and the request; see the [module docs](self).
+pub trait SharedCache: Send + Sync + 'static {
+    /// The entry for `id`, if there is one that opens. A tampered, foreign or
+    /// undecryptable entry is `None` (and logged), never an error.
+    fn read<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<SharedEntry>>;
+    /// Store `entry` under `id`.
+    fn write<'a>(&'a self, id: &'a str, entry: &'a SharedEntry)
+    -> StoreFuture<'a, Result<(), StoreError>>;
+    /// Remove `id`'s entry, only if it still holds a credential whose fingerprint is
+    /// `fingerprint` (compare-and-invalidate across processes). True if removed.
+    fn remove_if<'a>(&'a self, id: &'a str, fingerprint: &'a str) -> StoreFuture<'a, bool>;
+    /// Become the one process fetching `id`: wait (at most `wait`) for another
+    /// fetcher of `id` to finish. `None` when the wait ran out (the caller fetches
+    /// anyway). The fetch ends when the returned value is dropped.
+    fn fetching<'a>(
+        &'a self,
+        id: &'a str,
+        wait: Duration,
+    ) -> StoreFuture<'a, Option<Box<dyn Send + 'static>>>;
+    /// The id of the entry for `material` (the provider's identity and the request):
+    /// opaque, so that names in the backend reveal nothing.
+    fn entry_id(&self, material: &[u8]) -> String;
+    /// The key id of the key new entries are sealed with.
+    fn key_id(&self) -> String;
+}
