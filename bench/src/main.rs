@@ -22,6 +22,11 @@
 //!   host (slow, flooding egress, hoarding host objects, asking for huge random
 //!   buffers): the isolation the sandbox promises, measured.
 //!
+//! - `processes`: many processes on one machine sharing the token cache (L2): a
+//!   standalone `reauth kubectl-credential` run with a warm shared cache next to one
+//!   without it, an L2 hit from a fresh `Host`, the cost of a cold L2 on a miss, and
+//!   20 processes × 100 callers on one cold key (provider calls, wall time).
+//!
 //! `--smoke` runs every section with tiny counts (CI runs it so the harness never
 //! rots); its numbers mean nothing.
 
@@ -42,11 +47,12 @@ struct Args {
     /// Tiny counts: check the harness works, not the numbers.
     #[arg(long)]
     smoke: bool,
-    /// Comma-separated sections: cache, miss, idp, herd, scale, polyglot, neighbours.
+    /// Comma-separated sections: cache, miss, idp, herd, scale, polyglot, neighbours,
+    /// processes.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cache,miss,idp,herd,scale,polyglot,neighbours"
+        default_value = "cache,miss,idp,herd,scale,polyglot,neighbours,processes"
     )]
     sections: Vec<String>,
     /// Internal: run one herd of this size and print a JSON line.
@@ -55,6 +61,10 @@ struct Args {
     /// Internal: load this many providers and print a JSON line.
     #[arg(long, hide = true)]
     providers_child: Option<usize>,
+    /// Internal: 100 callers on one key through the shared cache in this
+    /// directory, fetching from this URL; prints a JSON line.
+    #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "URL"])]
+    shared_child: Option<Vec<String>>,
 }
 
 struct Stats {
@@ -499,6 +509,208 @@ fn herd_child(n: usize) -> Result<()> {
     })
 }
 
+/// A provider fetching a token from `url` (the testkit's `fetch` mode).
+fn fetching_provider(url: &str, authority: &str) -> ProviderConfig {
+    ProviderConfig::new(&plugins().testkit)
+        .allow_host(authority)
+        .config("mode", "fetch")
+        .config("url", url)
+}
+
+fn shared_child(dir: &str, url: &str) -> Result<()> {
+    let rt = runtime();
+    rt.block_on(async {
+        let authority = url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let mut config = reauth::HostConfig::default();
+        config.runtime.cache_dir = Some(PathBuf::from(dir).join("artifacts"));
+        config.runtime.shared_cache.dir = Some(PathBuf::from(dir).join("shared"));
+        config
+            .providers
+            .insert("slow".into(), fetching_provider(url, &authority));
+        let host = Host::builder_from_config(config).build()?;
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let host = host.clone();
+                tokio::spawn(
+                    async move { host.get_credentials("slow", &Request::new()).await.is_ok() },
+                )
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            ok += usize::from(t.await?);
+        }
+        println!(
+            "{}",
+            serde_json::json!({"ok": ok, "plugin_calls": host.plugin_calls("slow")})
+        );
+        Ok(())
+    })
+}
+
+fn section_processes(smoke: bool) -> Result<String> {
+    let rt = runtime();
+    let reauth = std::env::current_exe()?
+        .parent()
+        .context("the bench binary has no directory")?
+        .join("reauth");
+    ensure!(
+        reauth.exists(),
+        "{} is missing: build it with the bench (cargo build --release -p reauth-cli -p reauth-bench)",
+        reauth.display()
+    );
+    let dir = tempfile::tempdir()?;
+    let slow = rt.block_on(SlowEndpoint::start(
+        "shared-token-value",
+        Duration::from_millis(50),
+    ));
+    let runs = if smoke { 3 } else { 50 };
+    let mut out = String::from(
+        "### Many processes on one machine: the shared token cache (L2)\n\n\
+         Provider: the testkit's `fetch` mode behind a 50 ms token endpoint. Release build.\n\n\
+         | measurement | p50 | p99 | token endpoint requests |\n| --- | --- | --- | --- |\n",
+    );
+    // 1. Standalone adapter runs, start to output.
+    for (label, shared) in [
+        ("with a warm shared cache", true),
+        ("without the shared cache", false),
+    ] {
+        let case = dir.path().join(if shared { "on" } else { "off" });
+        std::fs::create_dir_all(&case)?;
+        let config = case.join("reauth.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[runtime]\nstate_dir = \"state\"\ncache_dir = \"artifacts\"\n\n[runtime.shared_cache]\nenabled = {shared}\n\n\
+                 [providers.slow]\nplugin = \"{}\"\nallowed_hosts = [\"{}\"]\n\n[providers.slow.config]\nmode = \"fetch\"\nurl = \"{}\"\n",
+                plugins().testkit.display(),
+                slow.authority(),
+                slow.url
+            ),
+        )?;
+        let adapter = || -> Result<Duration> {
+            let started = Instant::now();
+            let output = Command::new(&reauth)
+                .args(["kubectl-credential", "--provider", "slow", "--config"])
+                .arg(&config)
+                .output()?;
+            let elapsed = started.elapsed();
+            ensure!(
+                output.status.success(),
+                "reauth kubectl-credential failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            Ok(elapsed)
+        };
+        adapter()?; // compiles into the artifact cache and fills L2
+        let before = slow.hits.load(Ordering::Relaxed);
+        let samples = (0..runs).map(|_| adapter()).collect::<Result<Vec<_>>>()?;
+        let hits = slow.hits.load(Ordering::Relaxed) - before;
+        let s = stats(samples);
+        out += &format!(
+            "| standalone `reauth kubectl-credential`, {label} ({runs} runs, start to output) | {} | {} | {hits} |\n",
+            fmt(s.p50),
+            fmt(s.p99)
+        );
+    }
+    // 2. In-process: an L1 miss served by L2 (a fresh Host each time), and the
+    // cost a cold L2 adds to a miss (a new key each time; `static`-like provider
+    // with no network: the testkit's `counter` needs state, so `fetch` against the
+    // endpoint is avoided by keys that always miss L1 and L2).
+    let shared_dir = dir.path().join("inproc");
+    let host_with = |shared: bool| -> Result<Host> {
+        let mut config = reauth::HostConfig::default();
+        config.runtime.cache_dir = Some(dir.path().join("artifacts"));
+        config.runtime.shared_cache.dir = Some(shared_dir.clone());
+        config.runtime.shared_cache.enabled = shared;
+        config.providers.insert(
+            "static".into(),
+            ProviderConfig::new(&plugins().static_).config("token", "static-bench-token"),
+        );
+        config.providers.insert(
+            "slow".into(),
+            fetching_provider(&slow.url, &slow.authority()),
+        );
+        Ok(Host::builder_from_config(config).build()?)
+    };
+    rt.block_on(async {
+        let warm = host_with(true)?;
+        warm.get_credentials("slow", &Request::new()).await?;
+        let before = slow.hits.load(Ordering::Relaxed);
+        let mut hit = Vec::new();
+        for _ in 0..runs {
+            let host = host_with(true)?;
+            let started = Instant::now();
+            host.get_credentials("slow", &Request::new()).await?;
+            hit.push(started.elapsed());
+        }
+        let hits = slow.hits.load(Ordering::Relaxed) - before;
+        let s = stats(hit);
+        out += &format!(
+            "| L1 miss served by L2 (fresh `Host` in this process, {runs} runs) | {} | {} | {hits} |\n",
+            fmt(s.p50),
+            fmt(s.p99)
+        );
+        for shared in [false, true] {
+            let host = host_with(shared)?;
+            let mut miss = Vec::new();
+            for i in 0..runs * 4 {
+                let request = Request::new().audience(format!("bench-{shared}-{i}"));
+                let started = Instant::now();
+                host.get_credentials("static", &request).await?;
+                miss.push(started.elapsed());
+            }
+            let s = stats(miss);
+            out += &format!(
+                "| miss (fresh instance + call, `static`), {} | {} | {} | – |\n",
+                if shared { "L2 present but cold (read, lock, write)" } else { "no L2" },
+                fmt(s.p50),
+                fmt(s.p99)
+            );
+        }
+        anyhow::Ok(())
+    })?;
+    // 3. 20 processes × 100 callers on one cold key.
+    let herd_dir = dir.path().join("herd");
+    std::fs::create_dir_all(&herd_dir)?;
+    // Precompile once so that start-up does not dominate.
+    child(&[
+        "--shared-child",
+        herd_dir.to_str().unwrap_or_default(),
+        &slow.url,
+    ])?;
+    std::fs::remove_dir_all(herd_dir.join("shared"))?;
+    let before = slow.hits.load(Ordering::Relaxed);
+    let processes = if smoke { 3 } else { 20 };
+    let started = Instant::now();
+    let children: Vec<_> = (0..processes)
+        .map(|_| {
+            let (dir, url) = (herd_dir.to_string_lossy().into_owned(), slow.url.clone());
+            std::thread::spawn(move || child(&["--shared-child", &dir, &url]))
+        })
+        .collect();
+    let mut calls = 0;
+    for c in children {
+        let v = c
+            .join()
+            .map_err(|_| anyhow::anyhow!("child thread panicked"))??;
+        ensure!(v["ok"] == 100, "not every caller was served: {v}");
+        calls += v["plugin_calls"].as_u64().unwrap_or(0);
+    }
+    let wall = started.elapsed();
+    let hits = slow.hits.load(Ordering::Relaxed) - before;
+    out += &format!(
+        "\n{processes} processes × 100 callers on one cold key: {calls} provider call(s), {hits} token endpoint request(s), {} wall time (process start included).\n",
+        fmt(wall)
+    );
+    Ok(out)
+}
+
 fn child(args: &[&str]) -> Result<serde_json::Value> {
     let out = Command::new(std::env::current_exe()?).args(args).output()?;
     ensure!(
@@ -930,6 +1142,9 @@ fn main() -> Result<()> {
     if let Some(n) = args.providers_child {
         return providers_child(n);
     }
+    if let Some(v) = &args.shared_child {
+        return shared_child(&v[0], &v[1]);
+    }
     println!(
         "Machine: {}. Mode: {}.\n",
         machine(),
@@ -948,9 +1163,10 @@ fn main() -> Result<()> {
             "scale" => section_scale(args.smoke)?,
             "polyglot" => section_polyglot(args.smoke)?,
             "neighbours" => section_neighbours(args.smoke)?,
+            "processes" => section_processes(args.smoke)?,
             other => {
                 anyhow::bail!(
-                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours)"
+                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours, processes)"
                 )
             }
         };

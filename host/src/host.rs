@@ -5,11 +5,11 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{self, ConfigError, HostConfig, ProviderConfig};
 use crate::error::{Error, Result};
 use crate::metrics::{LookupKind, Metrics, ProviderMetrics, SharedEvent};
-use crate::store::{FileSharedCache, SharedCache, SharedEntry};
 use crate::retry::{Action, OperationError, Rejection, RetryPolicy};
 use crate::runtime::BreakerStatus;
 use crate::runtime::egress::HostPattern;
 use crate::runtime::{CompileSource, ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
+use crate::store::{FileSharedCache, SharedCache, SharedEntry};
 use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -238,7 +238,16 @@ impl HostBuilder {
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
             let loaded = provider_spec(&config, name, p).and_then(|resolved| {
-                load_provider(&runtime, &config, &metrics, shared.as_ref(), name, p, resolved, None)
+                load_provider(
+                    &runtime,
+                    &config,
+                    &metrics,
+                    shared.as_ref(),
+                    name,
+                    p,
+                    resolved,
+                    None,
+                )
             });
             let slot = match loaded {
                 Ok(ready) => {
@@ -328,8 +337,12 @@ fn load_provider(
             tier.clone(),
         );
         Arc::new(move |request: Request| {
-            let (runtime, loaded, metrics, tier) =
-                (runtime.clone(), loaded.clone(), metrics.clone(), tier.clone());
+            let (runtime, loaded, metrics, tier) = (
+                runtime.clone(),
+                loaded.clone(),
+                metrics.clone(),
+                tier.clone(),
+            );
             Box::pin(async move {
                 let call = async {
                     let started = std::time::Instant::now();

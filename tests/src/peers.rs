@@ -192,6 +192,11 @@ impl Idp {
         self.process = Some(Peer::new(child, "-TERM", Duration::from_secs(5)));
     }
 
+    /// The IdP's process id (to pause it with SIGSTOP in tests).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(Peer::id)
+    }
+
     /// The `host:port` to allow for providers.
     pub fn authority(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -445,9 +445,11 @@ async fn refresh_token_rotation_survives_host_restarts() {
     let mut used = vec![seed.clone()];
     let mut principals = HashSet::new();
     for round in 0..4 {
-        // A new host each round: a restart between rotations.
+        // A new host each round: a restart between rotations. Without the shared
+        // cache, so that each restart has to refresh (with it, the next test).
         let host = Host::builder()
             .state_dir(&state_dir)
+            .shared_cache(None)
             .provider("sso", refresh_provider(&idp, &seed_file))
             .build()
             .unwrap();
@@ -496,6 +498,55 @@ async fn refresh_token_rotation_survives_host_restarts() {
         "refresh rotation: {} rotations, all persisted, none replayed",
         used.len() - 1
     );
+
+    // With the shared cache (on by default with a state_dir), a restart within
+    // the token's lifetime costs no IdP call at all; a server's rejection of the
+    // shared token drops it for every process, and the next host refreshes.
+    let shared_round = || {
+        Host::builder()
+            .state_dir(&state_dir)
+            .provider("sso", refresh_provider(&idp, &seed_file))
+            .build()
+            .unwrap()
+    };
+    let first = shared_round();
+    let c1 = first.get_credentials("sso", &Request::new()).await.unwrap();
+    reauth_tests::record_secret(token(&c1));
+    let before = idp.token_requests("rp").await;
+    let second = shared_round();
+    let c2 = second
+        .get_credentials("sso", &Request::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        token(&c1),
+        token(&c2),
+        "the restarted host took the shared token"
+    );
+    assert_eq!(idp.token_requests("rp").await, before, "no IdP call");
+    let e = SecurityError::new(SecurityErrorKind::TokenExpired).status(401);
+    let d = second
+        .handle_security_error("sso", &Request::new(), &c2, &e)
+        .await
+        .unwrap();
+    assert_eq!(d, Decision::RefreshAndRetry);
+    let third = shared_round();
+    let c3 = third.get_credentials("sso", &Request::new()).await.unwrap();
+    reauth_tests::record_secret(token(&c3));
+    assert_ne!(
+        token(&c3),
+        token(&c2),
+        "the rejected token was dropped for all"
+    );
+    let after = idp.token_requests("rp").await;
+    assert_eq!(
+        (after.0 - before.0, after.1),
+        (1, 0),
+        "one refresh, no replay"
+    );
+    if let Some(rotated) = stored_refresh_token(&state_dir) {
+        reauth_tests::record_secret(&rotated);
+    }
 
     // A revoked/unknown refresh token: denied, telling the operator what to do.
     let bogus = dir.path().join("bogus-token");

@@ -388,13 +388,19 @@ impl ProviderMetrics {
     /// Record a shared-cache event.
     #[doc(hidden)]
     pub fn shared(&self, event: SharedEvent) {
-        let i = SharedEvent::ALL.iter().position(|e| *e == event).unwrap_or(0);
+        let i = SharedEvent::ALL
+            .iter()
+            .position(|e| *e == event)
+            .unwrap_or(0);
         self.shared[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Shared-cache events of `event`'s kind so far.
     pub fn shared_events(&self, event: SharedEvent) -> u64 {
-        let i = SharedEvent::ALL.iter().position(|e| *e == event).unwrap_or(0);
+        let i = SharedEvent::ALL
+            .iter()
+            .position(|e| *e == event)
+            .unwrap_or(0);
         self.shared[i].load(Ordering::Relaxed)
     }
 
@@ -683,7 +689,11 @@ impl Metrics {
         );
         for (p, m) in &providers {
             let n = m.state_lock_waits.load(Ordering::Relaxed);
-            let _ = writeln!(out, "reauth_state_lock_waits_total{{provider=\"{}\"}} {n}", label(p));
+            let _ = writeln!(
+                out,
+                "reauth_state_lock_waits_total{{provider=\"{}\"}} {n}",
+                label(p)
+            );
         }
         family(
             &mut out,

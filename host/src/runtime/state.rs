@@ -3,12 +3,13 @@
 //! touches it and keeps it until the call ends, so a call that reads a refresh
 //! token and writes the rotated one is one transaction, across processes too.
 
-use crate::store::{DeadHolder, FileStateStore, MemoryStateStore, StateGuard, StateStore, StoreError};
-use std::path::{Path, PathBuf};
 use crate::metrics::ProviderMetrics;
+use crate::store::{
+    DeadHolder, FileStateStore, MemoryStateStore, StateGuard, StateStore, StoreError,
+};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
 
 /// One provider's state: where it lives, and the values last seen (what the
 /// redactor removes from the plugin's output).

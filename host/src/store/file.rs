@@ -327,24 +327,34 @@ impl StateStore for FileStateStore {
             let local = tokio::time::timeout(wait, self.local.of(provider).lock_owned())
                 .await
                 .map_err(|_| locked(Some(std::process::id())))?;
-            let acquired =
-                match FileLock::acquire(&self.lock_path(provider), wait.saturating_sub(started.elapsed()))
-                    .await
-                {
-                    Ok(a) => a,
-                    Err(Ok(holder)) => return Err(locked(holder)),
-                    Err(Err(source)) => {
-                        return Err(StoreError::Io {
-                            what: format!("locking {}", self.lock_path(provider).display()),
-                            source,
-                        });
-                    }
-                };
+            let acquired = match FileLock::acquire(
+                &self.lock_path(provider),
+                wait.saturating_sub(started.elapsed()),
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(Ok(holder)) => return Err(locked(holder)),
+                Err(Err(source)) => {
+                    return Err(StoreError::Io {
+                        what: format!("locking {}", self.lock_path(provider).display()),
+                        source,
+                    });
+                }
+            };
             if acquired.waited {
-                tracing::debug!(provider, waited_ms = started.elapsed().as_millis() as u64, "waited for another process holding the provider's state");
+                tracing::debug!(
+                    provider,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "waited for another process holding the provider's state"
+                );
             }
             if let Some(dead) = &acquired.dead {
-                tracing::warn!(provider, pid = dead.pid, "the previous holder of this provider's state died holding it; a refresh token it rotated but did not save is lost");
+                tracing::warn!(
+                    provider,
+                    pid = dead.pid,
+                    "the previous holder of this provider's state died holding it; a refresh token it rotated but did not save is lost"
+                );
             }
             let values = read_state(&path)?;
             Ok(Box::new(FileGuard {
@@ -362,11 +372,13 @@ impl StateStore for FileStateStore {
     }
 }
 
+type Values = BTreeMap<String, String>;
+
 /// Provider state in memory, lost when the process ends; calls of one provider
 /// still take turns.
 #[derive(Default)]
 pub struct MemoryStateStore {
-    states: Mutex<HashMap<String, Arc<tokio::sync::Mutex<BTreeMap<String, String>>>>>,
+    states: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Values>>>>,
 }
 
 impl std::fmt::Debug for MemoryStateStore {
@@ -470,11 +482,20 @@ mod tests {
             let again = FileStateStore::new(dir.path().join("state"));
             let g = again.lock("p", Duration::from_secs(1)).await.unwrap();
             assert_eq!(g.values().get("refresh").map(String::as_str), Some("r2"));
-            assert!(g.previous_holder().is_none(), "a clean release leaves no holder");
+            assert!(
+                g.previous_holder().is_none(),
+                "a clean release leaves no holder"
+            );
         });
-        let mode = std::fs::metadata(dir.path().join("state")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("state"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
-        let mode = std::fs::metadata(dir.path().join("state/p.json")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("state/p.json"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("state"))
             .unwrap()
@@ -546,7 +567,8 @@ mod tests {
         let store = MemoryStateStore::default();
         rt().block_on(async {
             let mut g = store.lock("p", Duration::from_secs(1)).await.unwrap();
-            g.commit(BTreeMap::from([("k".into(), "v".into())])).unwrap();
+            g.commit(BTreeMap::from([("k".into(), "v".into())]))
+                .unwrap();
             assert!(store.lock("p", Duration::from_millis(20)).await.is_err());
             drop(g);
             let g = store.lock("p", Duration::from_millis(20)).await.unwrap();

@@ -127,8 +127,11 @@ pub trait SharedCache: Send + Sync + 'static {
     /// undecryptable entry is `None` (and logged), never an error.
     fn read<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<SharedEntry>>;
     /// Store `entry` under `id`.
-    fn write<'a>(&'a self, id: &'a str, entry: &'a SharedEntry)
-    -> StoreFuture<'a, Result<(), StoreError>>;
+    fn write<'a>(
+        &'a self,
+        id: &'a str,
+        entry: &'a SharedEntry,
+    ) -> StoreFuture<'a, Result<(), StoreError>>;
     /// Remove `id`'s entry, only if it still holds a credential whose fingerprint is
     /// `fingerprint` (compare-and-invalidate across processes). True if removed.
     fn remove_if<'a>(&'a self, id: &'a str, fingerprint: &'a str) -> StoreFuture<'a, bool>;

@@ -145,12 +145,10 @@ impl FileSharedCache {
         })?;
         let key = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng
-            .fill(&mut nonce)
-            .map_err(|_| StoreError::Io {
-                what: "drawing a nonce".into(),
-                source: std::io::Error::other("no randomness"),
-            })?;
+        self.rng.fill(&mut nonce).map_err(|_| StoreError::Io {
+            what: "drawing a nonce".into(),
+            source: std::io::Error::other("no randomness"),
+        })?;
         let sealed = key.aead.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(aad(id)),
@@ -236,7 +234,11 @@ fn load_or_create_key(path: &Path) -> Result<Vec<(String, [u8; 32])>, StoreError
                 source: std::io::Error::other("no randomness"),
             })?;
         let line = format!("{KEY_VERSION} {} {}\n", key_id(&key), hex::encode(key));
-        let tmp = dir.join(format!(".tmp-{}-key-{:016x}", std::process::id(), rand::random::<u64>()));
+        let tmp = dir.join(format!(
+            ".tmp-{}-key-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -285,7 +287,10 @@ fn load_or_create_key(path: &Path) -> Result<Vec<(String, [u8; 32])>, StoreError
         let mut key = [0u8; 32];
         hex::decode_to_slice(hexkey, &mut key)
             .map_err(|_| bad(i + 1, "the key is not 64 hex digits"))?;
-        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if id.is_empty()
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err(bad(i + 1, "the key id must be 1–64 letters, digits or '-'"));
         }
         keys.push((id.to_string(), key));
@@ -370,7 +375,11 @@ impl SharedCache for FileSharedCache {
             match FileLock::acquire(&path, wait).await {
                 Ok(acquired) => Some(Box::new(acquired.lock) as Box<dyn Send>),
                 Err(Ok(holder)) => {
-                    tracing::warn!(?holder, wait_ms = wait.as_millis() as u64, "another process kept fetching a shared key; fetching without it");
+                    tracing::warn!(
+                        ?holder,
+                        wait_ms = wait.as_millis() as u64,
+                        "another process kept fetching a shared key; fetching without it"
+                    );
                     None
                 }
                 Err(Err(e)) => {
@@ -488,7 +497,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = FileSharedCache::open(dir.path(), None).unwrap();
         let id = cache.entry_id(b"k");
-        rt().block_on(cache.write(&id, &entry("token-old"))).unwrap();
+        rt().block_on(cache.write(&id, &entry("token-old")))
+            .unwrap();
         let old = std::fs::read_to_string(dir.path().join("key")).unwrap();
         let new_key = format!("v1 next {}\n{old}", "ab".repeat(32));
         std::fs::write(dir.path().join("key"), new_key).unwrap();
@@ -504,6 +514,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("key"), "v1 id nothex\n").unwrap();
         let err = FileSharedCache::open(dir.path(), None).unwrap_err();
-        assert!(err.to_string().contains("key file") && err.to_string().contains("line 1"), "{err}");
+        assert!(
+            err.to_string().contains("key file") && err.to_string().contains("line 1"),
+            "{err}"
+        );
     }
 }
