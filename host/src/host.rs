@@ -9,7 +9,7 @@ use crate::retry::{Action, OperationError, Rejection, RetryPolicy};
 use crate::runtime::BreakerStatus;
 use crate::runtime::egress::HostPattern;
 use crate::runtime::{CompileSource, ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
-use crate::store::{FileSharedCache, SharedCache, SharedEntry};
+use crate::store::{FileSharedCache, KeyRing, SharedCache, SharedEntry};
 use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -230,10 +230,14 @@ impl HostBuilder {
             source: std::io::Error::other(e),
         })?;
         let runtime = Arc::new(runtime);
+        let keys = key_ring(&config)?;
+        if let Some(keys) = &keys {
+            runtime.set_state_keys(keys.clone());
+        }
         let metrics = Arc::new(Metrics::default());
         let shared = match self.shared {
             Some(chosen) => chosen,
-            None => open_shared_cache(&config),
+            None => open_shared_cache(&config, keys.as_ref()),
         };
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
@@ -397,15 +401,12 @@ impl Identity {
 /// The `[runtime.shared_cache]` the configuration asks for, if it opens. One that
 /// does not is logged and left out: it saves IdP calls, it never decides whether
 /// a provider works.
-fn open_shared_cache(config: &HostConfig) -> Option<Arc<dyn SharedCache>> {
+fn open_shared_cache(
+    config: &HostConfig,
+    keys: Option<&Arc<KeyRing>>,
+) -> Option<Arc<dyn SharedCache>> {
     let dir = config.shared_cache_dir()?;
-    let key_file = config
-        .runtime
-        .shared_cache
-        .key_file
-        .as_deref()
-        .map(|k| config.resolve(k));
-    match FileSharedCache::open(&dir, key_file.as_deref()) {
+    match FileSharedCache::open(&dir, keys?.clone()) {
         Ok(cache) => {
             tracing::debug!(dir = %dir.display(), key_id = %cache.key_id(), "shared token cache open");
             Some(Arc::new(cache))
@@ -415,6 +416,33 @@ fn open_shared_cache(config: &HostConfig) -> Option<Arc<dyn SharedCache>> {
             None
         }
     }
+}
+
+/// The key ring `[runtime] key` / `key_file` names (by default the one beside the
+/// state directory, created on first use), if anything is kept at rest.
+fn key_ring(config: &HostConfig) -> Result<Option<Arc<KeyRing>>> {
+    let file = config.source.as_deref();
+    if let Some(value) = &config.runtime.key {
+        let at = |message: String| ConfigError::at(file, "runtime.key", message);
+        let text = match value {
+            config::ConfigValue::Value(s) => s.expose().to_string(),
+            config::ConfigValue::Env { env } => std::env::var(env)
+                .map_err(|_| at(format!("environment variable `{env}` is not set")))?,
+            config::ConfigValue::File { file: path } => {
+                let path = config.resolve(path);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| at(format!("cannot read {}: {e}", path.display())))?
+            }
+        };
+        let ring = KeyRing::parse(&text, "the key ring").map_err(|e| at(e.to_string()))?;
+        return Ok(Some(Arc::new(ring)));
+    }
+    let Some(path) = config.key_file() else {
+        return Ok(None);
+    };
+    let ring = KeyRing::load_or_create(&path)
+        .map_err(|e| ConfigError::at(file, "runtime.key_file", e.to_string()))?;
+    Ok(Some(Arc::new(ring)))
 }
 
 /// One provider's view of the shared cache (L2): read before the provider is

@@ -145,6 +145,37 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
+/// `provider`'s state as stored under `state_dir` (opened with the key ring
+/// beside it, the way reauth does): what the tests check a rotation wrote.
+pub fn read_state(
+    state_dir: &Path,
+    provider: &str,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    use reauth::store::{FileStateStore, KeyRing, StateStore, default_key_file};
+    if !state_dir.join(format!("{provider}.json")).exists() {
+        return None;
+    }
+    let (dir, provider) = (state_dir.to_path_buf(), provider.to_string());
+    // Its own thread and runtime: callers may be inside a runtime already.
+    std::thread::spawn(move || {
+        let keys = KeyRing::load_or_create(&default_key_file(&dir)).expect("the state's key ring");
+        let store = FileStateStore::new(&dir, std::sync::Arc::new(keys));
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async {
+                let guard = store
+                    .lock(&provider, std::time::Duration::from_secs(10))
+                    .await
+                    .expect("reading the state");
+                guard.values().clone()
+            })
+    })
+    .join()
+    .ok()
+}
+
 /// Secret values the tests use. Every log line of the whole suite is checked
 /// against them (and against the values tests register with [`record_secret`])
 /// by `audit-logs` after the tests ran (`make test`).

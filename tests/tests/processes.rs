@@ -221,24 +221,52 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// No access token in clear in the shared cache's files.
-fn assert_no_token_in_shared_cache(state_dir: &Path, tokens: &HashSet<String>) {
-    let shared = files(&state_dir.join("shared-cache"));
-    assert!(
-        shared
-            .iter()
-            .any(|p| p.extension().is_some_and(|e| e == "tok")),
-        "no shared-cache entry was written"
-    );
-    for file in shared {
-        let bytes = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned();
-        for token in tokens {
+impl Grant {
+    /// Every file reauth wrote (state, its lock and key ring, the shared cache,
+    /// precompiled artifacts, temporary files of killed writers): no refresh
+    /// token (the seed, the one stored now), no access token and no client secret
+    /// in clear, and nothing that looks like a token record. The user's own
+    /// inputs (the config, the seed file) and the IdP's keys are not reauth's.
+    fn assert_nothing_in_clear(&self, access_tokens: &HashSet<String>) {
+        let mut secrets: Vec<String> = access_tokens.iter().cloned().collect();
+        secrets.push(RP_SECRET.to_string());
+        secrets.push(std::fs::read_to_string(self.dir.path().join("offline-token")).unwrap());
+        let stored = reauth_tests::read_state(&self.state_dir(), "sso")
+            .and_then(|s| s.get("refresh").cloned())
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+            .and_then(|r| r["refresh_token"].as_str().map(str::to_string));
+        if let Some(stored) = stored {
+            reauth_tests::record_secret(&stored);
+            secrets.push(stored);
+        }
+        let mine = ["offline-token", "rt.toml", "keys.json"];
+        let scanned: Vec<PathBuf> = files(self.dir.path())
+            .into_iter()
+            .filter(|p| !mine.iter().any(|m| p.file_name().is_some_and(|n| n == *m)))
+            .collect();
+        assert!(
+            !access_tokens.is_empty()
+                == scanned
+                    .iter()
+                    .any(|p| p.extension().is_some_and(|e| e == "tok")),
+            "a fetched token must be in the shared cache (sealed)"
+        );
+        for file in &scanned {
+            let text = String::from_utf8_lossy(&std::fs::read(file).unwrap()).into_owned();
+            for secret in &secrets {
+                assert!(
+                    !text.contains(secret.as_str()),
+                    "{} holds a secret in clear",
+                    file.display()
+                );
+            }
             assert!(
-                !bytes.contains(token.as_str()),
-                "{} holds an access token in clear",
+                !text.contains("refresh_token") && !text.contains("access_token"),
+                "{} holds a token record in clear",
                 file.display()
             );
         }
+        println!("{} files scanned, no secret in clear", scanned.len());
     }
 }
 
@@ -288,7 +316,7 @@ async fn sidecar_cli_and_adapters_share_one_rotating_grant() {
         ok <= 7 && (ok as u32) < runs / 3,
         "{ok} refresh grants for {runs} processes over 14 s of 4 s tokens"
     );
-    assert_no_token_in_shared_cache(&grant.state_dir(), &tokens);
+    grant.assert_nothing_in_clear(&tokens);
 }
 
 /// 20 `reauth get` processes at once, plus the sidecar, on one rotating grant,
@@ -342,7 +370,7 @@ async fn twenty_concurrent_processes_and_a_sidecar_spend_each_refresh_token_once
     println!("{ROUNDS} rounds: {ok} refresh grants, {replays} refused");
     assert_eq!(replays, 0, "a consumed refresh token was replayed");
     assert_eq!(ok, ROUNDS, "one refresh per round (per token lifetime)");
-    assert_no_token_in_shared_cache(&grant.state_dir(), &tokens);
+    grant.assert_nothing_in_clear(&tokens);
 }
 
 /// 50 standalone kubectl adapter runs in a row, within one token lifetime: one
@@ -365,6 +393,7 @@ async fn fifty_standalone_kubectl_runs_make_one_idp_request() {
     assert_eq!((ok, replays), (1, 0));
     assert_eq!(tokens.len(), 1, "every run printed the one shared token");
     assert!(accepted(&rs, tokens.iter().next().unwrap()).await);
+    grant.assert_nothing_in_clear(&tokens);
 }
 
 fn signal(pid: u32, signal: &str) {
@@ -414,6 +443,7 @@ async fn a_holder_killed_before_the_idp_call_loses_nothing() {
     let rs = resource_server(&grant.idp).await;
     assert!(accepted(&rs, &token).await);
     assert_eq!(grant.refreshes().await, (1, 0));
+    grant.assert_nothing_in_clear(&HashSet::from([token]));
 }
 
 /// A process SIGKILLed after its refresh request reached the IdP but before it
@@ -461,9 +491,11 @@ async fn a_holder_killed_after_the_idp_rotated_is_reported_to_the_next() {
             "the error does not name the dead holder: {stderr}"
         );
         assert!(stderr.contains("Log in again"), "{stderr}");
+        grant.assert_nothing_in_clear(&HashSet::new());
     } else {
         // The IdP dropped the request of a closed connection: nothing was spent.
-        token_of(&output).expect("nothing was spent; the next process refreshes");
+        let token = token_of(&output).expect("nothing was spent; the next process refreshes");
+        grant.assert_nothing_in_clear(&HashSet::from([token]));
     }
 }
 
@@ -508,8 +540,7 @@ async fn state_updates_from_two_hosts_are_never_lost() {
         assert!(seen.insert(n), "two calls read the same counter value {n}");
     }
     assert_eq!(seen, (1..=20).collect::<HashSet<u64>>());
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("counter.json")).unwrap()).unwrap();
+    let state = reauth_tests::read_state(dir.path(), "counter").unwrap();
     assert_eq!(state["count"], "20");
 }
 

@@ -424,9 +424,8 @@ fn refresh_provider(idp: &Idp, seed_file: &Path) -> ProviderConfig {
 }
 
 fn stored_refresh_token(state_dir: &Path) -> Option<String> {
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state_dir.join("sso.json")).ok()?).ok()?;
-    let record: serde_json::Value = serde_json::from_str(state["refresh"].as_str()?).ok()?;
+    let state = reauth_tests::read_state(state_dir, "sso")?;
+    let record: serde_json::Value = serde_json::from_str(state.get("refresh")?).ok()?;
     record["refresh_token"].as_str().map(str::to_string)
 }
 

@@ -48,7 +48,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn at(file: Option<&Path>, key: impl fmt::Display, message: impl fmt::Display) -> Self {
+    /// An error about `key` in `file`.
+    pub fn at(file: Option<&Path>, key: impl fmt::Display, message: impl fmt::Display) -> Self {
         ConfigError {
             file: file.map(Path::to_path_buf),
             line: None,
@@ -107,6 +108,14 @@ pub struct RuntimeConfig {
     /// one user on this machine (L2).
     #[serde(default)]
     pub shared_cache: SharedCacheConfig,
+    /// The key ring that seals provider state and the shared cache at rest: a
+    /// file of `v1 <key id> <64 hex digits>` lines (the first seals, all open).
+    /// Default: beside the state directory, `<state_dir>.keys/key` (else beside
+    /// the shared cache's directory), created 0600 with a random key on first use.
+    pub key_file: Option<PathBuf>,
+    /// The key ring's text itself, instead of `key_file`: usually
+    /// `{ env = "REAUTH_KEY" }` or `{ file = "…" }`.
+    pub key: Option<ConfigValue>,
 }
 
 /// `[runtime.shared_cache]`: fresh credentials shared, encrypted on disk, by every
@@ -120,12 +129,8 @@ pub struct SharedCacheConfig {
     /// Use it. Default true.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
-    /// Its directory (created 0700).
+    /// Its directory (created 0700). Entries are sealed with `runtime.key_file`.
     pub dir: Option<PathBuf>,
-    /// The key file entries are sealed with (created 0600 with a random key on
-    /// first use). Default `<dir>/key`. Its first line seals; further lines are
-    /// older keys still accepted (rotation).
-    pub key_file: Option<PathBuf>,
 }
 
 impl Default for SharedCacheConfig {
@@ -133,12 +138,25 @@ impl Default for SharedCacheConfig {
         SharedCacheConfig {
             enabled: true,
             dir: None,
-            key_file: None,
         }
     }
 }
 
 impl HostConfig {
+    /// Where the key ring is read from by default: `runtime.key_file`, else beside
+    /// the state directory, else beside the shared cache's directory (resolved
+    /// against the config file's directory). `None` when nothing is kept at rest.
+    pub fn key_file(&self) -> Option<PathBuf> {
+        if let Some(file) = &self.runtime.key_file {
+            return Some(self.resolve(file));
+        }
+        let dir = match &self.runtime.state_dir {
+            Some(d) => self.resolve(d),
+            None => self.shared_cache_dir()?,
+        };
+        Some(default_key_file(&dir))
+    }
+
     /// The shared cache's directory, if it is on and one is known (resolved
     /// against the config file's directory).
     pub fn shared_cache_dir(&self) -> Option<PathBuf> {
@@ -166,6 +184,8 @@ impl Default for RuntimeConfig {
             max_cache_entries: defaults::max_cache_entries(),
             max_instances: defaults::max_instances(),
             shared_cache: SharedCacheConfig::default(),
+            key_file: None,
+            key: None,
         }
     }
 }
@@ -873,6 +893,18 @@ impl HostConfig {
             self.base_dir.join(path)
         }
     }
+}
+
+/// Where the key ring for data kept in `dir` lives by default: beside it, in
+/// `<dir>.keys/key`, so that a copy of `dir` alone (a backup, an archive, an
+/// accidental commit) does not carry the key.
+pub fn default_key_file(dir: &Path) -> PathBuf {
+    let dir = dir.components().collect::<PathBuf>();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "reauth".into());
+    dir.with_file_name(format!("{name}.keys")).join("key")
 }
 
 /// Provider names appear in URLs, metrics and file names: keep them plain.

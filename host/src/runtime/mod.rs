@@ -201,6 +201,8 @@ pub struct Runtime {
     max_instances: u32,
     /// Instances reserved per provider name (see [`Runtime::reserve`]).
     reservations: Mutex<BTreeMap<String, u32>>,
+    /// The key ring sealing providers' state files (see [`Runtime::set_state_keys`]).
+    state_keys: std::sync::OnceLock<Arc<crate::store::KeyRing>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -286,7 +288,15 @@ impl Runtime {
             limit_memory: options.limit_memory,
             max_instances: instances,
             reservations: Mutex::new(BTreeMap::new()),
+            state_keys: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Seal providers' state files with `keys` (set once, before providers load).
+    /// Without it, a provider with a state file uses the key ring beside its
+    /// state directory ([`crate::store::default_key_file`]), created on first use.
+    pub fn set_state_keys(&self, keys: Arc<crate::store::KeyRing>) {
+        let _ = self.state_keys.set(keys);
     }
 
     /// Reserve `count` pool instances for provider `name` (replacing its earlier
@@ -539,7 +549,14 @@ impl ProviderRuntime {
         })?;
         let state = match previous {
             Some(p) if p.state.path() == spec.state_file.as_deref() => p.state.clone(),
-            _ => Arc::new(ProviderState::open(&spec.name, spec.state_file.clone())),
+            _ => Arc::new(
+                ProviderState::open(
+                    &spec.name,
+                    spec.state_file.clone(),
+                    runtime.state_keys.get(),
+                )
+                .map_err(|e| load_err(Box::new(e)))?,
+            ),
         };
         let reservation =
             spec.limits

@@ -5,7 +5,8 @@
 
 use crate::metrics::ProviderMetrics;
 use crate::store::{
-    DeadHolder, FileStateStore, MemoryStateStore, StateGuard, StateStore, StoreError,
+    DeadHolder, FileStateStore, KeyRing, MemoryStateStore, StateGuard, StateStore, StoreError,
+    default_key_file,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,19 +24,30 @@ pub(crate) struct ProviderState {
 
 impl ProviderState {
     /// The state of provider `name`: in the file `path` (`<dir>/<name>.json`,
-    /// locked across processes) or, with `None`, in memory.
-    pub(crate) fn open(name: &str, path: Option<PathBuf>) -> Self {
+    /// sealed with `keys` — by default the ring beside `<dir>` — and locked across
+    /// processes) or, with `None`, in memory.
+    pub(crate) fn open(
+        name: &str,
+        path: Option<PathBuf>,
+        keys: Option<&Arc<KeyRing>>,
+    ) -> Result<Self, StoreError> {
         let store: Arc<dyn StateStore> = match path.as_deref().and_then(Path::parent) {
-            Some(dir) => Arc::new(FileStateStore::new(dir)),
+            Some(dir) => {
+                let keys = match keys {
+                    Some(k) => k.clone(),
+                    None => Arc::new(KeyRing::load_or_create(&default_key_file(dir))?),
+                };
+                Arc::new(FileStateStore::new(dir, keys))
+            }
             None => Arc::new(MemoryStateStore::default()),
         };
-        ProviderState {
+        Ok(ProviderState {
             store,
             name: name.to_string(),
             path,
             known: Mutex::new(Vec::new()),
             metrics: OnceLock::new(),
-        }
+        })
     }
 
     /// Where the state is persisted.

@@ -1,6 +1,7 @@
 //! The local backends of [`StateStore`]: one file per provider with a `flock(2)`
 //! lock beside it, or memory only.
 
+use super::keys::{KeyRing, wipe};
 use super::{DeadHolder, StateGuard, StateStore, StoreError, StoreFuture};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -217,11 +218,13 @@ impl LocalLocks {
     }
 }
 
-/// Provider state in `<dir>/<provider>.json`, locked across processes with
+/// Provider state in `<dir>/<provider>.json`, sealed with a [`KeyRing`] (the
+/// associated data binds the provider's name) and locked across processes with
 /// `flock(2)` on `<dir>/<provider>.lock`. See the [module docs](super).
 pub struct FileStateStore {
     dir: PathBuf,
     local: LocalLocks,
+    keys: Arc<KeyRing>,
 }
 
 impl std::fmt::Debug for FileStateStore {
@@ -233,14 +236,15 @@ impl std::fmt::Debug for FileStateStore {
 }
 
 impl FileStateStore {
-    /// A store in `dir` (created 0700 on first write). Temporary files left by
-    /// writers that were killed mid-write are removed now.
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    /// A store in `dir` (created 0700 on first write), sealing with `keys`.
+    /// Temporary files left by writers that were killed mid-write are removed now.
+    pub fn new(dir: impl Into<PathBuf>, keys: Arc<KeyRing>) -> Self {
         let dir = dir.into();
         remove_debris(&dir);
         FileStateStore {
             dir,
             local: LocalLocks::default(),
+            keys,
         }
     }
 
@@ -258,6 +262,8 @@ struct FileGuard {
     _local: tokio::sync::OwnedMutexGuard<()>,
     _lock: FileLock,
     path: PathBuf,
+    provider: String,
+    keys: Arc<KeyRing>,
     values: BTreeMap<String, String>,
     dead: Option<DeadHolder>,
 }
@@ -268,10 +274,15 @@ impl StateGuard for FileGuard {
     }
 
     fn commit(&mut self, values: BTreeMap<String, String>) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(&values).map_err(|e| StoreError::Corrupt {
+        let plain = serde_json::to_vec(&values).map_err(|e| StoreError::Corrupt {
             what: self.path.display().to_string(),
             why: e.to_string(),
         })?;
+        // Sealed before it touches the disk: no temporary file ever holds a value
+        // in clear.
+        let bytes = self
+            .keys
+            .seal(STATE_MAGIC, self.provider.as_bytes(), plain)?;
         write_atomically(&self.path, &bytes, true).map_err(|source| StoreError::Io {
             what: format!("persisting state to {}", self.path.display()),
             source,
@@ -285,29 +296,63 @@ impl StateGuard for FileGuard {
     }
 }
 
-fn read_state(path: &Path) -> Result<BTreeMap<String, String>, StoreError> {
+/// `reauth-state` format, version 1 (see [`KeyRing`]).
+const STATE_MAGIC: &[u8] = b"reauth-state\x01";
+
+/// What a state file held.
+enum Stored {
+    Missing,
+    Sealed(BTreeMap<String, String>),
+    /// The clear-text JSON of reauth before sealing: migrated on first read.
+    Clear(BTreeMap<String, String>),
+}
+
+fn read_state(path: &Path, provider: &str, keys: &KeyRing) -> Result<Stored, StoreError> {
+    let what = || format!("state of provider `{provider}` ({})", path.display());
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Stored::Missing),
         Err(source) => {
             return Err(StoreError::Io {
-                what: format!("reading state file {}", path.display()),
+                what: format!("reading {}", what()),
                 source,
             });
         }
     };
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     file.take(MAX_STATE_FILE)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(|source| StoreError::Io {
-            what: format!("reading state file {}", path.display()),
+            what: format!("reading {}", what()),
             source,
         })?;
-    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
-        what: path.display().to_string(),
-        // serde's message names a position, never the content.
-        why: format!("not a state file ({e})"),
-    })
+    if bytes.first() == Some(&b'{') {
+        let values = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            what: what(),
+            // serde's message names a position, never the content.
+            why: format!("not a state file ({e})"),
+        });
+        wipe(&mut bytes);
+        return values.map(Stored::Clear);
+    }
+    // Never a silent reset: a file that does not open is an error naming the
+    // provider and the key id, and it stays as it is.
+    let result = match keys.open(STATE_MAGIC, provider.as_bytes(), &mut bytes) {
+        Ok(plain) => {
+            let values = serde_json::from_slice(plain).map_err(|_| StoreError::Corrupt {
+                what: what(),
+                why: "opens, but is not a state map".into(),
+            });
+            wipe(plain);
+            values.map(Stored::Sealed)
+        }
+        Err(e) => Err(StoreError::Corrupt {
+            what: what(),
+            why: format!("{e}; it was left as it is (restore it, or delete it and log in again)"),
+        }),
+    };
+    wipe(&mut bytes);
+    result
 }
 
 impl StateStore for FileStateStore {
@@ -356,14 +401,26 @@ impl StateStore for FileStateStore {
                     "the previous holder of this provider's state died holding it; a refresh token it rotated but did not save is lost"
                 );
             }
-            let values = read_state(&path)?;
-            Ok(Box::new(FileGuard {
+            let stored = read_state(&path, provider, &self.keys)?;
+            let mut guard = FileGuard {
                 _local: local,
                 _lock: acquired.lock,
                 path,
-                values,
+                provider: provider.to_string(),
+                keys: self.keys.clone(),
+                values: BTreeMap::new(),
                 dead: acquired.dead,
-            }) as Box<dyn StateGuard>)
+            };
+            match stored {
+                Stored::Missing => {}
+                Stored::Sealed(values) => guard.values = values,
+                Stored::Clear(values) => {
+                    // Migration: rewritten sealed at once, under the lock.
+                    guard.commit(values)?;
+                    tracing::info!(provider, state_file = %guard.path.display(), key_id = %self.keys.key_id(), "state file was in clear (written by an older reauth); rewritten sealed");
+                }
+            }
+            Ok(Box::new(guard) as Box<dyn StateGuard>)
         })
     }
 
@@ -462,6 +519,10 @@ pub fn loose_permissions(path: &Path) -> Option<u32> {
 mod tests {
     use super::*;
 
+    fn keys(dir: &Path) -> Arc<KeyRing> {
+        Arc::new(KeyRing::load_or_create(&dir.join("keys/key")).unwrap())
+    }
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -472,14 +533,14 @@ mod tests {
     #[test]
     fn commits_survive_reopen_and_leave_no_debris() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStateStore::new(dir.path().join("state"));
+        let store = FileStateStore::new(dir.path().join("state"), keys(dir.path()));
         rt().block_on(async {
             let mut g = store.lock("p", Duration::from_secs(1)).await.unwrap();
             assert!(g.values().is_empty());
             g.commit(BTreeMap::from([("refresh".into(), "r2".into())]))
                 .unwrap();
             drop(g);
-            let again = FileStateStore::new(dir.path().join("state"));
+            let again = FileStateStore::new(dir.path().join("state"), keys(dir.path()));
             let g = again.lock("p", Duration::from_secs(1)).await.unwrap();
             assert_eq!(g.values().get("refresh").map(String::as_str), Some("r2"));
             assert!(
@@ -510,8 +571,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Two stores on one directory stand for two processes: only the flock
         // stands between them.
-        let a = FileStateStore::new(dir.path());
-        let b = FileStateStore::new(dir.path());
+        let a = FileStateStore::new(dir.path(), keys(dir.path()));
+        let b = FileStateStore::new(dir.path(), keys(dir.path()));
         rt().block_on(async {
             let held = a.lock("p", Duration::from_secs(1)).await.unwrap();
             let err = match b.lock("p", Duration::from_millis(50)).await {
@@ -537,7 +598,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // What a killed holder leaves: a record, and no flock (the kernel dropped it).
         std::fs::write(dir.path().join("p.lock"), "pid=4242 since=1700000000\n").unwrap();
-        let store = FileStateStore::new(dir.path());
+        let store = FileStateStore::new(dir.path(), keys(dir.path()));
         rt().block_on(async {
             let g = store.lock("p", Duration::from_secs(1)).await.unwrap();
             assert_eq!(g.previous_holder().map(|d| d.pid), Some(4242));
@@ -552,7 +613,7 @@ mod tests {
         let mine = format!(".tmp-{}-00ff", std::process::id());
         std::fs::write(dir.path().join(&mine), "in progress").unwrap();
         std::fs::write(dir.path().join("p.json"), "{not json").unwrap();
-        let store = FileStateStore::new(dir.path());
+        let store = FileStateStore::new(dir.path(), keys(dir.path()));
         assert!(!dir.path().join(".tmp-2147483647-00ff").exists());
         assert!(dir.path().join(&mine).exists());
         let err = rt()
@@ -560,6 +621,112 @@ mod tests {
             .err()
             .expect("corrupt");
         assert!(err.to_string().contains("p.json"), "{err}");
+    }
+
+    /// Write `values` as `provider`'s state through a store on `dir`.
+    fn put(dir: &Path, keys: &Arc<KeyRing>, provider: &str, values: &[(&str, &str)]) {
+        let store = FileStateStore::new(dir, keys.clone());
+        rt().block_on(async {
+            let mut g = store.lock(provider, Duration::from_secs(1)).await.unwrap();
+            g.commit(
+                values
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+            .unwrap();
+        });
+    }
+
+    fn get(
+        dir: &Path,
+        keys: &Arc<KeyRing>,
+        provider: &str,
+    ) -> Result<BTreeMap<String, String>, String> {
+        let store = FileStateStore::new(dir, keys.clone());
+        rt().block_on(async {
+            store
+                .lock(provider, Duration::from_secs(1))
+                .await
+                .map(|g| g.values().clone())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    #[test]
+    fn state_at_rest_is_sealed_bound_to_the_provider_and_never_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let ring = keys(dir.path());
+        put(&state, &ring, "sso", &[("refresh", "rt-secret-value-1")]);
+        let bytes = std::fs::read(state.join("sso.json")).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("rt-secret-value-1"));
+        assert_eq!(
+            get(&state, &ring, "sso").unwrap()["refresh"],
+            "rt-secret-value-1"
+        );
+
+        // Renamed to another provider's name: does not open, names both.
+        std::fs::copy(state.join("sso.json"), state.join("other.json")).unwrap();
+        let err = get(&state, &ring, "other").unwrap_err();
+        assert!(
+            err.contains("provider `other`") && err.contains(ring.key_id()),
+            "{err}"
+        );
+        assert!(err.contains("sealed for another name"), "{err}");
+
+        // Tampered: an error, and the file is left as it was (no silent reset).
+        let mut tampered = bytes.clone();
+        let last = tampered.len() - 3;
+        tampered[last] ^= 1;
+        std::fs::write(state.join("sso.json"), &tampered).unwrap();
+        let err = get(&state, &ring, "sso").unwrap_err();
+        assert!(err.contains("does not open"), "{err}");
+        assert_eq!(std::fs::read(state.join("sso.json")).unwrap(), tampered);
+
+        // The wrong key: names the key id the file wants.
+        std::fs::write(state.join("sso.json"), &bytes).unwrap();
+        let other = Arc::new(KeyRing::load_or_create(&dir.path().join("other-key")).unwrap());
+        let err = get(&state, &other, "sso").unwrap_err();
+        assert!(
+            err.contains(&format!("key id {}", ring.key_id()))
+                && err.contains("not in the key ring"),
+            "{err}"
+        );
+
+        // Rotation: a new first key seals, the old one still opens.
+        let key_file = dir.path().join("keys/key");
+        let old = std::fs::read_to_string(&key_file).unwrap();
+        std::fs::write(&key_file, format!("v1 k2 {}\n{old}", "cd".repeat(32))).unwrap();
+        let rotated = keys(dir.path());
+        assert_eq!(
+            get(&state, &rotated, "sso").unwrap()["refresh"],
+            "rt-secret-value-1"
+        );
+        put(&state, &rotated, "sso", &[("refresh", "rt-secret-value-2")]);
+        let err = get(&state, &ring, "sso").unwrap_err();
+        assert!(err.contains("key id k2"), "{err}");
+    }
+
+    #[test]
+    fn clear_text_state_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            state.join("sso.json"),
+            r#"{"refresh":"{\"refresh_token\":\"rt-clear-legacy\"}"}"#,
+        )
+        .unwrap();
+        let ring = keys(dir.path());
+        let values = get(&state, &ring, "sso").unwrap();
+        assert_eq!(values["refresh"], r#"{"refresh_token":"rt-clear-legacy"}"#);
+        let bytes = std::fs::read(state.join("sso.json")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("rt-clear-legacy"),
+            "rewritten sealed"
+        );
+        assert_eq!(get(&state, &ring, "sso").unwrap(), values);
     }
 
     #[test]

@@ -28,9 +28,11 @@
 //! against the same Unix user, who can read the key file.
 
 pub(crate) mod file;
+pub(crate) mod keys;
 mod shared;
 
-pub use file::{FileStateStore, MemoryStateStore};
+pub use file::{FileStateStore, MemoryStateStore, loose_permissions};
+pub use keys::{KeyRing, default_key_file};
 pub use shared::{FileSharedCache, SharedEntry};
 
 use std::collections::BTreeMap;

@@ -1,0 +1,356 @@
+//! The key ring that seals provider state and the shared token cache at rest.
+//!
+//! A key file (or a `{ env }` / `{ file }` config value) holds lines
+//! `v1 <key id> <64 hex digits>`; the first key seals, every key opens (put a new
+//! key on the first line to rotate; drop old lines once nothing sealed with them
+//! is left). Sealing is ChaCha20-Poly1305 with a random 96-bit nonce; the format
+//! is `magic | key-id length | key id | nonce | ciphertext+tag`, and the
+//! associated data binds the magic and what the caller names (the provider, the
+//! entry id), so a file copied under another name does not open.
+
+use super::StoreError;
+use super::file::{loose_permissions, private_dir};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+const KEY_VERSION: &str = "v1";
+
+struct Key {
+    id: String,
+    aead: LessSafeKey,
+    raw: [u8; 32],
+}
+
+/// Keys that seal data at rest (see the [module docs](self)).
+pub struct KeyRing {
+    keys: Vec<Key>,
+    rng: SystemRandom,
+    source: String,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("source", &self.source)
+            .field(
+                "key_ids",
+                &self.keys.iter().map(|k| &k.id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Why sealed bytes did not open (never their content).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OpenError {
+    /// Not in the sealed format (or cut short).
+    NotSealed,
+    /// Sealed with a key that is not in the ring.
+    UnknownKey(String),
+    /// The key is known but the tag does not verify: tampered, or sealed for
+    /// another name.
+    Rejected(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::NotSealed => f.write_str("is not a sealed reauth file"),
+            OpenError::UnknownKey(id) => {
+                write!(
+                    f,
+                    "was sealed with key id {id}, which is not in the key ring"
+                )
+            }
+            OpenError::Rejected(id) => write!(
+                f,
+                "does not open with key id {id}: it was modified, or sealed for another name (copied from another provider or entry)"
+            ),
+        }
+    }
+}
+
+impl KeyRing {
+    /// The ring in `path`, created (0600, in a 0700 directory) with one random key
+    /// if missing. Two processes creating it at once end up with the same key.
+    pub fn load_or_create(path: &Path) -> Result<KeyRing, StoreError> {
+        let io = |what: String| move |source| StoreError::Io { what, source };
+        if !path.exists() {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
+            let mut key = [0u8; 32];
+            SystemRandom::new()
+                .fill(&mut key)
+                .map_err(|_| StoreError::Io {
+                    what: "generating a key".into(),
+                    source: std::io::Error::other("no randomness"),
+                })?;
+            let line = format!("{KEY_VERSION} {} {}\n", key_id(&key), hex::encode(key));
+            let tmp = dir.join(format!(
+                ".tmp-{}-key-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| {
+                    use std::io::Write;
+                    f.write_all(line.as_bytes())?;
+                    f.sync_all()
+                })
+                .map_err(io(format!("creating key file {}", path.display())))?;
+            // A link fails if another process created the file meanwhile: then
+            // both use that one.
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {
+                    tracing::info!(key_file = %path.display(), key_id = %key_id(&key), "created a key for data at rest")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(format!("creating key file {}", path.display()))(e)),
+            }
+        }
+        if let Some(mode) = loose_permissions(path) {
+            tracing::warn!(key_file = %path.display(), mode = format!("{mode:o}"), "the key file is readable by other users; it should be 0600");
+        }
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+            .map_err(io(format!("reading key file {}", path.display())))?;
+        Self::parse(&text, &format!("key file {}", path.display()))
+    }
+
+    /// A ring from its text (`v1 <id> <hex>` lines; `#` comments). `what` names
+    /// where the text came from, for errors.
+    pub fn parse(text: &str, what: &str) -> Result<KeyRing, StoreError> {
+        let bad = |line: usize, why: &str| StoreError::Corrupt {
+            what: what.to_string(),
+            why: format!("line {line}: {why}"),
+        };
+        let mut keys = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [version, id, hexkey] = fields[..] else {
+                return Err(bad(i + 1, "expected `v1 <key id> <64 hex digits>`"));
+            };
+            if version != KEY_VERSION {
+                return Err(bad(i + 1, "unknown version (expected v1)"));
+            }
+            let mut raw = [0u8; 32];
+            hex::decode_to_slice(hexkey, &mut raw)
+                .map_err(|_| bad(i + 1, "the key is not 64 hex digits"))?;
+            if id.is_empty()
+                || id.len() > 64
+                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(bad(i + 1, "the key id must be 1–64 letters, digits or '-'"));
+            }
+            if keys.iter().any(|k: &Key| k.id == id) {
+                return Err(bad(i + 1, "duplicate key id"));
+            }
+            let aead = LessSafeKey::new(
+                UnboundKey::new(&CHACHA20_POLY1305, &raw).expect("32-byte ChaCha20 key"),
+            );
+            keys.push(Key {
+                id: id.to_string(),
+                aead,
+                raw,
+            });
+        }
+        if keys.is_empty() {
+            return Err(bad(0, "no key"));
+        }
+        Ok(KeyRing {
+            keys,
+            rng: SystemRandom::new(),
+            source: what.to_string(),
+        })
+    }
+
+    /// The id of the key that seals.
+    pub fn key_id(&self) -> &str {
+        &self.keys[0].id
+    }
+
+    /// A 32-byte subkey of the sealing key for `label` (HMAC-SHA256).
+    pub(crate) fn derive(&self, label: &[u8]) -> [u8; 32] {
+        let tag = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.keys[0].raw),
+            label,
+        );
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Seal `plain` (wiped afterwards) for `name`.
+    pub(crate) fn seal(
+        &self,
+        magic: &[u8],
+        name: &[u8],
+        mut plain: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let key = &self.keys[0];
+        let mut nonce = [0u8; NONCE_LEN];
+        let failed = |why: &str| StoreError::Io {
+            what: "sealing data at rest".into(),
+            source: std::io::Error::other(why.to_string()),
+        };
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| failed("no randomness"))?;
+        let sealed = key.aead.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad(magic, name)),
+            &mut plain,
+        );
+        if sealed.is_err() {
+            wipe(&mut plain);
+            return Err(failed("sealing failed"));
+        }
+        let id_len = u8::try_from(key.id.len()).map_err(|_| failed("key id too long"))?;
+        let mut out = Vec::with_capacity(magic.len() + 1 + key.id.len() + NONCE_LEN + plain.len());
+        out.extend_from_slice(magic);
+        out.push(id_len);
+        out.extend_from_slice(key.id.as_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&plain);
+        Ok(out)
+    }
+
+    /// Open what [`KeyRing::seal`] sealed for `name`. The plaintext is a slice of
+    /// `bytes` (wipe `bytes` after use).
+    pub(crate) fn open<'b>(
+        &self,
+        magic: &[u8],
+        name: &[u8],
+        bytes: &'b mut [u8],
+    ) -> Result<&'b mut [u8], OpenError> {
+        let rest = bytes.strip_prefix(magic).ok_or(OpenError::NotSealed)?;
+        let (&id_len, rest) = rest.split_first().ok_or(OpenError::NotSealed)?;
+        let id_len = usize::from(id_len);
+        if rest.len() < id_len + NONCE_LEN {
+            return Err(OpenError::NotSealed);
+        }
+        let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or_else(|| OpenError::UnknownKey(id.clone()))?;
+        let header = magic.len() + 1 + id_len + NONCE_LEN;
+        let nonce = Nonce::try_assume_unique_for_key(&bytes[header - NONCE_LEN..header])
+            .map_err(|_| OpenError::NotSealed)?;
+        key.aead
+            .open_in_place(nonce, Aad::from(aad(magic, name)), &mut bytes[header..])
+            .map_err(|_| OpenError::Rejected(id))
+    }
+}
+
+fn aad(magic: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut aad = magic.to_vec();
+    aad.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    aad.extend_from_slice(name);
+    aad
+}
+
+/// Best effort: overwrite plaintext before its buffer is freed.
+pub(crate) fn wipe(buf: &mut [u8]) {
+    buf.fill(0);
+    std::hint::black_box(buf);
+}
+
+/// A short public id of a key: the first 8 hex digits of its SHA-256.
+fn key_id(key: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(key)[..4])
+}
+
+pub use crate::config::default_key_file;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_binds_the_name_and_rejects_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::load_or_create(&dir.path().join("k/key")).unwrap();
+        let sealed = ring
+            .seal(b"m1", b"alpha", b"secret-plain".to_vec())
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&sealed).contains("secret-plain"));
+        let mut ok = sealed.clone();
+        assert_eq!(
+            ring.open(b"m1", b"alpha", &mut ok).unwrap(),
+            b"secret-plain"
+        );
+        let mut other = sealed.clone();
+        assert!(matches!(
+            ring.open(b"m1", b"beta", &mut other),
+            Err(OpenError::Rejected(_))
+        ));
+        let mut flipped = sealed.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x80;
+        assert!(matches!(
+            ring.open(b"m1", b"alpha", &mut flipped),
+            Err(OpenError::Rejected(_))
+        ));
+        for junk in [&b""[..], b"m1", b"m1\x05ab", b"xx"] {
+            let mut j = junk.to_vec();
+            assert!(ring.open(b"m1", b"alpha", &mut j).is_err());
+        }
+        let other_ring = KeyRing::load_or_create(&dir.path().join("k2/key")).unwrap();
+        let mut foreign = sealed;
+        assert!(matches!(
+            other_ring.open(b"m1", b"alpha", &mut foreign),
+            Err(OpenError::UnknownKey(_))
+        ));
+        assert_eq!(loose_permissions(&dir.path().join("k/key")), None);
+        assert_eq!(loose_permissions(&dir.path().join("k")), None);
+    }
+
+    #[test]
+    fn default_key_file_is_beside_the_directory() {
+        assert_eq!(
+            default_key_file(Path::new("/var/lib/reauth/state")),
+            Path::new("/var/lib/reauth/state.keys/key")
+        );
+        assert_eq!(
+            default_key_file(Path::new("./state/")),
+            Path::new("./state.keys/key")
+        );
+    }
+
+    #[test]
+    fn a_broken_key_ring_is_an_error_naming_where_and_the_line() {
+        for (text, why) in [
+            ("v1 id nothex\n", "64 hex"),
+            ("v2 id 00\n", "unknown version"),
+            ("# only a comment\n", "no key"),
+            (
+                "v1 a/b 0000000000000000000000000000000000000000000000000000000000000000\n",
+                "key id",
+            ),
+        ] {
+            let err = KeyRing::parse(text, "runtime.key").unwrap_err().to_string();
+            assert!(err.contains("runtime.key") && err.contains(why), "{err}");
+            assert!(
+                !err.contains("0000000000"),
+                "the key is never in a message: {err}"
+            );
+        }
+    }
+}
