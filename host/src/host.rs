@@ -408,6 +408,7 @@ fn open_shared_cache(
     let dir = config.shared_cache_dir()?;
     match FileSharedCache::open(&dir, keys?.clone()) {
         Ok(cache) => {
+            let cache = cache.with_max_entries(config.runtime.max_cache_entries);
             tracing::debug!(dir = %dir.display(), key_id = %cache.key_id(), "shared token cache open");
             Some(Arc::new(cache))
         }

@@ -64,6 +64,54 @@ async fn check_reports_every_provider_and_fails_if_one_is_broken() {
     );
 }
 
+/// What reauth keeps at rest is private: what it creates is 0700/0600, and `check`
+/// reports anything looser (say, a state directory someone made 0755).
+#[tokio::test]
+async fn check_reports_loose_permissions_of_what_is_kept_at_rest() {
+    use std::os::unix::fs::PermissionsExt;
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reauth.toml");
+    let static_ = plugins().static_.display().to_string();
+    std::fs::write(
+        &path,
+        format!(
+            "[runtime]\nstate_dir = \"state\"\n\n[providers.api]\nplugin = {static_:?}\nconfig = {{ token = \"t\" }}\n"
+        ),
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let (code, out) = reauth(&["check", "--config", config]).await;
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    assert!(
+        !out.contains("WARN"),
+        "what reauth created is private: {out}"
+    );
+    let mode = |p: &str| {
+        std::fs::metadata(dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("state.keys"), 0o700);
+    assert_eq!(mode("state.keys/key"), 0o600);
+    assert_eq!(mode("state/shared-cache"), 0o700);
+    std::fs::set_permissions(
+        dir.path().join("state"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        dir.path().join("state.keys/key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (_, out) = reauth(&["check", "--config", config]).await;
+    assert!(out.contains("state: mode 755 lets other users in"), "{out}");
+    assert!(out.contains("key: mode 644 lets other users in"), "{out}");
+}
+
 #[tokio::test]
 async fn get_prints_the_credential_in_each_format() {
     reauth_tests::logs();

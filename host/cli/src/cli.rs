@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -454,7 +454,18 @@ async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
             return Ok(ExitCode::FAILURE);
         }
     };
+    let at_rest = at_rest_paths(&parsed);
     let host = Host::builder_from_config(parsed).build()?;
+    // Secrets at rest are sealed, but their files should still be private.
+    for path in at_rest {
+        if let Some(mode) = reauth::store::loose_permissions(&path) {
+            writeln!(
+                out,
+                "WARN {}: mode {mode:o} lets other users in (reauth creates 0700 directories and 0600 files); chmod go-rwx it",
+                path.display()
+            )?;
+        }
+    }
     let mut failed = 0;
     let status = host.check().await;
     for (name, status) in &status {
@@ -473,6 +484,32 @@ async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The directories and files where reauth keeps data at rest (state, key ring,
+/// shared cache, precompiled artifacts) and what they hold, as far as they exist.
+fn at_rest_paths(config: &HostConfig) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = [&config.runtime.state_dir, &config.runtime.cache_dir]
+        .into_iter()
+        .flatten()
+        .map(|d| config.resolve(d))
+        .collect();
+    dirs.extend(config.shared_cache_dir());
+    let mut paths = Vec::new();
+    if let Some(key) = config.key_file() {
+        paths.extend(key.parent().map(Path::to_path_buf));
+        paths.push(key);
+    }
+    for dir in dirs {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            paths.extend(entries.flatten().map(|e| e.path()));
+        }
+        paths.push(dir);
+    }
+    paths.retain(|p| p.exists());
+    paths.sort();
+    paths.dedup();
+    paths
 }
 
 /// One `check`/`watch` status line; returns whether the provider is serving.

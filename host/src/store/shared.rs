@@ -64,6 +64,8 @@ pub struct FileSharedCache {
     dir: PathBuf,
     keys: Arc<KeyRing>,
     ids: ring::hmac::Key,
+    max_entries: usize,
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for FileSharedCache {
@@ -91,7 +93,66 @@ impl FileSharedCache {
             ring::hmac::HMAC_SHA256,
             &keys.derive(b"reauth-l2 entry ids"),
         );
-        Ok(FileSharedCache { dir, keys, ids })
+        Ok(FileSharedCache {
+            dir,
+            keys,
+            ids,
+            max_entries: 10_000,
+            writes: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Keep at most `max` entries (default 10,000): past it, the least recently
+    /// written are removed. Distinct subjects cannot fill the disk.
+    pub fn with_max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max.max(1);
+        self
+    }
+
+    /// Remove the oldest entries beyond `max_entries` (down to 90% of it), and
+    /// lock files nobody took for an hour. Returns how many files went.
+    pub fn prune(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let hour_ago = SystemTime::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or(UNIX_EPOCH);
+        let mut tokens = Vec::new();
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH);
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("tok") => tokens.push((modified, path)),
+                // Every acquisition rewrites the holder record: an old lock file
+                // is not held (a held flock keeps its file however old).
+                Some("lock") if modified < hour_ago => {
+                    let held = std::fs::File::open(&path)
+                        .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+                        .unwrap_or(false);
+                    if !held && std::fs::remove_file(&path).is_ok() {
+                        removed += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if tokens.len() > self.max_entries {
+            tokens.sort();
+            let keep = self.max_entries - self.max_entries / 10;
+            let excess = tokens.len() - keep;
+            for (_, path) in tokens.into_iter().take(excess) {
+                if std::fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+            tracing::info!(dir = %self.dir.display(), removed, max_entries = self.max_entries, "shared cache pruned");
+        }
+        removed
     }
 
     /// The directory.
@@ -175,6 +236,13 @@ impl SharedCache for FileSharedCache {
         Box::pin(async move {
             let bytes = self.seal(id, entry)?;
             let path = self.entry_path(id);
+            // Now and then (and at the first write), keep the directory bounded.
+            let n = self
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_multiple_of(256) {
+                self.prune();
+            }
             // A cache: atomic, not durable (a lost entry is one more fetch).
             write_atomically(&path, &bytes, false).map_err(|source| StoreError::Io {
                 what: format!("writing shared cache entry {}", path.display()),
@@ -326,6 +394,28 @@ mod tests {
                 FileSharedCache::open(dir.path().join("l2"), Arc::new(foreign_keys)).unwrap();
             assert!(foreign.read(&a).await.is_none());
         });
+    }
+
+    #[test]
+    fn the_directory_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(&dir.path().join("l2")).with_max_entries(20);
+        rt().block_on(async {
+            for i in 0..60 {
+                let id = cache.entry_id(format!("subject-{i}").as_bytes());
+                cache.write(&id, &entry("t")).await.unwrap();
+                if i % 16 == 0 {
+                    cache.prune();
+                }
+            }
+        });
+        cache.prune();
+        let n = std::fs::read_dir(dir.path().join("l2"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "tok"))
+            .count();
+        assert!(n <= 20, "{n} entries kept");
     }
 
     #[test]
