@@ -46,8 +46,15 @@
 mod host;
 pub mod runtime;
 pub mod store;
-pub mod verify;
+#[cfg(feature = "watch")]
 pub mod watch;
+
+/// Bearer-token verification for servers (crate `reauth-verify`, no wasmtime).
+#[cfg(feature = "verify")]
+pub use reauth_verify as verify;
+/// The engine reauth runs plugins on, at the exact version reauth's API exposes
+/// (`Runtime`, `RuntimeOptions`).
+pub use wasmtime;
 
 // The engine-free core (crate `reauth-core`), at the paths embedders already use.
 pub use reauth_core::{cache, classify, clock, config, hosts, metrics, retry, wire};

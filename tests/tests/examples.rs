@@ -162,3 +162,48 @@ async fn postgres_and_redis_examples() {
     .await;
     assert!(stdout.contains(&format!("ops={ITERATIONS}")), "{stdout}");
 }
+
+/// The smallest embedder (`examples/embedder`, reauth without its optional
+/// features) loads a config and gets credentials, printing no secret.
+#[tokio::test]
+async fn the_minimal_embedder_gets_credentials_and_prints_no_secret() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reauth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[providers.api]\nplugin = {:?}\nconfig = {{ token = \"embedded-static-token-42\", principal = \"svc\" }}\n",
+            plugins().static_.display().to_string()
+        ),
+    )
+    .unwrap();
+    let binary = workspace_binary("reauth-embedder-example", "reauth-embedder-example");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(binary)
+            .arg(&config)
+            .arg("api")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.trim(), "api: a bearer token for svc");
+    assert!(!stdout.contains("embedded-static-token-42"));
+    let unknown = Command::new(workspace_binary(
+        "reauth-embedder-example",
+        "reauth-embedder-example",
+    ))
+    .arg(dir.path().join("reauth.toml"))
+    .arg("nope")
+    .output()
+    .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown provider `nope`"));
+}

@@ -56,7 +56,6 @@ use limits::{Breaker, CallHits, CallLimiter, Redactor};
 use sha2::{Digest, Sha256};
 use state::{CallState, ProviderState, StateFault};
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -274,14 +273,24 @@ impl Runtime {
             HasSelf<_>,
         >(&mut linker, |s| s))?;
 
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        // Without a compiler the engine cannot say which artifacts it is
+        // compatible with: `load` then tries this plugin's artifacts of any
+        // engine, and wasmtime checks each one's header against this engine.
+        #[cfg(feature = "cranelift")]
+        let engine_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            env!("CARGO_PKG_VERSION").hash(&mut hasher);
+            format!("{:016x}", hasher.finish())
+        };
+        #[cfg(not(feature = "cranelift"))]
+        let engine_hash = String::new();
         Ok(Runtime {
             engine,
             linker,
             cache_dir: options.cache_dir,
-            engine_hash: format!("{:016x}", hasher.finish()),
+            engine_hash,
             clock,
             consume_fuel: options.consume_fuel,
             epoch_interruption: options.epoch_interruption,
@@ -345,9 +354,9 @@ impl Runtime {
             return Ok((self.compile_now(bytes)?, CompileSource::Compiled));
         };
         let path = dir.join(format!("{sha256}-{}.cwasm", self.engine_hash));
-        if path.exists() {
-            let loaded = ArtifactMeta::read_verified(&path, sha256, &self.engine_hash).and_then(
-                |artifact| {
+        for (path, engine_hash) in self.artifact_candidates(dir, sha256, &path) {
+            let loaded =
+                ArtifactMeta::read_verified(&path, sha256, &engine_hash).and_then(|artifact| {
                     // SAFETY: the artifact was written by `Component::serialize` of an
                     // engine with the same compatibility hash for the component with
                     // this exact SHA-256 (both recorded in its meta, and its digest
@@ -359,19 +368,18 @@ impl Runtime {
                     #[allow(unsafe_code)]
                     let component = unsafe { Component::deserialize(&self.engine, &artifact) };
                     component.map_err(|e| e.to_string())
-                },
-            );
+                });
             match loaded {
                 Ok(component) => return Ok((component, CompileSource::Cache)),
                 Err(why) => {
-                    tracing::warn!(path = %path.display(), "recompiling: unusable precompiled artifact: {why}")
+                    tracing::warn!(path = %path.display(), "unusable precompiled artifact: {why}")
                 }
             }
         }
         let component = self.compile_now(bytes)?;
         match component.serialize() {
             Ok(artifact) => {
-                if let Err(e) = create_private_dir(dir)
+                if let Err(e) = crate::store::file::private_dir(dir)
                     .and_then(|()| ArtifactMeta::write(&path, sha256, &artifact, &self.engine_hash))
                 {
                     tracing::warn!(path = %path.display(), error = %e, "could not store precompiled artifact");
@@ -382,23 +390,54 @@ impl Runtime {
         Ok((component, CompileSource::Compiled))
     }
 
+    /// The precompiled artifacts to try for the plugin `sha256`: this engine's
+    /// (`exact`), or — in a build that cannot compile — every engine's.
+    fn artifact_candidates(
+        &self,
+        dir: &Path,
+        sha256: &str,
+        exact: &Path,
+    ) -> Vec<(PathBuf, String)> {
+        if !self.engine_hash.is_empty() {
+            return if exact.exists() {
+                vec![(exact.to_path_buf(), self.engine_hash.clone())]
+            } else {
+                Vec::new()
+            };
+        }
+        let prefix = format!("{sha256}-");
+        let mut found: Vec<(PathBuf, String)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let engine = name
+                    .strip_prefix(&prefix)?
+                    .strip_suffix(".cwasm")?
+                    .to_string();
+                Some((e.path(), engine))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[cfg(feature = "cranelift")]
     fn compile_now(&self, bytes: &[u8]) -> Result<Component, BoxError> {
         Component::new(&self.engine, bytes)
             .map_err(|e| format!("not a valid WebAssembly component: {}", e.root_cause()).into())
+    }
+
+    #[cfg(not(feature = "cranelift"))]
+    fn compile_now(&self, _bytes: &[u8]) -> Result<Component, BoxError> {
+        Err("no precompiled artifact for this plugin in runtime.cache_dir, and this build of reauth cannot compile plugins (its `cranelift` feature is off): precompile it with a full build (`reauth check` with the same cache_dir)".into())
     }
 
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 /// Advance the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.

@@ -1,5 +1,6 @@
 //! Bearer-token verification for servers that embed reauth: the other side of the
-//! credentials reauth hands out.
+//! credentials reauth hands out. Its own crate, with no wasmtime (the `reauth`
+//! crate re-exports it as `reauth::verify` with its default `verify` feature).
 //!
 //! A [`Verifier`] checks a JWT's signature against static keys (HMAC, RSA, ECDSA,
 //! EdDSA) or a JWKS URL, then its `exp`, `nbf`, `iss` and `aud` with a configurable
@@ -14,7 +15,7 @@
 //! against the IdP. Concurrent refetches are coalesced into one request.
 //!
 //! ```no_run
-//! use reauth::verify::Verifier;
+//! use reauth_verify::Verifier;
 //! use std::time::Duration;
 //!
 //! # async fn demo(token: &str) -> Result<(), Box<dyn std::error::Error>> {
@@ -368,7 +369,7 @@ impl VerifierBuilder {
                 let host = uri.host().unwrap_or_default();
                 match uri.scheme_str() {
                     Some("https") => {}
-                    Some("http") if crate::runtime::egress::is_loopback(host) => {}
+                    Some("http") if reauth_core::hosts::is_loopback(host) => {}
                     _ => {
                         return Err(VerifierConfigError(format!(
                             "JWKS URL `{url}` must be https (http only to a loopback host)"
@@ -483,32 +484,93 @@ impl Jwks {
     }
 }
 
+/// Bound on one JWKS fetch (connect, TLS, request and body together).
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn fetch_jwks(url: &http::Uri) -> Result<JwkSet, String> {
+    tokio::time::timeout(JWKS_FETCH_TIMEOUT, fetch_jwks_once(url))
+        .await
+        .map_err(|_| format!("no answer within {} s", JWKS_FETCH_TIMEOUT.as_secs()))?
+}
+
+/// One GET of the JWKS over HTTP/1.1: TLS with the Mozilla roots for https, plain
+/// TCP for http (which the builder allows to loopback hosts only).
+async fn fetch_jwks_once(url: &http::Uri) -> Result<JwkSet, String> {
     use http_body_util::{BodyExt, Empty, Limited};
+    use hyper_util::rt::TokioIo;
     const MAX: usize = 256 * 1024;
-    let request = http::Request::get(url.clone())
+    let host = url.host().ok_or("the JWKS URL has no host")?;
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let https = url.scheme_str() == Some("https");
+    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let request = http::Request::get(url.path_and_query().map_or("/", |p| p.as_str()).to_string())
         .header(http::header::ACCEPT, "application/json")
         .header(
             http::header::HOST,
             url.authority().map(|a| a.as_str()).unwrap_or_default(),
         )
-        .body(Empty::<Bytes>::new().map_err(|never| match never {}))
+        .header(http::header::USER_AGENT, "reauth-verify")
+        .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let (response, io) = wasmtime_wasi_http::default_send_request(request, None)
+    let tcp = tokio::net::TcpStream::connect((bare.as_str(), port))
         .await
-        .map_err(|e| e.to_string())?;
-    let io = tokio::spawn(io);
+        .map_err(|e| format!("connecting: {e}"))?;
+    let response = if https {
+        use tokio_rustls::rustls;
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(bare.clone())
+            .map_err(|_| "not a valid TLS server name")?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        send(TokioIo::new(tls), request).await?
+    } else {
+        send(TokioIo::new(tcp), request).await?
+    };
     let status = response.status();
     let body = Limited::new(response.into_body(), MAX)
         .collect()
         .await
         .map_err(|e| format!("reading the JWKS: {e}"))?
         .to_bytes();
-    io.abort();
     if !status.is_success() {
         return Err(format!("HTTP {status}"));
     }
     serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))
+}
+
+async fn send<T>(
+    io: T,
+    request: http::Request<http_body_util::Empty<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The connection task ends with the response body (or the timeout above
+    // drops everything).
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 impl Verifier {

@@ -6,7 +6,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
-use reauth::verify::Verifier;
+use reauth_verify::Verifier;
 use std::time::Duration;
 
 fn claims() -> serde_json::Value {
