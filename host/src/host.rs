@@ -319,7 +319,7 @@ fn load_provider(
     let tier = shared.map(|cache| {
         Arc::new(SharedTier {
             cache: cache.clone(),
-            identity: identity.digest(name, loaded.sha256()),
+            identity: identity.digest(name, loaded.sha256(), &p.cache),
             settings: settings.clone(),
             clock: runtime.clock().clone(),
             metrics: provider_metrics.clone(),
@@ -333,7 +333,9 @@ fn load_provider(
             ),
         })
     });
+    let provider_name: Arc<str> = Arc::from(name);
     let fetch: Fetcher = {
+        let provider_name = provider_name.clone();
         let (runtime, loaded, metrics, tier) = (
             runtime.clone(),
             loaded.clone(),
@@ -347,7 +349,11 @@ fn load_provider(
                 metrics.clone(),
                 tier.clone(),
             );
-            Box::pin(async move {
+            let provider = provider_name.clone();
+            // Its own task: a caller that goes away (a client that disconnects, a
+            // sidecar shutting down) never cuts a fetch in half — say, after the
+            // IdP rotated a refresh token and before the provider saved it.
+            let task = tokio::spawn(async move {
                 let call = async {
                     let started = std::time::Instant::now();
                     let result = loaded.get_credentials(&runtime, &request).await;
@@ -359,6 +365,15 @@ fn load_provider(
                     Some(tier) => tier.fetch(&request, call).await,
                     None => call.await,
                 }
+            });
+            Box::pin(async move {
+                task.await.unwrap_or_else(|e| {
+                    Err(Error::Plugin {
+                        provider: provider.to_string(),
+                        function: "get-credentials",
+                        source: format!("the fetch task ended abnormally: {e}").into(),
+                    })
+                })
             })
         })
     };
@@ -381,7 +396,7 @@ impl Identity {
     /// A digest of everything that makes this provider's credentials what they
     /// are (name, plugin, configuration values): the shared cache keeps entries of
     /// different versions apart. Only ever fed to the shared cache's keyed hash.
-    fn digest(&self, name: &str, plugin_sha256: &str) -> Vec<u8> {
+    fn digest(&self, name: &str, plugin_sha256: &str, cache: &config::CacheConfig) -> Vec<u8> {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         let mut field = |bytes: &[u8]| {
@@ -390,6 +405,10 @@ impl Identity {
         };
         field(name.as_bytes());
         field(plugin_sha256.as_bytes());
+        // Lifetimes and refresh points depend on the cache settings; where the
+        // state lives tells logins apart.
+        field(format!("{cache:?}").as_bytes());
+        field(format!("{:?}", self.state_file).as_bytes());
         for (key, value) in &self.values {
             field(key.as_bytes());
             field(value.expose().as_bytes());
@@ -430,9 +449,13 @@ fn key_ring(config: &HostConfig) -> Result<Option<Arc<KeyRing>>> {
             config::ConfigValue::Env { env } => std::env::var(env)
                 .map_err(|_| at(format!("environment variable `{env}` is not set")))?,
             config::ConfigValue::File { file: path } => {
+                use std::io::Read;
                 let path = config.resolve(path);
-                std::fs::read_to_string(&path)
-                    .map_err(|e| at(format!("cannot read {}: {e}", path.display())))?
+                let mut text = String::new();
+                std::fs::File::open(&path)
+                    .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+                    .map_err(|e| at(format!("cannot read {}: {e}", path.display())))?;
+                text
             }
         };
         let ring = KeyRing::parse(&text, "the key ring").map_err(|e| at(e.to_string()))?;

@@ -111,7 +111,8 @@ pub struct RuntimeConfig {
     /// The key ring that seals provider state and the shared cache at rest: a
     /// file of `v1 <key id> <64 hex digits>` lines (the first seals, all open).
     /// Default: beside the state directory, `<state_dir>.keys/key` (else beside
-    /// the shared cache's directory), created 0600 with a random key on first use.
+    /// `shared_cache.dir`, else beside `cache_dir`), created 0600 with a random key
+    /// on first use.
     pub key_file: Option<PathBuf>,
     /// The key ring's text itself, instead of `key_file`: usually
     /// `{ env = "REAUTH_KEY" }` or `{ file = "…" }`.
@@ -143,18 +144,26 @@ impl Default for SharedCacheConfig {
 }
 
 impl HostConfig {
-    /// Where the key ring is read from by default: `runtime.key_file`, else beside
-    /// the state directory, else beside the shared cache's directory (resolved
+    /// Where the key ring is read from: `runtime.key_file`, else beside the state
+    /// directory, else beside `shared_cache.dir`, else beside `cache_dir` (resolved
     /// against the config file's directory). `None` when nothing is kept at rest.
     pub fn key_file(&self) -> Option<PathBuf> {
         if let Some(file) = &self.runtime.key_file {
             return Some(self.resolve(file));
         }
-        let dir = match &self.runtime.state_dir {
-            Some(d) => self.resolve(d),
-            None => self.shared_cache_dir()?,
-        };
-        Some(default_key_file(&dir))
+        // Nothing is kept at rest without state or a shared cache.
+        let r = &self.runtime;
+        if r.state_dir.is_none() && self.shared_cache_dir().is_none() {
+            return None;
+        }
+        // Beside the directory that holds the data, never inside it: a copy of
+        // that directory alone does not carry the key.
+        let dir = r
+            .state_dir
+            .as_ref()
+            .or(r.shared_cache.dir.as_ref())
+            .or(r.cache_dir.as_ref())?;
+        Some(default_key_file(&self.resolve(dir)))
     }
 
     /// The shared cache's directory, if it is on and one is known (resolved

@@ -756,6 +756,7 @@ impl ProviderRuntime {
             instance: None,
             calls: 0,
             subject: subject.map(str::to_string),
+            deadline: state::CallDeadline::default(),
         }
     }
 
@@ -793,19 +794,20 @@ impl ProviderRuntime {
     fn arm(&self, runtime: &Runtime, function: &'static str, warm: &mut Warm) -> Result<(), Error> {
         warm.captured.hits.clear();
         let store = &mut warm.store;
-        store
+        let deadline = store
             .data_mut()
             .state
             .arm(Duration::from_millis(self.limits.timeout_ms));
+        warm.deadline = deadline.clone();
         if runtime.epoch_interruption {
             // Every epoch tick a running guest yields to the executor, so a plugin
             // stuck in a loop never starves the other tasks of its thread; at the
             // call's deadline it traps (`Trap::Interrupt`), even if nobody polls
-            // the tokio timeout around the call.
-            let deadline = Instant::now() + Duration::from_millis(self.limits.timeout_ms);
+            // the tokio timeout around the call. (The deadline moves later by the
+            // time the call waited for its state.)
             store.set_epoch_deadline(1);
             store.epoch_deadline_callback(move |_| {
-                Ok(if Instant::now() >= deadline {
+                Ok(if Instant::now() >= deadline.at() {
                     UpdateDeadline::Interrupt
                 } else {
                     // tokio's yield lets the runtime poll its I/O and timer
@@ -1066,7 +1068,7 @@ impl ProviderRuntime {
     fn settle<T>(
         &self,
         function: &'static str,
-        outcome: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+        outcome: Result<wasmtime::Result<T>, state::TimedOut>,
         captured: &Captured,
     ) -> Result<T, Error> {
         match (outcome, captured.hits.get()) {
@@ -1128,9 +1130,12 @@ impl ProviderRuntime {
         let mut warm = self.new_warm(runtime, None);
         self.arm(runtime, FUNCTION, &mut warm)?;
         let instantiate = self.pre.instantiate_async(&mut warm.store);
-        let outcome =
-            tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), instantiate).await;
-        warm.store.data_mut().state.finish();
+        let deadline = warm.deadline.clone();
+        let outcome = state::until(&deadline, instantiate).await;
+        warm.store
+            .data_mut()
+            .state
+            .finish(matches!(outcome, Ok(Ok(_))));
         let captured = &warm.captured;
         let result = self.settle(FUNCTION, outcome, captured).map(drop);
         self.log_output(FUNCTION, captured, None);
@@ -1151,6 +1156,7 @@ impl ProviderRuntime {
         let started = Instant::now();
         let mut warm = self.checkout(runtime, FUNCTION, request.subject.as_deref())?;
         let wit_request = wit::Request::from(request);
+        let deadline = warm.deadline.clone();
         let call = async {
             let provider = self.instance(&mut warm).await?;
             provider
@@ -1158,10 +1164,13 @@ impl ProviderRuntime {
                 .call_get_credentials(&mut warm.store, &wit_request)
                 .await
         };
-        let outcome =
-            tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
+        let outcome = state::until(&deadline, call).await;
         // The state is released as soon as the call ends, however it ended.
-        let (dead_holder, _) = warm.store.data_mut().state.finish();
+        let dead_holder = warm
+            .store
+            .data_mut()
+            .state
+            .finish(matches!(outcome, Ok(Ok(_))));
         let captured = &warm.captured;
         let settled = self.settle(FUNCTION, outcome, captured);
         // A provider error the guest returned is a clean finish, unless it was
@@ -1180,8 +1189,13 @@ impl ProviderRuntime {
                         error: match (error, &dead_holder) {
                             (types::ProviderError::Denied(m), Some(dead)) => {
                                 types::ProviderError::Denied(format!(
-                                    "{m} (process {} died while it held this provider's state{}: a refresh token it had already rotated at the identity provider was lost with it)",
+                                    "{m} (process {} {} while it held this provider's state{}: a refresh token it had already rotated at the identity provider was lost with it)",
                                     dead.pid,
+                                    if dead.aborted {
+                                        "had a call cut off (timeout or fault)"
+                                    } else {
+                                        "died"
+                                    },
                                     dead.since
                                         .map(|t| format!(", since {}", crate::clock::rfc3339(t)))
                                         .unwrap_or_default()
@@ -1235,6 +1249,7 @@ impl ProviderRuntime {
             .fetch_add(1, Ordering::Relaxed);
         let mut warm = self.checkout(runtime, FUNCTION, request.subject.as_deref())?;
         let wit_request = wit::Request::from(request);
+        let deadline = warm.deadline.clone();
         let wit_credentials = wit::Credentials::from(credentials);
         let wit_error = wit::SecurityError::from(error);
         let call = async {
@@ -1249,9 +1264,11 @@ impl ProviderRuntime {
                 )
                 .await
         };
-        let outcome =
-            tokio::time::timeout(Duration::from_millis(self.limits.timeout_ms), call).await;
-        warm.store.data_mut().state.finish();
+        let outcome = state::until(&deadline, call).await;
+        warm.store
+            .data_mut()
+            .state
+            .finish(matches!(outcome, Ok(Ok(_))));
         let captured = &warm.captured;
         let result = self
             .settle(FUNCTION, outcome, captured)
@@ -1275,6 +1292,8 @@ struct Warm {
     calls: u32,
     /// The only subject this instance serves.
     subject: Option<String>,
+    /// The current call's deadline (set by `arm`).
+    deadline: state::CallDeadline,
 }
 
 /// One call's captured output and limit record.

@@ -77,13 +77,71 @@ impl ProviderState {
 #[error(transparent)]
 pub(crate) struct StateFault(pub(crate) StoreError);
 
+/// A call's deadline, shared by the call's timeout, its epoch callback and its
+/// state: the time a call waits for its provider's state (held by another call)
+/// is added to it, so a call that finally gets the state has its whole
+/// `timeout_ms` left to finish with it — never a few milliseconds in which the
+/// IdP rotates a token the call is then cut off before saving.
+#[derive(Clone, Default)]
+pub(crate) struct CallDeadline(Arc<std::sync::atomic::AtomicU64>);
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+impl CallDeadline {
+    fn new() -> Self {
+        CallDeadline(Arc::new(std::sync::atomic::AtomicU64::new(0)))
+    }
+
+    fn set(&self, at: Instant) {
+        let nanos =
+            u64::try_from(at.saturating_duration_since(base()).as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the call must end.
+    pub(crate) fn at(&self) -> Instant {
+        base() + Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn extend(&self, by: Duration) {
+        let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| Some(n.saturating_add(by)),
+        );
+    }
+}
+
+/// A call ran past its deadline.
+pub(crate) struct TimedOut;
+
+/// Run `fut` until `deadline` (which may move later while it runs).
+pub(crate) async fn until<F: std::future::Future>(
+    deadline: &CallDeadline,
+    fut: F,
+) -> Result<F::Output, TimedOut> {
+    tokio::pin!(fut);
+    loop {
+        let at = deadline.at();
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(at), &mut fut).await {
+            Ok(value) => return Ok(value),
+            Err(_) if deadline.at() <= Instant::now() => return Err(TimedOut),
+            Err(_) => continue,
+        }
+    }
+}
+
 /// One call's access to its provider's state.
 pub(crate) struct CallState {
     provider: Arc<ProviderState>,
     guard: Option<Box<dyn StateGuard>>,
-    /// The end of the lock wait: a little before the call's own timeout, so the
-    /// call fails with the cause rather than a bare timeout.
-    deadline: Instant,
+    deadline: CallDeadline,
+    /// The call's own timeout (the lock wait is bounded by it too).
+    timeout: Duration,
     dead: Option<DeadHolder>,
     touched: bool,
 }
@@ -93,30 +151,49 @@ impl CallState {
         CallState {
             provider,
             guard: None,
-            deadline: Instant::now(),
+            deadline: CallDeadline::new(),
+            timeout: Duration::ZERO,
             dead: None,
             touched: false,
         }
     }
 
-    /// Arm for a call of at most `timeout`.
-    pub(crate) fn arm(&mut self, timeout: Duration) {
+    /// Arm for a call of at most `timeout`; the deadline it returns moves later
+    /// by the time the call waits for its state.
+    pub(crate) fn arm(&mut self, timeout: Duration) -> CallDeadline {
         self.guard = None;
         self.dead = None;
         self.touched = false;
-        self.deadline = Instant::now() + timeout.mul_f64(0.9);
+        self.timeout = timeout;
+        self.deadline = CallDeadline::new();
+        self.deadline.set(Instant::now() + timeout);
+        self.deadline.clone()
     }
 
-    /// End the call: release the state. Returns the previous holder if it died
-    /// holding the state, and whether the call touched state at all.
-    pub(crate) fn finish(&mut self) -> (Option<DeadHolder>, bool) {
+    /// End the call: release the state. A call that did not finish (trap,
+    /// timeout, cancellation) after touching the state leaves a record, so that
+    /// the next holder knows a rotation may have been lost. Returns the previous
+    /// holder if it stopped holding the state that way.
+    pub(crate) fn finish(&mut self, finished: bool) -> Option<DeadHolder> {
+        if let Some(guard) = self.guard.as_mut()
+            && !finished
+        {
+            guard.abandon();
+        }
         self.guard = None;
-        (self.dead.take(), std::mem::take(&mut self.touched))
+        self.touched = false;
+        self.dead.take()
     }
 
     async fn guard(&mut self) -> wasmtime::Result<&mut Box<dyn StateGuard>> {
         if self.guard.is_none() {
-            let wait = self.deadline.saturating_duration_since(Instant::now());
+            // At most the call's timeout, and stop a little before the deadline so
+            // the call fails with the cause rather than a bare timeout.
+            let wait = self
+                .deadline
+                .at()
+                .saturating_duration_since(Instant::now())
+                .mul_f64(0.9);
             let started = Instant::now();
             let guard = self
                 .provider
@@ -125,6 +202,8 @@ impl CallState {
                 .await
                 .map_err(|e| wasmtime::Error::new(StateFault(e)))?;
             let waited = started.elapsed();
+            // The wait does not count against the call's work with the state.
+            self.deadline.extend(waited.min(self.timeout));
             if waited > Duration::from_millis(1) {
                 if let Some(m) = self.provider.metrics.get() {
                     m.state_lock_waited(waited);
@@ -155,6 +234,9 @@ impl CallState {
             return Ok(Err(why));
         }
         values.insert(key, value);
+        if let Err(why) = crate::store::file::check_size(&values) {
+            return Ok(Err(why));
+        }
         let committed = guard.commit(values).map_err(|e| e.to_string());
         provider.saw(&**guard);
         Ok(committed)

@@ -15,9 +15,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub(crate) const MAX_KEYS: usize = 256;
 /// Largest key or value, in bytes.
 pub(crate) const MAX_VALUE: usize = 64 * 1024;
-/// Largest state file read (every key and value at their limits, JSON-escaped,
-/// stays far below).
-const MAX_STATE_FILE: u64 = 64 * 1024 * 1024;
+/// Largest state one provider may keep, serialised (JSON): the host holds it in
+/// memory and rewrites it whole on every `set`.
+pub(crate) const MAX_STATE_BYTES: usize = 1024 * 1024;
+/// Largest state file read: the state plus the sealing overhead, with room.
+const MAX_STATE_FILE: u64 = 2 * 1024 * 1024;
+/// Written beside sealed state files: from then on a clear-text state file in
+/// that directory is refused (it could only have been planted).
+const SEALED_MARKER: &str = ".sealed";
 
 /// Create `dir` (and its parents) as 0700 if missing.
 pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
@@ -92,7 +97,15 @@ pub(crate) fn remove_debris(dir: &Path) -> usize {
         };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
         let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+        // Old enough that no writer can still be busy with it (a PID check alone
+        // is blind across PID namespaces and where there is no /proc).
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(600));
+        if !alive && old && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -107,6 +120,7 @@ pub(crate) fn remove_debris(dir: &Path) -> usize {
 /// holder that happened.
 pub(crate) struct FileLock {
     file: File,
+    abandoned: bool,
 }
 
 /// How a lock was taken.
@@ -167,17 +181,30 @@ impl FileLock {
             return Err(Err(e));
         }
         Ok(Acquired {
-            lock: FileLock { file },
+            lock: FileLock {
+                file,
+                abandoned: false,
+            },
             waited,
             dead,
         })
     }
 }
 
+impl FileLock {
+    /// Release without finishing: the record stays, marked, for the next holder.
+    pub(crate) fn abandon(&mut self) {
+        self.abandoned = true;
+        let _ = self.file.write_all(b" aborted=1\n");
+    }
+}
+
 impl Drop for FileLock {
     fn drop(&mut self) {
         // A clean release leaves an empty record; closing the file drops the flock.
-        let _ = self.file.set_len(0);
+        if !self.abandoned {
+            let _ = self.file.set_len(0);
+        }
     }
 }
 
@@ -189,7 +216,9 @@ fn read_record(file: &mut File) -> Option<DeadHolder> {
     file.take(256).read_to_string(&mut text).ok()?;
     let mut pid = None;
     let mut since = None;
+    let mut aborted = false;
     for field in text.split_whitespace() {
+        aborted |= field == "aborted=1";
         if let Some(p) = field.strip_prefix("pid=") {
             pid = p.parse().ok();
         } else if let Some(s) = field.strip_prefix("since=") {
@@ -199,7 +228,11 @@ fn read_record(file: &mut File) -> Option<DeadHolder> {
                 .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)));
         }
     }
-    Some(DeadHolder { pid: pid?, since })
+    Some(DeadHolder {
+        pid: pid?,
+        since,
+        aborted,
+    })
 }
 
 /// In-process locks, one per provider: calls of one process queue here first
@@ -260,7 +293,7 @@ impl FileStateStore {
 
 struct FileGuard {
     _local: tokio::sync::OwnedMutexGuard<()>,
-    _lock: FileLock,
+    lock: FileLock,
     path: PathBuf,
     provider: String,
     keys: Arc<KeyRing>,
@@ -287,12 +320,27 @@ impl StateGuard for FileGuard {
             what: format!("persisting state to {}", self.path.display()),
             source,
         })?;
+        if let Some(dir) = self.path.parent() {
+            let marker = dir.join(SEALED_MARKER);
+            if !marker.exists() {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(marker);
+            }
+        }
         self.values = values;
         Ok(())
     }
 
     fn previous_holder(&self) -> Option<&DeadHolder> {
         self.dead.as_ref()
+    }
+
+    fn abandon(&mut self) {
+        self.lock.abandon();
     }
 }
 
@@ -320,18 +368,39 @@ fn read_state(path: &Path, provider: &str, keys: &KeyRing) -> Result<Stored, Sto
         }
     };
     let mut bytes = Vec::new();
-    file.take(MAX_STATE_FILE)
+    file.take(MAX_STATE_FILE + 1)
         .read_to_end(&mut bytes)
         .map_err(|source| StoreError::Io {
             what: format!("reading {}", what()),
             source,
         })?;
-    if bytes.first() == Some(&b'{') {
-        let values = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        wipe(&mut bytes);
+        return Err(StoreError::Corrupt {
             what: what(),
-            // serde's message names a position, never the content.
-            why: format!("not a state file ({e})"),
+            why: format!("larger than {MAX_STATE_FILE} bytes; reauth never writes such a file"),
         });
+    }
+    if bytes.first() == Some(&b'{') {
+        let sealed_here = path
+            .parent()
+            .is_some_and(|d| d.join(SEALED_MARKER).exists());
+        let values = if sealed_here {
+            Err(StoreError::Corrupt {
+                what: what(),
+                why: "is in clear, but this directory holds sealed state: refused (reauth did not write it)".into(),
+            })
+        } else {
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                what: what(),
+                // Position only: serde's message can quote content.
+                why: format!(
+                    "not a state file (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ),
+            })
+        };
         wipe(&mut bytes);
         return values.map(Stored::Clear);
     }
@@ -404,7 +473,7 @@ impl StateStore for FileStateStore {
             let stored = read_state(&path, provider, &self.keys)?;
             let mut guard = FileGuard {
                 _local: local,
-                _lock: acquired.lock,
+                lock: acquired.lock,
                 path,
                 provider: provider.to_string(),
                 keys: self.keys.clone(),
@@ -509,6 +578,17 @@ pub(crate) fn check_set(
     Ok(())
 }
 
+/// Check the whole state's size after a `set`.
+pub(crate) fn check_size(values: &BTreeMap<String, String>) -> Result<(), String> {
+    let size = serde_json::to_vec(values).map_or(usize::MAX, |v| v.len());
+    if size > MAX_STATE_BYTES {
+        return Err(format!(
+            "state is limited to {MAX_STATE_BYTES} bytes in all (as JSON); this set would make it {size}"
+        ));
+    }
+    Ok(())
+}
+
 /// The mode bits of `path` beyond the owner's (`reauth check` reports them).
 pub fn loose_permissions(path: &Path) -> Option<u32> {
     let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
@@ -594,6 +674,25 @@ mod tests {
     }
 
     #[test]
+    fn a_call_cut_off_while_holding_the_state_is_reported_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStateStore::new(dir.path(), keys(dir.path()));
+        rt().block_on(async {
+            let mut g = store.lock("p", Duration::from_secs(1)).await.unwrap();
+            g.abandon();
+            drop(g);
+            let g = store.lock("p", Duration::from_secs(1)).await.unwrap();
+            let dead = g.previous_holder().expect("recorded");
+            assert_eq!(dead.pid, std::process::id());
+            assert!(dead.aborted);
+            drop(g);
+            // A clean release clears the record again.
+            let g = store.lock("p", Duration::from_secs(1)).await.unwrap();
+            assert!(g.previous_holder().is_none());
+        });
+    }
+
+    #[test]
     fn a_holder_that_died_is_reported_to_the_next() {
         let dir = tempfile::tempdir().unwrap();
         // What a killed holder leaves: a record, and no flock (the kernel dropped it).
@@ -609,12 +708,26 @@ mod tests {
     fn debris_of_dead_writers_is_removed_and_a_corrupt_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         // PID 0x7fffffff does not run; our own PID does.
-        std::fs::write(dir.path().join(".tmp-2147483647-00ff"), "secret").unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        let debris = |name: &str| {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+            File::options()
+                .write(true)
+                .open(dir.path().join(name))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        };
+        debris(".tmp-2147483647-00ff");
+        // A fresh file of a dead PID may belong to a live writer in another PID
+        // namespace: kept until it is old.
+        std::fs::write(dir.path().join(".tmp-2147483646-00ff"), "x").unwrap();
         let mine = format!(".tmp-{}-00ff", std::process::id());
-        std::fs::write(dir.path().join(&mine), "in progress").unwrap();
+        debris(&mine);
         std::fs::write(dir.path().join("p.json"), "{not json").unwrap();
         let store = FileStateStore::new(dir.path(), keys(dir.path()));
         assert!(!dir.path().join(".tmp-2147483647-00ff").exists());
+        assert!(dir.path().join(".tmp-2147483646-00ff").exists());
         assert!(dir.path().join(&mine).exists());
         let err = rt()
             .block_on(store.lock("p", Duration::from_secs(1)))
@@ -727,6 +840,24 @@ mod tests {
             "rewritten sealed"
         );
         assert_eq!(get(&state, &ring, "sso").unwrap(), values);
+        // From then on, clear text in this directory is refused: it could only
+        // have been planted (say, someone's own refresh token).
+        std::fs::write(state.join("other.json"), r#"{"refresh":"planted"}"#).unwrap();
+        let err = get(&state, &ring, "other").unwrap_err();
+        assert!(
+            err.contains("is in clear") && err.contains("refused"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_total_state_size_is_bounded() {
+        let mut values = BTreeMap::new();
+        // Control characters take six bytes each as JSON.
+        values.insert("k".to_string(), "\u{1}".repeat(200_000));
+        assert!(check_size(&values).unwrap_err().contains("in all"));
+        values.insert("k".to_string(), "x".repeat(1000));
+        assert!(check_size(&values).is_ok());
     }
 
     #[test]

@@ -85,13 +85,17 @@ fn holder_text(holder: Option<u32>) -> String {
 }
 
 /// A call that held a provider's state and ended without releasing it cleanly:
-/// its process died (or was killed) while holding the lock.
+/// its process died (or was killed), or the call was cut off (timeout, trap)
+/// after touching the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadHolder {
     /// Its process id.
     pub pid: u32,
     /// When it took the lock.
     pub since: Option<SystemTime>,
+    /// The call was cut off (the process itself may still run); otherwise the
+    /// process died.
+    pub aborted: bool,
 }
 
 /// Exclusive access to one provider's state for one call. Dropping it releases the
@@ -105,6 +109,9 @@ pub trait StateGuard: Send {
     /// The previous holder, when it died holding the lock: a refresh token it had
     /// rotated at the identity provider but not yet written is lost.
     fn previous_holder(&self) -> Option<&DeadHolder>;
+    /// This call ends without finishing (timeout, trap, cancellation): leave a
+    /// record for the next holder instead of a clean release.
+    fn abandon(&mut self) {}
 }
 
 /// Where providers' state lives. See the [module docs](self).

@@ -109,36 +109,23 @@ impl FileSharedCache {
         self
     }
 
-    /// Remove the oldest entries beyond `max_entries` (down to 90% of it), and
-    /// lock files nobody took for an hour. Returns how many files went.
+    /// Remove the oldest entries beyond `max_entries` (down to 90% of it).
+    /// Returns how many went. (Lock files are a fixed set of stripes: nothing to
+    /// prune, and never one removed while someone holds it.)
     pub fn prune(&self) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
-        let hour_ago = SystemTime::now()
-            .checked_sub(Duration::from_secs(3600))
-            .unwrap_or(UNIX_EPOCH);
         let mut tokens = Vec::new();
         let mut removed = 0;
         for entry in entries.flatten() {
             let path = entry.path();
-            let modified = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(UNIX_EPOCH);
-            match path.extension().and_then(|e| e.to_str()) {
-                Some("tok") => tokens.push((modified, path)),
-                // Every acquisition rewrites the holder record: an old lock file
-                // is not held (a held flock keeps its file however old).
-                Some("lock") if modified < hour_ago => {
-                    let held = std::fs::File::open(&path)
-                        .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
-                        .unwrap_or(false);
-                    if !held && std::fs::remove_file(&path).is_ok() {
-                        removed += 1;
-                    }
-                }
-                _ => {}
+            if path.extension().is_some_and(|e| e == "tok") {
+                let modified = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(UNIX_EPOCH);
+                tokens.push((modified, path));
             }
         }
         if tokens.len() > self.max_entries {
@@ -162,6 +149,13 @@ impl FileSharedCache {
 
     fn entry_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.tok"))
+    }
+
+    /// The lock of `id`'s stripe: one of 4,096 files, whatever the number of
+    /// keys (a client sending random subjects cannot create files without end).
+    fn lock_path(&self, id: &str) -> PathBuf {
+        let stripe = id.get(..3).unwrap_or("000");
+        self.dir.join("locks").join(format!("{stripe}.lock"))
     }
 
     fn seal(&self, id: &str, entry: &SharedEntry) -> Result<Vec<u8>, StoreError> {
@@ -253,6 +247,12 @@ impl SharedCache for FileSharedCache {
 
     fn remove_if<'a>(&'a self, id: &'a str, fingerprint: &'a str) -> StoreFuture<'a, bool> {
         Box::pin(async move {
+            // Under the key's lock, so that a newer entry written meanwhile is never
+            // the one removed (past a short wait: without it, at worst one more
+            // fetch).
+            let _lock = FileLock::acquire(&self.lock_path(id), Duration::from_secs(2))
+                .await
+                .ok();
             match self.read(id).await {
                 Some(entry) if SharedEntry::fingerprint(&entry.credentials) == fingerprint => {
                     std::fs::remove_file(self.entry_path(id)).is_ok()
@@ -268,7 +268,7 @@ impl SharedCache for FileSharedCache {
         wait: Duration,
     ) -> StoreFuture<'a, Option<Box<dyn Send + 'static>>> {
         Box::pin(async move {
-            let path = self.dir.join(format!("{id}.lock"));
+            let path = self.lock_path(id);
             match FileLock::acquire(&path, wait).await {
                 Ok(acquired) => Some(Box::new(acquired.lock) as Box<dyn Send>),
                 Err(Ok(holder)) => {
