@@ -966,6 +966,13 @@ impl Host {
         // A plugin's retry-after (up to 2^64−1 ms) never leaves the host unclamped.
         let decision = ready.retry.clamp(result?);
         if decision == Decision::RefreshAndRetry {
+            // The shared entry first: were the in-memory entry dropped first, a
+            // concurrent miss here could read the rejected credential back from
+            // the shared cache. (A rejected credential never stays shared, even
+            // when this process suppresses its own refresh.)
+            if let Some(tier) = &ready.shared {
+                tier.invalidate(request, credentials).await;
+            }
             let key = KeyRef::new(&ready.name, request);
             let outcome = self.inner.cache.invalidate_if(
                 &key,
@@ -973,11 +980,6 @@ impl Host {
                 std::time::Duration::from_millis(ready.cache.min_reauth_interval_ms),
             );
             tracing::debug!(provider, ?outcome, "security error: refresh-and-retry");
-            if outcome != Invalidation::Suppressed
-                && let Some(tier) = &ready.shared
-            {
-                tier.invalidate(request, credentials).await;
-            }
             if outcome == Invalidation::Suppressed {
                 // The key was force-refreshed moments ago and the server rejects
                 // this credential too: another refresh would not help and would

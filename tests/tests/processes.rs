@@ -422,6 +422,29 @@ fn wait_for_holder(path: &Path, pid: u32) {
     }
 }
 
+impl Grant {
+    /// With the IdP paused (SIGSTOP), start a `reauth get`, wait until it holds
+    /// the state lock, let its request sit for `linger`, SIGKILL it and resume the
+    /// IdP. Returns the killed process's PID.
+    fn kill_a_holder(&self, linger: Duration) -> u32 {
+        let idp_pid = self.idp.pid().unwrap();
+        signal(idp_pid, "-STOP");
+        let mut a = self
+            .get()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let a_pid = a.id();
+        wait_for_holder(&self.state_dir().join("sso.lock"), a_pid);
+        std::thread::sleep(linger);
+        a.kill().unwrap();
+        a.wait().unwrap();
+        signal(idp_pid, "-CONT");
+        a_pid
+    }
+}
+
 /// A process SIGKILLed while it holds the state lock, before the IdP saw its
 /// refresh request: the lock is released by the kernel and the next process
 /// refreshes with the same (unspent) token.
@@ -431,18 +454,7 @@ async fn a_holder_killed_before_the_idp_call_loses_nothing() {
     // With discovery, the provider reads its state, then asks for the discovery
     // document: with the IdP paused, it holds the lock there.
     let grant = Grant::new(30, false);
-    let idp_pid = grant.idp.pid().unwrap();
-    signal(idp_pid, "-STOP");
-    let mut a = grant
-        .get()
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_holder(&grant.state_dir().join("sso.lock"), a.id());
-    a.kill().unwrap();
-    a.wait().unwrap();
-    signal(idp_pid, "-CONT");
+    grant.kill_a_holder(Duration::ZERO);
     let output = run(grant.get());
     let token = token_of(&output).expect("the next process refreshes");
     let rs = resource_server(&grant.idp).await;
@@ -459,22 +471,9 @@ async fn a_holder_killed_after_the_idp_rotated_is_reported_to_the_next() {
     setup();
     // `token_url`: no discovery, the refresh request is the first thing sent.
     let grant = Grant::new(30, true);
-    let idp_pid = grant.idp.pid().unwrap();
-    signal(idp_pid, "-STOP");
-    let mut a = grant
-        .get()
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let a_pid = a.id();
-    wait_for_holder(&grant.state_dir().join("sso.lock"), a_pid);
-    // Its request is in the IdP's socket buffer now (the provider sends it right
-    // after reading the state); give it a moment to be written.
-    std::thread::sleep(Duration::from_millis(500));
-    a.kill().unwrap();
-    a.wait().unwrap();
-    signal(idp_pid, "-CONT");
+    // Its request reaches the IdP's socket buffer right after it read the state;
+    // half a second is plenty for it to be written.
+    let a_pid = grant.kill_a_holder(Duration::from_millis(500));
     // The IdP processes the dead process's request (or drops it): wait until it
     // settled.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -603,12 +603,7 @@ mod tests {
         Arc::new(KeyRing::load_or_create(&dir.join("keys/key")).unwrap())
     }
 
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
+    use super::super::test_runtime as rt;
 
     #[test]
     fn commits_survive_reopen_and_leave_no_debris() {

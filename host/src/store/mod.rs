@@ -158,3 +158,12 @@ pub trait SharedCache: Send + Sync + 'static {
     /// The key id of the key new entries are sealed with.
     fn key_id(&self) -> String;
 }
+
+/// A current-thread runtime for the stores' unit tests.
+#[cfg(test)]
+fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a test runtime")
+}

@@ -319,12 +319,7 @@ mod tests {
         FileSharedCache::open(dir, Arc::new(keys)).unwrap()
     }
 
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
+    use super::super::test_runtime as rt;
 
     #[test]
     fn round_trip_sealed_and_private() {
