@@ -555,10 +555,15 @@ fn shared_child(dir: &str, url: &str) -> Result<()> {
 
 fn section_processes(smoke: bool) -> Result<String> {
     let rt = runtime();
-    let reauth = std::env::current_exe()?
-        .parent()
-        .context("the bench binary has no directory")?
-        .join("reauth");
+    // `REAUTH_BIN` (the smoke test sets it: `cargo test` builds no binaries into
+    // target/debug), else the `reauth` built beside this bench.
+    let reauth = match std::env::var_os("REAUTH_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the bench binary has no directory")?
+            .join("reauth"),
+    };
     ensure!(
         reauth.exists(),
         "{} is missing: build it with the bench (cargo build --release -p reauth-cli -p reauth-bench)",

@@ -163,6 +163,20 @@ pub struct HostBuilder {
     shared: Option<Option<Arc<dyn SharedCache>>>,
 }
 
+impl std::fmt::Debug for HostBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuilder")
+            .field(
+                "providers",
+                &self.config.providers.keys().collect::<Vec<_>>(),
+            )
+            .field("runtime", &self.config.runtime)
+            .field("runtime_options", &self.runtime_options)
+            .field("shared_cache", &self.shared.as_ref().map(|s| s.is_some()))
+            .finish_non_exhaustive()
+    }
+}
+
 impl HostBuilder {
     /// Share fresh credentials with other processes through `cache` (L2) instead
     /// of the one `[runtime.shared_cache]` configures; `None` turns it off.
@@ -1071,6 +1085,59 @@ impl Host {
     /// endpoint: [`Metrics::render`] gives the Prometheus text format.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Every metric in the Prometheus text format: the providers' counters
+    /// ([`Host::metrics`]) and the host's gauges — cache entries, open circuit
+    /// breakers, egress requests sent and denied per provider, build info.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = self.inner.metrics.render();
+        let providers = self.snapshot();
+        let _ = writeln!(
+            out,
+            "# HELP reauth_cache_entries Keys the token cache holds.\n# TYPE reauth_cache_entries gauge\nreauth_cache_entries {}",
+            self.inner.cache.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP reauth_breaker_open Whether the provider's circuit breaker is open (cooling down).\n# TYPE reauth_breaker_open gauge"
+        );
+        let ready = || {
+            providers.iter().filter_map(|(name, slot)| match slot {
+                Slot::Ready { ready, .. } => Some((name, ready)),
+                Slot::Failed(_) => None,
+            })
+        };
+        for (name, ready) in ready() {
+            let open = ready.runtime.breaker().cooling_down_for.is_some();
+            let _ = writeln!(
+                out,
+                "reauth_breaker_open{{provider=\"{}\"}} {}",
+                crate::metrics::label(name),
+                u8::from(open)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP reauth_egress_requests_total HTTP requests plugins made (sent) and the host refused (denied: host not allowed, plain http, userinfo…).\n# TYPE reauth_egress_requests_total counter"
+        );
+        for (name, ready) in ready() {
+            let (sent, denied) = ready.runtime.egress_counts();
+            for (outcome, n) in [("sent", sent), ("denied", denied)] {
+                let _ = writeln!(
+                    out,
+                    "reauth_egress_requests_total{{provider=\"{}\",outcome=\"{outcome}\"}} {n}",
+                    crate::metrics::label(name)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP reauth_build_info The reauth version serving.\n# TYPE reauth_build_info gauge\nreauth_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        out
     }
 
     /// Number of keys the token cache holds.

@@ -62,10 +62,37 @@ pub use reauth_core::{cache, classify, clock, config, hosts, metrics, retry, wir
 use reauth_core::{error, secret, types};
 
 pub use host::{Host, HostBuilder, ProviderStatus, ReloadReport};
-pub use reauth_core::Secret;
 pub use reauth_core::{
     BoxError, BreakerConfig, CacheConfig, CacheEvent, CacheKey, ConfigError, Credential,
     Credentials, Decision, Error, HostConfig, KeyRef, KeyStats, LimitKind, LimitsConfig, Lookup,
     OperationError, ProviderConfig, ProviderError, Reason, Rejection, Request, Result, RetryConfig,
     RetryPolicy, SecurityError, SecurityErrorKind,
 };
+pub use reauth_core::{Secret, constant_time_eq};
+
+#[cfg(test)]
+mod api {
+    fn send_sync<T: Send + Sync>() {}
+    fn debug<T: std::fmt::Debug>() {}
+
+    /// Embedders share these across threads and tasks, and print them.
+    #[test]
+    fn public_types_are_send_sync_and_debug() {
+        send_sync::<crate::Host>();
+        send_sync::<crate::runtime::Runtime>();
+        send_sync::<crate::runtime::ProviderRuntime>();
+        send_sync::<crate::store::FileStateStore>();
+        send_sync::<crate::store::FileSharedCache>();
+        send_sync::<crate::store::KeyRing>();
+        send_sync::<crate::Error>();
+        debug::<crate::Host>();
+        debug::<crate::HostBuilder>();
+        debug::<crate::runtime::Runtime>();
+        debug::<crate::metrics::ProviderMetrics>();
+        debug::<crate::store::FileStateStore>();
+        debug::<crate::store::FileSharedCache>();
+        debug::<crate::store::KeyRing>();
+        #[cfg(feature = "watch")]
+        debug::<crate::watch::Watcher>();
+    }
+}

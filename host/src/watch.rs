@@ -68,6 +68,15 @@ pub struct Watcher {
     dirs: BTreeSet<PathBuf>,
 }
 
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("host", &self.host)
+            .field("dirs", &self.dirs)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Watcher {
     /// Set up the file watches and the `SIGHUP` handler (inside a tokio runtime).
     pub fn new(host: Host) -> std::result::Result<Self, BoxError> {

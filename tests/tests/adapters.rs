@@ -465,7 +465,11 @@ async fn real_kubectl_gets_its_token_through_the_sidecar_and_a_fresh_one_after_a
         "the 401 re-run was reported as a rejection"
     );
     assert_eq!(
-        metric(&k.socket, "reauth_fetches_total{provider=\"k8s\",reason=\"after_security_error\",tier=\"mandatory\"}").await,
+        metric(
+            &k.socket,
+            "reauth_fetches_total{provider=\"k8s\",reason=\"after_security_error\"}"
+        )
+        .await,
         1,
         "and made the sidecar fetch a fresh token"
     );

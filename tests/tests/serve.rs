@@ -347,11 +347,24 @@ async fn api_round_trips_over_tcp_and_unix_socket_with_a_token() {
         1
     );
     assert_eq!(
-        value(
-            "reauth_fetches_total{provider=\"counter\",reason=\"after_security_error\",tier=\"mandatory\"}"
-        ),
+        value("reauth_fetches_total{provider=\"counter\",reason=\"after_security_error\"}"),
         1
     );
+    // The host's gauges: entries held, no breaker open, no egress, the version.
+    assert!(value("reauth_cache_entries") >= 1);
+    assert_eq!(value("reauth_breaker_open{provider=\"counter\"}"), 0);
+    assert_eq!(
+        value("reauth_egress_requests_total{provider=\"counter\",outcome=\"denied\"}"),
+        0
+    );
+    assert_eq!(
+        value(&format!(
+            "reauth_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1
+    );
+    assert!(metrics.contains("reauth_last_refresh_timestamp_seconds{provider=\"counter\"}"));
     assert_eq!(
         value(
             "reauth_plugin_calls_total{provider=\"counter\",function=\"get-credentials\",outcome=\"ok\"}"

@@ -386,7 +386,11 @@ async fn token(
         );
     };
     let client = match s.clients.get(&client_id) {
-        Some(c) if constant_time_eq(c.secret.expose().as_bytes(), client_secret.as_bytes()) => c,
+        Some(c)
+            if reauth::constant_time_eq(c.secret.expose().as_bytes(), client_secret.as_bytes()) =>
+        {
+            c
+        }
         _ => {
             return oauth_error(
                 StatusCode::UNAUTHORIZED,
@@ -470,8 +474,4 @@ async fn token(
         "no-store".parse().expect("static header"),
     );
     response
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

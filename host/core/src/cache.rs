@@ -795,6 +795,16 @@ fn fingerprint(principal: &str) -> String {
     format!("sha256:{}", hex::encode(&digest[..6]))
 }
 
+/// The claims of a JWT, **unverified** (base64url payload, padding tolerated):
+/// for scheduling and reporting only, never for trusting a token.
+pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// The `exp` claim of a bearer JWT, read without verification (the host does not
 /// need to trust it, only to know when the server will stop accepting it).
 /// Clamped to [`crate::clock::MAX_UNIX_SECS`]; a non-integer or negative `exp` is
@@ -804,11 +814,7 @@ pub fn jwt_exp(credential: &Credential) -> Option<SystemTime> {
     let Credential::Bearer(token) = credential else {
         return None;
     };
-    let payload = token.expose().split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let claims = jwt_claims(token.expose())?;
     let exp = claims.get("exp")?;
     // RFC 7519 allows a fractional NumericDate: round it down.
     let secs = match exp.as_u64() {

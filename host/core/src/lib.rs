@@ -41,7 +41,7 @@ pub use config::{
 };
 pub use error::{BoxError, Error, LimitKind, Result};
 pub use retry::{OperationError, Rejection, RetryPolicy};
-pub use secret::Secret;
+pub use secret::{Secret, constant_time_eq};
 pub use types::{
     Credential, Credentials, Decision, ProviderError, Reason, Request, SecurityError,
     SecurityErrorKind,

@@ -269,6 +269,16 @@ pub struct ProviderMetrics {
     state_lock_wait_us: AtomicU64,
 }
 
+impl std::fmt::Debug for ProviderMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderMetrics")
+            .field("lookups", &self.lookups)
+            .field("fetches", &self.fetches)
+            .field("contract_violations", &self.contract_violations)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What happened in the shared (cross-process) token cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -465,7 +475,8 @@ impl std::fmt::Debug for Metrics {
 }
 
 /// A Prometheus label value: escaped as the text format requires.
-fn label(value: &str) -> String {
+#[doc(hidden)]
+pub fn label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -498,10 +509,6 @@ impl Metrics {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
         let mut out = String::with_capacity(4096);
         let family = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -565,15 +572,15 @@ impl Metrics {
             &mut out,
             "reauth_fetches_total",
             "counter",
-            "get-credentials calls by reason and tier (advisory: refresh ahead while callers keep the old credential; mandatory: a caller waits).",
+            "get-credentials calls by reason (refresh_ahead: callers keep the old credential meanwhile; initial, expired, after_security_error: a caller waits).",
         );
         for (p, m) in &providers {
             for (i, reason) in REASONS.iter().enumerate() {
-                let (name, tier) = reason_labels(*reason);
+                let (name, _) = reason_labels(*reason);
                 let n = m.fetches[i].load(Ordering::Relaxed);
                 let _ = writeln!(
                     out,
-                    "reauth_fetches_total{{provider=\"{}\",reason=\"{name}\",tier=\"{tier}\"}} {n}",
+                    "reauth_fetches_total{{provider=\"{}\",reason=\"{name}\"}} {n}",
                     label(p)
                 );
             }
@@ -635,18 +642,18 @@ impl Metrics {
         }
         family(
             &mut out,
-            "reauth_seconds_since_last_refresh",
+            "reauth_last_refresh_timestamp_seconds",
             "gauge",
-            "Seconds since the provider last returned credentials (absent: never).",
+            "When the provider last returned credentials, in Unix seconds of the host's clock (absent: never). Alert on time() minus it.",
         );
         for (p, m) in &providers {
             let last = m.last_success_ms.load(Ordering::Relaxed);
             if last > 0 {
-                let since = now_ms.saturating_sub(last) as f64 / 1000.0;
                 let _ = writeln!(
                     out,
-                    "reauth_seconds_since_last_refresh{{provider=\"{}\"}} {since}",
-                    label(p)
+                    "reauth_last_refresh_timestamp_seconds{{provider=\"{}\"}} {}",
+                    label(p),
+                    last as f64 / 1000.0
                 );
             }
         }
@@ -804,7 +811,7 @@ mod tests {
         );
         assert!(
             line(&format!(
-                "reauth_fetches_total{{{p},reason=\"refresh_ahead\",tier=\"advisory\"}}"
+                "reauth_fetches_total{{{p},reason=\"refresh_ahead\"}}"
             ))
             .ends_with(" 1")
         );
@@ -834,7 +841,7 @@ mod tests {
             ))
             .ends_with(" 1")
         );
-        assert!(line(&format!("reauth_seconds_since_last_refresh{{{p}}}")).len() > 10);
+        assert!(line(&format!("reauth_last_refresh_timestamp_seconds{{{p}}}")).len() > 10);
         assert!(!text.contains("secret-token-value") && !text.contains("alice"));
     }
 }

@@ -49,6 +49,13 @@ impl From<&str> for Secret {
     }
 }
 
+/// Whether `a` and `b` are equal, in time that depends on their lengths only (for
+/// comparing a presented secret with the expected one).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +67,13 @@ mod tests {
         assert_eq!(format!("{s}"), "[redacted]");
         assert_eq!(format!("{:?}", Some(&s)), "Some([redacted])");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(super::constant_time_eq(b"api-token", b"api-token"));
+        assert!(!super::constant_time_eq(b"api-token", b"api-tokem"));
+        assert!(!super::constant_time_eq(b"api-token", b"api-token-longer"));
+        assert!(!super::constant_time_eq(b"", b"x"));
     }
 }

@@ -692,12 +692,7 @@ fn classify(kind: &ErrorKind, token: &str) -> VerifyError {
 
 /// `exp` of a token whose signature was already verified (only used to report it).
 fn unverified_exp(token: &str) -> Option<u64> {
-    use base64::Engine as _;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["exp"].as_u64()
+    reauth_core::cache::jwt_claims(token)?["exp"].as_u64()
 }
 
 #[cfg(test)]

@@ -19,8 +19,11 @@ fn main() -> ExitCode {
             filter = filter.add_directive(d);
         }
     }
+    // Colour only for a person at a terminal: never escape codes in a log file, a
+    // pipe or a journal.
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter);
     match cli.log_format {
         reauth_cli::cli::LogFormat::Text => logs.init(),
