@@ -27,6 +27,11 @@ struct Key {
 /// Keys that seal data at rest (see the [module docs](self)).
 pub struct KeyRing {
     keys: Vec<Key>,
+    /// Keys added to the key file after start (rotation): they open, the
+    /// start-up first key still seals until a restart.
+    learned: std::sync::RwLock<Vec<Key>>,
+    /// The key file, when the ring came from one (re-read for unknown key ids).
+    path: Option<std::path::PathBuf>,
     rng: SystemRandom,
     source: String,
 }
@@ -124,7 +129,40 @@ impl KeyRing {
         std::fs::File::open(path)
             .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
             .map_err(io(format!("reading key file {}", path.display())))?;
-        Self::parse(&text, &format!("key file {}", path.display()))
+        let mut ring = Self::parse(&text, &format!("key file {}", path.display()))?;
+        ring.path = Some(path.to_path_buf());
+        Ok(ring)
+    }
+
+    /// Re-read the key file for keys added since start; true if one was learned.
+    fn learn(&self) -> bool {
+        let Some(path) = &self.path else {
+            return false;
+        };
+        let mut text = String::new();
+        let read =
+            std::fs::File::open(path).and_then(|f| f.take(64 * 1024).read_to_string(&mut text));
+        let Ok(ring) = read
+            .map_err(|_| ())
+            .and_then(|_| Self::parse(&text, &self.source).map_err(|_| ()))
+        else {
+            return false;
+        };
+        let mut learned = self.learned.write().unwrap_or_else(|e| e.into_inner());
+        let mut added = false;
+        for key in ring.keys {
+            let known = self
+                .keys
+                .iter()
+                .chain(learned.iter())
+                .any(|k| k.id == key.id);
+            if !known {
+                tracing::info!(key_file = %path.display(), key_id = %key.id, "learned a key added to the key file (it opens; the start-up key seals until a restart)");
+                learned.push(key);
+                added = true;
+            }
+        }
+        added
     }
 
     /// A ring from its text (`v1 <id> <hex>` lines; `#` comments). `what` names
@@ -173,6 +211,8 @@ impl KeyRing {
         }
         Ok(KeyRing {
             keys,
+            learned: std::sync::RwLock::new(Vec::new()),
+            path: None,
             rng: SystemRandom::new(),
             source: what.to_string(),
         })
@@ -244,17 +284,35 @@ impl KeyRing {
             return Err(OpenError::NotSealed);
         }
         let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.id == id)
-            .ok_or_else(|| OpenError::UnknownKey(id.clone()))?;
         let header = magic.len() + 1 + id_len + NONCE_LEN;
         let nonce = Nonce::try_assume_unique_for_key(&bytes[header - NONCE_LEN..header])
             .map_err(|_| OpenError::NotSealed)?;
-        key.aead
-            .open_in_place(nonce, Aad::from(aad(magic, name)), &mut bytes[header..])
-            .map_err(|_| OpenError::Rejected(id))
+        let aad = aad(magic, name);
+        let body = &mut bytes[header..];
+        let open = |key: &Key, body: &'b mut [u8]| {
+            key.aead
+                .open_in_place(nonce, Aad::from(aad.as_slice()), body)
+                .map_err(|_| OpenError::Rejected(id.clone()))
+        };
+        if let Some(key) = self.keys.iter().find(|k| k.id == id) {
+            return open(key, body);
+        }
+        // Sealed by a process that started after a rotation: the key file may
+        // know the key now.
+        let known = |ring: &Self| {
+            ring.learned
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|k| k.id == id)
+        };
+        if known(self) || self.learn() {
+            let learned = self.learned.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(key) = learned.iter().find(|k| k.id == id) {
+                return open(key, body);
+            }
+        }
+        Err(OpenError::UnknownKey(id))
     }
 }
 
@@ -320,6 +378,30 @@ mod tests {
         ));
         assert_eq!(loose_permissions(&dir.path().join("k/key")), None);
         assert_eq!(loose_permissions(&dir.path().join("k")), None);
+    }
+
+    #[test]
+    fn a_key_added_to_the_file_after_start_opens_what_it_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k/key");
+        let running = KeyRing::load_or_create(&path).unwrap();
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("v1 k2 {}\n{old}", "ef".repeat(32))).unwrap();
+        let started_later = KeyRing::load_or_create(&path).unwrap();
+        assert_eq!(started_later.key_id(), "k2");
+        let mut sealed = started_later
+            .seal(b"m1", b"p", b"rotated".to_vec())
+            .unwrap();
+        // The running process learns k2 from the file; it keeps sealing with its key.
+        assert_eq!(running.open(b"m1", b"p", &mut sealed).unwrap(), b"rotated");
+        assert_ne!(running.key_id(), "k2");
+        // A ring from text has no file to learn from.
+        let text = KeyRing::parse(&old, "runtime.key").unwrap();
+        let mut again = started_later.seal(b"m1", b"p", b"x".to_vec()).unwrap();
+        assert!(matches!(
+            text.open(b"m1", b"p", &mut again),
+            Err(OpenError::UnknownKey(_))
+        ));
     }
 
     #[test]
