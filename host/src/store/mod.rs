@@ -18,14 +18,16 @@
 //!   one machine, so a `reauth get` or a `kubectl` adapter run does not call the
 //!   identity provider while another process holds a valid token. The in-memory cache
 //!   (L1) stays the hot path; L2 is read on an L1 miss, before the provider is called,
-//!   and a per-key cross-process lock makes one process fetch while the others wait
-//!   for its result. [`FileSharedCache`] seals every entry with an AEAD.
+//!   and a cross-process lock per key (one of 4,096 lock stripes) makes one process
+//!   fetch while the others wait for its result. [`FileSharedCache`] seals every
+//!   entry with an AEAD.
 //!
 //! **Trust model.** Both local backends protect against *other* users (directories
 //! 0700, files 0600), against copies of the files alone (backups, an accidental
-//! commit: L2 entries are encrypted, and the key file is separate), and against a
-//! tampered or swapped entry (it does not open, and is a miss). They do not protect
-//! against the same Unix user, who can read the key file.
+//! commit: state files and L2 entries are sealed with a [`KeyRing`] kept beside, not
+//! inside, their directory), and against a tampered, swapped or renamed file (it
+//! does not open: a miss for L2, an error naming the provider for state). They do
+//! not protect against the same Unix user, who can read the key file.
 
 pub(crate) mod file;
 pub(crate) mod keys;
