@@ -14,20 +14,31 @@ async fn reauth(args: &[&str]) -> (ExitCode, String) {
     (code, String::from_utf8(out).unwrap())
 }
 
-#[tokio::test]
-async fn check_reports_every_provider_and_fails_if_one_is_broken() {
-    reauth_tests::logs();
+/// A `reauth.toml` in a new directory: `runtime` (the `[runtime]` keys), a
+/// `static` provider `api`, then `more`.
+fn config_with_api(runtime: &str, more: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("reauth.toml");
     let static_ = plugins().static_.display().to_string();
-    let oauth2 = plugins().oauth2.display().to_string();
     std::fs::write(
         &path,
         format!(
-            "[runtime]\ncache_dir = \"cache\"\n\n[providers.api]\nplugin = {static_:?}\nconfig = {{ token = \"t\" }}\n\n[providers.sso]\nplugin = {oauth2:?}\n"
+            "[runtime]\n{runtime}\n\n[providers.api]\nplugin = {static_:?}\nconfig = {{ token = \"t\" }}\n{more}"
         ),
     )
     .unwrap();
+    (dir, path)
+}
+
+#[tokio::test]
+async fn check_reports_every_provider_and_fails_if_one_is_broken() {
+    reauth_tests::logs();
+    let oauth2 = plugins().oauth2.display().to_string();
+    let static_ = plugins().static_.display().to_string();
+    let (_dir, path) = config_with_api(
+        "cache_dir = \"cache\"",
+        &format!("\n[providers.sso]\nplugin = {oauth2:?}\n"),
+    );
     let config = path.to_str().unwrap();
     let (code, out) = reauth(&["check", "--config", config]).await;
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
@@ -70,16 +81,7 @@ async fn check_reports_every_provider_and_fails_if_one_is_broken() {
 async fn check_reports_loose_permissions_of_what_is_kept_at_rest() {
     use std::os::unix::fs::PermissionsExt;
     reauth_tests::logs();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("reauth.toml");
-    let static_ = plugins().static_.display().to_string();
-    std::fs::write(
-        &path,
-        format!(
-            "[runtime]\nstate_dir = \"state\"\n\n[providers.api]\nplugin = {static_:?}\nconfig = {{ token = \"t\" }}\n"
-        ),
-    )
-    .unwrap();
+    let (dir, path) = config_with_api("state_dir = \"state\"", "");
     let config = path.to_str().unwrap();
     let (code, out) = reauth(&["check", "--config", config]).await;
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
