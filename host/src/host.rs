@@ -9,7 +9,7 @@ use crate::retry::{Action, OperationError, Rejection, RetryPolicy};
 use crate::runtime::BreakerStatus;
 use crate::runtime::egress::HostPattern;
 use crate::runtime::{CompileSource, ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
-use crate::store::{FileSharedCache, KeyRing, SharedCache, SharedEntry};
+use crate::store::{FileSharedCache, KeyRing, RemoteEvent, SharedCache, SharedEntry, SharedFailure};
 use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -144,7 +144,16 @@ struct Inner {
     config: Mutex<HostConfig>,
     metrics: Arc<Metrics>,
     /// The cross-process token cache (L2), fixed at build.
-    shared: Option<Arc<dyn SharedCache>>,
+    shared: Option<SharedSetup>,
+    /// The fleet, when `[fleet]` is configured.
+    #[cfg(feature = "fleet")]
+    fleet: Option<crate::store::fleet::Fleet>,
+}
+
+/// The shared cache (L2) and what listens to its announcements.
+struct SharedSetup {
+    cache: Arc<dyn SharedCache>,
+    link: Arc<RemoteLink>,
 }
 
 impl std::fmt::Debug for Host {
@@ -161,6 +170,8 @@ pub struct HostBuilder {
     clock: Arc<dyn Clock>,
     runtime_options: Option<RuntimeOptions>,
     shared: Option<Option<Arc<dyn SharedCache>>>,
+    #[cfg(feature = "fleet")]
+    fleet: Option<crate::store::fleet::Fleet>,
 }
 
 impl std::fmt::Debug for HostBuilder {
@@ -182,6 +193,15 @@ impl HostBuilder {
     /// of the one `[runtime.shared_cache]` configures; `None` turns it off.
     pub fn shared_cache(mut self, cache: Option<Arc<dyn SharedCache>>) -> Self {
         self.shared = Some(cache);
+        self
+    }
+
+    /// Join `fleet` (instead of the one `[fleet]` configures): fresh credentials
+    /// and every provider's state are shared through it with the other replicas,
+    /// and the host follows the backend's clock.
+    #[cfg(feature = "fleet")]
+    pub fn fleet(mut self, fleet: crate::store::fleet::Fleet) -> Self {
+        self.fleet = Some(fleet);
         self
     }
 
@@ -225,6 +245,28 @@ impl HostBuilder {
     pub fn build(self) -> Result<Host> {
         let config = self.config;
         config.validate()?;
+        #[cfg(feature = "fleet")]
+        let fleet = match self.fleet {
+            Some(fleet) => Some(fleet),
+            None => open_fleet(&config)?,
+        };
+        #[cfg(not(feature = "fleet"))]
+        if config.fleet.is_some() {
+            return Err(ConfigError::at(
+                config.source.as_deref(),
+                "fleet",
+                "this build of reauth has no fleet support (the `reauth` crate's cargo feature `fleet`)",
+            )
+            .into());
+        }
+        // A fleet's replicas all follow the backend's clock.
+        #[cfg(feature = "fleet")]
+        let clock = match &fleet {
+            Some(fleet) => fleet.clock(self.clock.clone()),
+            None => self.clock.clone(),
+        };
+        #[cfg(not(feature = "fleet"))]
+        let clock = self.clock.clone();
         let defaults = self.runtime_options.unwrap_or_default();
         let runtime = Runtime::new(
             RuntimeOptions {
@@ -237,7 +279,7 @@ impl HostBuilder {
                 max_instances: config.runtime.max_instances,
                 ..defaults
             },
-            self.clock.clone(),
+            clock.clone(),
         )
         .map_err(|e| Error::Io {
             context: "starting the WebAssembly engine".into(),
@@ -248,11 +290,40 @@ impl HostBuilder {
         if let Some(keys) = &keys {
             runtime.set_state_keys(keys.clone());
         }
+        #[cfg(feature = "fleet")]
+        if let Some(fleet) = &fleet {
+            runtime.set_state_store(Arc::new(fleet.clone()));
+        }
         let metrics = Arc::new(Metrics::default());
         let shared = match self.shared {
             Some(chosen) => chosen,
+            #[cfg(feature = "fleet")]
+            None if fleet.is_some() => fleet
+                .clone()
+                .map(|f| Arc::new(f) as Arc<dyn SharedCache>),
             None => open_shared_cache(&config, keys.as_ref()),
         };
+        let cache = TokenCache::with_violation_hook(
+            clock,
+            config.runtime.max_cache_entries,
+            Some({
+                let metrics = metrics.clone();
+                Arc::new(move |provider: &str| metrics.provider(provider).contract_violation())
+            }),
+        );
+        let shared = shared.map(|shared| SharedSetup {
+            link: Arc::new(RemoteLink {
+                shared: shared.clone(),
+                cache: cache.clone(),
+                keys: Mutex::new(std::collections::HashMap::new()),
+                max: config.runtime.max_cache_entries.saturating_mul(2),
+                listening: std::sync::OnceLock::new(),
+            }),
+            cache: shared,
+        });
+        if let Some(shared) = &shared {
+            shared.link.listen();
+        }
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
             let loaded = provider_spec(&config, name, p).and_then(|resolved| {
@@ -286,19 +357,12 @@ impl HostBuilder {
             inner: Arc::new(Inner {
                 runtime,
                 providers: RwLock::new(Arc::new(providers)),
-                cache: TokenCache::with_violation_hook(
-                    self.clock,
-                    config.runtime.max_cache_entries,
-                    Some({
-                        let metrics = metrics.clone();
-                        Arc::new(move |provider: &str| {
-                            metrics.provider(provider).contract_violation()
-                        })
-                    }),
-                ),
+                cache,
                 config: Mutex::new(config),
                 metrics,
                 shared,
+                #[cfg(feature = "fleet")]
+                fleet,
             }),
         })
     }
@@ -311,7 +375,7 @@ fn load_provider(
     runtime: &Arc<Runtime>,
     config: &HostConfig,
     metrics: &Metrics,
-    shared: Option<&Arc<dyn SharedCache>>,
+    shared: Option<&SharedSetup>,
     name: &str,
     p: &ProviderConfig,
     (spec, identity): (ProviderSpec, Identity),
@@ -330,9 +394,11 @@ fn load_provider(
     let provider_metrics = metrics.provider(name);
     loaded.set_metrics(provider_metrics.clone());
     let settings = Arc::new(p.cache.clone());
-    let tier = shared.map(|cache| {
+    let tier = shared.map(|shared| {
         Arc::new(SharedTier {
-            cache: cache.clone(),
+            name: Arc::from(name),
+            cache: shared.cache.clone(),
+            link: shared.link.clone(),
             identity: identity.digest(name, loaded.sha256(), &p.cache),
             settings: settings.clone(),
             clock: runtime.clock().clone(),
@@ -458,21 +524,9 @@ fn key_ring(config: &HostConfig) -> Result<Option<Arc<KeyRing>>> {
     let file = config.source.as_deref();
     if let Some(value) = &config.runtime.key {
         let at = |message: String| ConfigError::at(file, "runtime.key", message);
-        let text = match value {
-            config::ConfigValue::Value(s) => s.expose().to_string(),
-            config::ConfigValue::Env { env } => std::env::var(env)
-                .map_err(|_| at(format!("environment variable `{env}` is not set")))?,
-            config::ConfigValue::File { file: path } => {
-                use std::io::Read;
-                let path = config.resolve(path);
-                let mut text = String::new();
-                std::fs::File::open(&path)
-                    .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
-                    .map_err(|e| at(format!("cannot read {}: {e}", path.display())))?;
-                text
-            }
-        };
-        let ring = KeyRing::parse(&text, "the key ring").map_err(|e| at(e.to_string()))?;
+        let text = config.resolve_value("runtime.key", value)?;
+        let text = text.expose();
+        let ring = KeyRing::parse(text, "the key ring").map_err(|e| at(e.to_string()))?;
         return Ok(Some(Arc::new(ring)));
     }
     let Some(path) = config.key_file() else {
@@ -486,7 +540,9 @@ fn key_ring(config: &HostConfig) -> Result<Option<Arc<KeyRing>>> {
 /// One provider's view of the shared cache (L2): read before the provider is
 /// called, one process fetching per key at a time, written after.
 struct SharedTier {
+    name: Arc<str>,
     cache: Arc<dyn SharedCache>,
+    link: Arc<RemoteLink>,
     identity: Vec<u8>,
     settings: Arc<config::CacheConfig>,
     clock: Arc<dyn Clock>,
@@ -537,38 +593,87 @@ impl SharedTier {
         call: impl Future<Output = Result<Credentials>>,
     ) -> Result<Credentials> {
         let id = self.id(request);
+        self.link.remember(&id, &self.name, request);
         if let Some(credentials) = self.usable(&id).await {
             self.metrics.shared(SharedEvent::Hit);
             return Ok(credentials);
         }
-        let _fetching = self.cache.fetching(&id, self.wait).await;
+        let lease = self.cache.fetching(&id, self.wait).await;
         // Another process may have fetched it while this one waited.
         if let Some(credentials) = self.usable(&id).await {
             self.metrics.shared(SharedEvent::Join);
             return Ok(credentials);
         }
+        // Another process's fetch failed moments ago: back off with it rather
+        // than call the identity provider again.
+        let failure = self.cache.read_failure(&id).await;
+        if let Some(failure) = &failure {
+            let now = self.clock.now();
+            if now < failure.retry_at {
+                let retry_in = failure.retry_at.duration_since(now).unwrap_or_default();
+                return Err(Error::Provider {
+                    provider: self.name.to_string(),
+                    error: crate::types::ProviderError::Unavailable(format!(
+                        "{} (shared: {} failed fetch(es) of this key across processes; next attempt in {} ms)",
+                        failure.message,
+                        failure.failures,
+                        retry_in.as_millis()
+                    )),
+                });
+            }
+        }
         self.metrics.shared(SharedEvent::Miss);
         let result = call.await;
-        if let Ok(credentials) = &result {
-            let now = self.clock.now();
-            let (expires, use_until, refresh_at) =
-                crate::cache::timeline(credentials, &self.settings, now);
-            if now < use_until {
-                let mut shared = credentials.clone();
-                shared.expires_at = Some(expires);
-                let entry = SharedEntry {
-                    credentials: shared,
-                    written_at: now,
-                    fresh_until: refresh_at,
-                };
-                match self.cache.write(&id, &entry).await {
-                    Ok(()) => self.metrics.shared(SharedEvent::Write),
-                    Err(e) => {
-                        self.metrics.shared(SharedEvent::Error);
-                        tracing::warn!(error = %e, "could not write the shared token cache");
+        match &result {
+            Ok(credentials) => {
+                let now = self.clock.now();
+                let (expires, use_until, refresh_at) =
+                    crate::cache::timeline(credentials, &self.settings, now);
+                if now < use_until {
+                    let mut shared = credentials.clone();
+                    shared.expires_at = Some(expires);
+                    let entry = SharedEntry {
+                        credentials: shared,
+                        written_at: now,
+                        fresh_until: refresh_at,
+                    };
+                    match self.cache.write(&id, &entry, lease.as_ref()).await {
+                        Ok(()) => self.metrics.shared(SharedEvent::Write),
+                        Err(e) => {
+                            self.metrics.shared(SharedEvent::Error);
+                            tracing::warn!(provider = %self.name, error = %e, "could not write the shared token cache");
+                        }
                     }
                 }
+                if failure.is_some() {
+                    let _ = self.cache.write_failure(&id, None, lease.as_ref()).await;
+                }
             }
+            Err(Error::Provider {
+                error: crate::types::ProviderError::Unavailable(message),
+                ..
+            }) => {
+                use rand::Rng;
+                let failures = failure.as_ref().map_or(0, |f| f.failures).saturating_add(1);
+                let delay = crate::cache::backoff(
+                    &self.settings,
+                    failures,
+                    rand::rng().random_range(0.0..1.0),
+                );
+                let shared = SharedFailure {
+                    message: message.clone(),
+                    failures,
+                    retry_at: crate::clock::saturating_add(self.clock.now(), delay),
+                };
+                if let Err(e) = self
+                    .cache
+                    .write_failure(&id, Some(&shared), lease.as_ref())
+                    .await
+                {
+                    tracing::debug!(provider = %self.name, error = %e, "could not share a failed fetch");
+                }
+            }
+            Err(_) => {}
         }
         result
     }
@@ -585,6 +690,142 @@ impl SharedTier {
             self.metrics.shared(SharedEvent::Invalidation);
         }
     }
+}
+
+/// Applies other replicas' announcements to this host's L1 cache: the keys this
+/// host served from the shared cache, by entry id.
+struct RemoteLink {
+    shared: Arc<dyn SharedCache>,
+    cache: TokenCache,
+    keys: Mutex<std::collections::HashMap<String, (Arc<str>, Request)>>,
+    max: usize,
+    listening: std::sync::OnceLock<()>,
+}
+
+impl RemoteLink {
+    /// Note that entry `id` is `provider`'s key for `request`.
+    fn remember(self: &Arc<Self>, id: &str, provider: &Arc<str>, request: &Request) {
+        self.listen();
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.contains_key(id) {
+            return;
+        }
+        if keys.len() >= self.max {
+            // Forgetting keys would miss their invalidations: drop their L1
+            // entries too (they are re-read from the shared cache).
+            let providers: std::collections::BTreeSet<Arc<str>> =
+                keys.values().map(|(p, _)| p.clone()).collect();
+            keys.clear();
+            for p in providers {
+                self.cache.remove_provider(&p);
+            }
+        }
+        let request = Request {
+            reason: Reason::default(),
+            ..request.clone()
+        };
+        keys.insert(id.to_string(), (provider.clone(), request));
+    }
+
+    /// Start applying announcements (once; needs a tokio runtime).
+    fn listen(self: &Arc<Self>) {
+        if self.listening.get().is_some() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.listening.set(()).is_err() {
+            return;
+        }
+        let Some(mut events) = self.shared.events() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        handle.spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(_)) => RemoteEvent::Resync,
+                    Err(RecvError::Closed) => return,
+                };
+                let Some(link) = weak.upgrade() else { return };
+                link.apply(event);
+            }
+        });
+    }
+
+    fn apply(&self, event: RemoteEvent) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            RemoteEvent::Invalidated { id, tag } => {
+                if let Some((provider, request)) = keys.get(&id) {
+                    let key = KeyRef::new(provider, request);
+                    if self
+                        .cache
+                        .drop_if(&key, |c| self.shared.credential_tag(c) == tag)
+                    {
+                        tracing::info!(provider = %provider, "credential rejected on another replica; dropped here too");
+                    }
+                }
+            }
+            RemoteEvent::Resync => {
+                let providers: std::collections::BTreeSet<Arc<str>> =
+                    keys.values().map(|(p, _)| p.clone()).collect();
+                keys.clear();
+                for p in providers {
+                    self.cache.remove_provider(&p);
+                }
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+}
+
+/// The fleet `[fleet]` configures, if any.
+#[cfg(feature = "fleet")]
+fn open_fleet(config: &HostConfig) -> Result<Option<crate::store::fleet::Fleet>> {
+    use crate::store::fleet::{Fleet, FleetBackend, FleetOptions, PostgresBackend, RedisBackend};
+    let Some(fc) = &config.fleet else {
+        return Ok(None);
+    };
+    let file = config.source.as_deref();
+    let url = config.resolve_value("fleet.url", &fc.url)?;
+    let key = config.resolve_value("fleet.key", &fc.key)?;
+    let keys = KeyRing::parse(key.expose(), "fleet.key")
+        .map_err(|e| ConfigError::at(file, "fleet.key", e.to_string()))?;
+    let timeout = Duration::from_millis(fc.timeout_ms);
+    let bad_url = |e: crate::store::StoreError| ConfigError::at(file, "fleet.url", e.to_string());
+    let backend: Arc<dyn FleetBackend> = match fc.backend {
+        config::FleetBackendKind::Redis => {
+            Arc::new(RedisBackend::new(url.expose(), &fc.name, timeout).map_err(bad_url)?)
+        }
+        config::FleetBackendKind::Postgres => {
+            Arc::new(PostgresBackend::new(url.expose(), &fc.name, timeout).map_err(bad_url)?)
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            return Err(ConfigError::at(
+                file,
+                "fleet.backend",
+                format!("`{}` is not supported by this build", other.as_str()),
+            )
+            .into());
+        }
+    };
+    tracing::info!(fleet = %fc.name, backend = %backend.describe(), key_id = %keys.key_id(), "joining fleet");
+    Ok(Some(Fleet::new(
+        backend,
+        Arc::new(keys),
+        FleetOptions {
+            name: fc.name.clone(),
+            lease: Duration::from_millis(fc.lease_ms),
+            wait: Duration::from_millis(fc.wait_ms),
+            timeout,
+        },
+    )))
 }
 
 /// The load spec of one provider, and its identity except the plugin's digest.
@@ -658,6 +899,8 @@ impl Host {
             clock: Arc::new(SystemClock),
             runtime_options: None,
             shared: None,
+            #[cfg(feature = "fleet")]
+            fleet: None,
         }
     }
 
@@ -668,6 +911,8 @@ impl Host {
             clock: Arc::new(SystemClock),
             runtime_options: None,
             shared: None,
+            #[cfg(feature = "fleet")]
+            fleet: None,
         }
     }
 
@@ -1131,6 +1376,10 @@ impl Host {
                     crate::metrics::label(name)
                 );
             }
+        }
+        #[cfg(feature = "fleet")]
+        if let Some(fleet) = &self.inner.fleet {
+            fleet.render_metrics(&mut out);
         }
         let _ = writeln!(
             out,

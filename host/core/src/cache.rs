@@ -620,6 +620,28 @@ impl TokenCache {
         Invalidation::Dropped
     }
 
+    /// Drop `key`'s entry if `stale` says its credential is stale (another
+    /// process or replica found it rejected and told this one). Not a forced
+    /// refresh of this process: `min_reauth_interval` is not touched. True if
+    /// dropped.
+    #[doc(hidden)]
+    pub fn drop_if(&self, key: &KeyRef<'_>, stale: impl FnOnce(&Credentials) -> bool) -> bool {
+        let Some(slot) = self.existing_slot(key) else {
+            return false;
+        };
+        let mut st = slot.lock();
+        let generation = match &st.entry {
+            Some(e) if stale(&e.credentials) => e.generation,
+            _ => return false,
+        };
+        st.entry = None;
+        let _ = self.0.events.send(CacheEvent::Invalidated {
+            key: slot.key.clone(),
+            generation,
+        });
+        true
+    }
+
     /// When the entry for `key` stops being served, if there is one.
     #[doc(hidden)]
     pub fn use_until(&self, key: &KeyRef<'_>) -> Option<SystemTime> {

@@ -68,6 +68,10 @@ pub struct HostConfig {
     /// Providers by name.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// `[fleet]`: share tokens and provider state with the other replicas of a
+    /// service through Redis or PostgreSQL. Unset: this host (and the processes
+    /// sharing its directories) works alone.
+    pub fleet: Option<FleetConfig>,
     /// The directory relative paths are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -132,6 +136,62 @@ pub struct SharedCacheConfig {
     pub enabled: bool,
     /// Its directory (created 0700). Entries are sealed with `runtime.key_file`.
     pub dir: Option<PathBuf>,
+}
+
+/// Which engine a fleet shares its tokens and state through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum FleetBackendKind {
+    /// Redis 7 (`redis://[user:password@]host:port[/db]`).
+    Redis,
+    /// PostgreSQL 15 (`postgres://user:password@host:port/dbname`).
+    Postgres,
+}
+
+impl FleetBackendKind {
+    /// Its name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FleetBackendKind::Redis => "redis",
+            FleetBackendKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// `[fleet]`: the replicas of one service (every host configured with the same
+/// `name`, `backend` and `url`) share fresh credentials and provider state, so
+/// that the whole fleet calls the identity provider once per token lifetime and
+/// never spends one refresh token twice. See the README, "Running a fleet".
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The fleet's name: it prefixes every key (Redis) or row (PostgreSQL), so
+    /// several fleets can share one server. 1–64 of `A-Z a-z 0-9 - _`.
+    pub name: String,
+    /// `redis` or `postgres`.
+    pub backend: FleetBackendKind,
+    /// Where the backend is, usually a reference: `{ env = "REAUTH_FLEET_URL" }`
+    /// or `{ file = "…" }` (the URL carries the password).
+    pub url: ConfigValue,
+    /// The fleet's key ring (`v1 <key id> <64 hex digits>` lines; the first
+    /// seals, all open), the same on every replica: `{ env = … }` or
+    /// `{ file = … }`. Nothing is stored in the backend in clear.
+    pub key: ConfigValue,
+    /// How long a replica's lease on a key (or on a provider's state) lasts
+    /// without renewal; the holder renews it every third of it while its provider
+    /// runs. A replica that dies holding one blocks that key for at most this
+    /// long. 1000–600000, default 5000.
+    #[serde(default = "defaults::fleet_lease_ms")]
+    pub lease_ms: u64,
+    /// How long a replica waits for another one's fetch of the same key before it
+    /// gives up waiting. 100–600000, default 15000.
+    #[serde(default = "defaults::fleet_wait_ms")]
+    pub wait_ms: u64,
+    /// How long a call waits for the backend before treating it as down.
+    /// 50–60000, default 2000.
+    #[serde(default = "defaults::fleet_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 impl Default for SharedCacheConfig {
@@ -657,6 +717,18 @@ pub mod defaults {
     pub fn max_memory_mib() -> u64 {
         512
     }
+    /// `fleet.lease_ms`.
+    pub fn fleet_lease_ms() -> u64 {
+        5000
+    }
+    /// `fleet.wait_ms`.
+    pub fn fleet_wait_ms() -> u64 {
+        15_000
+    }
+    /// `fleet.timeout_ms`.
+    pub fn fleet_timeout_ms() -> u64 {
+        2000
+    }
     /// `cache.default_ttl_secs`.
     pub fn default_ttl_secs() -> u64 {
         3600
@@ -846,6 +918,7 @@ impl HostConfig {
     /// Check what serde cannot: ranges, formats and names.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_runtime()?;
+        self.validate_fleet()?;
         for name in self.providers.keys() {
             self.validate_provider(name)?;
         }
@@ -880,6 +953,51 @@ impl HostConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Check the `[fleet]` section, if there is one.
+    pub fn validate_fleet(&self) -> Result<(), ConfigError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        let file = self.source.as_deref();
+        if !valid_provider_name(&fleet.name) {
+            return Err(ConfigError::at(
+                file,
+                "fleet.name",
+                "must be 1-64 characters of A-Z a-z 0-9 - _",
+            ));
+        }
+        let ranges = [
+            ("fleet.lease_ms", fleet.lease_ms, 1000, 600_000),
+            ("fleet.wait_ms", fleet.wait_ms, 100, 600_000),
+            ("fleet.timeout_ms", fleet.timeout_ms, 50, 60_000),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::at(
+                    file,
+                    key,
+                    format!("must be between {min} and {max}"),
+                ));
+            }
+        }
+        if fleet.timeout_ms.saturating_mul(2) > fleet.lease_ms {
+            return Err(ConfigError::at(
+                file,
+                "fleet.timeout_ms",
+                format!(
+                    "must be at most half of fleet.lease_ms ({} ms): a renewal that takes longer would let the lease lapse",
+                    fleet.lease_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resolve `value` (inline, `{ env }` or `{ file }`) for the config key `key`.
+    pub fn resolve_value(&self, key: &str, value: &ConfigValue) -> Result<Secret, ConfigError> {
+        resolve_value(self.source.as_deref(), &self.base_dir, key, value)
     }
 
     /// Check one provider's section (the name must be configured).
@@ -1177,30 +1295,36 @@ pub fn resolve_values(
         .iter()
         .map(|(k, v)| {
             let key = format!("providers.{provider}.config.{k}");
-            let value = match v {
-                ConfigValue::Value(s) => s.clone(),
-                ConfigValue::Env { env } => Secret::new(std::env::var(env).map_err(|_| {
-                    ConfigError::at(
-                        file,
-                        &key,
-                        format!("environment variable `{env}` is not set"),
-                    )
-                })?),
-                ConfigValue::File { file: path } => {
-                    let path = if path.is_absolute() {
-                        path.clone()
-                    } else {
-                        base_dir.join(path)
-                    };
-                    let text = std::fs::read_to_string(&path).map_err(|e| {
-                        ConfigError::at(file, &key, format!("cannot read {}: {e}", path.display()))
-                    })?;
-                    Secret::new(text.trim_end_matches(['\n', '\r']).to_string())
-                }
-            };
-            Ok((k.clone(), value))
+            Ok((k.clone(), resolve_value(file, base_dir, &key, v)?))
         })
         .collect()
+}
+
+/// Resolve one value (inline, `{ env }`, or `{ file }` relative to `base_dir`,
+/// trailing newline trimmed); errors name `key` and the variable or file.
+pub fn resolve_value(
+    file: Option<&Path>,
+    base_dir: &Path,
+    key: &str,
+    value: &ConfigValue,
+) -> Result<Secret, ConfigError> {
+    Ok(match value {
+        ConfigValue::Value(s) => s.clone(),
+        ConfigValue::Env { env } => Secret::new(std::env::var(env).map_err(|_| {
+            ConfigError::at(file, key, format!("environment variable `{env}` is not set"))
+        })?),
+        ConfigValue::File { file: path } => {
+            let path = if path.is_absolute() {
+                path.clone()
+            } else {
+                base_dir.join(path)
+            };
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::at(file, key, format!("cannot read {}: {e}", path.display()))
+            })?;
+            Secret::new(text.trim_end_matches(['\n', '\r']).to_string())
+        }
+    })
 }
 
 #[cfg(test)]

@@ -202,6 +202,8 @@ pub struct Runtime {
     reservations: Mutex<BTreeMap<String, u32>>,
     /// The key ring sealing providers' state files (see [`Runtime::set_state_keys`]).
     state_keys: std::sync::OnceLock<Arc<crate::store::KeyRing>>,
+    /// Where every provider's state lives instead (a fleet), if set.
+    state_store: std::sync::OnceLock<Arc<dyn crate::store::StateStore>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -298,6 +300,7 @@ impl Runtime {
             max_instances: instances,
             reservations: Mutex::new(BTreeMap::new()),
             state_keys: std::sync::OnceLock::new(),
+            state_store: std::sync::OnceLock::new(),
         })
     }
 
@@ -306,6 +309,12 @@ impl Runtime {
     /// state directory ([`crate::store::default_key_file`]), created on first use.
     pub fn set_state_keys(&self, keys: Arc<crate::store::KeyRing>) {
         let _ = self.state_keys.set(keys);
+    }
+
+    /// Keep every provider's state in `store` (a fleet's) instead of files in
+    /// the state directory (set once, before providers load).
+    pub fn set_state_store(&self, store: Arc<dyn crate::store::StateStore>) {
+        let _ = self.state_store.set(store);
     }
 
     /// Reserve `count` pool instances for provider `name` (replacing its earlier
@@ -586,8 +595,9 @@ impl ProviderRuntime {
                     .into(),
             )
         })?;
-        let state = match previous {
-            Some(p) if p.state.path() == spec.state_file.as_deref() => p.state.clone(),
+        let state = match (previous, runtime.state_store.get()) {
+            (_, Some(store)) => Arc::new(ProviderState::in_store(&spec.name, store.clone())),
+            (Some(p), None) if p.state.path() == spec.state_file.as_deref() => p.state.clone(),
             _ => Arc::new(
                 ProviderState::open(
                     &spec.name,

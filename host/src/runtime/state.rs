@@ -50,6 +50,17 @@ impl ProviderState {
         })
     }
 
+    /// The state of provider `name` in `store` (a fleet's).
+    pub(crate) fn in_store(name: &str, store: Arc<dyn StateStore>) -> Self {
+        ProviderState {
+            store,
+            name: name.to_string(),
+            path: None,
+            known: Mutex::new(Vec::new()),
+            metrics: OnceLock::new(),
+        }
+    }
+
     /// Where the state is persisted.
     pub(crate) fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -237,7 +248,7 @@ impl CallState {
         if let Err(why) = crate::store::file::check_size(&values) {
             return Ok(Err(why));
         }
-        let committed = guard.commit(values).map_err(|e| e.to_string());
+        let committed = guard.commit(values).await.map_err(|e| e.to_string());
         provider.saw(&**guard);
         Ok(committed)
     }
@@ -249,6 +260,6 @@ impl CallState {
         }
         let mut values = guard.values().clone();
         values.remove(key);
-        Ok(guard.commit(values).map_err(|e| e.to_string()))
+        Ok(guard.commit(values).await.map_err(|e| e.to_string()))
     }
 }

@@ -301,12 +301,8 @@ struct FileGuard {
     dead: Option<DeadHolder>,
 }
 
-impl StateGuard for FileGuard {
-    fn values(&self) -> &BTreeMap<String, String> {
-        &self.values
-    }
-
-    fn commit(&mut self, values: BTreeMap<String, String>) -> Result<(), StoreError> {
+impl FileGuard {
+    fn commit_now(&mut self, values: BTreeMap<String, String>) -> Result<(), StoreError> {
         let plain = serde_json::to_vec(&values).map_err(|e| StoreError::Corrupt {
             what: self.path.display().to_string(),
             why: e.to_string(),
@@ -333,6 +329,16 @@ impl StateGuard for FileGuard {
         }
         self.values = values;
         Ok(())
+    }
+}
+
+impl StateGuard for FileGuard {
+    fn values(&self) -> &BTreeMap<String, String> {
+        &self.values
+    }
+
+    fn commit(&mut self, values: BTreeMap<String, String>) -> StoreFuture<'_, Result<(), StoreError>> {
+        Box::pin(std::future::ready(self.commit_now(values)))
     }
 
     fn previous_holder(&self) -> Option<&DeadHolder> {
@@ -485,7 +491,7 @@ impl StateStore for FileStateStore {
                 Stored::Sealed(values) => guard.values = values,
                 Stored::Clear(values) => {
                     // Migration: rewritten sealed at once, under the lock.
-                    guard.commit(values)?;
+                    guard.commit_now(values)?;
                     tracing::info!(provider, state_file = %guard.path.display(), key_id = %self.keys.key_id(), "state file was in clear (written by an older reauth); rewritten sealed");
                 }
             }
@@ -520,9 +526,9 @@ impl StateGuard for MemoryGuard {
         &self.0
     }
 
-    fn commit(&mut self, values: BTreeMap<String, String>) -> Result<(), StoreError> {
+    fn commit(&mut self, values: BTreeMap<String, String>) -> StoreFuture<'_, Result<(), StoreError>> {
         *self.0 = values;
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn previous_holder(&self) -> Option<&DeadHolder> {
@@ -613,6 +619,7 @@ mod tests {
             let mut g = store.lock("p", Duration::from_secs(1)).await.unwrap();
             assert!(g.values().is_empty());
             g.commit(BTreeMap::from([("refresh".into(), "r2".into())]))
+                .await
                 .unwrap();
             drop(g);
             let again = FileStateStore::new(dir.path().join("state"), keys(dir.path()));
@@ -742,6 +749,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
             )
+            .await
             .unwrap();
         });
     }
@@ -864,6 +872,7 @@ mod tests {
         rt().block_on(async {
             let mut g = store.lock("p", Duration::from_secs(1)).await.unwrap();
             g.commit(BTreeMap::from([("k".into(), "v".into())]))
+                .await
                 .unwrap();
             assert!(store.lock("p", Duration::from_millis(20)).await.is_err());
             drop(g);

@@ -30,6 +30,8 @@
 //! not protect against the same Unix user, who can read the key file.
 
 pub(crate) mod file;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 pub(crate) mod keys;
 mod shared;
 
@@ -69,6 +71,21 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A write under a lease (a fetch's or a provider state's) came after the
+    /// lease lapsed: another holder may have written since. Nothing was written.
+    #[error("{what}: the lease lapsed before the write (another holder may have written since); not written")]
+    LeaseLost {
+        /// What was being written.
+        what: String,
+    },
+    /// The fleet backend could not be reached or failed.
+    #[error("{what}: {detail}")]
+    Backend {
+        /// What the store was doing, and with which backend (never a password).
+        what: String,
+        /// The backend's error.
+        detail: String,
+    },
     /// The stored data is not what the store wrote.
     #[error("{what}: {why}")]
     Corrupt {
@@ -106,8 +123,12 @@ pub trait StateGuard: Send {
     /// The state as it was when the lock was taken, with this call's commits.
     fn values(&self) -> &BTreeMap<String, String>;
     /// Make `values` the provider's state, durably (it survives a crash once this
-    /// returns).
-    fn commit(&mut self, values: BTreeMap<String, String>) -> Result<(), StoreError>;
+    /// returns). A distributed store refuses it when this guard's lease was lost
+    /// (another holder may have written since).
+    fn commit(
+        &mut self,
+        values: BTreeMap<String, String>,
+    ) -> StoreFuture<'_, Result<(), StoreError>>;
     /// The previous holder, when it died holding the lock: a refresh token it had
     /// rotated at the identity provider but not yet written is lost.
     fn previous_holder(&self) -> Option<&DeadHolder>;
@@ -131,34 +152,106 @@ pub trait StateStore: Send + Sync + 'static {
     fn describe(&self, provider: &str) -> String;
 }
 
+/// The right to fetch one key for every process sharing the cache (see
+/// [`SharedCache::fetching`]). Dropping it releases it.
+pub struct Lease {
+    /// The fencing token: it grows with every lease of the key the backend hands
+    /// out (0 for the local backend). A write under a lease that lapsed is refused.
+    pub fence: u64,
+    /// The holder's secret proof of the lease (random per lease).
+    #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
+    pub(crate) token: String,
+    /// Whatever keeps the lease (a file lock, a renewal task); released on drop.
+    pub(crate) _hold: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("fence", &self.fence)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What another replica of a fleet announced (see [`SharedCache::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RemoteEvent {
+    /// A replica removed entry `id` because a server rejected the credential
+    /// whose [`SharedCache::credential_tag`] is `tag`: drop it from the L1 cache.
+    Invalidated {
+        /// The entry id.
+        id: String,
+        /// The rejected credential's tag.
+        tag: String,
+    },
+    /// Announcements may have been missed (the bus was disconnected): entries
+    /// held in L1 may be stale; re-read them from the shared cache.
+    Resync,
+}
+
+/// A fetch of a key that failed, shared so that the other processes back off
+/// too instead of calling the identity provider again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedFailure {
+    /// The error's message (as the host reports it: redacted).
+    pub message: String,
+    /// Consecutive failures of the key.
+    pub failures: u32,
+    /// No process calls the provider for this key before then.
+    pub retry_at: SystemTime,
+}
+
 /// The cross-process token cache (L2). Keys are opaque ids the host derives from
 /// the provider's identity and the request; see the [module docs](self).
 pub trait SharedCache: Send + Sync + 'static {
     /// The entry for `id`, if there is one that opens. A tampered, foreign or
     /// undecryptable entry is `None` (and logged), never an error.
     fn read<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<SharedEntry>>;
-    /// Store `entry` under `id`.
+    /// Store `entry` under `id`; with a lease, only while it is still held
+    /// ([`StoreError::LeaseLost`] otherwise: a newer entry may be there).
     fn write<'a>(
         &'a self,
         id: &'a str,
         entry: &'a SharedEntry,
+        lease: Option<&'a Lease>,
     ) -> StoreFuture<'a, Result<(), StoreError>>;
     /// Remove `id`'s entry, only if it still holds a credential whose fingerprint is
     /// `fingerprint` (compare-and-invalidate across processes). True if removed.
     fn remove_if<'a>(&'a self, id: &'a str, fingerprint: &'a str) -> StoreFuture<'a, bool>;
     /// Become the one process fetching `id`: wait (at most `wait`) for another
-    /// fetcher of `id` to finish. `None` when the wait ran out (the caller fetches
-    /// anyway). The fetch ends when the returned value is dropped.
-    fn fetching<'a>(
-        &'a self,
-        id: &'a str,
-        wait: Duration,
-    ) -> StoreFuture<'a, Option<Box<dyn Send + 'static>>>;
+    /// fetcher of `id` to finish. `None` when the wait ran out or the backend is
+    /// unreachable (the caller fetches anyway). The fetch ends when the returned
+    /// lease is dropped.
+    fn fetching<'a>(&'a self, id: &'a str, wait: Duration) -> StoreFuture<'a, Option<Lease>>;
     /// The id of the entry for `material` (the provider's identity and the request):
     /// opaque, so that names in the backend reveal nothing.
     fn entry_id(&self, material: &[u8]) -> String;
     /// The key id of the key new entries are sealed with.
     fn key_id(&self) -> String;
+    /// The last failed fetch of `id`, while the processes should back off.
+    fn read_failure<'a>(&'a self, _id: &'a str) -> StoreFuture<'a, Option<SharedFailure>> {
+        Box::pin(std::future::ready(None))
+    }
+    /// Share a failed fetch of `id` (`None`: the key fetched fine, forget it).
+    fn write_failure<'a>(
+        &'a self,
+        _id: &'a str,
+        _failure: Option<&'a SharedFailure>,
+        _lease: Option<&'a Lease>,
+    ) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    /// Announcements of other replicas (fleet backends); `None` when the backend
+    /// has none (every process re-reads the shared entry on its own L1 miss).
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<RemoteEvent>> {
+        None
+    }
+    /// The tag [`RemoteEvent::Invalidated`] names a credential by (a keyed hash
+    /// of its fingerprint; never the secret).
+    fn credential_tag(&self, _credentials: &crate::types::Credentials) -> String {
+        String::new()
+    }
 }
 
 /// A current-thread runtime for the stores' unit tests.

@@ -159,17 +159,7 @@ impl FileSharedCache {
     }
 
     fn seal(&self, id: &str, entry: &SharedEntry) -> Result<Vec<u8>, StoreError> {
-        let plain = Plain {
-            v: 1,
-            written_at_ms: ms(entry.written_at),
-            fresh_until_ms: ms(entry.fresh_until),
-            credentials: WireCredentials::from(&entry.credentials),
-        };
-        let buf = serde_json::to_vec(&plain).map_err(|e| StoreError::Corrupt {
-            what: "shared cache entry".into(),
-            why: e.to_string(),
-        })?;
-        self.keys.seal(MAGIC, id.as_bytes(), buf)
+        self.keys.seal(MAGIC, id.as_bytes(), entry_to_bytes(entry)?)
     }
 
     /// Open a sealed entry; `Err` says why not (without content).
@@ -178,17 +168,36 @@ impl FileSharedCache {
             .keys
             .open(MAGIC, id.as_bytes(), bytes)
             .map_err(|e| e.to_string())?;
-        let parsed: Result<Plain, _> = serde_json::from_slice(plain);
+        let parsed = entry_from_bytes(plain);
         wipe(plain);
-        let parsed = parsed.map_err(|_| "has malformed content")?;
-        let credentials =
-            Credentials::try_from(parsed.credentials).map_err(|e| format!("is malformed: {e}"))?;
-        Ok(SharedEntry {
-            credentials,
-            written_at: from_ms(parsed.written_at_ms),
-            fresh_until: from_ms(parsed.fresh_until_ms),
-        })
+        parsed
     }
+}
+
+/// An entry as the bytes that are sealed (the caller wipes them).
+pub(crate) fn entry_to_bytes(entry: &SharedEntry) -> Result<Vec<u8>, StoreError> {
+    let plain = Plain {
+        v: 1,
+        written_at_ms: ms(entry.written_at),
+        fresh_until_ms: ms(entry.fresh_until),
+        credentials: WireCredentials::from(&entry.credentials),
+    };
+    serde_json::to_vec(&plain).map_err(|e| StoreError::Corrupt {
+        what: "shared cache entry".into(),
+        why: e.to_string(),
+    })
+}
+
+/// The entry in `plain` (opened bytes); `Err` says why not (without content).
+pub(crate) fn entry_from_bytes(plain: &[u8]) -> Result<SharedEntry, String> {
+    let parsed: Plain = serde_json::from_slice(plain).map_err(|_| "has malformed content")?;
+    let credentials =
+        Credentials::try_from(parsed.credentials).map_err(|e| format!("is malformed: {e}"))?;
+    Ok(SharedEntry {
+        credentials,
+        written_at: from_ms(parsed.written_at_ms),
+        fresh_until: from_ms(parsed.fresh_until_ms),
+    })
 }
 
 impl SharedCache for FileSharedCache {
@@ -226,6 +235,7 @@ impl SharedCache for FileSharedCache {
         &'a self,
         id: &'a str,
         entry: &'a SharedEntry,
+        _lease: Option<&'a super::Lease>,
     ) -> StoreFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let bytes = self.seal(id, entry)?;
@@ -262,15 +272,15 @@ impl SharedCache for FileSharedCache {
         })
     }
 
-    fn fetching<'a>(
-        &'a self,
-        id: &'a str,
-        wait: Duration,
-    ) -> StoreFuture<'a, Option<Box<dyn Send + 'static>>> {
+    fn fetching<'a>(&'a self, id: &'a str, wait: Duration) -> StoreFuture<'a, Option<super::Lease>> {
         Box::pin(async move {
             let path = self.lock_path(id);
             match FileLock::acquire(&path, wait).await {
-                Ok(acquired) => Some(Box::new(acquired.lock) as Box<dyn Send>),
+                Ok(acquired) => Some(super::Lease {
+                    fence: 0,
+                    token: String::new(),
+                    _hold: Box::new(acquired.lock),
+                }),
                 Err(Ok(holder)) => {
                     tracing::warn!(
                         ?holder,
@@ -328,7 +338,7 @@ mod tests {
         let id = cache.entry_id(b"provider|subject");
         rt().block_on(async {
             assert!(cache.read(&id).await.is_none());
-            cache.write(&id, &entry("tok-secret-AAAA")).await.unwrap();
+            cache.write(&id, &entry("tok-secret-AAAA"), None).await.unwrap();
             let back = cache.read(&id).await.unwrap();
             assert_eq!(back.credentials.principal.as_deref(), Some("alice"));
             assert_eq!(
@@ -360,8 +370,8 @@ mod tests {
         let cache = open(&dir.path().join("l2"));
         let (a, b) = (cache.entry_id(b"a"), cache.entry_id(b"b"));
         rt().block_on(async {
-            cache.write(&a, &entry("token-a")).await.unwrap();
-            cache.write(&b, &entry("token-b")).await.unwrap();
+            cache.write(&a, &entry("token-a"), None).await.unwrap();
+            cache.write(&b, &entry("token-b"), None).await.unwrap();
             // Swap the files: neither opens under the other's id.
             let (pa, pb) = (cache.entry_path(&a), cache.entry_path(&b));
             let (ba, bb) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
@@ -370,7 +380,7 @@ mod tests {
             assert!(cache.read(&a).await.is_none());
             assert!(cache.read(&b).await.is_none());
             // A flipped byte.
-            cache.write(&a, &entry("token-a")).await.unwrap();
+            cache.write(&a, &entry("token-a"), None).await.unwrap();
             let mut bytes = std::fs::read(&pa).unwrap();
             let last = bytes.len() - 20;
             bytes[last] ^= 1;
@@ -382,7 +392,7 @@ mod tests {
                 assert!(cache.read(&a).await.is_none());
             }
             // Another key (another user's cache, or a replaced key file).
-            cache.write(&a, &entry("token-a")).await.unwrap();
+            cache.write(&a, &entry("token-a"), None).await.unwrap();
             let other = tempfile::tempdir().unwrap();
             let foreign_keys = KeyRing::load_or_create(&other.path().join("k")).unwrap();
             let foreign =
@@ -398,7 +408,7 @@ mod tests {
         rt().block_on(async {
             for i in 0..60 {
                 let id = cache.entry_id(format!("subject-{i}").as_bytes());
-                cache.write(&id, &entry("t")).await.unwrap();
+                cache.write(&id, &entry("t"), None).await.unwrap();
                 if i % 16 == 0 {
                     cache.prune();
                 }
@@ -418,7 +428,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = open(&dir.path().join("l2"));
         let id = cache.entry_id(b"k");
-        rt().block_on(cache.write(&id, &entry("token-old")))
+        rt().block_on(cache.write(&id, &entry("token-old"), None))
             .unwrap();
         let key_file = dir.path().join("l2.keys/key");
         let old = std::fs::read_to_string(&key_file).unwrap();

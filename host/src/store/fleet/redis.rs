@@ -1,0 +1,381 @@
+//! The Redis backend of a fleet: one hash per record, a lease key with a
+//! fencing counter, every compare-and-set a Lua script (atomic on the server),
+//! announcements on one pub/sub channel per fleet.
+//!
+//! Key schema (no secrets in names): `reauth:{<fleet>:<group>}:<kind>`, where
+//! `<group>` is an entry id (a keyed hash) or `s.<provider>`, and `<kind>` is
+//! `entry`, `failure`, `state`, `lease`, `fence` or `holder`. The braces are a
+//! Redis Cluster hash tag: every key of one credential lives in one slot, so each
+//! script touches one slot. The channel is `reauth:<fleet>:bus`. An ACL user for
+//! fleet `payments` needs `~reauth:{payments:* &reauth:payments:* +@read +@write
+//! +@scripting +@pubsub -@dangerous` (see the README).
+
+use super::{Acquired, BusStream, FleetBackend, Record, StoreError, StoreFuture};
+use std::time::Duration;
+
+const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local fence = redis.call('INCR', KEYS[2])
+local prev = redis.call('GET', KEYS[3])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[3], ARGV[3] .. ' since=' .. string.format('%d', now), 'PX', 604800000)
+return {fence, prev or '', string.format('%d', now)}
+";
+
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if ARGV[2] == '' then redis.call('DEL', KEYS[2]) else redis.call('SET', KEYS[2], ARGV[2], 'PX', 604800000) end
+  return 1
+end
+return 0
+";
+
+const GET: &str = r"
+local v = redis.call('HMGET', KEYS[1], 'v', 't', 'd')
+local t = redis.call('TIME')
+local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+if not v[1] or not v[3] then return {now} end
+return {now, v[1], v[2] or '', v[3]}
+";
+
+const PUT: &str = r"
+if #KEYS > 1 and redis.call('GET', KEYS[2]) ~= ARGV[5] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 't', ARGV[2], 'd', ARGV[3])
+if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1
+";
+
+const DELETE_IF: &str = r"
+if ARGV[1] == '' or redis.call('HGET', KEYS[1], 't') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// A fleet's data in Redis 7 (a single server or a primary with replicas). Put
+/// `appendonly yes` with `appendfsync everysec` (or `always`) on it: provider
+/// state (a rotating refresh token) written to a server that loses it on restart
+/// is a lost login.
+pub struct RedisBackend {
+    client: redis::Client,
+    fleet: String,
+    timeout: Duration,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    acquire: redis::Script,
+    renew: redis::Script,
+    release: redis::Script,
+    get: redis::Script,
+    put: redis::Script,
+    delete_if: redis::Script,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("at", &self.describe())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// A backend for fleet `fleet` at `url` (`redis://[user:password@]host:port[/db]`).
+    /// Connects on first use; the error names the URL's host, never its password.
+    pub fn new(url: &str, fleet: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Backend {
+            what: "fleet.url".into(),
+            detail: format!("not a Redis URL: {}", e.category()),
+        })?;
+        Ok(RedisBackend {
+            client,
+            fleet: fleet.to_string(),
+            timeout,
+            conn: tokio::sync::OnceCell::new(),
+            scripts: Scripts {
+                acquire: redis::Script::new(ACQUIRE),
+                renew: redis::Script::new(RENEW),
+                release: redis::Script::new(RELEASE),
+                get: redis::Script::new(GET),
+                put: redis::Script::new(PUT),
+                delete_if: redis::Script::new(DELETE_IF),
+            },
+        })
+    }
+
+    /// `<group>:<kind>` as a key: `reauth:{<fleet>:<group>}:<kind>`.
+    fn key(&self, name: &str) -> String {
+        let (group, kind) = name.rsplit_once(':').unwrap_or((name, "value"));
+        format!("reauth:{{{}:{group}}}:{kind}", self.fleet)
+    }
+
+    fn channel(&self) -> String {
+        format!("reauth:{}:bus", self.fleet)
+    }
+
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(self.timeout)
+                    .set_number_of_retries(1);
+                self.client
+                    .get_connection_manager_with_config(config)
+                    .await
+            })
+            .await
+            .map_err(|e| self.error("connecting", &e))?;
+        Ok(conn.clone())
+    }
+
+    fn error(&self, what: &str, e: &redis::RedisError) -> StoreError {
+        // The error's text can quote the URL; say what kind of failure it was
+        // and where, never more.
+        let detail = if e.is_connection_refusal() {
+            "connection refused".to_string()
+        } else if e.is_connection_dropped() {
+            "connection dropped".to_string()
+        } else if e.is_timeout() {
+            "timed out".to_string()
+        } else {
+            match e.detail() {
+                Some(detail) => format!("{}: {detail}", e.category()),
+                None => e.category().to_string(),
+            }
+        };
+        StoreError::Backend {
+            what: format!("{what} ({})", self.describe()),
+            detail,
+        }
+    }
+}
+
+fn parse_u64(value: &redis::Value) -> Option<u64> {
+    match value {
+        redis::Value::Int(n) => u64::try_from(*n).ok(),
+        redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        redis::Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn bytes(value: &redis::Value) -> Option<Vec<u8>> {
+    match value {
+        redis::Value::BulkString(b) => Some(b.clone()),
+        redis::Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
+}
+
+impl FleetBackend for RedisBackend {
+    fn describe(&self) -> String {
+        format!("redis {}", self.client.get_connection_info().addr)
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        name: &'a str,
+        token: &'a str,
+        holder: &'a str,
+        ttl_ms: u64,
+    ) -> StoreFuture<'a, Result<Option<Acquired>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let group = name.strip_suffix(":lease").unwrap_or(name);
+            let value: redis::Value = self
+                .scripts
+                .acquire
+                .key(self.key(name))
+                .key(self.key(&format!("{group}:fence")))
+                .key(self.key(&format!("{group}:holder")))
+                .arg(token)
+                .arg(ttl_ms.max(1))
+                .arg(holder)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error("taking a lease", &e))?;
+            let redis::Value::Array(items) = value else {
+                return Ok(None);
+            };
+            let fence = items.first().and_then(parse_u64).unwrap_or(0);
+            let previous = items
+                .get(1)
+                .and_then(bytes)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .filter(|s| !s.is_empty());
+            let now_ms = items.get(2).and_then(parse_u64).unwrap_or(0);
+            Ok(Some(Acquired {
+                fence,
+                previous,
+                now_ms,
+            }))
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        name: &'a str,
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> StoreFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let renewed: i64 = self
+                .scripts
+                .renew
+                .key(self.key(name))
+                .arg(token)
+                .arg(ttl_ms.max(1))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error("renewing a lease", &e))?;
+            Ok(renewed == 1)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        token: &'a str,
+        leave: Option<&'a str>,
+    ) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let group = name.strip_suffix(":lease").unwrap_or(name);
+            let _: i64 = self
+                .scripts
+                .release
+                .key(self.key(name))
+                .key(self.key(&format!("{group}:holder")))
+                .arg(token)
+                .arg(leave.unwrap_or(""))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error("releasing a lease", &e))?;
+            Ok(())
+        })
+    }
+
+    fn get<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> StoreFuture<'a, Result<(Option<Record>, u64), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let items: Vec<redis::Value> = self
+                .scripts
+                .get
+                .key(self.key(name))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error("reading", &e))?;
+            let now_ms = items.first().and_then(parse_u64).unwrap_or(0);
+            let record = match (items.get(1), items.get(2), items.get(3)) {
+                (Some(v), Some(t), Some(d)) => Some(Record {
+                    version: parse_u64(v).unwrap_or(0),
+                    tag: bytes(t)
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default(),
+                    data: bytes(d).unwrap_or_default(),
+                }),
+                _ => None,
+            };
+            Ok((record, now_ms))
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        name: &'a str,
+        record: &'a Record,
+        ttl_ms: u64,
+        lease: Option<(&'a str, &'a str)>,
+    ) -> StoreFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let mut call = self.scripts.put.key(self.key(name));
+            if let Some((lease, _)) = lease {
+                call.key(self.key(lease));
+            }
+            let written: i64 = call
+                .arg(record.version)
+                .arg(&record.tag)
+                .arg(&record.data[..])
+                .arg(ttl_ms)
+                .arg(lease.map_or("", |(_, token)| token))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error("writing", &e))?;
+            Ok(written == 1)
+        })
+    }
+
+    fn delete_if<'a>(
+        &'a self,
+        name: &'a str,
+        tag: Option<&'a str>,
+    ) -> StoreFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let deleted: i64 = self
+                .scripts
+                .delete_if
+                .key(self.key(name))
+                .arg(tag.unwrap_or(""))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error("deleting", &e))?;
+            Ok(deleted == 1)
+        })
+    }
+
+    fn publish<'a>(&'a self, message: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(self.channel())
+                .arg(message)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error("announcing", &e))?;
+            Ok(())
+        })
+    }
+
+    fn subscribe(&self) -> StoreFuture<'_, Result<BusStream, StoreError>> {
+        Box::pin(async move {
+            use futures_util::StreamExt;
+            let mut pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
+                .await
+                .map_err(|_| StoreError::Backend {
+                    what: format!("subscribing ({})", self.describe()),
+                    detail: "no answer in time".into(),
+                })?
+                .map_err(|e| self.error("subscribing", &e))?;
+            pubsub
+                .subscribe(self.channel())
+                .await
+                .map_err(|e| self.error("subscribing", &e))?;
+            let stream = pubsub
+                .into_on_message()
+                .map(|msg| msg.get_payload::<String>().unwrap_or_default());
+            Ok(Box::pin(stream) as BusStream)
+        })
+    }
+}
