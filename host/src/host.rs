@@ -9,7 +9,9 @@ use crate::retry::{Action, OperationError, Rejection, RetryPolicy};
 use crate::runtime::BreakerStatus;
 use crate::runtime::egress::HostPattern;
 use crate::runtime::{CompileSource, ProviderRuntime, ProviderSpec, Runtime, RuntimeOptions};
-use crate::store::{FileSharedCache, KeyRing, RemoteEvent, SharedCache, SharedEntry, SharedFailure};
+use crate::store::{
+    FileSharedCache, KeyRing, RemoteEvent, SharedCache, SharedEntry, SharedFailure,
+};
 use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -298,9 +300,7 @@ impl HostBuilder {
         let shared = match self.shared {
             Some(chosen) => chosen,
             #[cfg(feature = "fleet")]
-            None if fleet.is_some() => fleet
-                .clone()
-                .map(|f| Arc::new(f) as Arc<dyn SharedCache>),
+            None if fleet.is_some() => fleet.clone().map(|f| Arc::new(f) as Arc<dyn SharedCache>),
             None => open_shared_cache(&config, keys.as_ref()),
         };
         let cache = TokenCache::with_violation_hook(

@@ -504,6 +504,14 @@ impl Postgres {
         client.batch_execute(sql).await.expect("admin SQL");
     }
 
+    /// The superuser's connection URL.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres:{PG_ADMIN_PASSWORD}@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
+
     /// Stop the server (SIGINT: fast shutdown).
     pub fn stop(&mut self) {
         self.process.stop();
@@ -520,7 +528,12 @@ pub struct Redis {
 impl Redis {
     /// Start `redis-server`; returns once it answers PING (≤ 20 s).
     pub async fn start() -> Redis {
-        let port = free_port();
+        Redis::start_on(free_port()).await
+    }
+
+    /// Start `redis-server` on `port` (to restart one in place, empty: no
+    /// persistence).
+    pub async fn start_on(port: u16) -> Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
@@ -568,6 +581,16 @@ impl Redis {
     /// Stop the server.
     pub fn stop(&mut self) {
         self.process.stop();
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
     }
 }
 

@@ -1311,7 +1311,11 @@ pub fn resolve_value(
     Ok(match value {
         ConfigValue::Value(s) => s.clone(),
         ConfigValue::Env { env } => Secret::new(std::env::var(env).map_err(|_| {
-            ConfigError::at(file, key, format!("environment variable `{env}` is not set"))
+            ConfigError::at(
+                file,
+                key,
+                format!("environment variable `{env}` is not set"),
+            )
         })?),
         ConfigValue::File { file: path } => {
             let path = if path.is_absolute() {

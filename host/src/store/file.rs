@@ -337,7 +337,10 @@ impl StateGuard for FileGuard {
         &self.values
     }
 
-    fn commit(&mut self, values: BTreeMap<String, String>) -> StoreFuture<'_, Result<(), StoreError>> {
+    fn commit(
+        &mut self,
+        values: BTreeMap<String, String>,
+    ) -> StoreFuture<'_, Result<(), StoreError>> {
         Box::pin(std::future::ready(self.commit_now(values)))
     }
 
@@ -526,7 +529,10 @@ impl StateGuard for MemoryGuard {
         &self.0
     }
 
-    fn commit(&mut self, values: BTreeMap<String, String>) -> StoreFuture<'_, Result<(), StoreError>> {
+    fn commit(
+        &mut self,
+        values: BTreeMap<String, String>,
+    ) -> StoreFuture<'_, Result<(), StoreError>> {
         *self.0 = values;
         Box::pin(std::future::ready(Ok(())))
     }

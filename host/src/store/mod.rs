@@ -73,7 +73,9 @@ pub enum StoreError {
     },
     /// A write under a lease (a fetch's or a provider state's) came after the
     /// lease lapsed: another holder may have written since. Nothing was written.
-    #[error("{what}: the lease lapsed before the write (another holder may have written since); not written")]
+    #[error(
+        "{what}: the lease lapsed before the write (another holder may have written since); not written"
+    )]
     LeaseLost {
         /// What was being written.
         what: String,

@@ -272,7 +272,11 @@ impl SharedCache for FileSharedCache {
         })
     }
 
-    fn fetching<'a>(&'a self, id: &'a str, wait: Duration) -> StoreFuture<'a, Option<super::Lease>> {
+    fn fetching<'a>(
+        &'a self,
+        id: &'a str,
+        wait: Duration,
+    ) -> StoreFuture<'a, Option<super::Lease>> {
         Box::pin(async move {
             let path = self.lock_path(id);
             match FileLock::acquire(&path, wait).await {
@@ -338,7 +342,10 @@ mod tests {
         let id = cache.entry_id(b"provider|subject");
         rt().block_on(async {
             assert!(cache.read(&id).await.is_none());
-            cache.write(&id, &entry("tok-secret-AAAA"), None).await.unwrap();
+            cache
+                .write(&id, &entry("tok-secret-AAAA"), None)
+                .await
+                .unwrap();
             let back = cache.read(&id).await.unwrap();
             assert_eq!(back.credentials.principal.as_deref(), Some("alice"));
             assert_eq!(

@@ -120,8 +120,10 @@ pub trait FleetBackend: Send + Sync + 'static {
         leave: Option<&'a str>,
     ) -> StoreFuture<'a, Result<(), StoreError>>;
     /// Record `name` (if present and not expired) and the backend's time (ms).
-    fn get<'a>(&'a self, name: &'a str)
-    -> StoreFuture<'a, Result<(Option<Record>, u64), StoreError>>;
+    fn get<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> StoreFuture<'a, Result<(Option<Record>, u64), StoreError>>;
     /// Store `record` under `name`, expiring after `ttl_ms` (0: never). With
     /// `lease` (`(lease name, token)`), only if that token still holds it, in one
     /// atomic step; false when it does not.
@@ -398,9 +400,7 @@ impl Fleet {
     }
 
     fn seal(&self, name: &str, version: u64, plain: Vec<u8>) -> Result<Vec<u8>, StoreError> {
-        self.inner
-            .keys
-            .seal(MAGIC, &self.aad(name, version), plain)
+        self.inner.keys.seal(MAGIC, &self.aad(name, version), plain)
     }
 
     /// Open `record` (stored under `name`); `None` (logged, counted) when it
@@ -454,7 +454,12 @@ impl Fleet {
             let ttl = ms(self.inner.options.lease);
             let got = self
                 .inner
-                .run("taking a lease", self.inner.backend.acquire(&name, &token, &self.inner.holder, ttl))
+                .run(
+                    "taking a lease",
+                    self.inner
+                        .backend
+                        .acquire(&name, &token, &self.inner.holder, ttl),
+                )
                 .await?;
             if let Some(acquired) = got {
                 self.inner.observe_time(acquired.now_ms, None);
@@ -694,7 +699,10 @@ impl Drop for HeldLease {
             if released.is_ok() {
                 let group = name.strip_suffix(":lease").unwrap_or(&name);
                 let _ = inner
-                    .run("announcing a release", inner.backend.publish(&format!("rel {group}")))
+                    .run(
+                        "announcing a release",
+                        inner.backend.publish(&format!("rel {group}")),
+                    )
                     .await;
             }
         });

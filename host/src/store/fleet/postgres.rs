@@ -36,7 +36,6 @@ CREATE TABLE IF NOT EXISTS reauth_records (
     PRIMARY KEY (fleet, name));
 ";
 
-
 /// Most connections one replica opens (besides its `LISTEN` connection).
 const MAX_CONNECTIONS: usize = 8;
 
@@ -210,7 +209,9 @@ impl PostgresBackend {
                     "BEGIN; SELECT pg_advisory_xact_lock(7254021); {SCHEMA} COMMIT;"
                 ))
                 .await
-                .map_err(|e| self.error("creating the tables reauth_leases and reauth_records", &e))?;
+                .map_err(|e| {
+                    self.error("creating the tables reauth_leases and reauth_records", &e)
+                })?;
         }
         Ok(())
     }
@@ -226,7 +227,12 @@ impl FleetBackend for PostgresBackend {
             .config
             .get_hosts()
             .iter()
-            .zip(self.config.get_ports().iter().chain(std::iter::repeat(&5432)))
+            .zip(
+                self.config
+                    .get_ports()
+                    .iter()
+                    .chain(std::iter::repeat(&5432)),
+            )
             .map(|(h, port)| match h {
                 tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
                 tokio_postgres::config::Host::Unix(p) => format!("{}", p.display()),
@@ -460,7 +466,8 @@ DELETE FROM reauth_records WHERE fleet = $1 AND name = $2 AND ($3::text IS NULL 
             let (tx, rx) = tokio::sync::mpsc::channel::<String>(1024);
             let prefix = format!("{} ", self.fleet);
             tokio::spawn(async move {
-                let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 use futures_util::StreamExt;
                 while let Some(Ok(message)) = messages.next().await {
                     if let tokio_postgres::AsyncMessage::Notification(n) = message
@@ -480,10 +487,11 @@ DELETE FROM reauth_records WHERE fleet = $1 AND name = $2 AND ($3::text IS NULL 
                 .map_err(|e| self.error("subscribing", &e))?;
             // The client lives as long as the stream: dropping it would end the
             // connection.
-            let stream = futures_util::stream::unfold((rx, client), |(mut rx, client)| async move {
-                let message = rx.recv().await?;
-                Some((message, (rx, client)))
-            });
+            let stream =
+                futures_util::stream::unfold((rx, client), |(mut rx, client)| async move {
+                    let message = rx.recv().await?;
+                    Some((message, (rx, client)))
+                });
             Ok(Box::pin(stream) as BusStream)
         })
     }
