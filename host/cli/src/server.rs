@@ -716,6 +716,14 @@ fn error_response(e: &Error) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return r;
         }
+        Error::State { .. } => {
+            // The provider's state (a refresh token) is held elsewhere or its
+            // store is unreachable: refused rather than risked; retry shortly.
+            let mut r = api_error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
         Error::Contract { .. } => (StatusCode::BAD_GATEWAY, "contract"),
         Error::NotLoaded { .. } | Error::Load { .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, "load_failed")

@@ -135,9 +135,7 @@ impl RedisBackend {
                     .set_connection_timeout(self.timeout)
                     .set_response_timeout(self.timeout)
                     .set_number_of_retries(1);
-                self.client
-                    .get_connection_manager_with_config(config)
-                    .await
+                self.client.get_connection_manager_with_config(config).await
             })
             .await
             .map_err(|e| self.error("connecting", &e))?;
