@@ -866,6 +866,7 @@ fn polyglot_provider(
             breaker: reauth::BreakerConfig::default(),
             instances,
             state_file: None,
+            shared_state: false,
             secret_keys: Vec::new(),
         },
     )?)

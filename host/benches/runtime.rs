@@ -73,6 +73,7 @@ fn benches(c: &mut Criterion) {
                 breaker: BreakerConfig::default(),
                 instances: InstancesConfig::default(),
                 state_file: None,
+                shared_state: false,
                 secret_keys: Vec::new(),
             },
         )

@@ -872,6 +872,7 @@ fn provider_spec(
         breaker: p.circuit_breaker.clone(),
         instances: p.instances.clone(),
         state_file: state_file.clone(),
+        shared_state: p.shared_state,
         secret_keys,
     };
     let identity = Identity {

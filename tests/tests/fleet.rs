@@ -236,6 +236,9 @@ fn cc_provider(idp: &Idp) -> String {
         r#"[providers.api]
 plugin = "{plugin}"
 allowed_hosts = ["{authority}"]
+# Its state is only a discovery cache: per replica, so it keeps working while
+# the fleet's backend is down.
+shared_state = false
 
 [providers.api.config]
 issuer = "{issuer}"

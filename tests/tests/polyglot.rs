@@ -170,6 +170,7 @@ fn load(runtime: &Runtime, plugin: &Path, reuse: bool, max_calls: u32) -> Provid
             },
             instances,
             state_file: None,
+            shared_state: false,
             secret_keys: Vec::new(),
         },
     )

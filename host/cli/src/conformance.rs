@@ -536,6 +536,7 @@ impl Kit<'_> {
                 },
                 instances: InstancesConfig::default(),
                 state_file: None,
+                shared_state: false,
                 secret_keys,
             },
         )

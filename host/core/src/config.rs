@@ -298,6 +298,14 @@ pub struct ProviderConfig {
     /// Instance reuse (off by default: a fresh instance per call).
     #[serde(default)]
     pub instances: InstancesConfig,
+    /// With `[fleet]`: keep this provider's `state` in the fleet, read and
+    /// written under a fleet-wide lease (default true: what a rotating refresh
+    /// token needs, and it fails closed while the backend is down). `false`: each
+    /// replica keeps its own (`state_dir` or memory), for providers whose state
+    /// is only a cache (the OAuth2 client-credentials plugin's discovery
+    /// document): they keep fetching per replica while the backend is down.
+    #[serde(default = "defaults::yes")]
+    pub shared_state: bool,
 }
 
 impl ProviderConfig {
@@ -315,6 +323,7 @@ impl ProviderConfig {
             limits: LimitsConfig::default(),
             circuit_breaker: BreakerConfig::default(),
             instances: InstancesConfig::default(),
+            shared_state: true,
         }
     }
 

@@ -489,6 +489,9 @@ pub struct ProviderSpec {
     pub instances: InstancesConfig,
     /// Where its `state` is persisted (`None`: in memory).
     pub state_file: Option<PathBuf>,
+    /// Whether its state lives in the runtime's shared store (a fleet's) when
+    /// there is one ([`Runtime::set_state_store`]).
+    pub shared_state: bool,
     /// Config keys whose values are secret (redacted wherever plugin-controlled
     /// text is logged or reported); see [`crate::config::is_secret_key`].
     pub secret_keys: Vec<String>,
@@ -596,7 +599,9 @@ impl ProviderRuntime {
             )
         })?;
         let state = match (previous, runtime.state_store.get()) {
-            (_, Some(store)) => Arc::new(ProviderState::in_store(&spec.name, store.clone())),
+            (_, Some(store)) if spec.shared_state => {
+                Arc::new(ProviderState::in_store(&spec.name, store.clone()))
+            }
             (Some(p), None) if p.state.path() == spec.state_file.as_deref() => p.state.clone(),
             _ => Arc::new(
                 ProviderState::open(

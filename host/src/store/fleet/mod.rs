@@ -357,6 +357,13 @@ impl Fleet {
                         if connected_before {
                             tracing::info!(fleet = %inner.options.name, "fleet bus reconnected; entries cached in memory are re-read from the backend");
                             let _ = inner.bus.send(RemoteEvent::Resync);
+                            // Close the breaker now rather than at the next call.
+                            if !inner.health.up.load(Ordering::Relaxed) {
+                                *inner.health.retry_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                                let _ = inner
+                                    .run("probing", inner.backend.get("probe:probe"))
+                                    .await;
+                            }
                         }
                         drop(inner);
                         connected_before = true;
