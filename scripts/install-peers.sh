@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the real peers the integration tests start on 127.0.0.1:
 # - Node.js packages of the test IdP (npm `oidc-provider`, pinned by the lockfile);
-# - PostgreSQL, Redis and lighttpd (git over HTTP) from Debian's packages (only if
-#   missing);
+# - PostgreSQL, Redis, lighttpd (git over HTTP) and faketime (clock skew) from
+#   Debian's packages (only if missing);
 # - Debian's kubectl (`kubernetes-client`), unpacked under target/peers/kubectl
 #   rather than installed: these machines may carry another `kubectl` on PATH.
 # Idempotent; the tests start and stop the processes themselves.
@@ -19,6 +19,8 @@ missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v lighttpd >/dev/null || [ -x /usr/sbin/lighttpd ] || missing+=(lighttpd)
+# libfaketime: a fleet replica whose clock is minutes off (tests/tests/fleet.rs).
+command -v faketime >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -3,9 +3,12 @@
 //! provider (npm oidc-provider, with refresh-token rotation and reuse
 //! detection) and a JWKS-verifying resource server.
 //!
-//! - 8 replicas × concurrent clients on one key, over several token lifetimes:
-//!   about one IdP call per lifetime for the whole fleet, plus one per reported
-//!   401, which reaches every replica's in-memory cache; 0 failed operations.
+//! - 8 replicas × concurrent clients on one key, over several token lifetimes,
+//!   two replicas with clocks 5 minutes behind and ahead (faketime): about one
+//!   IdP call per lifetime for the whole fleet, plus one per reported 401, which
+//!   reaches every replica's in-memory cache (on Redis even when the
+//!   announcement is lost: the subscriptions are killed first); 0 failed
+//!   operations.
 //! - A rotating refresh token shared by 8 replicas for ≥ 20 rotations while
 //!   replicas are SIGKILLed and restarted: no refresh token is ever replayed
 //!   (the IdP would revoke the grant), every access token is accepted.
@@ -78,8 +81,14 @@ timeout_ms = 500
         }
     }
 
-    /// Start replica `i` (again) and wait until it answers /healthz.
+    /// Start replica `i` (again) and wait until it accepts connections.
     fn start(&mut self, i: usize) {
+        self.start_shifted(i, None);
+    }
+
+    /// Start replica `i` with its clock shifted by `shift` (faketime's
+    /// `-f` syntax, e.g. `+300s`).
+    fn start_shifted(&mut self, i: usize, shift: Option<&str>) {
         let port = free_port();
         let log_dir = reauth_tests::log_dir().join("fleet");
         std::fs::create_dir_all(&log_dir).unwrap();
@@ -88,7 +97,17 @@ timeout_ms = 500
             .append(true)
             .open(log_dir.join(format!("replica-{i}.log")))
             .unwrap();
-        let child = Command::new(workspace_binary("reauth-cli", "reauth"))
+        let reauth = workspace_binary("reauth-cli", "reauth");
+        let mut cmd = match shift {
+            Some(shift) => {
+                let mut c = Command::new("faketime");
+                c.args(["-f", shift]).arg(&reauth);
+                c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+                c
+            }
+            None => Command::new(&reauth),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -121,6 +140,20 @@ timeout_ms = 500
         self.start(0);
         for i in 1..n {
             self.start(i);
+        }
+    }
+
+    /// Replicas `0..n`, the last two with their clocks 5 minutes behind and
+    /// ahead of the others'.
+    fn start_all_skewed(&mut self, n: usize) {
+        self.start(0);
+        for i in 1..n {
+            let shift = match n - i {
+                2 => Some("-300s"),
+                1 => Some("+300s"),
+                _ => None,
+            };
+            self.start_shifted(i, shift);
         }
     }
 
@@ -318,12 +351,15 @@ fn clients(
     tasks
 }
 
-async fn eight_replicas_share_one_token(backend: &str, url: &str) {
+/// 8 replicas (two of them with clocks 5 minutes off) on `backend`; with
+/// `bus`, the replicas' subscriptions are killed just before the 401 report (a
+/// lost announcement: they catch up when they reconnect).
+async fn eight_replicas_share_one_token(backend: &str, url: &str, bus: Option<&Redis>) {
     setup();
     let dir = tempfile::tempdir().unwrap();
     let idp = Idp::start(&dir.path().join("keys.json"), 4, None);
     let mut fleet = Replicas::new(backend, url, &cc_provider(&idp));
-    fleet.start_all(8);
+    fleet.start_all_skewed(8);
     let ports: Vec<u16> = (0..8).filter_map(|i| fleet.port(i)).collect();
     let outcome = Arc::new(Outcome::default());
     let started = Instant::now();
@@ -362,6 +398,17 @@ async fn eight_replicas_share_one_token(backend: &str, url: &str) {
     // replica hands out the rejected one afterwards.
     let rejected = latest.clone();
     let before = idp.token_requests("cc-basic").await.0;
+    if let Some(redis) = bus {
+        let mut c = redis.connect(None).await.unwrap();
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(killed, 8, "one bus subscription per replica");
+    }
     assert_eq!(report_401(ports[3], "api", &rejected).await, 200);
     // The announcement reaches every replica's memory within a bounded time.
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -386,19 +433,21 @@ async fn eight_replicas_share_one_token(backend: &str, url: &str) {
         "{} IdP calls after one reported 401 (one expected; two if a refresh was due)",
         after - before
     );
+    // The skewed replicas followed the backend's clock (and said so).
+    assert!(fleet.log_lines("this host's clock differs from the fleet backend's") >= 2);
     fleet.stop_all();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_fleet_of_eight_calls_the_idp_once_per_lifetime() {
     let redis = Redis::start().await;
-    eight_replicas_share_one_token("redis", &redis.url()).await;
+    eight_replicas_share_one_token("redis", &redis.url(), Some(&redis)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_fleet_of_eight_calls_the_idp_once_per_lifetime() {
     let pg = Postgres::start().await;
-    eight_replicas_share_one_token("postgres", &pg.url()).await;
+    eight_replicas_share_one_token("postgres", &pg.url(), None).await;
 }
 
 /// A rotating refresh token shared by 8 replicas for ≥ 20 rotations while
