@@ -27,6 +27,12 @@
 //!   without it, an L2 hit from a fresh `Host`, the cost of a cold L2 on a miss, and
 //!   20 processes × 100 callers on one cold key (provider calls, wall time).
 //!
+//! - `fleet`: `reauth serve` replicas in one `[fleet]` on Redis and PostgreSQL:
+//!   N replicas × M callers on a cold and an expired key (IdP calls, waits), the
+//!   backend killed while tokens are valid, an L2 read, the L1 hit inside and
+//!   outside a fleet next to the floor, invalidation reaching 8 replicas, and 32
+//!   replicas over 10 token lifetimes with and without the fleet.
+//!
 //! `--smoke` runs every section with tiny counts (CI runs it so the harness never
 //! rots); its numbers mean nothing.
 
@@ -48,11 +54,11 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Comma-separated sections: cache, miss, idp, herd, scale, polyglot, neighbours,
-    /// processes.
+    /// processes, fleet.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cache,miss,idp,herd,scale,polyglot,neighbours,processes"
+        default_value = "cache,miss,idp,herd,scale,polyglot,neighbours,processes,fleet"
     )]
     sections: Vec<String>,
     /// Internal: run one herd of this size and print a JSON line.
@@ -553,10 +559,10 @@ fn shared_child(dir: &str, url: &str) -> Result<()> {
     })
 }
 
-fn section_processes(smoke: bool) -> Result<String> {
-    let rt = runtime();
-    // `REAUTH_BIN` (the smoke test sets it: `cargo test` builds no binaries into
-    // target/debug), else the `reauth` built beside this bench.
+/// The `reauth` binary the process sections run: `REAUTH_BIN` (the smoke test
+/// sets it: `cargo test` builds no binaries into target/debug), else the one
+/// built beside this bench.
+fn reauth_binary() -> Result<PathBuf> {
     let reauth = match std::env::var_os("REAUTH_BIN") {
         Some(path) => PathBuf::from(path),
         None => std::env::current_exe()?
@@ -569,6 +575,12 @@ fn section_processes(smoke: bool) -> Result<String> {
         "{} is missing: build it with the bench (cargo build --release -p reauth-cli -p reauth-bench)",
         reauth.display()
     );
+    Ok(reauth)
+}
+
+fn section_processes(smoke: bool) -> Result<String> {
+    let rt = runtime();
+    let reauth = reauth_binary()?;
     let dir = tempfile::tempdir()?;
     let slow = rt.block_on(SlowEndpoint::start(
         "shared-token-value",
@@ -713,6 +725,368 @@ fn section_processes(smoke: bool) -> Result<String> {
         "\n{processes} processes × 100 callers on one cold key: {calls} provider call(s), {hits} token endpoint request(s), {} wall time (process start included).\n",
         fmt(wall)
     );
+    Ok(out)
+}
+
+/// A client-credentials provider (`api`) against `idp`, its state per replica.
+fn fleet_cc_provider(idp: &Idp) -> String {
+    format!(
+        "[providers.api]\nplugin = \"{}\"\nallowed_hosts = [\"{}\"]\nshared_state = false\n\n\
+         [providers.api.config]\nissuer = \"{}\"\nclient_id = \"cc-basic\"\nclient_secret = \"cc-basic-secret-0123456789\"\nscope = \"api:read\"\n\n\
+         [providers.api.cache]\n{}",
+        plugins().oauth2.display(),
+        idp.authority(),
+        idp.issuer,
+        reauth_tests::fleet::SHORT_CACHE
+    )
+}
+
+/// `callers` concurrent requests spread over `ports`: each one's wait and the
+/// number that failed.
+async fn fleet_burst(ports: &[u16], callers: usize) -> (Vec<Duration>, usize) {
+    let tasks: Vec<_> = (0..callers)
+        .map(|i| {
+            let port = ports[i % ports.len()];
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let ok = reauth_tests::fleet::get(port, "api").await.is_ok();
+                (started.elapsed(), ok)
+            })
+        })
+        .collect();
+    let (mut waits, mut failed) = (Vec::new(), 0);
+    for t in tasks {
+        let (wait, ok) = t.await.unwrap_or((Duration::ZERO, false));
+        waits.push(wait);
+        if !ok {
+            failed += 1;
+        }
+    }
+    (waits, failed)
+}
+
+fn section_fleet(smoke: bool) -> Result<String> {
+    use reauth::store::fleet::{Fleet, FleetBackend, FleetOptions, PostgresBackend, RedisBackend};
+    use reauth::store::{KeyRing, RemoteEvent, SharedCache, SharedEntry};
+    use reauth_tests::fleet::{FLEET_KEY, Replicas};
+    use reauth_tests::peers::{Postgres, Redis};
+    let rt = runtime();
+    let reauth = reauth_binary()?;
+    let dir = tempfile::tempdir()?;
+    let (mut redis, pg) = rt.block_on(async { (Redis::start().await, Postgres::start().await) });
+    let redis_port = redis.port;
+    let mut out = String::from(
+        "### Fleet mode: replicas sharing tokens through Redis and PostgreSQL\n\n\
+         `reauth serve` replicas (release build) in one `[fleet]`, the OAuth2 client-credentials \
+         provider against the real oidc-provider IdP, Redis 7 and PostgreSQL 15, all on loopback \
+         on this 2-core machine (replicas, backend, IdP and callers share the two cores).\n\n",
+    );
+    // 1. N replicas × M callers on a cold key, then on the same key once it
+    // expired; the backend killed while tokens are valid.
+    let ttl = 5;
+    let idp = Idp::start(&dir.path().join("keys.json"), ttl, None);
+    let idp_latency = rt.block_on(async {
+        let mut samples = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            let (status, _, _) = http(
+                &format!("http://{}", idp.authority()),
+                "POST",
+                "/token",
+                &[
+                    (
+                        "authorization",
+                        "Basic Y2MtYmFzaWM6Y2MtYmFzaWMtc2VjcmV0LTAxMjM0NTY3ODk=",
+                    ),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                Some(b"grant_type=client_credentials&scope=api:read".to_vec()),
+            )
+            .await?;
+            ensure!(status == 200, "the IdP answered {status}");
+            samples.push(started.elapsed());
+        }
+        anyhow::Ok(stats(samples).p50)
+    })?;
+    let callers = if smoke { 50 } else { 1000 };
+    out += &format!(
+        "N replicas × {callers} concurrent callers (spread evenly over the replicas' HTTP APIs) \
+         on one key; the IdP answers a token request in {} (p50, direct). Goal: 1 IdP call per \
+         key and lifetime, p99 wait ≤ IdP latency + 100 ms.\n\n\
+         | backend | N | key | IdP calls | callers' p50 wait | p99 wait | failed |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        fmt(idp_latency)
+    );
+    let runs: Vec<(&str, String, usize)> = if smoke {
+        vec![("redis", redis.url(), 2)]
+    } else {
+        vec![
+            ("redis", redis.url(), 2),
+            ("redis", redis.url(), 8),
+            ("redis", redis.url(), 32),
+            ("postgres", pg.url(), 8),
+            ("postgres", pg.url(), 32),
+        ]
+    };
+    let mut killed = String::new();
+    for (backend, url, n) in runs {
+        let mut fleet = Replicas::new(
+            backend,
+            &url,
+            &fleet_cc_provider(&idp),
+            reauth.clone(),
+            "bench-fleet",
+        );
+        fleet.start_all(n);
+        let ports: Vec<u16> = (0..n).filter_map(|i| fleet.port(i)).collect();
+        for key in ["cold", "expired"] {
+            if key == "expired" {
+                std::thread::sleep(Duration::from_secs(ttl + 1));
+            }
+            let before = rt.block_on(idp.token_requests("cc-basic")).0;
+            let (waits, failed) = rt.block_on(fleet_burst(&ports, callers));
+            let calls = rt.block_on(idp.token_requests("cc-basic")).0 - before;
+            let s = stats(waits);
+            out += &format!(
+                "| {backend} | {n} | {key} | {calls} | {} | {} | {failed} |\n",
+                fmt(s.p50),
+                fmt(s.p99)
+            );
+        }
+        if backend == "redis" && (n == 8 || smoke) {
+            // Redis killed while every replica holds a valid token.
+            let (_, warm_failed) = rt.block_on(fleet_burst(&ports, callers));
+            redis.stop();
+            let (waits, failed) = rt.block_on(fleet_burst(&ports, callers));
+            let s = stats(waits);
+            killed = format!(
+                "\nRedis killed while the tokens are valid ({n} replicas, {callers} callers): \
+                 {failed} failed calls (goal 0; {warm_failed} failed just before), p99 wait {}.\n",
+                fmt(s.p99)
+            );
+            redis = rt.block_on(Redis::start_on(redis_port));
+        }
+        fleet.stop_all();
+    }
+    out += &killed;
+
+    // 2. An L2 read (what an L1 miss costs before any provider call), and the
+    // L1 hit path of a host in a fleet next to one outside any fleet.
+    let fleet_on = |backend: Arc<dyn FleetBackend>, name: &str| {
+        Fleet::new(
+            backend,
+            Arc::new(KeyRing::parse(FLEET_KEY, "bench").expect("key ring")),
+            FleetOptions {
+                name: name.to_string(),
+                lease: Duration::from_secs(5),
+                wait: Duration::from_secs(10),
+                timeout: Duration::from_secs(2),
+            },
+        )
+    };
+    let redis_backend = |name: &str| -> Arc<dyn FleetBackend> {
+        Arc::new(RedisBackend::new(&redis.url(), name, Duration::from_secs(2)).expect("redis url"))
+    };
+    let pg_backend = |name: &str| -> Arc<dyn FleetBackend> {
+        Arc::new(PostgresBackend::new(&pg.url(), name, Duration::from_secs(2)).expect("pg url"))
+    };
+    let reads = if smoke { 20 } else { 2000 };
+    out += "\n| measurement | p50 | p99 |\n| --- | --- | --- |\n";
+    for (label, backend) in [
+        ("Redis", redis_backend("bench-l2")),
+        ("PostgreSQL", pg_backend("bench-l2")),
+    ] {
+        let fleet = fleet_on(backend, "bench-l2");
+        let s = rt.block_on(async {
+            let id = fleet.entry_id(b"bench");
+            let lease = fleet
+                .fetching(&id, Duration::from_secs(2))
+                .await
+                .context("lease")?;
+            let now = std::time::SystemTime::now();
+            let entry = SharedEntry {
+                credentials: reauth::Credentials {
+                    credential: reauth::Credential::Bearer("t".repeat(800).into()),
+                    expires_at: Some(now + Duration::from_secs(600)),
+                    principal: None,
+                },
+                written_at: now,
+                fresh_until: now + Duration::from_secs(480),
+            };
+            fleet.write(&id, &entry, Some(&lease)).await?;
+            drop(lease);
+            let mut samples = Vec::new();
+            for _ in 0..reads {
+                let started = Instant::now();
+                ensure!(fleet.read(&id).await.is_some(), "L2 miss");
+                samples.push(started.elapsed());
+            }
+            anyhow::Ok(stats(samples))
+        })?;
+        out += &format!(
+            "| L2 hit from a cold L1, {label} (read + open, {reads} reads; goal p99 ≤ {}) | {} | {} |\n",
+            if label == "Redis" { "2 ms" } else { "5 ms" },
+            fmt(s.p50),
+            fmt(s.p99)
+        );
+    }
+    let (batches, batch) = if smoke { (20, 10) } else { (2000, 200) };
+    for (label, fleet) in [
+        ("outside any fleet", None),
+        (
+            "in a fleet (Redis)",
+            Some(fleet_on(redis_backend("bench-hit"), "bench-hit")),
+        ),
+    ] {
+        let mut builder = Host::builder().provider(
+            "static",
+            ProviderConfig::new(&plugins().static_).config("token", "t".repeat(800)),
+        );
+        if let Some(fleet) = fleet {
+            builder = builder.fleet(fleet);
+        }
+        let host = rt.block_on(async { builder.build() })?;
+        let request = Request::new().scope("orders:read");
+        rt.block_on(host.get_credentials("static", &request))?;
+        let s = rt.block_on(batched(batches, batch, || async {
+            std::hint::black_box(host.get_credentials("static", &request).await.unwrap());
+        }));
+        out += &format!(
+            "| L1 hit, host {label} | {} | {} |\n",
+            fmt(s.p50),
+            fmt(s.p99)
+        );
+    }
+    let map: Arc<RwLock<HashMap<String, String>>> = Arc::default();
+    map.write()
+        .unwrap()
+        .insert("static".into(), "t".repeat(800));
+    let s = rt.block_on(batched(batches, batch, || async {
+        std::hint::black_box(map.read().unwrap().get("static").cloned().unwrap());
+    }));
+    out += &format!(
+        "| floor: bare `RwLock<HashMap>` lookup + clone | {} | {} |\n",
+        fmt(s.p50),
+        fmt(s.p99)
+    );
+
+    // 3. Invalidation: from compare-and-invalidate on one replica until all 8
+    // others got the announcement.
+    let trials = if smoke { 3 } else { 100 };
+    for (label, make) in [
+        (
+            "Redis",
+            &redis_backend as &dyn Fn(&str) -> Arc<dyn FleetBackend>,
+        ),
+        ("PostgreSQL", &pg_backend),
+    ] {
+        let s = rt.block_on(async {
+            let writer = fleet_on(make("bench-inv"), "bench-inv");
+            let mut receivers = Vec::new();
+            let mut keep = Vec::new();
+            for _ in 0..8 {
+                let f = fleet_on(make("bench-inv"), "bench-inv");
+                receivers.push(f.events().context("events")?);
+                keep.push(f);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut samples = Vec::new();
+            for t in 0..trials {
+                let id = writer.entry_id(format!("inv-{t}").as_bytes());
+                let now = std::time::SystemTime::now();
+                let credentials = reauth::Credentials {
+                    credential: reauth::Credential::Bearer(format!("tok-{t}").into()),
+                    expires_at: Some(now + Duration::from_secs(600)),
+                    principal: None,
+                };
+                let entry = SharedEntry {
+                    credentials: credentials.clone(),
+                    written_at: now,
+                    fresh_until: now + Duration::from_secs(480),
+                };
+                let lease = writer
+                    .fetching(&id, Duration::from_secs(2))
+                    .await
+                    .context("lease")?;
+                writer.write(&id, &entry, Some(&lease)).await?;
+                drop(lease);
+                let started = Instant::now();
+                ensure!(
+                    writer
+                        .remove_if(&id, &SharedEntry::fingerprint(&credentials))
+                        .await,
+                    "not removed"
+                );
+                for r in &mut receivers {
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(5), r.recv()).await {
+                            Ok(Ok(RemoteEvent::Invalidated { id: got, .. })) if got == id => break,
+                            Ok(Ok(_))
+                            | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                                continue;
+                            }
+                            other => anyhow::bail!("no announcement within 5 s: {other:?}"),
+                        }
+                    }
+                }
+                samples.push(started.elapsed());
+            }
+            anyhow::Ok(stats(samples))
+        })?;
+        out += &format!(
+            "| invalidation reaching 8 other replicas, {label} ({trials} trials; goal p99 ≤ 1 s) | {} | {} |\n",
+            fmt(s.p50),
+            fmt(s.p99)
+        );
+    }
+
+    // 4. 32 replicas over 10 token lifetimes, with and without the fleet.
+    let short = Idp::start(&dir.path().join("keys-short.json"), 2, None);
+    let (n, lifetimes) = if smoke { (2, 2) } else { (32, 10) };
+    out += &format!(
+        "\n{n} replicas, one caller each (a request every 100 ms), {lifetimes} token lifetimes of 2 s:\n\n\
+         | mode | IdP token requests | failed calls |\n| --- | --- | --- |\n"
+    );
+    for (mode, backend) in [
+        ("without `[fleet]` (each replica alone)", "none"),
+        ("fleet on Redis", "redis"),
+    ] {
+        let mut fleet = Replicas::new(
+            backend,
+            &redis.url(),
+            &fleet_cc_provider(&short),
+            reauth.clone(),
+            "bench-fleet",
+        );
+        fleet.start_all(n);
+        let ports: Vec<u16> = (0..n).filter_map(|i| fleet.port(i)).collect();
+        let before = rt.block_on(short.token_requests("cc-basic")).0;
+        let until = Instant::now() + Duration::from_secs(2 * lifetimes);
+        let failed = rt.block_on(async {
+            let tasks: Vec<_> = ports
+                .iter()
+                .map(|&port| {
+                    tokio::spawn(async move {
+                        let mut failed = 0u64;
+                        while Instant::now() < until {
+                            if reauth_tests::fleet::get(port, "api").await.is_err() {
+                                failed += 1;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        failed
+                    })
+                })
+                .collect();
+            let mut failed = 0;
+            for t in tasks {
+                failed += t.await.unwrap_or(1);
+            }
+            failed
+        });
+        let calls = rt.block_on(short.token_requests("cc-basic")).0 - before;
+        out += &format!("| {mode} | {calls} | {failed} |\n");
+        fleet.stop_all();
+    }
     Ok(out)
 }
 
@@ -1170,9 +1544,10 @@ fn main() -> Result<()> {
             "polyglot" => section_polyglot(args.smoke)?,
             "neighbours" => section_neighbours(args.smoke)?,
             "processes" => section_processes(args.smoke)?,
+            "fleet" => section_fleet(args.smoke)?,
             other => {
                 anyhow::bail!(
-                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours, processes)"
+                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours, processes, fleet)"
                 )
             }
         };

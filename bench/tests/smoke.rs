@@ -27,6 +27,7 @@ fn every_section_runs_in_smoke_mode() {
         "### Scale",
         "### Polyglot providers",
         "### Many processes on one machine",
+        "### Fleet mode",
     ] {
         assert!(stdout.contains(heading), "missing `{heading}` in\n{stdout}");
     }

@@ -5,6 +5,7 @@
 //! everything here runs real components through the real host against real peers
 //! on 127.0.0.1.
 
+pub mod fleet;
 pub mod peers;
 
 use std::path::{Path, PathBuf};

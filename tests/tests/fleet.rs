@@ -18,11 +18,10 @@
 //!   IdP meanwhile; both recover on their own when the backend is back.
 
 use reauth::verify::Verifier;
-use reauth_tests::peers::{Idp, Peer, Postgres, Redis, ResourceServer, free_port, http, http_get};
+use reauth_tests::fleet::{Replicas, SHORT_CACHE, get, report_401};
+use reauth_tests::peers::{Idp, Postgres, Redis, ResourceServer, http_get};
 use reauth_tests::{plugins, workspace_binary};
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,8 +29,6 @@ use std::time::{Duration, Instant};
 const API: &str = "urn:reauth:test-api";
 const CC_SECRET: &str = "cc-basic-secret-0123456789";
 const RP_SECRET: &str = "rp-secret-0123456789";
-const FLEET_KEY: &str =
-    "v1 fleet1 5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 
 fn setup() {
     reauth_tests::logs();
@@ -39,217 +36,14 @@ fn setup() {
     reauth_tests::record_secret(RP_SECRET);
 }
 
-/// One fleet of `reauth serve` replicas on one config.
-struct Replicas {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    url: String,
-    running: Vec<Option<(Peer, u16)>>,
-}
-
-/// Refresh-ahead for tokens of a few seconds (the defaults assume minutes).
-const SHORT_CACHE: &str = "min_period_secs = 0\nbuffer_secs = 0\nskew_secs = 1\nmin_interval_ms = 100\nbackoff_initial_ms = 200\nbackoff_max_ms = 1000\n";
-
-impl Replicas {
-    /// A config for `backend` at `url` with `providers` (TOML sections).
-    fn new(backend: &str, url: &str, providers: &str) -> Replicas {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("reauth.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"[runtime]
-cache_dir = "artifacts"
-
-[fleet]
-name = "payments"
-backend = "{backend}"
-url = {{ env = "REAUTH_FLEET_URL" }}
-key = {{ env = "REAUTH_FLEET_KEY" }}
-lease_ms = 2000
-timeout_ms = 500
-
-{providers}"#
-            ),
-        )
-        .unwrap();
-        Replicas {
-            dir,
-            config,
-            url: url.to_string(),
-            running: Vec::new(),
-        }
-    }
-
-    /// Start replica `i` (again) and wait until it accepts connections.
-    fn start(&mut self, i: usize) {
-        self.start_shifted(i, None);
-    }
-
-    /// Start replica `i` with its clock shifted by `shift` (faketime's
-    /// `-f` syntax, e.g. `+300s`).
-    fn start_shifted(&mut self, i: usize, shift: Option<&str>) {
-        let port = free_port();
-        let log_dir = reauth_tests::log_dir().join("fleet");
-        std::fs::create_dir_all(&log_dir).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_dir.join(format!("replica-{i}.log")))
-            .unwrap();
-        let reauth = workspace_binary("reauth-cli", "reauth");
-        let mut cmd = match shift {
-            Some(shift) => {
-                let mut c = Command::new("faketime");
-                c.args(["-f", shift]).arg(&reauth);
-                c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-                c
-            }
-            None => Command::new(&reauth),
-        };
-        let child = cmd
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("REAUTH_FLEET_URL", &self.url)
-            .env("REAUTH_FLEET_KEY", FLEET_KEY)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting reauth serve");
-        let peer = Peer::new(child, "-TERM", Duration::from_secs(5));
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "replica {i} did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if self.running.len() <= i {
-            self.running.resize_with(i + 1, || None);
-        }
-        self.running[i] = Some((peer, port));
-    }
-
-    fn start_all(&mut self, n: usize) {
-        // The first compiles the plugin into the artifact cache; the others load it.
-        self.start(0);
-        for i in 1..n {
-            self.start(i);
-        }
-    }
-
-    /// Replicas `0..n`, the last two with their clocks 5 minutes behind and
-    /// ahead of the others'.
-    fn start_all_skewed(&mut self, n: usize) {
-        self.start(0);
-        for i in 1..n {
-            let shift = match n - i {
-                2 => Some("-300s"),
-                1 => Some("+300s"),
-                _ => None,
-            };
-            self.start_shifted(i, shift);
-        }
-    }
-
-    fn port(&self, i: usize) -> Option<u16> {
-        self.running.get(i)?.as_ref().map(|(_, p)| *p)
-    }
-
-    fn pid(&self, i: usize) -> Option<u32> {
-        self.running.get(i)?.as_ref()?.0.id()
-    }
-
-    /// SIGKILL replica `i`.
-    fn kill(&mut self, i: usize) {
-        if let Some((peer, _)) = self.running.get_mut(i).and_then(Option::take) {
-            if let Some(pid) = peer.id() {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-            drop(peer);
-        }
-    }
-
-    fn stop_all(&mut self) {
-        for slot in &mut self.running {
-            if let Some((mut peer, _)) = slot.take() {
-                peer.stop();
-            }
-        }
-    }
-
-    /// Lines of every replica's log containing `needle`.
-    fn log_lines(&self, needle: &str) -> usize {
-        let dir = reauth_tests::log_dir().join("fleet");
-        (0..self.running.len())
-            .map(|i| {
-                std::fs::read_to_string(dir.join(format!("replica-{i}.log")))
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| l.contains(needle))
-                    .count()
-            })
-            .sum()
-    }
-}
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        self.stop_all();
-        let _ = &self.dir;
-    }
-}
-
-/// `POST /v1/providers/<provider>/credentials` on replica port `port`: the
-/// token, or (status, body).
-async fn get(port: u16, provider: &str) -> Result<String, (u16, String)> {
-    match http(
-        &format!("http://127.0.0.1:{port}"),
-        "POST",
-        &format!("/v1/providers/{provider}/credentials"),
-        &[("content-type", "application/json")],
-        Some(b"{}".to_vec()),
+fn replicas(backend: &str, url: &str, providers: &str) -> Replicas {
+    Replicas::new(
+        backend,
+        url,
+        providers,
+        workspace_binary("reauth-cli", "reauth"),
+        "fleet",
     )
-    .await
-    {
-        Ok((200, _, body)) => {
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            let token = v["credential"]["token"]
-                .as_str()
-                .or(v["token"].as_str())
-                .unwrap_or_else(|| panic!("no token in {v}"))
-                .to_string();
-            reauth_tests::record_secret(&token);
-            Ok(token)
-        }
-        Ok((status, _, body)) => Err((status, String::from_utf8_lossy(&body).into_owned())),
-        Err(e) => Err((0, e.to_string())),
-    }
-}
-
-/// Report that a server rejected `token` (RFC 6750 invalid_token).
-async fn report_401(port: u16, provider: &str, token: &str) -> u16 {
-    let body = serde_json::json!({
-        "credential": { "kind": "bearer", "token": token },
-        "error": { "kind": "unauthorized", "status": 401, "code": "invalid_token" }
-    });
-    http(
-        &format!("http://127.0.0.1:{port}"),
-        "POST",
-        &format!("/v1/providers/{provider}/security-errors"),
-        &[("content-type", "application/json")],
-        Some(serde_json::to_vec(&body).unwrap()),
-    )
-    .await
-    .map(|(s, _, _)| s)
-    .unwrap_or(0)
 }
 
 async fn resource_server(idp: &Idp) -> ResourceServer {
@@ -358,7 +152,7 @@ async fn eight_replicas_share_one_token(backend: &str, url: &str, bus: Option<&R
     setup();
     let dir = tempfile::tempdir().unwrap();
     let idp = Idp::start(&dir.path().join("keys.json"), 4, None);
-    let mut fleet = Replicas::new(backend, url, &cc_provider(&idp));
+    let mut fleet = replicas(backend, url, &cc_provider(&idp));
     fleet.start_all_skewed(8);
     let ports: Vec<u16> = (0..8).filter_map(|i| fleet.port(i)).collect();
     let outcome = Arc::new(Outcome::default());
@@ -463,7 +257,7 @@ async fn rotating_refresh_token_survives_replica_kills() {
     reauth_tests::record_secret(&seed);
     let seed_file = dir.path().join("offline-token");
     std::fs::write(&seed_file, &seed).unwrap();
-    let mut fleet = Replicas::new("postgres", &pg.url(), &rt_provider(&idp, &seed_file));
+    let mut fleet = replicas("postgres", &pg.url(), &rt_provider(&idp, &seed_file));
     fleet.start_all(8);
     let rs = resource_server(&idp).await;
     let refreshes = || async {
@@ -600,7 +394,7 @@ async fn redis_outage_keeps_serving_and_fails_closed_for_rotation() {
     let seed_file = dir.path().join("offline-token");
     std::fs::write(&seed_file, &seed).unwrap();
     let providers = format!("{}\n{}", cc_provider(&idp), rt_provider(&idp, &seed_file));
-    let mut fleet = Replicas::new("redis", &redis.url(), &providers);
+    let mut fleet = replicas("redis", &redis.url(), &providers);
     fleet.start_all(3);
     let ports: Vec<u16> = (0..3).filter_map(|i| fleet.port(i)).collect();
     for &p in &ports {

@@ -414,7 +414,11 @@ ON CONFLICT (fleet, name) DO UPDATE
                 .await
                 .map_err(|e| self.error("writing", &e))?;
             // Now and then, drop records long expired.
-            if self.puts.fetch_add(1, Ordering::Relaxed) % 256 == 0 {
+            if self
+                .puts
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(256)
+            {
                 const PURGE: &str = "DELETE FROM reauth_records WHERE fleet = $1 AND expires_at < clock_timestamp() - interval '1 minute'";
                 let _ = conn.client.execute(PURGE, &[&self.fleet]).await;
             }
