@@ -629,3 +629,119 @@ async fn redis_outage_fails_closed_for_state_and_recovers() {
     let mut g = a.lock("sso", Duration::from_secs(2)).await.unwrap();
     g.commit(values(&[("k", "v")])).await.unwrap();
 }
+
+/// The README's line of `name` that starts with `prefix` (its commands are
+/// tested, not just shown).
+fn readme_line(prefix: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    readme
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no README line starting with `{prefix}`"))
+        .to_string()
+}
+
+/// Everything a replica does, as a user with only what the README grants.
+async fn least_privilege(engine: &Engine, url: &str) {
+    let fleet = Fleet::new(
+        match engine {
+            Engine::Redis(_) => {
+                Arc::new(RedisBackend::new(url, "payments", Duration::from_secs(1)).unwrap())
+                    as Arc<dyn FleetBackend>
+            }
+            Engine::Postgres(_) => {
+                Arc::new(PostgresBackend::new(url, "payments", Duration::from_secs(1)).unwrap())
+            }
+        },
+        Arc::new(KeyRing::parse(K1, "ring").unwrap()),
+        FleetOptions {
+            name: "payments".into(),
+            lease: Duration::from_millis(1500),
+            wait: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+        },
+    );
+    let mut events = fleet.events().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = fleet.entry_id(b"acl");
+    let e = entry("tok-ACL-1234567890");
+    let lease = fleet
+        .fetching(&id, Duration::from_secs(2))
+        .await
+        .expect("a lease as the restricted user");
+    fleet
+        .write(&id, &e, Some(&lease))
+        .await
+        .expect("a write as the restricted user");
+    drop(lease);
+    assert_eq!(fleet.read(&id).await, Some(e.clone()));
+    let mut g = fleet
+        .lock("sso", Duration::from_secs(2))
+        .await
+        .expect("state as the restricted user");
+    g.commit(values(&[("refresh", "rt-ACL")])).await.unwrap();
+    drop(g);
+    assert!(
+        fleet
+            .remove_if(&id, &SharedEntry::fingerprint(&e.credentials))
+            .await
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert!(
+        matches!(got, Ok(Ok(RemoteEvent::Invalidated { .. }))),
+        "{got:?}"
+    );
+    assert!(fleet.backend_up());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_redis_acl_is_enough() {
+    reauth_tests::logs();
+    let engine = Engine::redis().await;
+    let Engine::Redis(redis) = &engine else {
+        unreachable!()
+    };
+    let line = readme_line("ACL SETUSER reauth-payments").replace(">…", ">acl-pw-0123456789");
+    let mut c = redis.connect(None).await.unwrap();
+    let mut cmd = redis::cmd("ACL");
+    for arg in line.split_whitespace().skip(1) {
+        cmd.arg(arg);
+    }
+    let _: String = cmd.query_async(&mut c).await.unwrap();
+    let url = format!(
+        "redis://reauth-payments:acl-pw-0123456789@127.0.0.1:{}",
+        redis.port
+    );
+    least_privilege(&engine, &url).await;
+    // And the ACL really restricts: another fleet's keys are out of reach.
+    let other = RedisBackend::new(&url, "other", Duration::from_secs(1)).unwrap();
+    assert!(
+        other.get("x:entry").await.is_err(),
+        "the ACL let a fleet read another's keys"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_postgres_grants_are_enough() {
+    reauth_tests::logs();
+    let engine = Engine::postgres().await;
+    let Engine::Postgres(pg) = &engine else {
+        unreachable!()
+    };
+    // The administrator's part: the tables (as the backend creates them).
+    let admin = engine.fleet("setup", K1);
+    let _ = admin.read("0000").await;
+    for prefix in [
+        "CREATE ROLE reauth_payments",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON reauth_leases",
+    ] {
+        pg.admin(&readme_line(prefix).replace("'…'", "'pg-role-pw-0123456789'"))
+            .await;
+    }
+    let url = format!(
+        "postgres://reauth_payments:pg-role-pw-0123456789@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    least_privilege(&engine, &url).await;
+}

@@ -6,9 +6,9 @@
 //! `<group>` is an entry id (a keyed hash) or `s.<provider>`, and `<kind>` is
 //! `entry`, `failure`, `state`, `lease`, `fence` or `holder`. The braces are a
 //! Redis Cluster hash tag: every key of one credential lives in one slot, so each
-//! script touches one slot. The channel is `reauth:<fleet>:bus`. An ACL user for
-//! fleet `payments` needs `~reauth:{payments:* &reauth:payments:* +@read +@write
-//! +@scripting +@pubsub -@dangerous` (see the README).
+//! script touches one slot. The channel is `reauth:<fleet>:bus`. The ACL a fleet's
+//! user needs is in the README ("Running a fleet"; tested by
+//! `tests/tests/fleet_store.rs`).
 
 use super::{Acquired, BusStream, FleetBackend, Record, StoreError, StoreFuture};
 use std::time::Duration;
