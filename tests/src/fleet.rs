@@ -32,6 +32,9 @@ impl Replicas {
     /// out (every replica on its own). `binary` is the `reauth` to run; replica
     /// logs go to `<log_dir>/<log>/replica-<i>.log`.
     pub fn new(backend: &str, url: &str, providers: &str, binary: PathBuf, log: &str) -> Replicas {
+        if let Some(key) = FLEET_KEY.split_whitespace().last() {
+            crate::record_secret(key);
+        }
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("reauth.toml");
         let fleet = if backend == "none" {

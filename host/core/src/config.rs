@@ -1349,6 +1349,50 @@ mod tests {
     }
 
     #[test]
+    fn fleet_section_is_validated_with_named_keys() {
+        let base = "[fleet]\nname = \"payments\"\nbackend = \"redis\"\nurl = { env = \"U\" }\nkey = { env = \"K\" }\n";
+        let ok = parse(base).unwrap();
+        ok.validate().unwrap();
+        let f = ok.fleet.as_ref().unwrap();
+        assert_eq!((f.lease_ms, f.wait_ms, f.timeout_ms), (5000, 15_000, 2000));
+        assert_eq!(f.backend, FleetBackendKind::Redis);
+        for (extra, key) in [
+            ("lease_ms = 10\n", "fleet.lease_ms"),
+            ("wait_ms = 0\n", "fleet.wait_ms"),
+            ("timeout_ms = 18446744073709551615\n", "fleet.timeout_ms"),
+            ("lease_ms = 2000\ntimeout_ms = 1500\n", "fleet.timeout_ms"),
+        ] {
+            let e = parse(&format!("{base}{extra}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{extra}: {e}");
+        }
+        let e = parse(&base.replace("payments", "no spaces"))
+            .and_then(|c| c.validate())
+            .unwrap_err();
+        assert!(e.to_string().contains("fleet.name"), "{e}");
+        let e = parse(&base.replace("redis", "etcd")).unwrap_err();
+        assert!(
+            e.to_string().contains("etcd") || e.to_string().contains("backend"),
+            "{e}"
+        );
+        let e = parse(&format!("{base}bogus = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        // Inline values are secrets: Debug never shows them.
+        let inline =
+            parse(&base.replace("{ env = \"U\" }", "\"redis://u:hunter2-pw@h:6379\"")).unwrap();
+        assert!(!format!("{inline:?}").contains("hunter2"));
+        // A missing variable names the key and the variable.
+        let e = inline
+            .resolve_value("fleet.key", &inline.fleet.as_ref().unwrap().key)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("fleet.key") && e.to_string().contains("`K`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn minimal_provider_gets_defaults() {
         let c = parse("[providers.a]\nplugin = \"a.wasm\"\n").unwrap();
         let a = &c.providers["a"];

@@ -320,7 +320,7 @@ WHERE fleet = $1 AND name = $2 AND token = $3 AND expires_at > clock_timestamp()
     ) -> StoreFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             const SQL: &str = "
-UPDATE reauth_leases SET token = NULL, expires_at = '-infinity', holder = $4
+UPDATE reauth_leases SET token = NULL, expires_at = clock_timestamp(), holder = $4
 WHERE fleet = $1 AND name = $2 AND token = $3";
             let mut conn = self.conn().await?;
             let statement = conn
@@ -413,14 +413,17 @@ ON CONFLICT (fleet, name) DO UPDATE
                 )
                 .await
                 .map_err(|e| self.error("writing", &e))?;
-            // Now and then, drop records long expired.
+            // Now and then, drop records long expired and leases idle for a
+            // week (a row per key ever fetched would grow without end).
             if self
                 .puts
                 .fetch_add(1, Ordering::Relaxed)
                 .is_multiple_of(256)
             {
                 const PURGE: &str = "DELETE FROM reauth_records WHERE fleet = $1 AND expires_at < clock_timestamp() - interval '1 minute'";
+                const PURGE_LEASES: &str = "DELETE FROM reauth_leases WHERE fleet = $1 AND token IS NULL AND holder IS NULL AND expires_at < clock_timestamp() - interval '7 days'";
                 let _ = conn.client.execute(PURGE, &[&self.fleet]).await;
+                let _ = conn.client.execute(PURGE_LEASES, &[&self.fleet]).await;
             }
             Ok(n == 1)
         })
