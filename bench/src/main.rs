@@ -829,16 +829,20 @@ fn section_fleet(smoke: bool) -> Result<String> {
     };
     let mut killed = String::new();
     for (backend, url, n) in runs {
-        let mut fleet = Replicas::new(
+        let mut fleet = Replicas::named(
+            &format!("bench-{backend}-{n}"),
             backend,
             &url,
             &fleet_cc_provider(&idp),
             reauth.clone(),
             "bench-fleet",
-        );
+        )
+        .quiet();
         fleet.start_all(n);
         let ports: Vec<u16> = (0..n).filter_map(|i| fleet.port(i)).collect();
-        for key in ["cold", "expired"] {
+        // `warm`: every caller served from memory (what the concurrent HTTP
+        // requests cost here by themselves).
+        for key in ["cold", "warm (L1 hits)", "expired"] {
             if key == "expired" {
                 std::thread::sleep(Duration::from_secs(ttl + 1));
             }
@@ -1043,20 +1047,24 @@ fn section_fleet(smoke: bool) -> Result<String> {
     let short = Idp::start(&dir.path().join("keys-short.json"), 2, None);
     let (n, lifetimes) = if smoke { (2, 2) } else { (32, 10) };
     out += &format!(
-        "\n{n} replicas, one caller each (a request every 100 ms), {lifetimes} token lifetimes of 2 s:\n\n\
+        "\n{n} replicas, one caller each (a request every 100 ms), {lifetimes} token lifetimes of 2 s \
+         (each token used until 1 s before it expires, `skew_secs = 1`: one IdP call per second is \
+         one per usable lifetime):\n\n\
          | mode | IdP token requests | failed calls |\n| --- | --- | --- |\n"
     );
     for (mode, backend) in [
         ("without `[fleet]` (each replica alone)", "none"),
         ("fleet on Redis", "redis"),
     ] {
-        let mut fleet = Replicas::new(
+        let mut fleet = Replicas::named(
+            "bench-lifetimes",
             backend,
             &redis.url(),
             &fleet_cc_provider(&short),
             reauth.clone(),
             "bench-fleet",
-        );
+        )
+        .quiet();
         fleet.start_all(n);
         let ports: Vec<u16> = (0..n).filter_map(|i| fleet.port(i)).collect();
         let before = rt.block_on(short.token_requests("cc-basic")).0;

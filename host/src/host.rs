@@ -802,6 +802,10 @@ fn open_fleet(config: &HostConfig) -> Result<Option<crate::store::fleet::Fleet>>
         config::FleetBackendKind::Redis => {
             Arc::new(RedisBackend::new(url.expose(), &fc.name, timeout).map_err(bad_url)?)
         }
+        config::FleetBackendKind::RedisCluster => {
+            let nodes: Vec<&str> = url.expose().split(',').map(str::trim).collect();
+            Arc::new(RedisBackend::cluster(&nodes, &fc.name, timeout).map_err(bad_url)?)
+        }
         config::FleetBackendKind::Postgres => {
             Arc::new(PostgresBackend::new(url.expose(), &fc.name, timeout).map_err(bad_url)?)
         }

@@ -8,6 +8,17 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Debian's libfaketime (package `faketime`).
+fn libfaketime() -> PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime not found (install Debian's `faketime`)")
+}
+
 /// The key ring every replica of the test fleets shares.
 pub const FLEET_KEY: &str =
     "v1 fleet1 5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
@@ -32,17 +43,32 @@ impl Replicas {
     /// out (every replica on its own). `binary` is the `reauth` to run; replica
     /// logs go to `<log_dir>/<log>/replica-<i>.log`.
     pub fn new(backend: &str, url: &str, providers: &str, binary: PathBuf, log: &str) -> Replicas {
+        Replicas::named("payments", backend, url, providers, binary, log)
+    }
+
+    /// [`Replicas::new`] for fleet `name` (a fresh name: a cold fleet on a
+    /// backend that served others). Without a fleet (`none`), the replicas do
+    /// not share the machine-local token cache either: each is on its own, as
+    /// on separate machines.
+    pub fn named(
+        name: &str,
+        backend: &str,
+        url: &str,
+        providers: &str,
+        binary: PathBuf,
+        log: &str,
+    ) -> Replicas {
         if let Some(key) = FLEET_KEY.split_whitespace().last() {
             crate::record_secret(key);
         }
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("reauth.toml");
         let fleet = if backend == "none" {
-            String::new()
+            "[runtime.shared_cache]\nenabled = false\n".to_string()
         } else {
             format!(
                 r#"[fleet]
-name = "payments"
+name = "{name}"
 backend = "{backend}"
 url = {{ env = "REAUTH_FLEET_URL" }}
 key = {{ env = "REAUTH_FLEET_KEY" }}
@@ -53,7 +79,7 @@ timeout_ms = 500
         };
         std::fs::write(
             &config,
-            format!("[runtime]\ncache_dir = \"artifacts\"\n\n{fleet}\n{providers}"),
+            format!("[runtime]\ncache_dir = \"artifacts\"\n{fleet}\n{providers}"),
         )
         .unwrap();
         Replicas {
@@ -78,8 +104,8 @@ timeout_ms = 500
         self.start_shifted(i, None);
     }
 
-    /// Start replica `i` with its clock shifted by `shift` (faketime's
-    /// `-f` syntax, e.g. `+300s`).
+    /// Start replica `i` with its clock shifted by `shift` (libfaketime's
+    /// `FAKETIME` syntax, e.g. `+300s`).
     pub fn start_shifted(&mut self, i: usize, shift: Option<&str>) {
         let port = free_port();
         let log_dir = crate::log_dir().join(&self.log);
@@ -90,15 +116,14 @@ timeout_ms = 500
             .open(log_dir.join(format!("replica-{i}.log")))
             .unwrap();
         let reauth = self.binary.clone();
-        let mut cmd = match shift {
-            Some(shift) => {
-                let mut c = Command::new("faketime");
-                c.args(["-f", shift]).arg(&reauth);
-                c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-                c
-            }
-            None => Command::new(&reauth),
-        };
+        let mut cmd = Command::new(&reauth);
+        if let Some(shift) = shift {
+            // libfaketime preloaded into reauth itself (the `faketime` wrapper
+            // forks: a signal to it would not reach reauth).
+            cmd.env("LD_PRELOAD", libfaketime())
+                .env("FAKETIME", shift)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)

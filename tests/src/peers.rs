@@ -594,6 +594,106 @@ impl Redis {
     }
 }
 
+/// A throwaway 3-master Redis Cluster on 127.0.0.1 (`redis-cli --cluster
+/// create`), no persistence.
+pub struct RedisCluster {
+    nodes: Vec<Peer>,
+    _dir: tempfile::TempDir,
+    /// The masters' ports.
+    pub ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    /// Start three cluster-enabled servers and join them; returns once every
+    /// node reports `cluster_state:ok` (≤ 30 s).
+    pub async fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for &port in &ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(dir.path().join(format!("nodes-{port}.conf")))
+                .arg("--dir")
+                .arg(dir.path())
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .stdout(peer_log("redis-cluster"))
+                .stderr(peer_log("redis-cluster"))
+                .spawn()
+                .expect("starting redis-server");
+            nodes.push(Peer::new(child, "-TERM", Duration::from_secs(5)));
+        }
+        let cluster = RedisCluster {
+            nodes,
+            _dir: dir,
+            ports,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &port in &cluster.ports {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "a cluster node did not start");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(peer_log("redis-cluster"))
+            .stderr(peer_log("redis-cluster"))
+            .status()
+            .expect("redis-cli --cluster create");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        for &port in &cluster.ports {
+            loop {
+                let ok = match cluster.node(port).await {
+                    Ok(mut c) => redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok_and(|i| i.contains("cluster_state:ok")),
+                    Err(_) => false,
+                };
+                if ok {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not become ready"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+
+    /// A plain connection to the node on `port`.
+    pub async fn node(&self, port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// The seed URLs, comma-separated (`[fleet] backend = "redis-cluster"`).
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Stop every node.
+    pub fn stop(&mut self) {
+        for n in &mut self.nodes {
+            n.stop();
+        }
+    }
+}
+
 /// A Vault-shaped secrets endpoint (`GET /v1/database/static-creds/<role>` and
 /// `GET /v1/secret/data/<path>`) serving whatever the test puts in it, requiring
 /// `X-Vault-Token`. Counts reads.

@@ -19,7 +19,7 @@
 
 use reauth::verify::Verifier;
 use reauth_tests::fleet::{Replicas, SHORT_CACHE, get, report_401};
-use reauth_tests::peers::{Idp, Postgres, Redis, ResourceServer, http_get};
+use reauth_tests::peers::{Idp, Postgres, Redis, RedisCluster, ResourceServer, http_get};
 use reauth_tests::{plugins, workspace_binary};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -236,6 +236,12 @@ async fn eight_replicas_share_one_token(backend: &str, url: &str, bus: Option<&R
 async fn redis_fleet_of_eight_calls_the_idp_once_per_lifetime() {
     let redis = Redis::start().await;
     eight_replicas_share_one_token("redis", &redis.url(), Some(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_fleet_of_eight_calls_the_idp_once_per_lifetime() {
+    let cluster = RedisCluster::start().await;
+    eight_replicas_share_one_token("redis-cluster", &cluster.url(), None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use reauth::store::fleet::{
 };
 use reauth::store::{KeyRing, RemoteEvent, SharedCache, SharedEntry, StateStore, StoreError};
 use reauth::{Credential, Credentials};
-use reauth_tests::peers::{Postgres, Redis};
+use reauth_tests::peers::{Postgres, Redis, RedisCluster};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -23,6 +23,7 @@ const K2: &str = "v1 k2 22222222222222222222222222222222222222222222222222222222
 enum Engine {
     Redis(Redis),
     Postgres(Postgres),
+    Cluster(RedisCluster),
 }
 
 impl Engine {
@@ -40,6 +41,11 @@ impl Engine {
             Engine::Redis(r) => Arc::new(RedisBackend::new(&r.url(), fleet, timeout).unwrap()),
             Engine::Postgres(p) => {
                 Arc::new(PostgresBackend::new(&p.url(), fleet, timeout).unwrap())
+            }
+            Engine::Cluster(c) => {
+                let url = c.url();
+                let nodes: Vec<&str> = url.split(',').collect();
+                Arc::new(RedisBackend::cluster(&nodes, fleet, timeout).unwrap())
             }
         }
     }
@@ -60,6 +66,7 @@ impl Engine {
     /// Every stored byte: Redis keys with their values, PostgreSQL rows.
     async fn dump(&self) -> Vec<(String, Vec<u8>)> {
         match self {
+            Engine::Cluster(_) => panic!("raw access is only used on single servers"),
             Engine::Redis(r) => {
                 let mut c = r.connect(None).await.unwrap();
                 let keys: Vec<String> = redis::cmd("KEYS")
@@ -125,6 +132,7 @@ impl Engine {
     /// Flip a byte in the sealed data of `fleet`'s record `name`.
     async fn tamper(&self, fleet: &str, name: &str) {
         match self {
+            Engine::Cluster(_) => panic!("raw access is only used on single servers"),
             Engine::Redis(r) => {
                 let mut c = r.connect(None).await.unwrap();
                 let (group, kind) = name.rsplit_once(':').unwrap();
@@ -158,6 +166,7 @@ impl Engine {
     /// Copy record `from` over record `to` (a ciphertext moved to another key).
     async fn copy(&self, fleet: &str, from: &str, to: &str) {
         match self {
+            Engine::Cluster(_) => panic!("raw access is only used on single servers"),
             Engine::Redis(r) => {
                 let mut c = r.connect(None).await.unwrap();
                 let key = |name: &str| {
@@ -209,6 +218,23 @@ impl Engine {
                     "UPDATE reauth_leases SET expires_at = '-infinity' WHERE fleet = '{fleet}'"
                 ))
                 .await;
+            }
+            Engine::Cluster(c) => {
+                for &port in &c.ports {
+                    let mut n = c.node(port).await.unwrap();
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("reauth:{{{fleet}:*}}:lease"))
+                        .query_async(&mut n)
+                        .await
+                        .unwrap();
+                    for key in keys {
+                        let _: i64 = redis::cmd("DEL")
+                            .arg(key)
+                            .query_async(&mut n)
+                            .await
+                            .unwrap();
+                    }
+                }
             }
         }
     }
@@ -563,6 +589,19 @@ async fn redis_backend_conforms() {
     conformance(&Engine::redis().await).await;
 }
 
+/// The same suite on a 3-master Redis Cluster (every script's keys share a
+/// hash slot), except the checks that need raw access to the stored bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_backend_conforms() {
+    reauth_tests::logs();
+    let engine = Engine::Cluster(RedisCluster::start().await);
+    leases_and_entries(&engine).await;
+    fencing(&engine).await;
+    state(&engine).await;
+    invalidation(&engine).await;
+    clock(&engine).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_backend_conforms() {
     reauth_tests::logs();
@@ -653,6 +692,7 @@ async fn least_privilege(engine: &Engine, url: &str) {
             Engine::Postgres(_) => {
                 Arc::new(PostgresBackend::new(url, "payments", Duration::from_secs(1)).unwrap())
             }
+            Engine::Cluster(_) => unreachable!("the README's grants are checked on single servers"),
         },
         Arc::new(KeyRing::parse(K1, "ring").unwrap()),
         FleetOptions {

@@ -145,6 +145,10 @@ pub struct SharedCacheConfig {
 pub enum FleetBackendKind {
     /// Redis 7 (`redis://[user:password@]host:port[/db]`).
     Redis,
+    /// A Redis 7 Cluster: `url` lists seed nodes, comma-separated
+    /// (`redis://host1:7000,redis://host2:7001`).
+    #[serde(rename = "redis-cluster")]
+    RedisCluster,
     /// PostgreSQL 15 (`postgres://user:password@host:port/dbname`).
     Postgres,
 }
@@ -154,6 +158,7 @@ impl FleetBackendKind {
     pub fn as_str(self) -> &'static str {
         match self {
             FleetBackendKind::Redis => "redis",
+            FleetBackendKind::RedisCluster => "redis-cluster",
             FleetBackendKind::Postgres => "postgres",
         }
     }
@@ -169,7 +174,7 @@ pub struct FleetConfig {
     /// The fleet's name: it prefixes every key (Redis) or row (PostgreSQL), so
     /// several fleets can share one server. 1–64 of `A-Z a-z 0-9 - _`.
     pub name: String,
-    /// `redis` or `postgres`.
+    /// `redis`, `redis-cluster` or `postgres`.
     pub backend: FleetBackendKind,
     /// Where the backend is, usually a reference: `{ env = "REAUTH_FLEET_URL" }`
     /// or `{ file = "…" }` (the URL carries the password).

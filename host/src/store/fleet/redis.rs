@@ -65,16 +65,57 @@ end
 return 0
 ";
 
-/// A fleet's data in Redis 7 (a single server or a primary with replicas). Put
-/// `appendonly yes` with `appendfsync everysec` (or `always`) on it: provider
-/// state (a rotating refresh token) written to a server that loses it on restart
-/// is a lost login.
+/// A fleet's data in Redis 7: a single server (or a primary with replicas), or
+/// a Redis Cluster ([`RedisBackend::cluster`]). Put `appendonly yes` with
+/// `appendfsync everysec` (or `always`) on it: provider state (a rotating
+/// refresh token) written to a server that loses it on restart is a lost login.
 pub struct RedisBackend {
+    /// The server (for a cluster: the first seed node, which also carries the
+    /// bus: cluster pub/sub reaches every node).
     client: redis::Client,
+    cluster: Option<(redis::cluster::ClusterClient, Vec<String>)>,
     fleet: String,
     timeout: Duration,
-    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    conn: tokio::sync::OnceCell<Conn>,
     scripts: Scripts,
+}
+
+/// A connection to a single server or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 struct Scripts {
@@ -104,6 +145,7 @@ impl RedisBackend {
         })?;
         Ok(RedisBackend {
             client,
+            cluster: None,
             fleet: fleet.to_string(),
             timeout,
             conn: tokio::sync::OnceCell::new(),
@@ -118,6 +160,33 @@ impl RedisBackend {
         })
     }
 
+    /// A backend for fleet `fleet` on the Redis Cluster reached through `nodes`
+    /// (seed URLs; the rest of the cluster is discovered). Every script touches
+    /// the keys of one credential, which share a hash slot.
+    pub fn cluster(nodes: &[&str], fleet: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let first = nodes.first().ok_or_else(|| StoreError::Backend {
+            what: "fleet.url".into(),
+            detail: "no cluster node".into(),
+        })?;
+        let mut backend = RedisBackend::new(first, fleet, timeout)?;
+        let cluster = redis::cluster::ClusterClient::builder(nodes.iter().map(|n| n.to_string()))
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(1)
+            .build()
+            .map_err(|e| StoreError::Backend {
+                what: "fleet.url".into(),
+                detail: format!("not a list of Redis URLs: {}", e.category()),
+            })?;
+        let described = nodes
+            .iter()
+            .filter_map(|n| redis::Client::open(*n).ok())
+            .map(|c| c.get_connection_info().addr.to_string())
+            .collect();
+        backend.cluster = Some((cluster, described));
+        Ok(backend)
+    }
+
     /// `<group>:<kind>` as a key: `reauth:{<fleet>:<group>}:<kind>`.
     fn key(&self, name: &str) -> String {
         let (group, kind) = name.rsplit_once(':').unwrap_or((name, "value"));
@@ -128,15 +197,21 @@ impl RedisBackend {
         format!("reauth:{}:bus", self.fleet)
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
+    async fn conn(&self) -> Result<Conn, StoreError> {
         let conn = self
             .conn
             .get_or_try_init(|| async {
+                if let Some((cluster, _)) = &self.cluster {
+                    return cluster.get_async_connection().await.map(Conn::Cluster);
+                }
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(self.timeout)
                     .set_response_timeout(self.timeout)
                     .set_number_of_retries(1);
-                self.client.get_connection_manager_with_config(config).await
+                self.client
+                    .get_connection_manager_with_config(config)
+                    .await
+                    .map(Conn::Single)
             })
             .await
             .map_err(|e| self.error("connecting", &e))?;
@@ -184,7 +259,10 @@ fn bytes(value: &redis::Value) -> Option<Vec<u8>> {
 
 impl FleetBackend for RedisBackend {
     fn describe(&self) -> String {
-        format!("redis {}", self.client.get_connection_info().addr)
+        match &self.cluster {
+            Some((_, nodes)) => format!("redis cluster {}", nodes.join(",")),
+            None => format!("redis {}", self.client.get_connection_info().addr),
+        }
     }
 
     fn acquire<'a>(
