@@ -1394,6 +1394,13 @@ impl Host {
         out
     }
 
+    /// The fleet this host belongs to, if `[fleet]` (or [`HostBuilder::fleet`])
+    /// made it join one.
+    #[cfg(feature = "fleet")]
+    pub fn fleet(&self) -> Option<&crate::store::fleet::Fleet> {
+        self.inner.fleet.as_ref()
+    }
+
     /// Number of keys the token cache holds.
     pub fn cached_keys(&self) -> usize {
         self.inner.cache.len()

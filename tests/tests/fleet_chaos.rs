@@ -323,3 +323,57 @@ async fn unresolvable_fleet_settings_fail_the_build_naming_the_key() {
             .contains("reauth_fleet_backend_up{fleet=\"payments\"} 0")
     );
 }
+
+/// `reauth check` says whether the fleet's backend answers (and fails when it
+/// does not), naming the backend without its password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauth_check_reports_the_fleet() {
+    reauth_tests::logs();
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reauth.toml");
+    let check = |url: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[fleet]\nname = \"payments\"\nbackend = \"redis\"\nurl = {{ env = \"REAUTH_FLEET_URL\" }}\nkey = {{ env = \"REAUTH_FLEET_KEY\" }}\n\n\
+                 [providers.p]\nplugin = \"{}\"\n\n[providers.p.config]\ntoken = \"t\"\n",
+                plugins().static_.display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new(reauth_tests::workspace_binary("reauth-cli", "reauth"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .env("REAUTH_FLEET_URL", url)
+            .env("REAUTH_FLEET_KEY", KEY)
+            .output()
+            .unwrap()
+    };
+    let ok = check(&redis.url());
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "ok   fleet `payments`: redis 127.0.0.1:{} reachable; key chaos",
+            redis.port
+        )),
+        "{text}"
+    );
+    let down = check("redis://:fleet-pw-secret@127.0.0.1:1");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&down.stdout),
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert_eq!(down.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL fleet `payments`"), "{text}");
+    assert!(
+        !text.contains("fleet-pw-secret") && !text.contains(KEY),
+        "{text}"
+    );
+}

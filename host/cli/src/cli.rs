@@ -473,13 +473,35 @@ async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
             failed += 1;
         }
     }
+    // The fleet's backend: reachable, and how far this host's clock is off.
+    let mut fleet_failed = false;
+    if let Some(fleet) = host.fleet() {
+        match fleet.probe().await {
+            Ok(offset_ms) => writeln!(
+                out,
+                "ok   fleet `{}`: {} reachable; key {}; its clock minus this host's: {:+.3} s",
+                fleet.name(),
+                fleet.backend(),
+                fleet.key_id(),
+                offset_ms as f64 / 1000.0
+            )?,
+            Err(e) => {
+                fleet_failed = true;
+                writeln!(
+                    out,
+                    "FAIL fleet `{}`: {e} (tokens are then fetched per replica; shared provider state is refused)",
+                    fleet.name()
+                )?
+            }
+        }
+    }
     writeln!(
         out,
         "{} provider(s): {} ok, {failed} failed",
         status.len(),
         status.len() - failed
     )?;
-    Ok(if failed == 0 {
+    Ok(if failed == 0 && !fleet_failed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

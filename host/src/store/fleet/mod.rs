@@ -284,6 +284,28 @@ impl Fleet {
         })
     }
 
+    /// Where the backend is (never a password).
+    pub fn backend(&self) -> String {
+        self.inner.backend.describe()
+    }
+
+    /// The key id new values are sealed with.
+    pub fn key_id(&self) -> &str {
+        self.inner.keys.key_id()
+    }
+
+    /// Ask the backend for its time now (a diagnostic: `reauth check`): the
+    /// backend's clock minus this host's, in milliseconds.
+    pub async fn probe(&self) -> Result<i64, StoreError> {
+        let sent = self.inner.base_now();
+        let (_, now_ms) = self
+            .inner
+            .run("probing", self.inner.backend.get("probe:probe"))
+            .await?;
+        self.inner.observe_time(now_ms, Some(sent));
+        Ok(self.inner.offset_ms.load(Ordering::Relaxed))
+    }
+
     /// Whether the last backend operation succeeded.
     pub fn backend_up(&self) -> bool {
         self.inner.health.up.load(Ordering::Relaxed)
