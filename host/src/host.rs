@@ -261,6 +261,13 @@ impl HostBuilder {
             )
             .into());
         }
+        #[cfg(feature = "fleet")]
+        if let Some(fleet) = &fleet {
+            let lease_ms = u64::try_from(fleet.lease().as_millis()).unwrap_or(u64::MAX);
+            for (name, p) in &config.providers {
+                config::check_state_lease(config.source.as_deref(), name, p, lease_ms)?;
+            }
+        }
         // A fleet's replicas all follow the backend's clock.
         #[cfg(feature = "fleet")]
         let clock = match &fleet {
@@ -315,7 +322,7 @@ impl HostBuilder {
             link: Arc::new(RemoteLink {
                 shared: shared.clone(),
                 cache: cache.clone(),
-                keys: Mutex::new(std::collections::HashMap::new()),
+                keys: Mutex::new(RemoteKeys::default()),
                 max: config.runtime.max_cache_entries.saturating_mul(2),
                 listening: std::sync::OnceLock::new(),
             }),
@@ -693,13 +700,20 @@ impl SharedTier {
 }
 
 /// Applies other replicas' announcements to this host's L1 cache: the keys this
-/// host served from the shared cache, by entry id.
+/// host served from the shared cache, by entry id (at most `max`; beyond, the
+/// oldest go, and their L1 entries with them, so no announcement is missed).
 struct RemoteLink {
     shared: Arc<dyn SharedCache>,
     cache: TokenCache,
-    keys: Mutex<std::collections::HashMap<String, (Arc<str>, Request)>>,
+    keys: Mutex<RemoteKeys>,
     max: usize,
     listening: std::sync::OnceLock<()>,
+}
+
+#[derive(Default)]
+struct RemoteKeys {
+    by_id: std::collections::HashMap<String, (Arc<str>, Request)>,
+    order: std::collections::VecDeque<String>,
 }
 
 impl RemoteLink {
@@ -707,24 +721,26 @@ impl RemoteLink {
     fn remember(self: &Arc<Self>, id: &str, provider: &Arc<str>, request: &Request) {
         self.listen();
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if keys.contains_key(id) {
+        if keys.by_id.contains_key(id) {
             return;
         }
-        if keys.len() >= self.max {
-            // Forgetting keys would miss their invalidations: drop their L1
-            // entries too (they are re-read from the shared cache).
-            let providers: std::collections::BTreeSet<Arc<str>> =
-                keys.values().map(|(p, _)| p.clone()).collect();
-            keys.clear();
-            for p in providers {
-                self.cache.remove_provider(&p);
+        if keys.by_id.len() >= self.max {
+            for _ in 0..(self.max / 10).max(1) {
+                let Some(old) = keys.order.pop_front() else {
+                    break;
+                };
+                if let Some((p, r)) = keys.by_id.remove(&old) {
+                    self.cache.drop_if(&KeyRef::new(&p, &r), |_| true);
+                }
             }
         }
         let request = Request {
             reason: Reason::default(),
             ..request.clone()
         };
-        keys.insert(id.to_string(), (provider.clone(), request));
+        keys.by_id
+            .insert(id.to_string(), (provider.clone(), request));
+        keys.order.push_back(id.to_string());
     }
 
     /// Start applying announcements (once; needs a tokio runtime).
@@ -757,10 +773,10 @@ impl RemoteLink {
     }
 
     fn apply(&self, event: RemoteEvent) {
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         match event {
             RemoteEvent::Invalidated { id, tag } => {
-                if let Some((provider, request)) = keys.get(&id) {
+                if let Some((provider, request)) = keys.by_id.get(&id) {
                     let key = KeyRef::new(provider, request);
                     if self
                         .cache
@@ -771,11 +787,11 @@ impl RemoteLink {
                 }
             }
             RemoteEvent::Resync => {
-                let providers: std::collections::BTreeSet<Arc<str>> =
-                    keys.values().map(|(p, _)| p.clone()).collect();
-                keys.clear();
-                for p in providers {
-                    self.cache.remove_provider(&p);
+                // Announcements may have been missed: what this host holds is
+                // re-read from the shared cache at its next use.
+                for (provider, request) in keys.by_id.values() {
+                    self.cache
+                        .drop_if(&KeyRef::new(provider, request), |_| true);
                 }
             }
             #[allow(unreachable_patterns)]

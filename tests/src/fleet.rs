@@ -72,7 +72,7 @@ name = "{name}"
 backend = "{backend}"
 url = {{ env = "REAUTH_FLEET_URL" }}
 key = {{ env = "REAUTH_FLEET_KEY" }}
-lease_ms = 2000
+lease_ms = 3000
 timeout_ms = 500
 "#
             )

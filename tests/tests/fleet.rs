@@ -96,6 +96,10 @@ refresh_token = {{ file = "{seed}" }}
 
 [providers.sso.cache]
 {SHORT_CACHE}
+
+# A call holding the shared state ends well before its lease (3 s) could lapse.
+[providers.sso.limits]
+timeout_ms = 2000
 "#,
         plugin = plugins().oidc_refresh.display(),
         authority = idp.authority(),

@@ -127,8 +127,15 @@ impl FleetBackend for Dying {
     fn publish<'a>(&'a self, message: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
         self.gate(false, self.inner.publish(message))
     }
-    fn subscribe(&self) -> StoreFuture<'_, Result<BusStream, StoreError>> {
-        self.gate(false, self.inner.subscribe())
+    fn subscribe<'a>(&'a self, inbox: &'a str) -> StoreFuture<'a, Result<BusStream, StoreError>> {
+        self.gate(false, self.inner.subscribe(inbox))
+    }
+    fn heartbeat<'a>(
+        &'a self,
+        inbox: &'a str,
+        message: &'a str,
+    ) -> StoreFuture<'a, Result<(), StoreError>> {
+        self.gate(false, self.inner.heartbeat(inbox, message))
     }
 }
 
@@ -157,7 +164,8 @@ fn provider(idp: &Idp, seed_file: &Path) -> ProviderConfig {
             file: seed_file.to_path_buf(),
         },
     );
-    p.limits.timeout_ms = 4000;
+    // At most 80 % of the 1.5 s lease (checked at build).
+    p.limits.timeout_ms = 1000;
     p
 }
 

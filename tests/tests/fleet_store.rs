@@ -462,6 +462,13 @@ async fn invalidation(engine: &Engine) {
         "removed for another credential"
     );
     assert!(b.read(&id).await.is_some());
+    // A message without the fleet's MAC (anyone with access to the backend can
+    // publish): ignored and counted.
+    engine
+        .backend("inval")
+        .publish("inv forged-id 00ff 0123456789abcdef0123456789abcdef")
+        .await
+        .unwrap();
     let mine = SharedEntry::fingerprint(&e.credentials);
     assert!(a.remove_if(&id, &mine).await);
     assert!(b.read(&id).await.is_none());
@@ -470,6 +477,9 @@ async fn invalidation(engine: &Engine) {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(RemoteEvent::Invalidated { id: got, .. })) if got == "forged-id" => {
+                panic!("a forged announcement was applied")
+            }
             Ok(Ok(RemoteEvent::Invalidated { id: got, tag: t })) if got == id => {
                 assert_eq!(t, tag, "the announcement names the rejected credential");
                 break;
@@ -478,6 +488,12 @@ async fn invalidation(engine: &Engine) {
             other => panic!("no invalidation announced within 5 s: {other:?}"),
         }
     }
+    let mut metrics = String::new();
+    b.render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("reauth_fleet_bus_forged_total{fleet=\"inval\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// Sealing: nothing in clear, tampered or moved ciphertexts do not open, a

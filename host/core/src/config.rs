@@ -186,7 +186,8 @@ pub struct FleetConfig {
     /// How long a replica's lease on a key (or on a provider's state) lasts
     /// without renewal; the holder renews it every third of it while its provider
     /// runs. A replica that dies holding one blocks that key for at most this
-    /// long. 1000–600000, default 5000.
+    /// long. A provider with shared state must have `limits.timeout_ms` at most
+    /// 80 % of it. 1000–600000, default 10000.
     #[serde(default = "defaults::fleet_lease_ms")]
     pub lease_ms: u64,
     /// How long a replica waits for another one's fetch of the same key before it
@@ -733,7 +734,7 @@ pub mod defaults {
     }
     /// `fleet.lease_ms`.
     pub fn fleet_lease_ms() -> u64 {
-        5000
+        10_000
     }
     /// `fleet.wait_ms`.
     pub fn fleet_wait_ms() -> u64 {
@@ -996,6 +997,9 @@ impl HostConfig {
                 ));
             }
         }
+        for (name, p) in &self.providers {
+            check_state_lease(file, name, p, fleet.lease_ms)?;
+        }
         if fleet.timeout_ms.saturating_mul(2) > fleet.lease_ms {
             return Err(ConfigError::at(
                 file,
@@ -1034,6 +1038,31 @@ impl HostConfig {
             self.base_dir.join(path)
         }
     }
+}
+
+/// In a fleet, a call holding a provider's shared state must end before its
+/// lease could lapse: the provider's `limits.timeout_ms` is at most 80 % of
+/// `lease_ms` (a holder stopped past its lease can then never still be calling
+/// the identity provider with a refresh token another replica took over).
+#[doc(hidden)]
+pub fn check_state_lease(
+    file: Option<&Path>,
+    name: &str,
+    p: &ProviderConfig,
+    lease_ms: u64,
+) -> Result<(), ConfigError> {
+    let limit = lease_ms / 5 * 4;
+    if p.shared_state && p.limits.timeout_ms > limit {
+        return Err(ConfigError::at(
+            file,
+            format!("providers.{name}.limits.timeout_ms"),
+            format!(
+                "{} ms is more than 80% of fleet.lease_ms ({lease_ms} ms): a call holding this provider's shared state must end before its lease could lapse; lower it to at most {limit}, raise fleet.lease_ms, or set providers.{name}.shared_state = false if its state is only a cache",
+                p.limits.timeout_ms
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Where the key ring for data kept in `dir` lives by default: beside it, in
@@ -1359,7 +1388,10 @@ mod tests {
         let ok = parse(base).unwrap();
         ok.validate().unwrap();
         let f = ok.fleet.as_ref().unwrap();
-        assert_eq!((f.lease_ms, f.wait_ms, f.timeout_ms), (5000, 15_000, 2000));
+        assert_eq!(
+            (f.lease_ms, f.wait_ms, f.timeout_ms),
+            (10_000, 15_000, 2000)
+        );
         assert_eq!(f.backend, FleetBackendKind::Redis);
         for (extra, key) in [
             ("lease_ms = 10\n", "fleet.lease_ms"),

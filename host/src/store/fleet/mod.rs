@@ -143,11 +143,26 @@ pub trait FleetBackend: Send + Sync + 'static {
     ) -> StoreFuture<'a, Result<bool, StoreError>>;
     /// Announce `message` to every replica of the fleet.
     fn publish<'a>(&'a self, message: &'a str) -> StoreFuture<'a, Result<(), StoreError>>;
-    /// Listen to the announcements (the stream ends when the subscription is lost).
-    fn subscribe(&self) -> StoreFuture<'_, Result<BusStream, StoreError>>;
+    /// Listen to the announcements and to this replica's own `inbox` (16 hex
+    /// digits; see [`FleetBackend::heartbeat`]); the stream ends when the
+    /// subscription is lost.
+    fn subscribe<'a>(&'a self, inbox: &'a str) -> StoreFuture<'a, Result<BusStream, StoreError>>;
+    /// Send `message` to one replica's `inbox` only (the listener's heartbeat to
+    /// itself: it proves the subscription alive without N² traffic).
+    fn heartbeat<'a>(
+        &'a self,
+        inbox: &'a str,
+        message: &'a str,
+    ) -> StoreFuture<'a, Result<(), StoreError>>;
+    /// Housekeeping (drop what expired long ago), run now and then by one
+    /// background task per replica, never on a caller's path.
+    fn maintain(&self) -> StoreFuture<'_, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
-/// How a fleet behaves (from `[fleet]`).
+/// How a fleet behaves (from `[fleet]`; [`Fleet::new`] brings values outside
+/// the ranges `[fleet]` accepts into them).
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
     /// The fleet's name (prefix of every key or row).
@@ -160,11 +175,33 @@ pub struct FleetOptions {
     pub timeout: Duration,
 }
 
+impl FleetOptions {
+    /// Within the bounds `[fleet]` validates (lease 1 s–10 min, wait 0.1 s–10
+    /// min, timeout 50 ms–half the lease).
+    fn sane(self) -> Self {
+        let lease = self
+            .lease
+            .clamp(Duration::from_secs(1), Duration::from_secs(600));
+        FleetOptions {
+            lease,
+            wait: self
+                .wait
+                .clamp(Duration::from_millis(100), Duration::from_secs(600)),
+            timeout: self.timeout.clamp(Duration::from_millis(50), lease / 2),
+            name: self.name,
+        }
+    }
+}
+
 const MAGIC: &[u8] = b"reauth-fleet\x01";
 /// After a backend failure, operations fail fast for this long.
 const BREAKER_OPEN: Duration = Duration::from_secs(1);
 /// Waiters re-check at least this often when no announcement arrives.
 const POLL: Duration = Duration::from_millis(250);
+/// The bus listener's heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often the backend's housekeeping runs (per replica).
+const MAINTENANCE: Duration = Duration::from_secs(60);
 
 /// A fleet: [`SharedCache`] and [`StateStore`] on a [`FleetBackend`]. See the
 /// [module docs](self).
@@ -188,6 +225,10 @@ struct Inner {
     health: Health,
     bus: broadcast::Sender<RemoteEvent>,
     released: broadcast::Sender<String>,
+    /// Signs and checks bus messages.
+    bus_key: ring::hmac::Key,
+    /// This replica's private channel (heartbeats).
+    inbox: String,
     subscriber: OnceLock<tokio::task::AbortHandle>,
     counters: Counters,
 }
@@ -198,6 +239,7 @@ struct Counters {
     lease_lost: AtomicU64,
     unopenable: AtomicU64,
     bus_messages: AtomicU64,
+    forged: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -236,6 +278,11 @@ impl Fleet {
             ring::hmac::HMAC_SHA256,
             &keys.derive(format!("reauth-fleet tags {}", options.name).as_bytes()),
         );
+        let bus_key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &keys.derive(format!("reauth-fleet bus {}", options.name).as_bytes()),
+        );
+        let options = options.sane();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
@@ -262,6 +309,8 @@ impl Fleet {
                 },
                 bus: broadcast::channel(1024).0,
                 released: broadcast::channel(1024).0,
+                bus_key,
+                inbox: random_token()[..16].to_string(),
                 subscriber: OnceLock::new(),
                 counters: Counters::default(),
             }),
@@ -284,6 +333,11 @@ impl Fleet {
         })
     }
 
+    /// How long a lease lasts without renewal.
+    pub fn lease(&self) -> Duration {
+        self.inner.options.lease
+    }
+
     /// Where the backend is (never a password).
     pub fn backend(&self) -> String {
         self.inner.backend.describe()
@@ -297,12 +351,13 @@ impl Fleet {
     /// Ask the backend for its time now (a diagnostic: `reauth check`): the
     /// backend's clock minus this host's, in milliseconds.
     pub async fn probe(&self) -> Result<i64, StoreError> {
-        let sent = self.inner.base_now();
+        let sent = Instant::now();
         let (_, now_ms) = self
             .inner
             .run("probing", self.inner.backend.get("probe:probe"))
             .await?;
-        self.inner.observe_time(now_ms, Some(sent));
+        self.inner
+            .observe_time(now_ms, Some((sent, Instant::now())));
         Ok(self.inner.offset_ms.load(Ordering::Relaxed))
     }
 
@@ -343,6 +398,11 @@ impl Fleet {
                 "Announcements received from the fleet's bus.",
                 c.bus_messages.load(Ordering::Relaxed),
             ),
+            (
+                "reauth_fleet_bus_forged_total",
+                "Bus messages ignored because their MAC did not check out (sent without the fleet's key).",
+                c.forged.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in lines {
             let _ = writeln!(
@@ -357,7 +417,12 @@ impl Fleet {
         );
     }
 
-    /// Start listening to the fleet's bus (once; needs a tokio runtime).
+    /// Start listening to the fleet's bus (once; needs a tokio runtime). The
+    /// listener publishes a heartbeat every [`HEARTBEAT`]; a subscription that
+    /// delivers nothing (not even its own heartbeat) for three of them is taken
+    /// as dead and replaced. After any gap (a lost or failed subscription) the
+    /// host is told to re-read what it holds in memory ([`RemoteEvent::Resync`]).
+    /// It also runs the backend's housekeeping ([`FleetBackend::maintain`]).
     fn listen(&self) {
         if self.inner.subscriber.get().is_some() {
             return;
@@ -367,16 +432,28 @@ impl Fleet {
         };
         let weak = Arc::downgrade(&self.inner);
         let backend = self.inner.backend.clone();
+        let timeout = self.inner.options.timeout;
+        let inbox = self.inner.inbox.clone();
         let task = handle.spawn(async move {
             use futures_util::StreamExt;
-            let mut connected_before = false;
+            let mut gap = false;
             let mut delay = Duration::from_millis(100);
+            let mut last_maintenance = Instant::now();
             loop {
-                match backend.subscribe().await {
+                // Subscribing has its own bound: a server that accepts the
+                // connection and never answers must not stall the bus.
+                let subscribed = match tokio::time::timeout(timeout * 2, backend.subscribe(&inbox)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(StoreError::Backend {
+                        what: "subscribing".into(),
+                        detail: "no answer in time".into(),
+                    }),
+                };
+                match subscribed {
                     Ok(mut stream) => {
                         delay = Duration::from_millis(100);
                         let Some(inner) = weak.upgrade() else { return };
-                        if connected_before {
+                        if gap {
                             tracing::info!(fleet = %inner.options.name, "fleet bus reconnected; entries cached in memory are re-read from the backend");
                             let _ = inner.bus.send(RemoteEvent::Resync);
                             // Close the breaker now rather than at the next call.
@@ -388,11 +465,32 @@ impl Fleet {
                             }
                         }
                         drop(inner);
-                        connected_before = true;
-                        while let Some(message) = stream.next().await {
-                            let Some(inner) = weak.upgrade() else { return };
-                            inner.counters.bus_messages.fetch_add(1, Ordering::Relaxed);
-                            inner.on_message(&message);
+                        gap = true;
+                        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+                        let mut last_heard = Instant::now();
+                        loop {
+                            tokio::select! {
+                                message = stream.next() => {
+                                    let Some(message) = message else { break };
+                                    last_heard = Instant::now();
+                                    let Some(inner) = weak.upgrade() else { return };
+                                    inner.counters.bus_messages.fetch_add(1, Ordering::Relaxed);
+                                    inner.on_message(&message);
+                                }
+                                _ = heartbeat.tick() => {
+                                    let Some(inner) = weak.upgrade() else { return };
+                                    if last_heard.elapsed() > HEARTBEAT * 3 {
+                                        tracing::warn!(fleet = %inner.options.name, "fleet bus silent (not even its own heartbeat came back); resubscribing");
+                                        break;
+                                    }
+                                    let beat = inner.sign(&format!("hb {}", random_token()));
+                                    let _ = tokio::time::timeout(timeout, inner.backend.heartbeat(&inbox, &beat)).await;
+                                    if last_maintenance.elapsed() > MAINTENANCE {
+                                        last_maintenance = Instant::now();
+                                        let _ = tokio::time::timeout(timeout * 4, inner.backend.maintain()).await;
+                                    }
+                                }
+                            }
                         }
                         if let Some(inner) = weak.upgrade() {
                             tracing::warn!(fleet = %inner.options.name, "fleet bus disconnected; reconnecting");
@@ -402,6 +500,7 @@ impl Fleet {
                         if weak.strong_count() == 0 {
                             return;
                         }
+                        gap = true;
                         tracing::debug!(error = %e, "fleet bus: cannot subscribe yet");
                     }
                 }
@@ -451,7 +550,13 @@ impl Fleet {
                 wipe(plain);
                 parsed
             }
-            Err(OpenError::UnknownKey(id)) => Err(format!("is sealed with unknown key `{id}`")),
+            Err(OpenError::UnknownKey(id)) => Err(format!(
+                "is sealed with unknown key `{}`",
+                id.chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    .take(64)
+                    .collect::<String>()
+            )),
             Err(e) => Err(e.to_string()),
         };
         wipe(&mut bytes);
@@ -477,22 +582,48 @@ impl Fleet {
         self.listen();
         let name = Self::lease_name(group);
         let token = random_token();
-        let deadline = Instant::now() + wait;
+        // Only a provider state's lease leaves a holder record (it tells the
+        // next holder that this one died with the state): per-key leases leave
+        // nothing behind, whatever the number of keys.
+        let holder = if group.starts_with("s.") {
+            self.inner.holder.as_str()
+        } else {
+            ""
+        };
+        let deadline = Instant::now()
+            .checked_add(wait)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(600));
         let mut released = self.inner.released.subscribe();
         loop {
             let ttl = ms(self.inner.options.lease);
+            let sent = Instant::now();
             let got = self
                 .inner
                 .run(
                     "taking a lease",
-                    self.inner
-                        .backend
-                        .acquire(&name, &token, &self.inner.holder, ttl),
+                    self.inner.backend.acquire(&name, &token, holder, ttl),
                 )
-                .await?;
+                .await;
+            let got = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    // The answer may have been lost after the lease was granted:
+                    // give it back rather than block the key for a lease.
+                    let (inner, name, token) = (self.inner.clone(), name.clone(), token.clone());
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            inner.options.timeout,
+                            inner.backend.release(&name, &token, None),
+                        )
+                        .await;
+                    });
+                    return Err(e);
+                }
+            };
             if let Some(acquired) = got {
-                self.inner.observe_time(acquired.now_ms, None);
-                let held = HeldLease::start(self.inner.clone(), name, token);
+                self.inner
+                    .observe_time(acquired.now_ms, Some((sent, Instant::now())));
+                let held = HeldLease::start(self.inner.clone(), name, token, sent);
                 return Ok(Some((acquired, held)));
             }
             let now = Instant::now();
@@ -597,31 +728,75 @@ impl Inner {
         .now()
     }
 
-    fn observe_time(&self, backend_ms: u64, sent: Option<SystemTime>) {
-        let local = self.base_now();
-        let local_ms = match sent {
-            // The midpoint of the round trip.
-            Some(sent) => {
-                let rtt = local.duration_since(sent).unwrap_or_default();
-                ms_since_epoch(sent + rtt / 2)
-            }
-            None => ms_since_epoch(local),
+    /// Correct the clock offset with the backend time `backend_ms` of an answer
+    /// received at `received` to a request sent at `sent` (monotonic instants).
+    /// Only quick round trips count (a slow one says little about when the
+    /// backend read its clock), and an offset beyond an hour is refused: a
+    /// backend that far off is wrong, not this host.
+    fn observe_time(&self, backend_ms: u64, timing: Option<(Instant, Instant)>) {
+        let Some((sent, received)) = timing else {
+            return;
         };
-        let sample = i64::try_from(backend_ms).unwrap_or(i64::MAX) - local_ms;
+        let rtt = received.saturating_duration_since(sent);
+        if rtt > Duration::from_millis(250) {
+            return;
+        }
+        // This host's clock at the midpoint of the round trip.
+        let midpoint = self
+            .base_now()
+            .checked_sub(received.elapsed() + rtt / 2)
+            .unwrap_or(UNIX_EPOCH);
+        let sample = i64::try_from(backend_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(ms_since_epoch(midpoint));
+        if sample.unsigned_abs() > 3_600_000 {
+            tracing::error!(fleet = %self.options.name, offset_ms = sample, "the fleet backend's clock is more than an hour off this host's; not followed");
+            return;
+        }
         let current = self.offset_ms.load(Ordering::Relaxed);
         // Move only for a real difference: jitter of a few ms does not shift
         // every replica's timeline back and forth.
-        if !self.offset_known.swap(true, Ordering::Relaxed) || (sample - current).abs() > 100 {
+        if !self.offset_known.swap(true, Ordering::Relaxed)
+            || sample.saturating_sub(current).unsigned_abs() > 100
+        {
             self.offset_ms.store(sample, Ordering::Relaxed);
-            if sample.abs() > 1000 {
+            if sample.unsigned_abs() > 1000 {
                 tracing::warn!(fleet = %self.options.name, offset_ms = sample, "this host's clock differs from the fleet backend's; the backend's clock is used");
             }
         }
     }
 
-    fn on_message(&self, message: &str) {
+    /// `message` with a MAC under the fleet's key: only replicas with the key
+    /// can announce (a backend user without it cannot flood or forge).
+    fn sign(&self, message: &str) -> String {
+        let tag = ring::hmac::sign(&self.bus_key, message.as_bytes());
+        format!("{message} {}", hex::encode(&tag.as_ref()[..16]))
+    }
+
+    fn on_message(&self, signed: &str) {
+        let Some((message, mac)) = signed.rsplit_once(' ') else {
+            return;
+        };
+        let expected = ring::hmac::sign(&self.bus_key, message.as_bytes());
+        let valid = hex::decode(mac).is_ok_and(|mac| {
+            mac.len() == 16 && crate::constant_time_eq(&mac, &expected.as_ref()[..16])
+        });
+        if !valid {
+            self.counters.forged.fetch_add(1, Ordering::Relaxed);
+            let kind: String = message
+                .split(' ')
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(8)
+                .collect();
+            tracing::debug!(fleet = %self.options.name, kind = %kind, "fleet bus: a message without a valid MAC ignored");
+            return;
+        }
         let mut parts = message.splitn(3, ' ');
         match (parts.next(), parts.next(), parts.next()) {
+            (Some("hb"), Some(_), None) => {}
             (Some("rel"), Some(group), None) => {
                 let _ = self.released.send(group.to_string());
             }
@@ -663,33 +838,77 @@ struct HeldLease {
     name: String,
     token: String,
     lost: Arc<AtomicBool>,
+    /// Until when the lease is surely held: the time its last successful
+    /// acquire or renewal was *sent*, plus the lease (the backend counts from
+    /// later), in nanoseconds since [`epoch`].
+    valid_until: Arc<AtomicU64>,
     renewal: tokio::task::JoinHandle<()>,
     leave: Option<String>,
 }
 
+/// A fixed instant to store others as numbers.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn to_nanos(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn from_nanos(n: u64) -> Instant {
+    epoch()
+        .checked_add(Duration::from_nanos(n))
+        .unwrap_or_else(epoch)
+}
+
 impl HeldLease {
-    fn start(inner: Arc<Inner>, name: String, token: String) -> Self {
+    /// Hold the lease `sent` at: renew it a third of the lease after each
+    /// success, retry soon after a failure while it is surely held, and give it
+    /// up (`lost`) once it may have lapsed. Renewals bypass the breaker: one
+    /// failed operation elsewhere must not cost every lease.
+    fn start(inner: Arc<Inner>, name: String, token: String, sent: Instant) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
+        let lease = inner.options.lease;
+        let valid_until = Arc::new(AtomicU64::new(to_nanos(sent + lease)));
         let renewal = {
-            let (inner, name, token, lost) =
-                (inner.clone(), name.clone(), token.clone(), lost.clone());
+            let (inner, name, token, lost, valid_until) = (
+                inner.clone(),
+                name.clone(),
+                token.clone(),
+                lost.clone(),
+                valid_until.clone(),
+            );
             tokio::spawn(async move {
-                let every = inner.options.lease / 3;
+                let mut next = lease / 3;
                 loop {
-                    tokio::time::sleep(every).await;
-                    let ttl = ms(inner.options.lease);
-                    match inner
-                        .run("renewing a lease", inner.backend.renew(&name, &token, ttl))
-                        .await
-                    {
-                        Ok(true) => {}
-                        Ok(false) => {
+                    tokio::time::sleep(next).await;
+                    let until = from_nanos(valid_until.load(Ordering::Relaxed));
+                    let sent = Instant::now();
+                    let left = until.saturating_duration_since(sent);
+                    if left.is_zero() {
+                        lost.store(true, Ordering::Relaxed);
+                        tracing::warn!(fleet = %inner.options.name, lease = %name, "lease could not be renewed in time (backend unreachable); its holder's writes will be refused");
+                        return;
+                    }
+                    let attempt = tokio::time::timeout(
+                        inner.options.timeout.min(left),
+                        inner.backend.renew(&name, &token, ms(lease)),
+                    )
+                    .await;
+                    match attempt {
+                        Ok(Ok(true)) => {
+                            valid_until.store(to_nanos(sent + lease), Ordering::Relaxed);
+                            next = lease / 3;
+                        }
+                        Ok(Ok(false)) => {
                             lost.store(true, Ordering::Relaxed);
+                            inner.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(fleet = %inner.options.name, lease = %name, "lease lapsed while its holder worked (stopped or partitioned past fleet.lease_ms); its writes will be refused");
                             return;
                         }
-                        // Keep trying while the lease may still be valid.
-                        Err(_) => {}
+                        // Retry soon while the lease is surely still held.
+                        _ => next = (lease / 10).max(Duration::from_millis(50)),
                     }
                 }
             })
@@ -699,9 +918,17 @@ impl HeldLease {
             name,
             token,
             lost,
+            valid_until,
             renewal,
             leave: None,
         }
+    }
+
+    /// Whether the lease is surely still held (a write under it may go ahead;
+    /// the backend checks again).
+    fn held(&self) -> bool {
+        !self.lost.load(Ordering::Relaxed)
+            && Instant::now() < from_nanos(self.valid_until.load(Ordering::Relaxed))
     }
 }
 
@@ -730,7 +957,7 @@ impl Drop for HeldLease {
                 let _ = inner
                     .run(
                         "announcing a release",
-                        inner.backend.publish(&format!("rel {group}")),
+                        inner.backend.publish(&inner.sign(&format!("rel {group}"))),
                     )
                     .await;
             }
@@ -789,13 +1016,14 @@ impl SharedCache for Fleet {
     fn read<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<SharedEntry>> {
         Box::pin(async move {
             let name = format!("{id}:entry");
-            let sent = self.inner.base_now();
+            let sent = Instant::now();
             let (record, now_ms) = self
                 .inner
                 .run("reading a shared entry", self.inner.backend.get(&name))
                 .await
                 .ok()?;
-            self.inner.observe_time(now_ms, Some(sent));
+            self.inner
+                .observe_time(now_ms, Some((sent, Instant::now())));
             self.open(&name, record?, entry_from_bytes)
         })
     }
@@ -823,11 +1051,14 @@ impl SharedCache for Fleet {
             // Kept until the credential expires (in the backend's clock, which
             // the host's clock follows).
             let now = self.inner.now();
-            let ttl = entry
-                .credentials
-                .expires_at
-                .and_then(|e| e.duration_since(now).ok())
-                .map_or(0, |d| ms(d).max(1));
+            let ttl = match entry.credentials.expires_at {
+                Some(expires) => match expires.duration_since(now) {
+                    Ok(left) if !left.is_zero() => ms(left).max(1),
+                    // Already expired on the fleet's clock: nothing to share.
+                    _ => return Ok(()),
+                },
+                None => 0,
+            };
             let lease_name = Self::lease_name(id);
             let written = self
                 .inner
@@ -869,7 +1100,9 @@ impl SharedCache for Fleet {
                     .inner
                     .run(
                         "announcing an invalidation",
-                        self.inner.backend.publish(&format!("inv {id} {tag}")),
+                        self.inner
+                            .backend
+                            .publish(&self.inner.sign(&format!("inv {id} {tag}"))),
                     )
                     .await;
             }
@@ -1027,7 +1260,7 @@ impl StateGuard for FleetGuard {
                     self.fleet.inner.options.name, self.provider
                 )
             };
-            if self.lease.lost.load(Ordering::Relaxed) {
+            if !self.lease.held() {
                 return Err(StoreError::LeaseLost { what: what() });
             }
             let name = format!("s.{}:state", self.provider);
@@ -1093,7 +1326,16 @@ impl StateStore for Fleet {
             };
             let dead = acquired.previous.as_deref().and_then(parse_holder);
             if let Some(dead) = &dead {
-                tracing::warn!(fleet = %self.inner.options.name, provider, previous_holder = acquired.previous.as_deref().unwrap_or(""), aborted = dead.aborted, "the previous holder of this provider's state did not release it (it died, was stopped past fleet.lease_ms or was cut off); a refresh token it rotated but did not save is lost");
+                // Text from the backend: printable and short in a log line.
+                let previous: String = acquired
+                    .previous
+                    .as_deref()
+                    .unwrap_or("")
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                    .take(200)
+                    .collect();
+                tracing::warn!(fleet = %self.inner.options.name, provider, previous_holder = %previous, aborted = dead.aborted, "the previous holder of this provider's state did not release it (it died, was stopped past fleet.lease_ms or was cut off); a refresh token it rotated but did not save is lost");
             }
             let name = format!("s.{provider}:state");
             let (record, _) = self

@@ -19,7 +19,7 @@
 use super::{Acquired, BusStream, FleetBackend, Record, StoreError, StoreFuture};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls, Statement};
 
@@ -47,7 +47,6 @@ pub struct PostgresBackend {
     idle: Mutex<Vec<Conn>>,
     slots: tokio::sync::Semaphore,
     schema_ready: AtomicBool,
-    puts: AtomicU64,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -75,11 +74,21 @@ impl Conn {
     }
 }
 
-/// A connection taken from the pool; back to it when dropped (if still open).
+/// A connection taken from the pool; back to it when dropped, only if the
+/// operation finished ([`Pooled::keep`]) and it is still open: one cut off by a
+/// timeout may still have a statement running.
 struct Pooled<'a> {
     backend: &'a PostgresBackend,
     conn: Option<Conn>,
+    kept: bool,
     _slot: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Pooled<'_> {
+    /// The operation finished: the connection may serve the next one.
+    fn keep(&mut self) {
+        self.kept = true;
+    }
 }
 
 impl std::ops::Deref for Pooled<'_> {
@@ -98,6 +107,7 @@ impl std::ops::DerefMut for Pooled<'_> {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take()
+            && self.kept
             && !conn.client.is_closed()
         {
             self.backend
@@ -121,6 +131,9 @@ impl PostgresBackend {
         })?;
         config.connect_timeout(timeout);
         config.application_name("reauth");
+        // No statement or lock wait outlives the caller's bound on the server.
+        let ms = timeout.as_millis().max(1);
+        config.options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"));
         Ok(PostgresBackend {
             config,
             fleet: fleet.to_string(),
@@ -128,7 +141,6 @@ impl PostgresBackend {
             idle: Mutex::new(Vec::new()),
             slots: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
             schema_ready: AtomicBool::new(false),
-            puts: AtomicU64::new(0),
         })
     }
 
@@ -188,6 +200,7 @@ impl PostgresBackend {
         Ok(Pooled {
             backend: self,
             conn: Some(conn),
+            kept: false,
             _slot: slot,
         })
     }
@@ -257,11 +270,11 @@ impl FleetBackend for PostgresBackend {
 WITH prev AS (SELECT holder FROM reauth_leases WHERE fleet = $1 AND name = $2)
 INSERT INTO reauth_leases AS l (fleet, name, token, fence, expires_at, holder)
 VALUES ($1, $2, $3, 1, clock_timestamp() + $4::bigint::float8 * interval '1 millisecond',
-        $5 || ' since=' || ((extract(epoch from clock_timestamp()) * 1000)::bigint)::text)
+        NULLIF($5, '') || ' since=' || ((extract(epoch from clock_timestamp()) * 1000)::bigint)::text)
 ON CONFLICT (fleet, name) DO UPDATE
     SET token = excluded.token, fence = l.fence + 1,
         expires_at = excluded.expires_at, holder = excluded.holder
-    WHERE l.token IS NULL OR l.expires_at < clock_timestamp()
+    WHERE l.token IS NULL OR l.expires_at < clock_timestamp() OR l.token = excluded.token
 RETURNING fence, (SELECT holder FROM prev),
     (extract(epoch from clock_timestamp()) * 1000)::bigint";
             let mut conn = self.conn().await?;
@@ -277,11 +290,19 @@ RETURNING fence, (SELECT holder FROM prev),
                 )
                 .await
                 .map_err(|e| self.error("taking a lease", &e))?;
-            Ok(row.map(|row| Acquired {
-                fence: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-                previous: row.get::<_, Option<String>>(1),
-                now_ms: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-            }))
+            let acquired = match row {
+                None => None,
+                Some(row) => {
+                    let bad = |e| self.error("taking a lease (unexpected column types)", &e);
+                    Some(Acquired {
+                        fence: u64::try_from(row.try_get::<_, i64>(0).map_err(bad)?).unwrap_or(0),
+                        previous: row.try_get::<_, Option<String>>(1).map_err(bad)?,
+                        now_ms: u64::try_from(row.try_get::<_, i64>(2).map_err(bad)?).unwrap_or(0),
+                    })
+                }
+            };
+            conn.keep();
+            Ok(acquired)
         })
     }
 
@@ -308,6 +329,7 @@ WHERE fleet = $1 AND name = $2 AND token = $3 AND expires_at > clock_timestamp()
                 )
                 .await
                 .map_err(|e| self.error("renewing a lease", &e))?;
+            conn.keep();
             Ok(n == 1)
         })
     }
@@ -319,6 +341,9 @@ WHERE fleet = $1 AND name = $2 AND token = $3 AND expires_at > clock_timestamp()
         leave: Option<&'a str>,
     ) -> StoreFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
+            // The row stays (its fence keeps growing) until housekeeping
+            // drops it an hour after its last use; a call cut off leaves its
+            // record for the next holder.
             const SQL: &str = "
 UPDATE reauth_leases SET token = NULL, expires_at = clock_timestamp(), holder = $4
 WHERE fleet = $1 AND name = $2 AND token = $3";
@@ -331,6 +356,7 @@ WHERE fleet = $1 AND name = $2 AND token = $3";
                 .execute(&statement, &[&self.fleet, &name, &token, &leave])
                 .await
                 .map_err(|e| self.error("releasing a lease", &e))?;
+            conn.keep();
             Ok(())
         })
     }
@@ -355,12 +381,17 @@ LEFT JOIN reauth_records r ON r.fleet = $1 AND r.name = $2
                 .query_one(&statement, &[&self.fleet, &name])
                 .await
                 .map_err(|e| self.error("reading", &e))?;
-            let now_ms = u64::try_from(row.get::<_, i64>(3)).unwrap_or(0);
-            let record = row.get::<_, Option<i64>>(0).map(|version| Record {
-                version: u64::try_from(version).unwrap_or(0),
-                tag: row.get(1),
-                data: row.get(2),
-            });
+            let bad = |e| self.error("reading (unexpected column types)", &e);
+            let now_ms = u64::try_from(row.try_get::<_, i64>(3).map_err(bad)?).unwrap_or(0);
+            let record = match row.try_get::<_, Option<i64>>(0).map_err(bad)? {
+                None => None,
+                Some(version) => Some(Record {
+                    version: u64::try_from(version).unwrap_or(0),
+                    tag: row.try_get(1).map_err(bad)?,
+                    data: row.try_get(2).map_err(bad)?,
+                }),
+            };
+            conn.keep();
             Ok((record, now_ms))
         })
     }
@@ -413,18 +444,7 @@ ON CONFLICT (fleet, name) DO UPDATE
                 )
                 .await
                 .map_err(|e| self.error("writing", &e))?;
-            // Now and then, drop records long expired and leases idle for a
-            // week (a row per key ever fetched would grow without end).
-            if self
-                .puts
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(256)
-            {
-                const PURGE: &str = "DELETE FROM reauth_records WHERE fleet = $1 AND expires_at < clock_timestamp() - interval '1 minute'";
-                const PURGE_LEASES: &str = "DELETE FROM reauth_leases WHERE fleet = $1 AND token IS NULL AND holder IS NULL AND expires_at < clock_timestamp() - interval '7 days'";
-                let _ = conn.client.execute(PURGE, &[&self.fleet]).await;
-                let _ = conn.client.execute(PURGE_LEASES, &[&self.fleet]).await;
-            }
+            conn.keep();
             Ok(n == 1)
         })
     }
@@ -447,23 +467,25 @@ DELETE FROM reauth_records WHERE fleet = $1 AND name = $2 AND ($3::text IS NULL 
                 .execute(&statement, &[&self.fleet, &name, &tag])
                 .await
                 .map_err(|e| self.error("deleting", &e))?;
+            conn.keep();
             Ok(n >= 1)
         })
     }
 
     fn publish<'a>(&'a self, message: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let conn = self.conn().await?;
+            let mut conn = self.conn().await?;
             let payload = format!("{} {message}", self.fleet);
             conn.client
                 .execute("SELECT pg_notify('reauth', $1)", &[&payload])
                 .await
                 .map_err(|e| self.error("announcing", &e))?;
+            conn.keep();
             Ok(())
         })
     }
 
-    fn subscribe(&self) -> StoreFuture<'_, Result<BusStream, StoreError>> {
+    fn subscribe<'a>(&'a self, inbox: &'a str) -> StoreFuture<'a, Result<BusStream, StoreError>> {
         Box::pin(async move {
             let (client, mut connection) = self
                 .config
@@ -485,7 +507,14 @@ DELETE FROM reauth_records WHERE fleet = $1 AND name = $2 AND ($3::text IS NULL 
                     }
                 }
             });
-            tokio::time::timeout(self.timeout, client.batch_execute("LISTEN reauth"))
+            // The inbox is 16 hex digits (the caller's): a safe identifier.
+            let inbox: String = inbox
+                .chars()
+                .filter(char::is_ascii_hexdigit)
+                .take(16)
+                .collect();
+            let listen = format!("LISTEN reauth; LISTEN reauth_inbox_{inbox}");
+            tokio::time::timeout(self.timeout, client.batch_execute(&listen))
                 .await
                 .map_err(|_| StoreError::Backend {
                     what: format!("subscribing ({})", self.describe()),
@@ -500,6 +529,49 @@ DELETE FROM reauth_records WHERE fleet = $1 AND name = $2 AND ($3::text IS NULL 
                     Some((message, (rx, client)))
                 });
             Ok(Box::pin(stream) as BusStream)
+        })
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        inbox: &'a str,
+        message: &'a str,
+    ) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let inbox: String = inbox
+                .chars()
+                .filter(char::is_ascii_hexdigit)
+                .take(16)
+                .collect();
+            let mut conn = self.conn().await?;
+            let payload = format!("{} {message}", self.fleet);
+            conn.client
+                .execute(
+                    "SELECT pg_notify('reauth_inbox_' || $1, $2)",
+                    &[&inbox, &payload],
+                )
+                .await
+                .map_err(|e| self.error("heartbeat", &e))?;
+            conn.keep();
+            Ok(())
+        })
+    }
+
+    fn maintain(&self) -> StoreFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            // Records long expired; lease rows released cleanly an hour ago,
+            // and those left by holders that died or were cut off a week ago.
+            const PURGE: &str = "DELETE FROM reauth_records WHERE fleet = $1 AND expires_at < clock_timestamp() - interval '1 minute'";
+            const PURGE_LEASES: &str = "DELETE FROM reauth_leases WHERE fleet = $1 AND ((token IS NULL AND holder IS NULL AND expires_at < clock_timestamp() - interval '1 hour') OR expires_at < clock_timestamp() - interval '7 days')";
+            let mut conn = self.conn().await?;
+            for sql in [PURGE, PURGE_LEASES] {
+                conn.client
+                    .execute(sql, &[&self.fleet])
+                    .await
+                    .map_err(|e| self.error("housekeeping", &e))?;
+            }
+            conn.keep();
+            Ok(())
         })
     }
 }

@@ -1,12 +1,14 @@
 //! The Redis backend of a fleet: one hash per record, a lease key with a
 //! fencing counter, every compare-and-set a Lua script (atomic on the server),
-//! announcements on one pub/sub channel per fleet.
+//! announcements on one pub/sub channel per fleet (and one inbox per replica for
+//! its heartbeat).
 //!
 //! Key schema (no secrets in names): `reauth:{<fleet>:<group>}:<kind>`, where
 //! `<group>` is an entry id (a keyed hash) or `s.<provider>`, and `<kind>` is
 //! `entry`, `failure`, `state`, `lease`, `fence` or `holder`. The braces are a
 //! Redis Cluster hash tag: every key of one credential lives in one slot, so each
-//! script touches one slot. The channel is `reauth:<fleet>:bus`. The ACL a fleet's
+//! script touches one slot. The channels are `reauth:<fleet>:bus` and
+//! `reauth:<fleet>:inbox:<replica>`. The ACL a fleet's
 //! user needs is in the README ("Running a fleet"; tested by
 //! `tests/tests/fleet_store.rs`).
 
@@ -14,15 +16,27 @@ use super::{Acquired, BusStream, FleetBackend, Record, StoreError, StoreFuture};
 use std::time::Duration;
 
 const ACQUIRE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local t = redis.call('TIME')
+local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  -- A retry of an acquire whose answer was lost.
+  return {tonumber(redis.call('GET', KEYS[2]) or '0'), '', now}
+end
+if current then return false end
 local fence = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] == '' then
+  -- A per-key lease: nothing kept beyond a few leases.
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 4)
+  return {fence, '', now}
+end
+-- A provider state's lease: the holder record tells the next holder when this
+-- one did not release it.
 redis.call('PEXPIRE', KEYS[2], 604800000)
 local prev = redis.call('GET', KEYS[3])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[3], ARGV[3] .. ' since=' .. string.format('%d', now), 'PX', 604800000)
-return {fence, prev or '', string.format('%d', now)}
+redis.call('SET', KEYS[3], ARGV[3] .. ' since=' .. now, 'PX', 604800000)
+return {fence, prev or '', now}
 ";
 
 const RENEW: &str = r"
@@ -74,6 +88,9 @@ pub struct RedisBackend {
     /// bus: cluster pub/sub reaches every node).
     client: redis::Client,
     cluster: Option<(redis::cluster::ClusterClient, Vec<String>)>,
+    /// A client per cluster seed node (the bus moves to the next when one fails).
+    node_clients: Vec<redis::Client>,
+    bus_node: std::sync::atomic::AtomicUsize,
     fleet: String,
     timeout: Duration,
     conn: tokio::sync::OnceCell<Conn>,
@@ -146,6 +163,8 @@ impl RedisBackend {
         Ok(RedisBackend {
             client,
             cluster: None,
+            node_clients: Vec::new(),
+            bus_node: std::sync::atomic::AtomicUsize::new(0),
             fleet: fleet.to_string(),
             timeout,
             conn: tokio::sync::OnceCell::new(),
@@ -178,9 +197,13 @@ impl RedisBackend {
                 what: "fleet.url".into(),
                 detail: format!("not a list of Redis URLs: {}", e.category()),
             })?;
-        let described = nodes
+        backend.node_clients = nodes
             .iter()
             .filter_map(|n| redis::Client::open(*n).ok())
+            .collect();
+        let described = backend
+            .node_clients
+            .iter()
             .map(|c| c.get_connection_info().addr.to_string())
             .collect();
         backend.cluster = Some((cluster, described));
@@ -195,6 +218,10 @@ impl RedisBackend {
 
     fn channel(&self) -> String {
         format!("reauth:{}:bus", self.fleet)
+    }
+
+    fn inbox_channel(&self, inbox: &str) -> String {
+        format!("reauth:{}:inbox:{inbox}", self.fleet)
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
@@ -435,24 +462,50 @@ impl FleetBackend for RedisBackend {
         })
     }
 
-    fn subscribe(&self) -> StoreFuture<'_, Result<BusStream, StoreError>> {
+    fn subscribe<'a>(&'a self, inbox: &'a str) -> StoreFuture<'a, Result<BusStream, StoreError>> {
         Box::pin(async move {
             use futures_util::StreamExt;
-            let mut pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
+            // On a cluster, a node that is down is skipped: each attempt tries
+            // the next seed (pub/sub reaches every node of a cluster).
+            let client = match &self.cluster {
+                Some((_, nodes)) if !nodes.is_empty() => {
+                    let i = self
+                        .bus_node
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        % nodes.len();
+                    self.node_clients.get(i).unwrap_or(&self.client)
+                }
+                _ => &self.client,
+            };
+            let mut pubsub = client
+                .get_async_pubsub()
                 .await
-                .map_err(|_| StoreError::Backend {
-                    what: format!("subscribing ({})", self.describe()),
-                    detail: "no answer in time".into(),
-                })?
                 .map_err(|e| self.error("subscribing", &e))?;
             pubsub
-                .subscribe(self.channel())
+                .subscribe(&[self.channel(), self.inbox_channel(inbox)][..])
                 .await
                 .map_err(|e| self.error("subscribing", &e))?;
             let stream = pubsub
                 .into_on_message()
                 .map(|msg| msg.get_payload::<String>().unwrap_or_default());
             Ok(Box::pin(stream) as BusStream)
+        })
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        inbox: &'a str,
+        message: &'a str,
+    ) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(self.inbox_channel(inbox))
+                .arg(message)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error("heartbeat", &e))?;
+            Ok(())
         })
     }
 }
