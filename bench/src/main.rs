@@ -881,7 +881,7 @@ fn section_fleet(smoke: bool) -> Result<String> {
             Arc::new(KeyRing::parse(FLEET_KEY, "bench").expect("key ring")),
             FleetOptions {
                 name: name.to_string(),
-                lease: Duration::from_secs(5),
+                lease: Duration::from_secs(10),
                 wait: Duration::from_secs(10),
                 timeout: Duration::from_secs(2),
             },

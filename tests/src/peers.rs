@@ -252,6 +252,34 @@ impl Idp {
         );
         serde_json::from_slice(&output.stdout).expect("login output JSON")
     }
+
+    /// Log `alice` in and write her offline refresh token to
+    /// `<dir>/offline-token` (recorded as a secret): the token and the file.
+    pub fn offline_token(&self, dir: &Path) -> (String, PathBuf) {
+        let login = self.login("alice");
+        let seed = login["refresh_token"]
+            .as_str()
+            .expect("an offline refresh token")
+            .to_string();
+        crate::record_secret(&seed);
+        let file = dir.join("offline-token");
+        std::fs::write(&file, &seed).expect("writing the offline token");
+        (seed, file)
+    }
+
+    /// A resource server verifying this IdP's tokens for `audience` strictly
+    /// (no leeway, keys refetched at once).
+    pub async fn resource_server(&self, audience: &str) -> ResourceServer {
+        let verifier = Verifier::builder()
+            .jwks_url(format!("{}/jwks", self.issuer))
+            .issuer(&self.issuer)
+            .audience(audience)
+            .leeway(Duration::ZERO)
+            .min_refetch_interval(Duration::ZERO)
+            .build()
+            .expect("verifier");
+        ResourceServer::start(verifier).await
+    }
 }
 
 /// A GET of `url` (`http://host:port/path`) with an optional bearer token, over a

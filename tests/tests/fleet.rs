@@ -17,7 +17,6 @@
 //!   closed with `state_unavailable` once its token expires and never calls the
 //!   IdP meanwhile; both recover on their own when the backend is back.
 
-use reauth::verify::Verifier;
 use reauth_tests::fleet::{Replicas, SHORT_CACHE, get, report_401};
 use reauth_tests::peers::{Idp, Postgres, Redis, RedisCluster, ResourceServer, http_get};
 use reauth_tests::{plugins, workspace_binary};
@@ -47,15 +46,7 @@ fn replicas(backend: &str, url: &str, providers: &str) -> Replicas {
 }
 
 async fn resource_server(idp: &Idp) -> ResourceServer {
-    let verifier = Verifier::builder()
-        .jwks_url(format!("{}/jwks", idp.issuer))
-        .issuer(&idp.issuer)
-        .audience(API)
-        .leeway(Duration::ZERO)
-        .min_refetch_interval(Duration::ZERO)
-        .build()
-        .expect("verifier");
-    ResourceServer::start(verifier).await
+    idp.resource_server(API).await
 }
 
 fn cc_provider(idp: &Idp) -> String {
@@ -262,11 +253,7 @@ async fn rotating_refresh_token_survives_replica_kills() {
     let dir = tempfile::tempdir().unwrap();
     let pg = Postgres::start().await;
     let idp = Idp::start(&dir.path().join("keys.json"), 2, None);
-    let login = idp.login("alice");
-    let seed = login["refresh_token"].as_str().unwrap().to_string();
-    reauth_tests::record_secret(&seed);
-    let seed_file = dir.path().join("offline-token");
-    std::fs::write(&seed_file, &seed).unwrap();
+    let (seed, seed_file) = idp.offline_token(dir.path());
     let mut fleet = replicas("postgres", &pg.url(), &rt_provider(&idp, &seed_file));
     fleet.start_all(8);
     let rs = resource_server(&idp).await;
@@ -398,11 +385,7 @@ async fn redis_outage_keeps_serving_and_fails_closed_for_rotation() {
     let mut redis = Redis::start().await;
     let port = redis.port;
     let idp = Idp::start(&dir.path().join("keys.json"), 3, None);
-    let login = idp.login("alice");
-    let seed = login["refresh_token"].as_str().unwrap().to_string();
-    reauth_tests::record_secret(&seed);
-    let seed_file = dir.path().join("offline-token");
-    std::fs::write(&seed_file, &seed).unwrap();
+    let (_, seed_file) = idp.offline_token(dir.path());
     let providers = format!("{}\n{}", cc_provider(&idp), rt_provider(&idp, &seed_file));
     let mut fleet = replicas("redis", &redis.url(), &providers);
     fleet.start_all(3);

@@ -191,11 +191,7 @@ async fn scenario(at: DiesAt) {
     let dir = tempfile::tempdir().unwrap();
     let redis = Redis::start().await;
     let idp = Idp::start(&dir.path().join("keys.json"), 30, None);
-    let login = idp.login("alice");
-    let seed = login["refresh_token"].as_str().unwrap().to_string();
-    reauth_tests::record_secret(&seed);
-    let seed_file = dir.path().join("offline-token");
-    std::fs::write(&seed_file, &seed).unwrap();
+    let (_, seed_file) = idp.offline_token(dir.path());
     let dead = Arc::new(AtomicBool::new(false));
     let dying = Dying {
         inner: RedisBackend::new(&redis.url(), "chaos", Duration::from_millis(500)).unwrap(),

@@ -6,7 +6,6 @@
 //! server, and the processes share one IdP call per token lifetime through the
 //! shared token cache.
 
-use reauth::verify::Verifier;
 use reauth_tests::peers::{Idp, ResourceServer, http_get};
 use reauth_tests::{plugins, workspace_binary};
 use std::collections::HashSet;
@@ -189,15 +188,7 @@ fn token_of(output: &Output) -> Result<String, String> {
 }
 
 async fn resource_server(idp: &Idp) -> ResourceServer {
-    let verifier = Verifier::builder()
-        .jwks_url(format!("{}/jwks", idp.issuer))
-        .issuer(&idp.issuer)
-        .audience(API)
-        .leeway(Duration::ZERO)
-        .min_refetch_interval(Duration::ZERO)
-        .build()
-        .expect("verifier");
-    ResourceServer::start(verifier).await
+    idp.resource_server(API).await
 }
 
 async fn accepted(rs: &ResourceServer, token: &str) -> bool {

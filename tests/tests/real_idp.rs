@@ -434,11 +434,7 @@ async fn refresh_token_rotation_survives_host_restarts() {
     setup();
     let dir = tempfile::tempdir().unwrap();
     let idp = Idp::start(&keys(dir.path(), "k1"), 60, None);
-    let login = idp.login("alice");
-    let seed = login["refresh_token"].as_str().unwrap().to_string();
-    reauth_tests::record_secret(&seed);
-    let seed_file = dir.path().join("offline-token");
-    std::fs::write(&seed_file, &seed).unwrap();
+    let (seed, seed_file) = idp.offline_token(dir.path());
     let state_dir = dir.path().join("state");
 
     let mut used = vec![seed.clone()];
