@@ -406,7 +406,7 @@ fn load_provider(
             name: Arc::from(name),
             cache: shared.cache.clone(),
             link: shared.link.clone(),
-            identity: identity.digest(name, loaded.sha256(), &p.cache),
+            identity: identity.digest(name, loaded.sha256(), &p.cache, runtime.has_state_store()),
             settings: settings.clone(),
             clock: runtime.clock().clone(),
             metrics: provider_metrics.clone(),
@@ -483,7 +483,15 @@ impl Identity {
     /// A digest of everything that makes this provider's credentials what they
     /// are (name, plugin, configuration values): the shared cache keeps entries of
     /// different versions apart. Only ever fed to the shared cache's keyed hash.
-    fn digest(&self, name: &str, plugin_sha256: &str, cache: &config::CacheConfig) -> Vec<u8> {
+    /// In a fleet (`fleet`) the local state path is left out: replicas whose
+    /// config sits in different places still share.
+    fn digest(
+        &self,
+        name: &str,
+        plugin_sha256: &str,
+        cache: &config::CacheConfig,
+        fleet: bool,
+    ) -> Vec<u8> {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         let mut field = |bytes: &[u8]| {
@@ -495,7 +503,9 @@ impl Identity {
         // Lifetimes and refresh points depend on the cache settings; where the
         // state lives tells logins apart.
         field(format!("{cache:?}").as_bytes());
-        field(format!("{:?}", self.state_file).as_bytes());
+        if !fleet {
+            field(format!("{:?}", self.state_file).as_bytes());
+        }
         for (key, value) in &self.values {
             field(key.as_bytes());
             field(value.expose().as_bytes());
@@ -1036,6 +1046,17 @@ impl Host {
                 message: "runtime: settings changed; they apply only at start, restart to apply them (nothing was reloaded)".into(),
             }));
         }
+        if config.fleet != current.fleet {
+            tracing::warn!(
+                "fleet: settings changed; they apply only at start (the running fleet is kept; restart to apply them)"
+            );
+        }
+        #[cfg(feature = "fleet")]
+        let running_lease = self
+            .inner
+            .fleet
+            .as_ref()
+            .map(|f| u64::try_from(f.lease().as_millis()).unwrap_or(u64::MAX));
         let old = self.snapshot();
         // Removed providers give their pool reservation back first, so a rename
         // or a quota moved between providers fits.
@@ -1051,6 +1072,15 @@ impl Host {
             };
             let attempt = config
                 .validate_provider(name)
+                .and_then(|()| {
+                    // Against the lease of the fleet that runs (a changed
+                    // `[fleet]` applies only at restart).
+                    #[cfg(feature = "fleet")]
+                    if let Some(lease_ms) = running_lease {
+                        config::check_state_lease(config.source.as_deref(), name, p, lease_ms)?;
+                    }
+                    Ok(())
+                })
                 .map_err(Error::from)
                 .and_then(|()| provider_spec(&config, name, p));
             let unchanged = match (&attempt, &previous) {

@@ -708,7 +708,10 @@ async fn least_privilege(engine: &Engine, url: &str) {
             Engine::Postgres(_) => {
                 Arc::new(PostgresBackend::new(url, "payments", Duration::from_secs(1)).unwrap())
             }
-            Engine::Cluster(_) => unreachable!("the README's grants are checked on single servers"),
+            Engine::Cluster(_) => {
+                let nodes: Vec<&str> = url.split(',').collect();
+                Arc::new(RedisBackend::cluster(&nodes, "payments", Duration::from_secs(1)).unwrap())
+            }
         },
         Arc::new(KeyRing::parse(K1, "ring").unwrap()),
         FleetOptions {
@@ -778,6 +781,36 @@ async fn the_readme_redis_acl_is_enough() {
     );
 }
 
+/// The same ACL on every node of a Redis Cluster, plus what the README adds for
+/// a cluster client; seed URLs carry the credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_redis_acl_is_enough_on_a_cluster() {
+    reauth_tests::logs();
+    let engine = Engine::Cluster(RedisCluster::start().await);
+    let Engine::Cluster(cluster) = &engine else {
+        unreachable!()
+    };
+    let line = format!(
+        "{} +cluster|slots",
+        readme_line("ACL SETUSER reauth-payments").replace(">…", ">acl-pw-0123456789")
+    );
+    for &port in &cluster.ports {
+        let mut c = cluster.node(port).await.unwrap();
+        let mut cmd = redis::cmd("ACL");
+        for arg in line.split_whitespace().skip(1) {
+            cmd.arg(arg);
+        }
+        let _: String = cmd.query_async(&mut c).await.unwrap();
+    }
+    let url = cluster
+        .ports
+        .iter()
+        .map(|p| format!("redis://reauth-payments:acl-pw-0123456789@127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    least_privilege(&engine, &url).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_postgres_grants_are_enough() {
     reauth_tests::logs();
@@ -785,10 +818,11 @@ async fn the_readme_postgres_grants_are_enough() {
     let Engine::Postgres(pg) = &engine else {
         unreachable!()
     };
-    // The administrator's part: the tables (as the backend creates them).
-    let admin = engine.fleet("setup", K1);
-    let _ = admin.read("0000").await;
+    // The administrator's part, as the README writes it: the tables, the role
+    // and its grants (the role cannot create anything).
     for prefix in [
+        "CREATE TABLE reauth_leases",
+        "CREATE TABLE reauth_records",
         "CREATE ROLE reauth_payments",
         "GRANT SELECT, INSERT, UPDATE, DELETE ON reauth_leases",
     ] {

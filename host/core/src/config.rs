@@ -1456,7 +1456,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "reauth.toml:1: provider: unknown field `provider`, expected `runtime` or `providers`"
+            "reauth.toml:1: provider: unknown field `provider`, expected one of `runtime`, `providers`, `fleet`"
         );
     }
 

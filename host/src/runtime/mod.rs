@@ -311,6 +311,11 @@ impl Runtime {
         let _ = self.state_keys.set(keys);
     }
 
+    /// Whether providers' state goes to a shared store ([`Runtime::set_state_store`]).
+    pub fn has_state_store(&self) -> bool {
+        self.state_store.get().is_some()
+    }
+
     /// Keep every provider's state in `store` (a fleet's) instead of files in
     /// the state directory (set once, before providers load).
     pub fn set_state_store(&self, store: Arc<dyn crate::store::StateStore>) {

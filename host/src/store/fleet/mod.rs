@@ -497,11 +497,16 @@ impl Fleet {
                         }
                     }
                     Err(e) => {
-                        if weak.strong_count() == 0 {
-                            return;
-                        }
+                        let Some(inner) = weak.upgrade() else { return };
                         gap = true;
                         tracing::debug!(error = %e, "fleet bus: cannot subscribe yet");
+                        // Say so (log line, `reauth_fleet_backend_up`) now, not
+                        // at the first cache miss.
+                        if inner.health.up.load(Ordering::Relaxed) {
+                            let _ = inner
+                                .run("probing", inner.backend.get("probe:probe"))
+                                .await;
+                        }
                     }
                 }
                 tokio::time::sleep(delay).await;
@@ -826,7 +831,9 @@ impl Clock for FleetClock {
         if offset >= 0 {
             crate::clock::saturating_add(now, by)
         } else {
-            now.checked_sub(by).unwrap_or(UNIX_EPOCH)
+            now.checked_sub(by)
+                .filter(|t| *t >= UNIX_EPOCH)
+                .unwrap_or(UNIX_EPOCH)
         }
     }
 }
