@@ -320,6 +320,7 @@ impl HostBuilder {
         );
         let shared = shared.map(|shared| SharedSetup {
             link: Arc::new(RemoteLink {
+                announces: shared.announces(),
                 shared: shared.clone(),
                 cache: cache.clone(),
                 keys: Mutex::new(RemoteKeys::default()),
@@ -713,6 +714,8 @@ impl SharedTier {
 /// host served from the shared cache, by entry id (at most `max`; beyond, the
 /// oldest go, and their L1 entries with them, so no announcement is missed).
 struct RemoteLink {
+    /// Whether the shared cache announces anything (else nothing is tracked).
+    announces: bool,
     shared: Arc<dyn SharedCache>,
     cache: TokenCache,
     keys: Mutex<RemoteKeys>,
@@ -729,6 +732,9 @@ struct RemoteKeys {
 impl RemoteLink {
     /// Note that entry `id` is `provider`'s key for `request`.
     fn remember(self: &Arc<Self>, id: &str, provider: &Arc<str>, request: &Request) {
+        if !self.announces {
+            return;
+        }
         self.listen();
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         if keys.by_id.contains_key(id) {
@@ -755,7 +761,7 @@ impl RemoteLink {
 
     /// Start applying announcements (once; needs a tokio runtime).
     fn listen(self: &Arc<Self>) {
-        if self.listening.get().is_some() {
+        if !self.announces || self.listening.get().is_some() {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {

@@ -249,6 +249,11 @@ pub trait SharedCache: Send + Sync + 'static {
     fn events(&self) -> Option<tokio::sync::broadcast::Receiver<RemoteEvent>> {
         None
     }
+    /// Whether [`SharedCache::events`] delivers anything (without starting to
+    /// listen): the host keeps track of keys for announcements only then.
+    fn announces(&self) -> bool {
+        false
+    }
     /// The tag [`RemoteEvent::Invalidated`] names a credential by (a keyed hash
     /// of its fingerprint; never the secret).
     fn credential_tag(&self, _credentials: &crate::types::Credentials) -> String {

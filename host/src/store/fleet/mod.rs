@@ -1230,6 +1230,10 @@ impl SharedCache for Fleet {
         Some(self.inner.bus.subscribe())
     }
 
+    fn announces(&self) -> bool {
+        true
+    }
+
     fn credential_tag(&self, credentials: &Credentials) -> String {
         self.tag_of_fingerprint(&SharedEntry::fingerprint(credentials))
     }
