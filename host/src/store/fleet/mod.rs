@@ -48,7 +48,7 @@ use crate::clock::Clock;
 use crate::types::Credentials;
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
@@ -264,7 +264,6 @@ impl std::fmt::Debug for Fleet {
 struct Health {
     up: AtomicBool,
     retry_at: Mutex<Option<Instant>>,
-    failures: AtomicU32,
 }
 
 impl Fleet {
@@ -305,7 +304,6 @@ impl Fleet {
                 health: Health {
                     up: AtomicBool::new(true),
                     retry_at: Mutex::new(None),
-                    failures: AtomicU32::new(0),
                 },
                 bus: broadcast::channel(1024).0,
                 released: broadcast::channel(1024).0,
@@ -696,7 +694,6 @@ impl Inner {
                     .retry_at
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
-                self.health.failures.store(0, Ordering::Relaxed);
                 if !self.health.up.swap(true, Ordering::Relaxed) {
                     tracing::warn!(fleet = %self.options.name, backend = %backend(), "fleet backend reachable again");
                 }
@@ -704,7 +701,6 @@ impl Inner {
             Err(StoreError::LeaseLost { .. }) => {}
             Err(e) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                self.health.failures.fetch_add(1, Ordering::Relaxed);
                 *self
                     .health
                     .retry_at
