@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 out=plugins/target/components
 mkdir -p "$out"
 
-newest() { find "$@" -type f \( -name '*.py' -o -name '*.js' -o -name '*.txt' -o -name '*.json' -o -name '*.sh' \) \
+newest() { find "$@" -type f \( -name '*.py' -o -name '*.js' -o -name '*.txt' -o -name '*.json' -o -name '*.sh' -o -name '*.wit' \) \
     -not -path '*/node_modules/*' -not -path '*/.venv/*' -not -path '*/__pycache__/*' -printf '%T@\n' | sort -n | tail -1; }
 
 # The kits' and the WIT's newest change, found once per kit.

@@ -33,6 +33,12 @@ pub enum ProviderStatus {
         /// The last reload's failure to load a new version of this provider; the
         /// version described here kept serving.
         reload_error: Option<String>,
+        /// The contract version the component was built against (`0.2.0`,
+        /// `0.1.0`).
+        contract: &'static str,
+        /// What the component said about itself (name, version, config schema),
+        /// once it was asked (its first call, or [`Host::check`]).
+        descriptor: Option<Arc<crate::schema::Descriptor>>,
     },
     /// Failed to load; calls to it return this error's message.
     Failed(String),
@@ -631,7 +637,7 @@ impl SharedTier {
                 let retry_in = failure.retry_at.duration_since(now).unwrap_or_default();
                 return Err(Error::Provider {
                     provider: self.name.to_string(),
-                    error: crate::types::ProviderError::Unavailable(format!(
+                    error: crate::types::ProviderError::unavailable(format!(
                         "{} (shared: {} failed fetch(es) of this key across processes; next attempt in {} ms)",
                         failure.message,
                         failure.failures,
@@ -668,16 +674,27 @@ impl SharedTier {
                 }
             }
             Err(Error::Provider {
-                error: crate::types::ProviderError::Unavailable(message),
+                error:
+                    crate::types::ProviderError::Unavailable {
+                        message,
+                        retry_after,
+                    },
                 ..
             }) => {
                 use rand::Rng;
                 let failures = failure.as_ref().map_or(0, |f| f.failures).saturating_add(1);
-                let delay = crate::cache::backoff(
-                    &self.settings,
-                    failures,
-                    rand::rng().random_range(0.0..1.0),
-                );
+                // The identity provider's `Retry-After` (contract 0.2) holds for
+                // the whole fleet, within the provider's bound.
+                let delay = match retry_after {
+                    Some(after) => {
+                        (*after).min(Duration::from_millis(self.settings.backoff_max_ms))
+                    }
+                    None => crate::cache::backoff(
+                        &self.settings,
+                        failures,
+                        rand::rng().random_range(0.0..1.0),
+                    ),
+                };
                 let shared = SharedFailure {
                     message: message.clone(),
                     failures,
@@ -980,6 +997,8 @@ impl Host {
                         from_cache: ready.runtime.compile_source() == CompileSource::Cache,
                         breaker: ready.runtime.breaker(),
                         reload_error: reload_error.clone(),
+                        contract: ready.runtime.contract(),
+                        descriptor: ready.runtime.described().map(|d| d.descriptor.clone()),
                     },
                     Slot::Failed(e) => ProviderStatus::Failed(e.clone()),
                 };
@@ -1169,18 +1188,68 @@ impl Host {
         Ok(report)
     }
 
-    /// Like [`Host::status`], but also instantiates every loaded provider once, so
-    /// that a component whose start-up traps is reported too.
+    /// Now, on the host's clock (the one expiry decisions use: the manual clock in
+    /// tests, the backend's in a fleet).
+    pub fn now(&self) -> SystemTime {
+        self.inner.runtime.clock().now()
+    }
+
+    /// Like [`Host::status`], but also instantiates every loaded provider once and
+    /// asks it to describe itself, so that a component whose start-up traps, or
+    /// whose config breaks its declared schema, is reported too.
     pub async fn check(&self) -> BTreeMap<String, ProviderStatus> {
-        let mut status = self.status();
+        let mut failed = BTreeMap::new();
         for (name, slot) in self.snapshot().iter() {
-            if let Slot::Ready { ready, .. } = slot
-                && let Err(e) = ready.runtime.instantiate_check(&self.inner.runtime).await
-            {
-                status.insert(name.clone(), ProviderStatus::Failed(e.to_string()));
+            if let Slot::Ready { ready, .. } = slot {
+                match ready.runtime.describe(&self.inner.runtime).await {
+                    Err(e) => {
+                        failed.insert(name.clone(), e.to_string());
+                    }
+                    Ok(d) if !d.violations.is_empty() => {
+                        failed.insert(name.clone(), self.schema_report(name, &d.violations));
+                    }
+                    Ok(_) => {}
+                }
             }
         }
+        let mut status = self.status();
+        for (name, why) in failed {
+            status.insert(name, ProviderStatus::Failed(why));
+        }
         status
+    }
+
+    /// How provider `name`'s config breaks its schema, one line per key, each
+    /// with the config file and the line of the key (of the provider's table for
+    /// a missing key).
+    fn schema_report(&self, name: &str, violations: &[crate::schema::Violation]) -> String {
+        let (file, text) = {
+            let config = self.inner.config.lock().unwrap_or_else(|e| e.into_inner());
+            let file = config.source.clone();
+            let text = file
+                .as_deref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .unwrap_or_default();
+            (file, text)
+        };
+        let lines: Vec<String> = violations
+            .iter()
+            .map(|v| {
+                let line = config::line_of_key(&text, &["providers", name, "config", &v.key])
+                    .or_else(|| config::line_of_key(&text, &["providers", name, "config"]))
+                    .or_else(|| config::line_of_key(&text, &["providers", name]));
+                let place = match (&file, line) {
+                    (Some(f), Some(l)) => format!("{}:{l}: ", f.display()),
+                    (Some(f), None) => format!("{}: ", f.display()),
+                    (None, _) => String::new(),
+                };
+                format!("  {place}providers.{name}.config.{}: {}", v.key, v.problem)
+            })
+            .collect();
+        format!(
+            "provider `{name}`: the config does not fit the plugin's declared schema:\n{}",
+            lines.join("\n")
+        )
     }
 
     fn provider(&self, name: &str) -> Result<Arc<Ready>> {

@@ -17,7 +17,6 @@ unavailable; other 4xx ⇒ misconfigured. Security errors: `token-expired` or
 """
 
 import reauth_provider as rp
-from wit_world import exports
 
 
 def token_endpoint(timeout_ms: int) -> str:
@@ -46,7 +45,20 @@ def token_endpoint(timeout_ms: int) -> str:
     return url
 
 
-class AuthProvider(exports.AuthProvider):
+class AuthProvider(rp.Provider):
+    def describe(self):
+        return rp.describe("oauth2-client-credentials-py", "0.2.0", [
+            rp.key("token_url", "url", help="the token endpoint; or `issuer`"),
+            rp.key("issuer", "url", help="OpenID Connect issuer (discovery); or `token_url`"),
+            rp.key("client_id", required=True, help="the OAuth2 client id"),
+            rp.key("client_secret", required=True, secret=True, help="the client's secret"),
+            rp.key("auth_method", help="client_secret_basic (default) or client_secret_post"),
+            rp.key("scope", help="space-separated default scopes"),
+            rp.key("audience", help="default audience"),
+            rp.key("audience_param", help="`audience` (default) or `resource`"),
+            rp.key("timeout_ms", "integer", help="timeout towards the IdP (ms)"),
+        ])
+
     def get_credentials(self, request):
         if request.subject is not None:
             raise rp.misconfigured(

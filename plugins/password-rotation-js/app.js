@@ -20,6 +20,7 @@
 
 import {
   provider, config, basic, request, denied, misconfigured, unavailable, refreshOnUnauthorized,
+  key, retryAfterMs,
 } from 'reauth-provider';
 
 const FORMATS = {
@@ -51,7 +52,7 @@ async function fetchSecret(url) {
   const res = await request(url, { headers });
   if (res.status === 401 || res.status === 403) throw denied(`secret endpoint refused access (HTTP ${res.status})`);
   if (res.status === 404) throw misconfigured('secret endpoint answered 404: check `secret_url`');
-  if (!res.ok) throw unavailable(`secret endpoint answered HTTP ${res.status}`);
+  if (!res.ok) throw unavailable(`secret endpoint answered HTTP ${res.status}`, retryAfterMs(res));
   let doc;
   try {
     doc = await res.json();
@@ -76,6 +77,21 @@ async function fetchSecret(url) {
 }
 
 export const authProvider = provider({
+  describe: {
+    name: 'password-rotation-js',
+    version: '0.2.0',
+    config: [
+      key('username', 'text', { help: "fixed username (overrides the endpoint's)" }),
+      key('password', 'text', { secret: true, help: 'fixed password (without `secret_url`)' }),
+      key('secret_url', 'url', { help: 'JSON endpoint read at every fetch' }),
+      key('format', 'text', { help: 'json (default), vault-kv2 or vault-static-creds' }),
+      key('username_field', 'text', { help: 'key or JSON pointer of the username' }),
+      key('password_field', 'text', { help: 'key or JSON pointer of the password' }),
+      key('ttl_field', 'text', { help: 'JSON pointer to seconds until rotation' }),
+      key('vault_token', 'text', { secret: true, help: 'sent as X-Vault-Token' }),
+      key('secret_token', 'text', { secret: true, help: 'sent as a bearer token' }),
+    ],
+  },
   async getCredentials() {
     const url = config.get('secret_url');
     const secret = url ? await fetchSecret(url) : { password: config.required('password') };

@@ -17,25 +17,59 @@
 // (`Date.now()`, `now()`) is the host's clock, virtual under `reauth test`.
 
 import { get as configGet, getAll as configGetAll } from 'wasi:config/store@0.2.0-rc.1';
-import * as hostState from 'reauth:provider/state@0.1.0';
+import * as hostState from 'reauth:provider/state@0.2.0';
 
 /** A provider error: `throw unavailable('...')` (or `denied`, `misconfigured`). */
 export class ProviderError extends Error {
-  constructor(tag, message) {
+  constructor(tag, message, retryAfterMs = undefined) {
     super(message);
     this.name = 'ProviderError';
     /** `unavailable`, `denied` or `misconfigured`. */
     this.tag = tag;
+    /** For `unavailable`: the identity provider's `Retry-After`, in ms. */
+    this.retryAfterMs = retryAfterMs;
   }
 }
 
 /** Transient (IdP down, 5xx, timeout): the host backs off and keeps serving a
  * still-valid cached credential. */
-export const unavailable = (message) => new ProviderError('unavailable', message);
+export const unavailable = (message, retryAfterMs = undefined) =>
+  new ProviderError('unavailable', message, retryAfterMs);
 /** The IdP refused (bad secret, revoked grant): not retried hot. */
 export const denied = (message) => new ProviderError('denied', message);
 /** The provider's configuration is wrong or incomplete. */
 export const misconfigured = (message) => new ProviderError('misconfigured', message);
+
+/** One config key of the schema `describe` returns: `type` is `text`,
+ * `integer`, `boolean` or `url`; options `{required, secret, help}`. */
+export function key(name, type = 'text', { required = false, secret = false, help = '' } = {}) {
+  if (!['text', 'integer', 'boolean', 'url'].includes(type)) {
+    throw new TypeError(`config key ${name}: type must be text, integer, boolean or url`);
+  }
+  return { name, valueType: type, required, secret, help };
+}
+
+/** The first `WWW-Authenticate` challenge of `scheme` (case-insensitive) a
+ * security error carries: `{scheme, params: [[name, value]…], token68}`. */
+export function challenge(error, scheme) {
+  const want = String(scheme).toLowerCase();
+  return (error.challenges ?? []).find((c) => c.scheme.toLowerCase() === want);
+}
+
+/** Parameter `name` (case-insensitive) of a challenge. */
+export function param(c, name) {
+  const want = String(name).toLowerCase();
+  return c?.params.find(([k]) => k.toLowerCase() === want)?.[1];
+}
+
+/** A fetch `Response`'s `Retry-After` in milliseconds (delta-seconds or an HTTP
+ * date, relative to the host's clock), if usable. */
+export function retryAfterMs(response) {
+  const value = (response.headers.get('retry-after') ?? '').trim();
+  if (/^[0-9]+$/.test(value)) return Number(value) * 1000;
+  const at = Date.parse(value);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - Date.now());
+}
 
 /** Decisions for `handleSecurityError`. */
 export const refreshAndRetry = () => ({ tag: 'refresh-and-retry' });
@@ -159,18 +193,19 @@ export async function request(url, init) {
 }
 
 /** Map a failed token-endpoint response (status + parsed body) to a provider
- * error: denied for a refused client or grant, unavailable for 5xx/429/408,
- * misconfigured for a bad request. */
-export function oauth2Error(status, body) {
+ * error: denied for a refused client or grant, unavailable for 5xx/429/408
+ * (carrying `retryAfter` ms, e.g. `retryAfterMs(res)`), misconfigured for a bad
+ * request. */
+export function oauth2Error(status, body, retryAfter = undefined) {
   const error = body && typeof body === 'object' && typeof body.error === 'string' ? body.error : undefined;
   if (error === undefined) {
-    if (status >= 500 || status === 429 || status === 408) return unavailable(`token endpoint answered HTTP ${status}`);
+    if (status >= 500 || status === 429 || status === 408) return unavailable(`token endpoint answered HTTP ${status}`, retryAfter);
     if (status === 401 || status === 403) return denied(`token endpoint refused the client (HTTP ${status})`);
     return misconfigured(`token endpoint answered HTTP ${status} without an OAuth2 error`);
   }
   const detail = `${error.replace(/[^\x20-\x7e]/g, '').slice(0, 200)} (HTTP ${status})`;
   if (['invalid_client', 'unauthorized_client', 'invalid_grant', 'access_denied'].includes(error)) return denied(detail);
-  if (['temporarily_unavailable', 'server_error'].includes(error) || status >= 500 || status === 429) return unavailable(detail);
+  if (['temporarily_unavailable', 'server_error'].includes(error) || status >= 500 || status === 429) return unavailable(detail, retryAfter);
   return misconfigured(detail);
 }
 
@@ -182,20 +217,45 @@ function describe(e) {
   return String(e);
 }
 
+function outage(message, retryAfterMs) {
+  const ms = Number(retryAfterMs);
+  return {
+    message,
+    retryAfterMs: retryAfterMs === undefined || retryAfterMs === null || !Number.isFinite(ms) || ms < 0
+      ? undefined
+      : BigInt(Math.min(Math.floor(ms), Number.MAX_SAFE_INTEGER)),
+  };
+}
+
 function toWit(e) {
-  if (e instanceof ProviderError) return { tag: e.tag, val: e.message };
+  if (e instanceof ProviderError) {
+    return e.tag === 'unavailable'
+      ? { tag: 'unavailable', val: outage(e.message, e.retryAfterMs) }
+      : { tag: e.tag, val: e.message };
+  }
   // Anything else is a bug in the provider: say so in the log, and report it as
   // `unavailable` so that the host backs off instead of hammering the IdP.
   console.error(`provider threw: ${e && e.stack ? e.stack : e}`);
-  return { tag: 'unavailable', val: `provider threw ${e && e.name ? e.name : typeof e}: ${describe(e)}` };
+  return { tag: 'unavailable', val: outage(`provider threw ${e && e.name ? e.name : typeof e}: ${describe(e)}`) };
 }
 
-/** Wrap `{ getCredentials, handleSecurityError }` (sync or async) as the
- * component's `authProvider` export: a thrown `ProviderError` becomes the
+/** Wrap `{ describe, getCredentials, handleSecurityError }` (sync or async) as
+ * the component's `authProvider` export: a thrown `ProviderError` becomes the
  * `provider-error` result; any other exception becomes `unavailable` and is
- * logged; a throwing `handleSecurityError` means `fail`. */
-export function provider({ getCredentials, handleSecurityError }) {
+ * logged; a throwing `handleSecurityError` means `fail`. `describe` is
+ * `{ name, version, config: [key(...), …] }` (contract 0.2: the host checks the
+ * config against it and redacts the keys declared secret); without it the
+ * provider declares no schema. */
+export function provider({ describe: descriptor, getCredentials, handleSecurityError }) {
   return {
+    describe() {
+      const d = typeof descriptor === 'function' ? descriptor() : descriptor;
+      return {
+        name: d?.name ?? '',
+        version: d?.version ?? '',
+        config: Array.isArray(d?.config) ? d.config : undefined,
+      };
+    },
     async getCredentials(request) {
       try {
         return await getCredentials(request);

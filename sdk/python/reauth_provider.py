@@ -4,23 +4,40 @@ A provider is a class named ``AuthProvider`` in your ``app.py``, subclassing
 ``wit_world.exports.AuthProvider`` (the bindings componentize-py generates from
 ``wit/provider.wit``)::
 
-    from wit_world import exports
     import reauth_provider as rp
 
-    class AuthProvider(exports.AuthProvider):
+    class AuthProvider(rp.Provider):
+        def describe(self):
+            return rp.describe("my-provider", "1.0.0", [
+                rp.key("token", required=True, secret=True, help="the token"),
+            ])
+
         def get_credentials(self, request):
             return rp.bearer(rp.config.required("token"), expires_in=3600)
 
         def handle_security_error(self, request, credentials, error):
             return rp.refresh_on_unauthorized(error)
 
+``rp.Provider`` is ``wit_world.exports.AuthProvider`` with a default
+``describe`` (no schema declared) and a safety net: an exception that is not a
+provider error is logged with its traceback (at WARN, redacted by the host) and
+becomes ``unavailable`` for ``get_credentials`` / ``fail`` for
+``handle_security_error``, instead of a trap.
+
 What this module offers:
+
+- ``Provider``, ``describe``/``key``: the provider's name, version and config
+  schema (contract 0.2: the host checks the config against it and redacts the
+  keys declared secret);
 
 - ``config``: the provider's configuration (``get``, ``required``, ``all``);
 - ``state``: small values the host persists across calls and restarts;
 - ``bearer``/``basic``/``headers``: credentials with ``expires_in``/``expires_at``
   (seconds since the epoch) and ``principal``;
-- ``unavailable``/``denied``/``misconfigured``: provider errors to ``raise``;
+- ``unavailable``/``denied``/``misconfigured``: provider errors to ``raise``
+  (``unavailable(msg, retry_after_ms=...)`` passes the IdP's ``Retry-After`` on);
+- ``challenge(error, scheme)``: a security error's ``WWW-Authenticate`` challenge
+  of that scheme (``.scheme``, ``.params``, ``.token68``), with ``param(c, name)``;
 - ``refresh_and_retry``/``retry_after``/``fail``: decisions;
 - ``http``: requests over ``wasi:http`` (the host's egress allow-list applies);
 - ``jwt_claims``/``jwt_expiry``: read a JWT's claims (no signature check);
@@ -33,11 +50,15 @@ anything else, so a provider behaves the same under ``reauth test``'s virtual cl
 
 import base64
 import json
+import sys
+import traceback
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 from urllib.parse import quote, urlsplit
 
 from componentize_py_types import Err
+from wit_world import exports as _exports
+from wit_world.imports import metadata as _meta
 from wit_world.imports import outgoing_handler
 from wit_world.imports import reauth_provider_types as t
 from wit_world.imports import state as _state
@@ -49,7 +70,8 @@ __all__ = [
     "config", "state", "bearer", "basic", "headers", "unavailable", "denied",
     "misconfigured", "refresh_and_retry", "retry_after", "fail",
     "refresh_on_unauthorized", "http", "Response", "jwt_claims", "jwt_expiry",
-    "oauth2_error", "now", "Reason", "SecurityErrorKind",
+    "oauth2_error", "now", "Reason", "SecurityErrorKind", "Provider", "describe", "key",
+    "challenge", "param",
 ]
 
 Reason = t.Reason
@@ -58,10 +80,15 @@ SecurityErrorKind = t.SecurityErrorKind
 
 # --- errors ------------------------------------------------------------------
 
-def unavailable(message: str) -> Err:
-    """Transient failure (IdP down, 5xx, timeout): ``raise rp.unavailable("...")``.
-    The host backs off and keeps serving a still-valid cached credential."""
-    return Err(t.ProviderError_Unavailable(message))
+def unavailable(message: str, retry_after_ms: Optional[int] = None) -> Err:
+    """Transient failure (IdP down, 5xx, 429, timeout): ``raise rp.unavailable("...")``.
+    The host backs off and keeps serving a still-valid cached credential; with
+    ``retry_after_ms`` (e.g. ``response.retry_after_ms()``) it waits that long
+    instead of its own backoff step."""
+    after = None
+    if retry_after_ms is not None:
+        after = max(0, min(int(retry_after_ms), 2**64 - 1))
+    return Err(t.ProviderError_Unavailable(t.Outage(message, after)))
 
 
 def denied(message: str) -> Err:
@@ -72,6 +99,83 @@ def denied(message: str) -> Err:
 def misconfigured(message: str) -> Err:
     """The provider's configuration is wrong or incomplete."""
     return Err(t.ProviderError_Misconfigured(message))
+
+
+# --- describe ----------------------------------------------------------------
+
+_TYPES = {
+    "text": _meta.ValueType.TEXT, "integer": _meta.ValueType.INTEGER,
+    "boolean": _meta.ValueType.BOOLEAN, "url": _meta.ValueType.URL,
+}
+
+
+def key(name: str, type: str = "text", *, required: bool = False, secret: bool = False,
+        help: str = "") -> _meta.ConfigKey:
+    """One config key of the schema: ``type`` is ``text``, ``integer``,
+    ``boolean`` or ``url``."""
+    if type not in _TYPES:
+        raise ValueError(f"config key {name!r}: type must be one of {sorted(_TYPES)}")
+    return _meta.ConfigKey(name, _TYPES[type], required, secret, help)
+
+
+def describe(name: str, version: str, keys: Optional[List[_meta.ConfigKey]] = None
+             ) -> _meta.Descriptor:
+    """The provider's name, version and config schema. With ``keys`` the host
+    refuses config keys not in it, missing required keys and values of the wrong
+    type, naming the key; without, nothing is checked."""
+    return _meta.Descriptor(name, version, list(keys) if keys is not None else None)
+
+
+def _warn(what: str) -> None:
+    # stderr of a failed call is logged by the host at WARN, redacted.
+    print(f"{what}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+
+
+class Provider(_exports.AuthProvider):
+    """Subclass this (as ``AuthProvider`` in ``app.py``). ``describe`` defaults
+    to an undeclared schema; exceptions that are not provider errors are logged
+    with their traceback and reported as ``unavailable`` / ``fail``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        get = cls.__dict__.get("get_credentials")
+        if get is not None:
+            def get_credentials(self, request, _get=get):
+                try:
+                    return _get(self, request)
+                except Err:
+                    raise
+                except Exception as e:
+                    _warn("get_credentials raised")
+                    raise unavailable(f"provider raised {type(e).__name__}: {e}"[:500])
+            cls.get_credentials = get_credentials
+        handle = cls.__dict__.get("handle_security_error")
+        if handle is not None:
+            def handle_security_error(self, request, credentials, error, _handle=handle):
+                try:
+                    return _handle(self, request, credentials, error)
+                except Exception:
+                    _warn("handle_security_error raised")
+                    return fail()
+            cls.handle_security_error = handle_security_error
+
+    def describe(self) -> _meta.Descriptor:
+        return describe("", "", None)
+
+
+def challenge(error: t.SecurityError, scheme: str) -> Optional[t.Challenge]:
+    """The first ``WWW-Authenticate`` challenge of ``scheme`` (case-insensitive)
+    the server sent with this security error."""
+    scheme = scheme.lower()
+    return next((c for c in error.challenges if c.scheme.lower() == scheme), None)
+
+
+def param(c: Optional[t.Challenge], name: str) -> Optional[str]:
+    """Parameter ``name`` (case-insensitive) of challenge ``c``."""
+    if c is None:
+        return None
+    name = name.lower()
+    return next((v for k, v in c.params if k.lower() == name), None)
 
 
 # --- decisions ---------------------------------------------------------------
@@ -232,6 +336,19 @@ class Response:
             raise unavailable(f"expected JSON, got HTTP {self.status} with "
                               f"{len(self.body)} bytes that are not")
 
+    def retry_after_ms(self) -> Optional[int]:
+        """The ``Retry-After`` header in milliseconds (delta-seconds, or an HTTP
+        date relative to the host's clock), if usable."""
+        value = (self.header("retry-after") or "").strip()
+        if value.isdigit():
+            return int(value) * 1000
+        try:
+            from email.utils import parsedate_to_datetime
+            at = parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        return max(0, int(at) - now()) * 1000
+
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
@@ -260,6 +377,10 @@ class _Http:
             fields.append(("content-type", b"application/x-www-form-urlencoded"))
         if isinstance(body, str):
             body = body.encode()
+        # A body goes out with its length, never chunked: strict servers (Python's
+        # http.server, many appliances) refuse chunked request bodies.
+        if body and not any(k.lower() == "content-length" for k, _ in fields):
+            fields.append(("content-length", str(len(body)).encode()))
         request = h.OutgoingRequest(h.Fields.from_list(fields))
         request.set_method(_METHODS.get(method.upper()) or h.Method_Other(method.upper()))
         request.set_scheme(h.Scheme_Https() if parts.scheme == "https" else h.Scheme_Http())
@@ -345,7 +466,8 @@ def oauth2_error(response: Response) -> Err:
         error = None
     if not isinstance(error, str):
         if status >= 500 or status in (429, 408):
-            return unavailable(f"token endpoint answered HTTP {status}")
+            return unavailable(f"token endpoint answered HTTP {status}",
+                               retry_after_ms=response.retry_after_ms())
         if status in (401, 403):
             return denied(f"token endpoint refused the client (HTTP {status})")
         return misconfigured(f"token endpoint answered HTTP {status} without an OAuth2 error")
@@ -354,5 +476,5 @@ def oauth2_error(response: Response) -> Err:
     if error in ("invalid_client", "unauthorized_client", "invalid_grant", "access_denied"):
         return denied(detail)
     if error in ("temporarily_unavailable", "server_error") or status >= 500 or status == 429:
-        return unavailable(detail)
+        return unavailable(detail, retry_after_ms=response.retry_after_ms())
     return misconfigured(detail)

@@ -144,11 +144,22 @@ impl Request {
     /// Send the request and read the whole response.
     pub fn send(self) -> Result<Response, HttpError> {
         let (scheme, authority, path) = split_url(&self.url)?;
-        let entries: Vec<(String, Vec<u8>)> = self
+        let mut entries: Vec<(String, Vec<u8>)> = self
             .headers
             .iter()
             .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
             .collect();
+        // A body goes out with its length, never chunked: strict servers (Python's
+        // http.server, many appliances) refuse chunked request bodies.
+        let has_length = entries
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+        if !self.body.is_empty() && !has_length {
+            entries.push((
+                "content-length".into(),
+                self.body.len().to_string().into_bytes(),
+            ));
+        }
         let fields = Fields::from_list(&entries)
             .map_err(|e| HttpError::InvalidUrl(format!("bad header: {e:?}")))?;
         let request = OutgoingRequest::new(fields);
@@ -283,6 +294,29 @@ impl Response {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The `Retry-After` header in milliseconds (delta-seconds; an HTTP date is
+    /// taken relative to the host's clock), if the server sent a usable one.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        let value = self.header("retry-after")?.trim();
+        if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(
+                value
+                    .parse::<u64>()
+                    .unwrap_or(u64::MAX)
+                    .saturating_mul(1000),
+            );
+        }
+        let at = httpdate::parse_http_date(value).ok()?;
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .ok()?;
+        Some(
+            secs.saturating_sub(crate::time::now().seconds)
+                .saturating_mul(1000),
+        )
     }
 
     /// Whether the status is 2xx.

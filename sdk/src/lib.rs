@@ -49,7 +49,7 @@ pub mod bindings {
         path: "../wit",
         world: "reauth:provider/provider",
         pub_export_macro: true,
-        export_macro_name: "export_provider",
+        export_macro_name: "export_guest",
         default_bindings_module: "reauth_sdk::bindings",
         generate_all,
     });
@@ -63,13 +63,171 @@ pub mod oauth2;
 pub mod state;
 pub mod time;
 
-/// Export a type implementing [`Provider`] as the component's `auth-provider`.
-pub use bindings::export_provider;
-pub use bindings::exports::reauth::provider::auth_provider::Guest as Provider;
+pub use bindings::reauth::provider::metadata::{ConfigKey, Descriptor, ValueType};
 pub use bindings::reauth::provider::types::{
-    BasicAuth, Credential, Credentials, Datetime, Decision, ProviderError, Reason, Request,
-    SecurityError, SecurityErrorKind,
+    BasicAuth, Challenge, Credential, Credentials, Datetime, Decision, Outage, ProviderError,
+    Reason, Request, SecurityError, SecurityErrorKind,
 };
+
+/// What a provider implements: `get_credentials` and `handle_security_error`, and
+/// optionally `describe` (its config schema). Export it with [`export_provider!`].
+pub trait Provider {
+    /// The provider's name, version and config schema. The default declares no
+    /// schema (the host then checks nothing and redacts by key name); name and
+    /// version left empty are filled from the crate's `Cargo.toml`.
+    ///
+    /// ```no_run
+    /// # use reauth_sdk::{ConfigKey, Descriptor};
+    /// fn describe() -> Descriptor {
+    ///     Descriptor::new()
+    ///         .key(ConfigKey::url("token_url", "the STS endpoint").required())
+    ///         .key(ConfigKey::text("api_key", "sent as X-Api-Key").required().secret())
+    /// }
+    /// ```
+    fn describe() -> Descriptor {
+        Descriptor::new()
+    }
+
+    /// Obtain credentials for `request`.
+    fn get_credentials(request: Request) -> Result<Credentials, ProviderError>;
+
+    /// Decide what to do after a server rejected `credentials` with `error`.
+    fn handle_security_error(
+        request: Request,
+        credentials: Credentials,
+        error: SecurityError,
+    ) -> Decision;
+}
+
+/// Export a type implementing [`Provider`] as the component's `auth-provider`
+/// (contract `reauth:provider@0.2.0`).
+#[macro_export]
+macro_rules! export_provider {
+    ($provider:ty) => {
+        const _: () = {
+            struct __ReauthExport;
+            impl $crate::bindings::exports::reauth::provider::auth_provider::Guest for __ReauthExport {
+                fn describe() -> $crate::Descriptor {
+                    let mut d = <$provider as $crate::Provider>::describe();
+                    if d.name.is_empty() {
+                        d.name = env!("CARGO_PKG_NAME").into();
+                    }
+                    if d.version.is_empty() {
+                        d.version = env!("CARGO_PKG_VERSION").into();
+                    }
+                    d
+                }
+                fn get_credentials(
+                    request: $crate::Request,
+                ) -> Result<$crate::Credentials, $crate::ProviderError> {
+                    <$provider as $crate::Provider>::get_credentials(request)
+                }
+                fn handle_security_error(
+                    request: $crate::Request,
+                    credentials: $crate::Credentials,
+                    error: $crate::SecurityError,
+                ) -> $crate::Decision {
+                    <$provider as $crate::Provider>::handle_security_error(request, credentials, error)
+                }
+            }
+            $crate::bindings::export_guest!(__ReauthExport);
+        };
+    };
+}
+
+impl Descriptor {
+    /// No name or version yet (filled from `Cargo.toml` by [`export_provider!`])
+    /// and no schema.
+    pub fn new() -> Self {
+        Descriptor {
+            name: String::new(),
+            version: String::new(),
+            config: None,
+        }
+    }
+
+    /// Declare one config key (declaring any makes the schema strict: the host
+    /// refuses keys that are not declared).
+    pub fn key(mut self, key: ConfigKey) -> Self {
+        self.config.get_or_insert_with(Vec::new).push(key);
+        self
+    }
+
+    /// A schema with no keys: the provider reads no config at all.
+    pub fn no_config(mut self) -> Self {
+        self.config = Some(Vec::new());
+        self
+    }
+}
+
+impl Default for Descriptor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConfigKey {
+    fn of(name: &str, value_type: ValueType, help: &str) -> Self {
+        ConfigKey {
+            name: name.into(),
+            value_type,
+            required: false,
+            secret: false,
+            help: help.into(),
+        }
+    }
+
+    /// An optional text key.
+    pub fn text(name: &str, help: &str) -> Self {
+        Self::of(name, ValueType::Text, help)
+    }
+
+    /// An optional `http(s)://` URL key.
+    pub fn url(name: &str, help: &str) -> Self {
+        Self::of(name, ValueType::Url, help)
+    }
+
+    /// An optional whole-number key.
+    pub fn integer(name: &str, help: &str) -> Self {
+        Self::of(name, ValueType::Integer, help)
+    }
+
+    /// An optional `true`/`false` key.
+    pub fn boolean(name: &str, help: &str) -> Self {
+        Self::of(name, ValueType::Boolean, help)
+    }
+
+    /// Required: the host refuses a config without it.
+    pub fn required(mut self) -> Self {
+        self.required = true;
+        self
+    }
+
+    /// Secret: the host redacts its value from everything the provider says.
+    pub fn secret(mut self) -> Self {
+        self.secret = true;
+        self
+    }
+}
+
+impl SecurityError {
+    /// The first challenge of `scheme` (case-insensitive) the server sent.
+    pub fn challenge(&self, scheme: &str) -> Option<&Challenge> {
+        self.challenges
+            .iter()
+            .find(|c| c.scheme.eq_ignore_ascii_case(scheme))
+    }
+}
+
+impl Challenge {
+    /// The value of parameter `name` (case-insensitive).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
 
 impl Credentials {
     /// A bearer token with no known expiry (the host still reads a JWT's `exp`).
@@ -136,9 +294,13 @@ impl Credentials {
 }
 
 impl ProviderError {
-    /// A transient failure (IdP down, 5xx, timeout): the host backs off and retries.
+    /// A transient failure (IdP down, 5xx, 429, timeout): the host backs off and
+    /// retries.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        ProviderError::Unavailable(message.into())
+        ProviderError::Unavailable(Outage {
+            message: message.into(),
+            retry_after_ms: None,
+        })
     }
 
     /// The identity provider refused (bad secret, revoked grant): not retried hot.
@@ -150,6 +312,16 @@ impl ProviderError {
     pub fn misconfigured(message: impl Into<String>) -> Self {
         ProviderError::Misconfigured(message.into())
     }
+
+    /// For an `unavailable` error: the identity provider asked to wait this long
+    /// (e.g. [`http::Response::retry_after_ms`]); the host waits that long before
+    /// the next fetch instead of its own backoff step. Other errors are unchanged.
+    pub fn retry_after_ms(mut self, ms: Option<u64>) -> Self {
+        if let ProviderError::Unavailable(outage) = &mut self {
+            outage.retry_after_ms = ms;
+        }
+        self
+    }
 }
 
 impl From<http::HttpError> for ProviderError {
@@ -157,7 +329,7 @@ impl From<http::HttpError> for ProviderError {
     fn from(error: http::HttpError) -> Self {
         match error {
             http::HttpError::InvalidUrl(m) => ProviderError::Misconfigured(m),
-            other => ProviderError::Unavailable(other.to_string()),
+            other => ProviderError::unavailable(other.to_string()),
         }
     }
 }

@@ -131,8 +131,8 @@ pub fn idp_error(status: u16, body: &[u8]) -> ProviderError {
         "invalid_client" | "unauthorized_client" | "invalid_grant" | "access_denied" => {
             ProviderError::Denied(detail)
         }
-        "temporarily_unavailable" | "server_error" => ProviderError::Unavailable(detail),
-        _ if status >= 500 || status == 429 => ProviderError::Unavailable(detail),
+        "temporarily_unavailable" | "server_error" => ProviderError::unavailable(detail),
+        _ if status >= 500 || status == 429 => ProviderError::unavailable(detail),
         _ => ProviderError::Misconfigured(detail),
     }
 }
@@ -238,6 +238,43 @@ pub fn discover_token_endpoint(
         &serde_json::to_string(&cached).unwrap_or_default(),
     );
     Ok(endpoint)
+}
+
+/// The config keys [`Client::from_config`] reads, for a provider's
+/// [`Provider::describe`](crate::Provider::describe) (add the provider's own).
+pub fn client_keys() -> Vec<crate::ConfigKey> {
+    use crate::ConfigKey;
+    vec![
+        ConfigKey::url(
+            "issuer",
+            "OpenID Connect issuer (discovery); or `token_url`",
+        ),
+        ConfigKey::url("token_url", "the token endpoint; or `issuer`"),
+        ConfigKey::text("client_id", "the OAuth2 client id").required(),
+        ConfigKey::text("client_secret", "client secret (client_secret_basic/post)").secret(),
+        ConfigKey::text("private_key", "PEM key for private_key_jwt").secret(),
+        ConfigKey::text(
+            "auth_method",
+            "client_secret_basic, client_secret_post, private_key_jwt or none",
+        ),
+        ConfigKey::text(
+            "private_key_alg",
+            "private_key_jwt algorithm (default ES256)",
+        ),
+        ConfigKey::text("private_key_kid", "private_key_jwt key id"),
+        ConfigKey::text(
+            "assertion_audience",
+            "private_key_jwt `aud` (default: token endpoint)",
+        ),
+        ConfigKey::integer(
+            "timeout_ms",
+            "connect/first-byte timeout towards the IdP (ms)",
+        ),
+        ConfigKey::integer(
+            "discovery_ttl_s",
+            "how long a discovery document is kept (s)",
+        ),
+    ]
 }
 
 /// Forget the cached discovery document (after the token endpoint failed in a way
@@ -422,7 +459,8 @@ impl Client {
             if response.status == 404 && self.issuer.is_some() {
                 forget_discovery();
             }
-            return Err(idp_error(response.status, &response.body));
+            return Err(idp_error(response.status, &response.body)
+                .retry_after_ms(response.retry_after_ms()));
         }
         response.json().map_err(|e| {
             ProviderError::unavailable(format!("token endpoint sent an unreadable response: {e}"))

@@ -41,6 +41,10 @@ pub struct Plugins {
     pub bench_logic: PathBuf,
     /// `plugins/fixtures/flawed` (one deliberate flaw per `flaw` config value).
     pub flawed: PathBuf,
+    /// `plugins/acme-sts` (the contract 0.2 example: a non-OAuth2 STS).
+    pub acme_sts: PathBuf,
+    /// `plugins/fixtures/contract-0.1` (built against `reauth:provider@0.1.0`).
+    pub contract_v01: PathBuf,
     /// `plugins/oauth2-client-credentials-py` (Python).
     pub oauth2_py: PathBuf,
     /// `plugins/password-rotation-js` (JavaScript).
@@ -110,6 +114,8 @@ pub fn plugins() -> &'static Plugins {
             other_world: path("fixture_other_world"),
             bench_logic: path("fixture_bench_logic"),
             flawed: path("fixture_flawed"),
+            acme_sts: path("acme_sts"),
+            contract_v01: path("fixture_contract_0_1"),
             oauth2_py: component("oauth2-client-credentials-py"),
             password_rotation_js: component("password-rotation-js"),
             hostile_py: component("hostile-py"),

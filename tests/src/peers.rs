@@ -923,3 +923,98 @@ impl Drop for SlowEndpoint {
         self.task.abort();
     }
 }
+
+/// The made-up company STS and its resource server (`tests/peers/acme-sts/sts.py`,
+/// Python's strict `http.server`): not OAuth2, custom challenge scheme, 429 with
+/// `Retry-After`, a body needs `Content-Length`.
+pub struct AcmeSts {
+    _process: Peer,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+}
+
+impl AcmeSts {
+    /// The API key the STS accepts.
+    pub const API_KEY: &'static str = "acme-key-7f3a9c";
+
+    /// Start it (bounded: 20 s for the ready line).
+    pub fn start() -> AcmeSts {
+        let mut child = Command::new("python3")
+            .arg(crate::root().join("tests/peers/acme-sts/sts.py"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(peer_log("acme-sts"))
+            .spawn()
+            .expect("starting python3 tests/peers/acme-sts/sts.py");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if !line.is_empty() => line,
+            other => {
+                stop_process(&mut child, "-TERM", Duration::from_secs(2));
+                panic!(
+                    "the Acme STS did not start (target/test-logs/peers/acme-sts.log): {other:?}"
+                );
+            }
+        };
+        let ready: serde_json::Value = serde_json::from_str(&line).expect("STS ready line");
+        let port = ready["port"].as_u64().expect("port");
+        AcmeSts {
+            _process: Peer::new(child, "-TERM", Duration::from_secs(2)),
+            addr: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Set the STS's behaviour (`{"mode": "ok"|"429"|"down", "retry_after": "2",
+    /// "ttl": 30, "revoke": true}`).
+    pub async fn admin(&self, settings: serde_json::Value) {
+        let (status, _, body) = http(
+            &self.url(),
+            "POST",
+            "/admin",
+            &[("content-type", "application/json")],
+            Some(settings.to_string().into_bytes()),
+        )
+        .await
+        .expect("POST /admin");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+
+    /// Its counters: `sessions`, `chunked`, `rejected_429`, `last_content_length`.
+    pub async fn stats(&self) -> serde_json::Value {
+        let (status, _, body) = http(&self.url(), "GET", "/stats", &[], None)
+            .await
+            .expect("GET /stats");
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).expect("stats JSON")
+    }
+
+    /// `GET /api/whoami` with `authorization`: status, `WWW-Authenticate`,
+    /// `Retry-After`.
+    pub async fn whoami(&self, authorization: &str) -> (u16, Option<String>) {
+        let (status, headers, _) = http(
+            &self.url(),
+            "GET",
+            "/api/whoami",
+            &[("authorization", authorization)],
+            None,
+        )
+        .await
+        .expect("GET /api/whoami");
+        let challenge = headers
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (status, challenge)
+    }
+}

@@ -37,12 +37,19 @@ async fn check_reports_every_provider_and_fails_if_one_is_broken() {
     let static_ = plugins().static_.display().to_string();
     let (_dir, path) = config_with_api(
         "cache_dir = \"cache\"",
-        &format!("\n[providers.sso]\nplugin = {oauth2:?}\n"),
+        &format!("\n[providers.sso]\nplugin = {oauth2:?}\nconfig = {{ client_id = \"svc\" }}\n"),
     );
     let config = path.to_str().unwrap();
     let (code, out) = reauth(&["check", "--config", config]).await;
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
-    assert!(out.contains("ok   api: sha256 "), "{out}");
+    assert!(
+        out.contains("ok   api: static 0.1.0, contract 0.2.0; sha256 "),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok   sso: oauth2-client-credentials 0.1.0, contract 0.2.0, 14 config keys declared; sha256 "),
+        "{out}"
+    );
     assert!(out.contains("(compiled)"), "{out}");
     assert!(out.contains("2 provider(s): 2 ok, 0 failed"), "{out}");
     // The second run loads both from the precompiled cache.

@@ -129,7 +129,7 @@ async fn js_fetch_and_python_http_obey_allowed_hosts() {
             .unwrap_err();
         match &e {
             Error::Provider {
-                error: ProviderError::Unavailable(m),
+                error: ProviderError::Unavailable { message: m, .. },
                 ..
             } => assert!(
                 m.contains(&forbidden.authority())

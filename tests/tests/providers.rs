@@ -343,7 +343,7 @@ async fn oauth2_against_the_dev_issuer() {
             .await,
     );
     assert!(
-        matches!(&e, ProviderError::Unavailable(m) if m.contains("temporarily_unavailable")),
+        matches!(&e, ProviderError::Unavailable { message: m, .. } if m.contains("temporarily_unavailable")),
         "{e:?}"
     );
     issuer.set_unavailable(false);
@@ -354,7 +354,7 @@ async fn oauth2_against_the_dev_issuer() {
         host.get_credentials("good", &Request::new().scope("y"))
             .await,
     );
-    assert!(matches!(e, ProviderError::Unavailable(_)), "{e:?}");
+    assert!(matches!(e, ProviderError::Unavailable { .. }), "{e:?}");
 }
 
 #[tokio::test]
@@ -390,7 +390,7 @@ async fn egress_outside_allowed_hosts_is_refused() {
     for name in ["no-egress", "wrong-port", "fetch"] {
         let e = provider_error(host.get_credentials(name, &Request::new()).await);
         assert!(
-            matches!(&e, ProviderError::Unavailable(m) if m.contains("HttpRequestDenied")),
+            matches!(&e, ProviderError::Unavailable { message: m, .. } if m.contains("HttpRequestDenied")),
             "{name}: {e:?}"
         );
     }
@@ -629,4 +629,339 @@ fn config_file_errors_name_file_provider_and_key() {
             dir.path().join("absent.toml").display()
         )
     );
+}
+
+// ---------------------------------------------------------------------------
+// Contract 0.2: what real servers say (challenges, Retry-After), what a provider
+// says about itself (describe: its config schema), and 0.1.0 components next to
+// 0.2.0 ones.
+
+mod contract {
+    use super::*;
+    use reauth::ProviderStatus;
+    use reauth::clock::ManualClock;
+    use reauth_tests::peers::AcmeSts;
+    use serde_json::json;
+
+    fn acme(sts: &AcmeSts) -> ProviderConfig {
+        ProviderConfig::new(&plugins().acme_sts)
+            .allow_host(&sts.addr)
+            .config("sts_url", sts.url())
+            .config("api_key", AcmeSts::API_KEY)
+            .config("user", "alice")
+    }
+
+    fn authorization(c: &reauth::Credentials) -> String {
+        match &c.credential {
+            Credential::Headers(h) => {
+                assert_eq!(h.len(), 1, "{c:?}");
+                assert_eq!(h[0].0, "authorization");
+                reauth_tests::record_secret(h[0].1.expose());
+                h[0].1.expose().to_string()
+            }
+            other => panic!("expected a headers credential, got {other:?}"),
+        }
+    }
+
+    /// The server's real answer, classified the way an embedder does it.
+    async fn rejection(sts: &AcmeSts, authorization: &str) -> SecurityError {
+        let (status, challenge) = sts.whoami(authorization).await;
+        reauth::classify::from_http(status, challenge.as_deref(), None)
+            .unwrap_or_else(|| panic!("HTTP {status} is not a security error"))
+    }
+
+    #[tokio::test]
+    async fn a_non_oauth2_sts_end_to_end_challenges_retry_after_and_audience() {
+        reauth_tests::logs();
+        let sts = AcmeSts::start();
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let host = Host::builder()
+            .clock(clock.clone())
+            .provider("acme", acme(&sts))
+            .build()
+            .unwrap();
+
+        // describe: name, version, schema, contract.
+        match &host.check().await["acme"] {
+            ProviderStatus::Ready {
+                contract,
+                descriptor: Some(d),
+                ..
+            } => {
+                assert_eq!(*contract, "0.2.0");
+                assert_eq!((d.name.as_str(), d.version.as_str()), ("acme-sts", "0.1.0"));
+                let keys = d.config.as_ref().expect("a declared schema");
+                assert_eq!(keys.len(), 6, "{keys:?}");
+                assert_eq!(d.secret_keys().collect::<Vec<_>>(), ["api_key", "otp_seed"]);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // A JSON body with Content-Length: Python's strict http.server takes it.
+        let c = host.get_credentials("acme", &Request::new()).await.unwrap();
+        let auth = authorization(&c);
+        assert_eq!(c.principal.as_deref(), Some("alice"));
+        let stats = sts.stats().await;
+        assert_eq!(stats["sessions"], 1, "{stats}");
+        assert_eq!(
+            stats["chunked"], 0,
+            "a chunked body reached the STS: {stats}"
+        );
+        assert!(stats["last_content_length"].is_string(), "{stats}");
+        assert_eq!(sts.whoami(&auth).await.0, 200);
+
+        // Revoked (custom scheme, `error="revoked"`): the provider reads the
+        // challenge and gives up.
+        sts.admin(json!({"revoke": true})).await;
+        let revoked = rejection(&sts, &auth).await;
+        assert_eq!(revoked.code.as_deref(), Some("revoked"));
+        assert_eq!(revoked.challenges.len(), 1);
+        assert_eq!(revoked.challenges[0].scheme, "AcmeSession");
+        assert_eq!(revoked.challenges[0].param("realm"), Some("acme"));
+        let decision = host
+            .handle_security_error("acme", &Request::new(), &c, &revoked)
+            .await
+            .unwrap();
+        assert_eq!(decision, Decision::Fail);
+
+        // Expired (`error="expired"`): classified token-expired, the provider
+        // refreshes, and the next fetch is a new session.
+        sts.admin(json!({"ttl": 1})).await;
+        let request = Request::new().audience("api");
+        let short = host.get_credentials("acme", &request).await.unwrap();
+        let short_auth = authorization(&short);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let expired = rejection(&sts, &short_auth).await;
+        assert_eq!(expired.kind, SecurityErrorKind::TokenExpired, "{expired:?}");
+        let decision = host
+            .handle_security_error("acme", &request, &short, &expired)
+            .await
+            .unwrap();
+        assert_eq!(decision, Decision::RefreshAndRetry);
+        sts.admin(json!({"ttl": 30})).await;
+        let again = host.get_credentials("acme", &request).await.unwrap();
+        assert_ne!(authorization(&again), short_auth);
+        assert_eq!(sts.whoami(&authorization(&again)).await.0, 200);
+        assert_eq!(sts.stats().await["sessions"], 3);
+
+        // Wrong audience: 403, forbidden, fail.
+        let other = Request::new().audience("billing");
+        let wrong = host.get_credentials("acme", &other).await.unwrap();
+        let forbidden = rejection(&sts, &authorization(&wrong)).await;
+        assert_eq!(forbidden.kind, SecurityErrorKind::Forbidden);
+        let decision = host
+            .handle_security_error("acme", &other, &wrong, &forbidden)
+            .await
+            .unwrap();
+        assert_eq!(decision, Decision::Fail);
+
+        // A rejection with Retry-After: the provider sees it and waits that long.
+        let busy = SecurityError::new(SecurityErrorKind::Unauthorized)
+            .status(401)
+            .retry_after(Duration::from_secs(3));
+        let decision = host
+            .handle_security_error("acme", &Request::new(), &c, &busy)
+            .await
+            .unwrap();
+        assert_eq!(decision, Decision::RetryAfter(Duration::from_secs(3)));
+
+        // 429 + Retry-After: 2 → unavailable carrying it, and the host waits
+        // exactly that long on its clock (its own first backoff step is 100 ms).
+        sts.admin(json!({"mode": "429", "retry_after": "2"})).await;
+        let throttled = Request::new().scope("reports");
+        let e = provider_error(host.get_credentials("acme", &throttled).await);
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(2)), "{e:?}");
+        assert!(e.to_string().contains("HTTP 429"), "{e}");
+        assert_eq!(sts.stats().await["rejected_429"], 1);
+        clock.advance(Duration::from_millis(1500));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let e = provider_error(host.get_credentials("acme", &throttled).await);
+        assert!(matches!(e, ProviderError::Unavailable { .. }), "{e:?}");
+        assert_eq!(
+            sts.stats().await["rejected_429"],
+            1,
+            "the host called the STS again before its Retry-After"
+        );
+        sts.admin(json!({"mode": "ok"})).await;
+        clock.advance(Duration::from_millis(600));
+        let ok = host.get_credentials("acme", &throttled).await.unwrap();
+        assert_eq!(sts.whoami(&authorization(&ok)).await.0, 200);
+        assert_eq!(sts.stats().await["rejected_429"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_config_that_breaks_the_declared_schema_is_refused_naming_file_line_and_key() {
+        reauth_tests::logs();
+        let sts = AcmeSts::start();
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = plugins().acme_sts.display().to_string();
+        let toml = format!(
+            r#"[providers.acme]
+plugin = {plugin:?}
+allowed_hosts = [{addr:?}]
+
+[providers.acme.config]
+sts_url = "{url}"
+user = "alice"
+api_kye = "typo-secret-4711"
+timeout_ms = "soon"
+
+[providers.fine]
+plugin = {plugin:?}
+allowed_hosts = [{addr:?}]
+config = {{ sts_url = "{url}", user = "bob", api_key = "{key}" }}
+"#,
+            addr = sts.addr,
+            url = sts.url(),
+            key = AcmeSts::API_KEY,
+        );
+        let path = dir.path().join("reauth.toml");
+        std::fs::write(&path, toml).unwrap();
+        let host = Host::from_config_file(&path).unwrap();
+        let status = host.check().await;
+        let report = match &status["acme"] {
+            ProviderStatus::Failed(m) => m.clone(),
+            other => panic!("{other:?}"),
+        };
+        let file = path.display().to_string();
+        for expected in [
+            "provider `acme`: the config does not fit the plugin's declared schema".to_string(),
+            format!(
+                "{file}:8: providers.acme.config.api_kye: not a key this provider reads (did you mean `api_key`?)"
+            ),
+            format!(
+                "{file}:5: providers.acme.config.api_key: required, but not set: sent as X-Api-Key"
+            ),
+            format!(
+                "{file}:9: providers.acme.config.timeout_ms: is not a whole number (declared integer)"
+            ),
+        ] {
+            assert!(
+                report.contains(&expected),
+                "missing {expected:?} in:\n{report}"
+            );
+        }
+        assert!(!report.contains("typo-secret-4711"), "{report}");
+        assert!(!report.contains("soon"), "values are never shown: {report}");
+        assert!(matches!(status["fine"], ProviderStatus::Ready { .. }));
+
+        // At call time: misconfigured, naming the key, and the STS never called.
+        let e = provider_error(host.get_credentials("acme", &Request::new()).await);
+        match &e {
+            ProviderError::Misconfigured(m) => {
+                assert!(m.contains("providers.acme.config.api_kye"), "{m}");
+                assert!(!m.contains("typo-secret-4711"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(sts.stats().await["sessions"], 0);
+        // The other provider of the same plugin is unaffected.
+        host.get_credentials("fine", &Request::new()).await.unwrap();
+        assert_eq!(sts.stats().await["sessions"], 1);
+    }
+
+    #[tokio::test]
+    async fn declared_secret_keys_are_redacted_from_what_the_provider_says() {
+        reauth_tests::logs();
+        let sts = AcmeSts::start();
+        // `otp_seed` is secret only because the plugin says so (its name is not
+        // one the host would guess); the STS echoes every header it got.
+        for s in ["wrong-key-5550123", "otp-seed-98765"] {
+            reauth_tests::record_secret(s);
+        }
+        let host = Host::builder()
+            .provider(
+                "acme",
+                acme(&sts)
+                    .config("api_key", "wrong-key-5550123")
+                    .config("otp_seed", "otp-seed-98765"),
+            )
+            .build()
+            .unwrap();
+        let e = provider_error(host.get_credentials("acme", &Request::new()).await);
+        let shown = e.to_string();
+        assert!(
+            shown.contains("the STS refused the API key (HTTP 401)"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("[redacted]"),
+            "the echo was not there: {shown}"
+        );
+        assert!(!shown.contains("otp-seed-98765"), "{shown}");
+        assert!(!shown.contains("wrong-key-5550123"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_0_1_0_component_loads_and_works_next_to_0_2_0_ones() {
+        reauth_tests::logs();
+        let sts = AcmeSts::start();
+        let host = Host::builder()
+            .provider("v01", ProviderConfig::new(&plugins().contract_v01))
+            .provider(
+                "v01-down",
+                ProviderConfig::new(&plugins().contract_v01).config("fail", "unavailable"),
+            )
+            .provider("acme", acme(&sts))
+            .build()
+            .unwrap();
+        let status = host.check().await;
+        match &status["v01"] {
+            ProviderStatus::Ready {
+                contract,
+                descriptor: Some(d),
+                ..
+            } => {
+                assert_eq!(*contract, "0.1.0");
+                assert!(d.name.is_empty() && d.config.is_none(), "{d:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            &status["acme"],
+            ProviderStatus::Ready {
+                contract: "0.2.0",
+                ..
+            }
+        ));
+
+        let c = host.get_credentials("v01", &Request::new()).await.unwrap();
+        assert_eq!(bearer(&c.credential), "token-1");
+        assert_eq!(c.principal.as_deref(), Some("v01"));
+        // The 0.1.0 provider sees a security error without the 0.2 fields.
+        let expired = SecurityError::new(SecurityErrorKind::Unauthorized)
+            .status(401)
+            .challenges(reauth::classify::parse_www_authenticate(
+                r#"Bearer error="invalid_token""#,
+            ))
+            .retry_after(Duration::from_secs(1));
+        let decision = host
+            .handle_security_error("v01", &Request::new(), &c, &expired)
+            .await
+            .unwrap();
+        assert_eq!(decision, Decision::RefreshAndRetry);
+        // Its state (the 0.1.0 `state` interface) counted the second fetch.
+        let next = host.get_credentials("v01", &Request::new()).await.unwrap();
+        assert_eq!(bearer(&next.credential), "token-2");
+        let decision = host
+            .handle_security_error(
+                "v01",
+                &Request::new(),
+                &next,
+                &SecurityError::new(SecurityErrorKind::Forbidden),
+            )
+            .await
+            .unwrap();
+        assert_eq!(decision, Decision::RetryAfter(Duration::from_millis(7)));
+        let e = provider_error(host.get_credentials("v01-down", &Request::new()).await);
+        assert_eq!(
+            e,
+            ProviderError::Unavailable {
+                message: "0.1.0 provider told to fail".into(),
+                retry_after: None
+            }
+        );
+        // And the 0.2.0 provider next to it is served.
+        host.get_credentials("acme", &Request::new()).await.unwrap();
+    }
 }

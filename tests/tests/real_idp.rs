@@ -246,7 +246,7 @@ async fn idp_outage_serves_the_cached_token_backs_off_and_recovers() {
                 served += 1;
             }
             Err(Error::Provider {
-                error: ProviderError::Unavailable(_),
+                error: ProviderError::Unavailable { .. },
                 ..
             }) => unavailable += 1,
             Err(e) => panic!("unexpected error during the outage: {e}"),

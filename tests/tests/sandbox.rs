@@ -433,8 +433,9 @@ async fn broken_or_foreign_plugins_are_refused_at_load() {
     );
     let e = failed("other-world");
     assert!(
-        e.contains("missing export `reauth:provider/auth-provider@0.1.0` (it exports `run`)")
-            && e.contains("imports the host does not offer: `acme:other/vault@1.0.0`"),
+        e.contains(
+            "missing export `reauth:provider/auth-provider@0.2.0` or `…@0.1.0` (it exports `run`)"
+        ) && e.contains("imports the host does not offer: `acme:other/vault@1.0.0`"),
         "{e}"
     );
     assert!(matches!(status["ok"], ProviderStatus::Ready { .. }));

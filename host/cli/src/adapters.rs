@@ -14,7 +14,7 @@
 use crate::error::BoxError;
 use crate::host::Host;
 use crate::secret::Secret;
-use crate::types::{Decision, Request, SecurityError};
+use crate::types::{Decision, Request};
 use crate::wire::{WireCredential, WireCredentials, WireErrorKind, WireRequest, WireSecurityError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -176,7 +176,7 @@ impl Backend {
                         provider,
                         &req,
                         &crate::types::Credentials::try_from(credential.clone())?,
-                        &SecurityError::from(error),
+                        &error.into_security_error(host.now()),
                     )
                     .await?;
                 if decision != Decision::RefreshAndRetry {
@@ -211,6 +211,8 @@ fn unauthorized(code: &str, message: &str) -> WireSecurityError {
         status: Some(401),
         code: Some(code.to_string()),
         message: Some(message.to_string()),
+        www_authenticate: None,
+        retry_after: None,
     }
 }
 

@@ -546,10 +546,24 @@ fn print_status(
             from_cache,
             breaker,
             reload_error,
+            contract,
+            descriptor,
         } => {
+            let about = match descriptor.as_deref() {
+                Some(d) if !d.name.is_empty() => format!(
+                    "{} {}, contract {contract}{}; ",
+                    d.name,
+                    d.version,
+                    match &d.config {
+                        Some(keys) => format!(", {} config keys declared", keys.len()),
+                        None => String::new(),
+                    }
+                ),
+                _ => format!("contract {contract}; "),
+            };
             writeln!(
                 out,
-                "ok   {name}: sha256 {}… ({}){}{}",
+                "ok   {name}: {about}sha256 {}… ({}){}{}",
                 &sha256[..12],
                 if *from_cache {
                     "precompiled cache"

@@ -790,7 +790,7 @@ impl Kit<'_> {
         }
         Ok(match result {
             Err(Error::Provider {
-                error: ProviderError::Unavailable(m),
+                error: ProviderError::Unavailable { message: m, .. },
                 ..
             }) => Outcome::Pass(format!("HTTP 503 ⇒ unavailable ({m})")),
             other => Outcome::Fail(format!(
@@ -981,7 +981,7 @@ fn describe_fetch(r: &Fetched) -> String {
 fn short(e: &Error) -> String {
     match e {
         Error::Provider { error, .. } => match error {
-            ProviderError::Unavailable(m) => format!("unavailable ({m})"),
+            ProviderError::Unavailable { message: m, .. } => format!("unavailable ({m})"),
             ProviderError::Denied(m) => format!("denied ({m})"),
             ProviderError::Misconfigured(m) => format!("misconfigured ({m})"),
         },

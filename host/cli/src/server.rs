@@ -697,7 +697,7 @@ fn error_response(e: &Error) -> Response {
     let (status, kind) = match e {
         Error::UnknownProvider { .. } => (StatusCode::NOT_FOUND, "unknown_provider"),
         Error::Provider { error, .. } => match error {
-            ProviderError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ProviderError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ProviderError::Denied(_) => (StatusCode::BAD_GATEWAY, "denied"),
             ProviderError::Misconfigured(_) => (StatusCode::BAD_GATEWAY, "misconfigured"),
         },
@@ -845,6 +845,8 @@ async fn list_providers(State(state): State<AppState>) -> Response {
                 from_cache,
                 breaker,
                 reload_error,
+                contract,
+                descriptor,
             } => json!({
                 "name": name,
                 "status": if breaker.cooling_down_for.is_some() { "cooling_down" } else { "ready" },
@@ -852,6 +854,12 @@ async fn list_providers(State(state): State<AppState>) -> Response {
                 "precompiled": from_cache,
                 "consecutive_faults": breaker.consecutive_faults,
                 "last_error": breaker.last_fault.or(reload_error),
+                "contract": contract,
+                "plugin": descriptor.map(|d| json!({
+                    "name": d.name,
+                    "version": d.version,
+                    "config_keys": d.config.as_ref().map(Vec::len),
+                })),
             }),
             ProviderStatus::Failed(why) => {
                 json!({"name": name, "status": "failed", "last_error": why})
@@ -896,6 +904,7 @@ fn credentials_body(headers: &HeaderMap, body: &Bytes) -> Result<Request, Refuse
 fn security_error_body(
     headers: &HeaderMap,
     body: &Bytes,
+    now: std::time::SystemTime,
 ) -> Result<(Request, Credentials, SecurityError), Refused> {
     let body: SecurityErrorBody = parse(headers, body)?;
     // Parsing already refused out-of-range values; the conversion is checked too.
@@ -908,7 +917,7 @@ fn security_error_body(
     Ok((
         Request::from(body.request),
         rejected,
-        SecurityError::from(body.error),
+        body.error.into_security_error(now),
     ))
 }
 
@@ -918,7 +927,7 @@ async fn security_errors(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (request, rejected, error) = match security_error_body(&headers, &body) {
+    let (request, rejected, error) = match security_error_body(&headers, &body, state.host.now()) {
         Ok(parts) => parts,
         Err(r) => return r.into_response(),
     };
@@ -987,7 +996,11 @@ pub mod fuzzing {
     /// parts or a refusal, never a panic; what converts goes back to the wire and
     /// converts again to the same credentials, and its `Debug` shows no secret.
     pub fn security_error_body(content_type: Option<&str>, body: &[u8]) {
-        match super::security_error_body(&headers(content_type), &Bytes::copy_from_slice(body)) {
+        match super::security_error_body(
+            &headers(content_type),
+            &Bytes::copy_from_slice(body),
+            std::time::SystemTime::now(),
+        ) {
             Ok((_, credentials, error)) => {
                 let wire = WireCredentials::from(&credentials);
                 let back = Credentials::try_from(wire.clone())

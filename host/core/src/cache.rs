@@ -24,9 +24,11 @@
 //!
 //! **Never flood the IdP.** Failed fetches back off exponentially with jitter
 //! (`backoff_initial_ms` → `backoff_max_ms`); `denied` and `misconfigured` wait the
-//! maximum at once; two plugin calls for one key are at least `min_interval_ms`
-//! apart. While backing off, a credential that is past its use-until time but not
-//! yet expired is still served (stale-if-error); otherwise the last error is.
+//! maximum at once; an `unavailable` error that carries the identity provider's
+//! `Retry-After` waits that long instead (at most `backoff_max_ms`); two plugin
+//! calls for one key are at least `min_interval_ms` apart. While backing off, a
+//! credential that is past its use-until time but not yet expired is still served
+//! (stale-if-error); otherwise the last error is.
 
 // Every number here may come from a plugin, a JWT or a config: no unchecked
 // arithmetic (see `clock::saturating_add`).
@@ -675,8 +677,13 @@ impl TokenCache {
 
 fn record_failure(st: &mut SlotState, error: &Error, s: &CacheConfig, now: SystemTime) {
     st.failures = st.failures.saturating_add(1);
+    let max = Duration::from_millis(s.backoff_max_ms);
     let delay = if error.is_permanent() {
-        Duration::from_millis(s.backoff_max_ms)
+        max
+    } else if let Some(after) = error.provider_error().and_then(|e| e.retry_after()) {
+        // The identity provider said when (contract 0.2): its word instead of
+        // our step, within the provider's bound.
+        after.min(max)
     } else {
         backoff(s, st.failures, rand::random())
     };

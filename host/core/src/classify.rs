@@ -12,32 +12,21 @@
 //! | neo4j `…Security.Unauthorized` / `Forbidden` / other `…Security.*` | `unauthorized` / `forbidden` / `other` |
 //! | PostgreSQL SQLSTATE `28P01` (invalid_password), `28000` | `unauthorized` |
 //! | Redis `WRONGPASS`, `NOAUTH` / `NOPERM` | `unauthorized` / `forbidden` |
+//!
+//! Every `WWW-Authenticate` challenge, whatever its scheme (RFC 9110 §11.6.1:
+//! `Bearer`, `DPoP`, `Basic`, a company's `AcmeSession error="revoked"`), is parsed
+//! into [`SecurityError::challenges`] for the provider to read (contract 0.2); the
+//! `code` is the Bearer challenge's `error`, else the first challenge's `error`
+//! parameter. [`parse_retry_after`] reads `Retry-After` (delta-seconds or an HTTP
+//! date) into [`SecurityError::retry_after`].
 
 use crate::types::{SecurityError, SecurityErrorKind};
+use std::time::{Duration, SystemTime};
 
 /// Longest `WWW-Authenticate` value parsed; longer input is truncated.
 pub const MAX_HEADER: usize = 8 * 1024;
 
-/// One challenge of a `WWW-Authenticate` header (RFC 9110 §11.6.1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
-    /// The auth scheme, as sent (compare case-insensitively).
-    pub scheme: String,
-    /// `token68` credentials, if the challenge carried them instead of parameters.
-    pub token68: Option<String>,
-    /// Parameters, names lower-cased, values unquoted.
-    pub params: Vec<(String, String)>,
-}
-
-impl Challenge {
-    /// The value of parameter `name` (case-insensitive).
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
+pub use crate::types::Challenge;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Tok {
@@ -180,6 +169,16 @@ pub fn parse_www_authenticate(value: &str) -> Vec<Challenge> {
     challenges
 }
 
+/// The error code the challenges carry: the Bearer challenge's `error`, else the
+/// first challenge's `error` parameter (`AcmeSession error="revoked"`).
+pub fn challenge_code(challenges: &[Challenge]) -> Option<&str> {
+    challenges
+        .iter()
+        .find(|c| c.scheme.eq_ignore_ascii_case("bearer"))
+        .and_then(|c| c.param("error"))
+        .or_else(|| challenges.iter().find_map(|c| c.param("error")))
+}
+
 fn mentions_expiry(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
     t.contains("expired")
@@ -206,7 +205,7 @@ pub fn from_http(
     let bearer = challenges
         .iter()
         .find(|c| c.scheme.eq_ignore_ascii_case("bearer"));
-    let code = bearer.and_then(|c| c.param("error")).map(str::to_string);
+    let code = challenge_code(&challenges).map(str::to_string);
     let description = bearer
         .and_then(|c| c.param("error_description"))
         .map(str::to_string)
@@ -218,10 +217,14 @@ pub fn from_http(
                 .and_then(|v| v.as_str())
                 .map(str::to_string)
         });
-    let expired = description.as_deref().is_some_and(mentions_expiry)
+    // A non-Bearer scheme's own code may say it (`AcmeSession error="expired"`).
+    let code_says_expired = bearer.is_none() && code.as_deref().is_some_and(mentions_expiry);
+    let expired = code_says_expired
+        || description.as_deref().is_some_and(mentions_expiry)
         || body.is_some_and(|b| b.len() <= MAX_HEADER && mentions_expiry(b));
     let kind = match (status, code.as_deref()) {
         (403, _) | (_, Some("insufficient_scope")) => SecurityErrorKind::Forbidden,
+        (401, _) if code_says_expired => SecurityErrorKind::TokenExpired,
         (401, Some("invalid_token")) | (401, None) if expired => SecurityErrorKind::TokenExpired,
         _ => SecurityErrorKind::Unauthorized,
     };
@@ -230,7 +233,33 @@ pub fn from_http(
         code,
         status: Some(status),
         message: description,
+        challenges,
+        retry_after: None,
     })
+}
+
+/// Longest `Retry-After` honoured: a day (a larger value is clamped to it).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Parse a `Retry-After` value (RFC 9110 §10.2.3): delta-seconds, or an HTTP date
+/// (taken relative to `now`; a date in the past is zero). Clamped to
+/// [`MAX_RETRY_AFTER`]; `None` for anything else. Never panics.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > 64 {
+        return None;
+    }
+    if value.bytes().all(|b| b.is_ascii_digit()) {
+        // Any number of digits: a value past u64 is "very long", not an error.
+        let secs = value.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
 }
 
 /// Classify a neo4j status code (`Neo.ClientError.Security.*`); `None` for codes
@@ -244,6 +273,8 @@ pub fn from_neo4j(code: &str, message: Option<&str>) -> Option<SecurityError> {
         _ => SecurityErrorKind::Other,
     };
     Some(SecurityError {
+        challenges: Vec::new(),
+        retry_after: None,
         kind,
         code: Some(code.to_string()),
         status: None,
@@ -259,6 +290,8 @@ pub fn from_postgres(sqlstate: &str, message: Option<&str>) -> Option<SecurityEr
         _ => return None,
     };
     Some(SecurityError {
+        challenges: Vec::new(),
+        retry_after: None,
         kind,
         code: Some(sqlstate.to_string()),
         status: None,
@@ -276,6 +309,8 @@ pub fn from_redis(reply: &str) -> Option<SecurityError> {
         _ => return None,
     };
     Some(SecurityError {
+        challenges: Vec::new(),
+        retry_after: None,
         kind,
         code: Some(prefix.to_string()),
         status: None,
@@ -356,6 +391,72 @@ mod tests {
             let status = [401, 403, 407][round as usize % 3];
             let e = from_http(status, Some(&input), Some(&input)).expect("auth statuses classify");
             assert_eq!(e.status, Some(status));
+        }
+    }
+
+    #[test]
+    fn any_scheme_is_parsed_and_its_error_code_read() {
+        let e = from_http(
+            401,
+            Some(r#"AcmeSession realm="acme", error="expired", Basic realm="x""#),
+            None,
+        )
+        .unwrap();
+        assert_eq!(e.kind, SecurityErrorKind::TokenExpired);
+        assert_eq!(e.code.as_deref(), Some("expired"));
+        assert_eq!(e.challenges.len(), 2);
+        assert_eq!(e.challenges[0].scheme, "AcmeSession");
+        assert_eq!(e.challenges[0].param("ERROR"), Some("expired"));
+        assert_eq!(e.challenges[1].scheme, "Basic");
+        let revoked = from_http(401, Some(r#"AcmeSession error="revoked""#), None).unwrap();
+        assert_eq!(revoked.kind, SecurityErrorKind::Unauthorized);
+        assert_eq!(revoked.code.as_deref(), Some("revoked"));
+        // A Bearer challenge's code wins over another scheme's.
+        let both = from_http(
+            401,
+            Some(r#"AcmeSession error="expired", Bearer error="invalid_token""#),
+            None,
+        )
+        .unwrap();
+        assert_eq!(both.code.as_deref(), Some("invalid_token"));
+        assert_eq!(both.kind, SecurityErrorKind::Unauthorized);
+        let negotiate = from_http(401, Some("Negotiate YIIBhgYGKwYBBQUCoII="), None).unwrap();
+        assert_eq!(
+            negotiate.challenges[0].token68.as_deref(),
+            Some("YIIBhgYGKwYBBQUCoII=")
+        );
+        assert_eq!(negotiate.code, None);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates_and_survives_extremes() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        for huge in [
+            "18446744073709551615",
+            "99999999999999999999999999999999999999",
+        ] {
+            assert_eq!(parse_retry_after(huge, now), Some(MAX_RETRY_AFTER));
+        }
+        let far = httpdate::fmt_http_date(now + Duration::from_secs(10 * 365 * 86_400));
+        assert_eq!(parse_retry_after(&far, now), Some(MAX_RETRY_AFTER));
+        for bad in [
+            "",
+            "-1",
+            "1.5",
+            "soon",
+            "Mon, 99 Foo 2024",
+            &"9".repeat(100),
+        ] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
         }
     }
 

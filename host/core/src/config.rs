@@ -882,6 +882,32 @@ pub mod defaults {
     }
 }
 
+/// The 1-based line where the key at `path` (e.g. `["providers", "acme",
+/// "config", "token_url"]`) is written in the TOML `text`, if it is (dotted keys,
+/// `[table]` headers and inline tables alike).
+pub fn line_of_key(text: &str, path: &[&str]) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut table: &DeTable<'_> = root.get_ref();
+    let (last, parents) = path.split_last()?;
+    for part in parents {
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref() == part)?;
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => return None,
+        }
+    }
+    let (key, _) = table.iter().find(|(k, _)| k.get_ref() == last)?;
+    let start = key.span().start.min(text.len());
+    Some(
+        text.as_bytes()[..start]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1,
+    )
+}
+
 impl HostConfig {
     /// Read and validate `path`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {

@@ -31,6 +31,7 @@ pub mod error;
 pub mod hosts;
 pub mod metrics;
 pub mod retry;
+pub mod schema;
 pub mod secret;
 pub mod types;
 pub mod wire;
@@ -43,6 +44,6 @@ pub use error::{BoxError, Error, LimitKind, Result};
 pub use retry::{OperationError, Rejection, RetryPolicy};
 pub use secret::{Secret, constant_time_eq};
 pub use types::{
-    Credential, Credentials, Decision, ProviderError, Reason, Request, SecurityError,
+    Challenge, Credential, Credentials, Decision, ProviderError, Reason, Request, SecurityError,
     SecurityErrorKind,
 };

@@ -116,7 +116,7 @@ impl CallOutcome {
         match result {
             Ok(_) => CallOutcome::Ok,
             Err(Error::Provider { error, .. }) => match error {
-                ProviderError::Unavailable(_) => CallOutcome::Unavailable,
+                ProviderError::Unavailable { .. } => CallOutcome::Unavailable,
                 ProviderError::Denied(_) => CallOutcome::Denied,
                 ProviderError::Misconfigured(_) => CallOutcome::Misconfigured,
             },

@@ -3,7 +3,7 @@
 
 use crate::secret::Secret;
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// What a client presents to a server.
 ///
@@ -120,8 +120,15 @@ impl Request {
 /// Why a provider could not produce credentials (the WIT `provider-error`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProviderError {
-    /// Transient: IdP down, 5xx, timeout.
-    Unavailable(String),
+    /// Transient: IdP down, 5xx, 429, timeout.
+    Unavailable {
+        /// What went wrong.
+        message: String,
+        /// How long the identity provider asked to wait (its `Retry-After`), if it
+        /// said: the cache waits that long (at most `cache.backoff_max_ms`) instead
+        /// of its own backoff step. Contract 0.2; always `None` from 0.1.0 plugins.
+        retry_after: Option<Duration>,
+    },
     /// The IdP refused: bad secret, revoked grant.
     Denied(String),
     /// The provider's configuration is wrong.
@@ -129,10 +136,32 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A transient failure with no advice on when to retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ProviderError::Unavailable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The identity provider's `Retry-After`, for an `unavailable` error.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// The same error with its message rewritten by `f`.
     pub fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
         match self {
-            ProviderError::Unavailable(m) => ProviderError::Unavailable(f(m)),
+            ProviderError::Unavailable {
+                message,
+                retry_after,
+            } => ProviderError::Unavailable {
+                message: f(message),
+                retry_after,
+            },
             ProviderError::Denied(m) => ProviderError::Denied(f(m)),
             ProviderError::Misconfigured(m) => ProviderError::Misconfigured(f(m)),
         }
@@ -142,7 +171,18 @@ impl ProviderError {
 impl fmt::Display for ProviderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProviderError::Unavailable(m) => write!(f, "unavailable: {m}"),
+            ProviderError::Unavailable {
+                message,
+                retry_after: None,
+            } => write!(f, "unavailable: {message}"),
+            ProviderError::Unavailable {
+                message,
+                retry_after: Some(after),
+            } => write!(
+                f,
+                "unavailable: {message} (retry after {} ms)",
+                after.as_millis()
+            ),
             ProviderError::Denied(m) => write!(f, "denied: {m}"),
             ProviderError::Misconfigured(m) => write!(f, "misconfigured: {m}"),
         }
@@ -162,6 +202,28 @@ pub enum SecurityErrorKind {
     Other,
 }
 
+/// One challenge of a `WWW-Authenticate` header (RFC 9110 §11.6.1), any scheme;
+/// parsed by [`crate::classify::parse_www_authenticate`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Challenge {
+    /// The auth scheme, as sent (compare case-insensitively).
+    pub scheme: String,
+    /// `token68` credentials, if the challenge carried them instead of parameters.
+    pub token68: Option<String>,
+    /// Parameters, names lower-cased, values unquoted.
+    pub params: Vec<(String, String)>,
+}
+
+impl Challenge {
+    /// The value of parameter `name` (case-insensitive).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// A server rejected an operation for an authentication reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecurityError {
@@ -173,6 +235,11 @@ pub struct SecurityError {
     pub status: Option<u16>,
     /// The server's message.
     pub message: Option<String>,
+    /// Every `WWW-Authenticate` challenge the server sent, any scheme (contract
+    /// 0.2; a 0.1.0 plugin does not see them).
+    pub challenges: Vec<Challenge>,
+    /// The server's `Retry-After`, if it sent one (contract 0.2).
+    pub retry_after: Option<Duration>,
 }
 
 impl SecurityError {
@@ -183,6 +250,8 @@ impl SecurityError {
             code: None,
             status: None,
             message: None,
+            challenges: Vec::new(),
+            retry_after: None,
         }
     }
 
@@ -202,6 +271,25 @@ impl SecurityError {
     pub fn message(mut self, message: impl Into<String>) -> Self {
         self.message = Some(message.into());
         self
+    }
+
+    /// With the server's `WWW-Authenticate` challenges.
+    pub fn challenges(mut self, challenges: Vec<Challenge>) -> Self {
+        self.challenges = challenges;
+        self
+    }
+
+    /// With the server's `Retry-After`.
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The first challenge whose scheme is `scheme` (case-insensitive).
+    pub fn challenge(&self, scheme: &str) -> Option<&Challenge> {
+        self.challenges
+            .iter()
+            .find(|c| c.scheme.eq_ignore_ascii_case(scheme))
     }
 }
 

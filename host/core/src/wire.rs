@@ -235,6 +235,13 @@ pub struct WireSecurityError {
     /// Human-readable message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The server's `WWW-Authenticate` value as received, any scheme: parsed into
+    /// the challenges a 0.2 provider sees (and the `code`, when none is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub www_authenticate: Option<String>,
+    /// The server's `Retry-After` value as received (delta-seconds or an HTTP date).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<String>,
 }
 
 /// [`SecurityErrorKind`] on the wire.
@@ -251,18 +258,33 @@ pub enum WireErrorKind {
     Other,
 }
 
-impl From<WireSecurityError> for SecurityError {
-    fn from(w: WireSecurityError) -> Self {
+impl WireSecurityError {
+    /// The security error it reports; `now` places an HTTP-date `Retry-After`.
+    /// A `Retry-After` that is neither a number nor an HTTP date is ignored.
+    pub fn into_security_error(self, now: SystemTime) -> SecurityError {
+        let challenges = self
+            .www_authenticate
+            .as_deref()
+            .map(crate::classify::parse_www_authenticate)
+            .unwrap_or_default();
+        let code = self
+            .code
+            .or_else(|| crate::classify::challenge_code(&challenges).map(str::to_string));
         SecurityError {
-            kind: match w.kind {
+            kind: match self.kind {
                 WireErrorKind::TokenExpired => SecurityErrorKind::TokenExpired,
                 WireErrorKind::Unauthorized => SecurityErrorKind::Unauthorized,
                 WireErrorKind::Forbidden => SecurityErrorKind::Forbidden,
                 WireErrorKind::Other => SecurityErrorKind::Other,
             },
-            code: w.code,
-            status: w.status,
-            message: w.message,
+            code,
+            status: self.status,
+            message: self.message,
+            challenges,
+            retry_after: self
+                .retry_after
+                .as_deref()
+                .and_then(|v| crate::classify::parse_retry_after(v, now)),
         }
     }
 }
@@ -277,6 +299,44 @@ pub fn expiry(c: &WireCredentials) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reported_security_error_carries_the_servers_challenges_and_retry_after() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let w: WireSecurityError = serde_json::from_value(serde_json::json!({
+            "kind": "unauthorized",
+            "status": 401,
+            "www_authenticate": "AcmeSession realm=\"acme\", error=\"revoked\"",
+            "retry_after": "120",
+        }))
+        .unwrap();
+        let e = w.into_security_error(now);
+        assert_eq!(
+            e.code.as_deref(),
+            Some("revoked"),
+            "the code comes from the challenge"
+        );
+        assert_eq!(e.challenges[0].scheme, "AcmeSession");
+        assert_eq!(e.retry_after, Some(Duration::from_secs(120)));
+        // A code given wins; an unusable Retry-After is ignored, not an error.
+        let w: WireSecurityError = serde_json::from_value(serde_json::json!({
+            "kind": "token_expired",
+            "code": "mine",
+            "www_authenticate": "Bearer error=\"invalid_token\"",
+            "retry_after": "whenever",
+        }))
+        .unwrap();
+        let e = w.into_security_error(now);
+        assert_eq!(e.code.as_deref(), Some("mine"));
+        assert_eq!(e.retry_after, None);
+        assert!(
+            serde_json::from_value::<WireSecurityError>(serde_json::json!({
+                "kind": "other", "retry_after": 5
+            }))
+            .is_err(),
+            "retry_after is the header's text"
+        );
+    }
 
     #[test]
     fn round_trips_and_redacts() {

@@ -5,24 +5,274 @@ use crate::secret::Secret;
 use crate::types;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-wasmtime::component::bindgen!({
-    path: "../wit",
-    world: "reauth:provider/provider",
-    imports: {
-        // A call waits for its provider's state lock without blocking a thread.
-        "reauth:provider/state": async | trappable,
-        default: trappable,
-    },
-    exports: { default: async },
-    require_store_data_send: true,
-    with: {
-        "wasi:io": wasmtime_wasi::p2::bindings::io,
-        "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
-        "wasi:http": wasmtime_wasi_http::p2::bindings::http,
-    },
-});
+/// `reauth:provider@0.2.0`, the current contract (`wit/provider.wit`).
+pub(crate) mod v02 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "reauth:provider/provider@0.2.0",
+        imports: {
+            // A call waits for its provider's state lock without blocking a thread.
+            "reauth:provider/state": async | trappable,
+            default: trappable,
+        },
+        exports: { default: async },
+        require_store_data_send: true,
+        with: {
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+        },
+    });
+}
 
-pub(crate) use self::reauth::provider::types as wit;
+/// `reauth:provider@0.1.0` (`wit/0.1.0/provider.wit`, frozen): components built
+/// against it load unchanged; their values are converted to 0.2's here.
+pub(crate) mod v01 {
+    wasmtime::component::bindgen!({
+        path: ["../wit", "../wit/0.1.0/provider.wit"],
+        world: "reauth:provider/provider@0.1.0",
+        imports: {
+            "reauth:provider/state": async | trappable,
+            default: trappable,
+        },
+        exports: { default: async },
+        require_store_data_send: true,
+        with: {
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+        },
+    });
+}
+
+use self::v01::reauth::provider0_1_0::types as old;
+pub(crate) use self::v02::reauth::provider::metadata as wit_meta;
+pub(crate) use self::v02::reauth::provider::types as wit;
+
+/// A pre-linked provider component of either contract version.
+pub(crate) enum ProviderPre<T: 'static> {
+    /// Built against 0.2.0.
+    V02(v02::ProviderPre<T>),
+    /// Built against 0.1.0.
+    V01(v01::ProviderPre<T>),
+}
+
+impl<T: Send + 'static> ProviderPre<T> {
+    /// The pre-instance as whichever contract version the component exports.
+    pub(crate) fn new(pre: wasmtime::component::InstancePre<T>) -> wasmtime::Result<Self> {
+        match v02::ProviderPre::new(pre.clone()) {
+            Ok(pre) => Ok(ProviderPre::V02(pre)),
+            Err(e02) => v01::ProviderPre::new(pre)
+                .map(ProviderPre::V01)
+                .map_err(|_| e02),
+        }
+    }
+
+    /// The contract version (`0.2.0`, `0.1.0`).
+    pub(crate) fn contract(&self) -> &'static str {
+        match self {
+            ProviderPre::V02(_) => "0.2.0",
+            ProviderPre::V01(_) => "0.1.0",
+        }
+    }
+
+    pub(crate) async fn instantiate_async(
+        &self,
+        store: impl wasmtime::AsContextMut<Data = T>,
+    ) -> wasmtime::Result<Provider> {
+        Ok(match self {
+            ProviderPre::V02(pre) => Provider::V02(pre.instantiate_async(store).await?),
+            ProviderPre::V01(pre) => Provider::V01(pre.instantiate_async(store).await?),
+        })
+    }
+}
+
+/// An instance of a provider component of either contract version; calls take and
+/// return 0.2 values.
+pub(crate) enum Provider {
+    V02(v02::Provider),
+    V01(v01::Provider),
+}
+
+impl Provider {
+    pub(crate) async fn describe<S: wasmtime::AsContextMut>(
+        &self,
+        store: S,
+    ) -> wasmtime::Result<Option<wit_meta::Descriptor>>
+    where
+        S::Data: Send,
+    {
+        match self {
+            Provider::V02(p) => Ok(Some(
+                p.reauth_provider_auth_provider()
+                    .call_describe(store)
+                    .await?,
+            )),
+            Provider::V01(_) => Ok(None),
+        }
+    }
+
+    pub(crate) async fn get_credentials<S: wasmtime::AsContextMut>(
+        &self,
+        store: S,
+        request: &wit::Request,
+    ) -> wasmtime::Result<Result<wit::Credentials, wit::ProviderError>>
+    where
+        S::Data: Send,
+    {
+        match self {
+            Provider::V02(p) => {
+                p.reauth_provider_auth_provider()
+                    .call_get_credentials(store, request)
+                    .await
+            }
+            Provider::V01(p) => Ok(p
+                .reauth_provider0_1_0_auth_provider()
+                .call_get_credentials(store, &request_v01(request))
+                .await?
+                .map(credentials_from_v01)
+                .map_err(|e| match e {
+                    old::ProviderError::Unavailable(message) => {
+                        wit::ProviderError::Unavailable(wit::Outage {
+                            message,
+                            retry_after_ms: None,
+                        })
+                    }
+                    old::ProviderError::Denied(m) => wit::ProviderError::Denied(m),
+                    old::ProviderError::Misconfigured(m) => wit::ProviderError::Misconfigured(m),
+                })),
+        }
+    }
+
+    pub(crate) async fn handle_security_error<S: wasmtime::AsContextMut>(
+        &self,
+        store: S,
+        request: &wit::Request,
+        credentials: &wit::Credentials,
+        error: &wit::SecurityError,
+    ) -> wasmtime::Result<wit::Decision>
+    where
+        S::Data: Send,
+    {
+        match self {
+            Provider::V02(p) => {
+                p.reauth_provider_auth_provider()
+                    .call_handle_security_error(store, request, credentials, error)
+                    .await
+            }
+            Provider::V01(p) => {
+                let error = old::SecurityError {
+                    kind: match error.kind {
+                        wit::SecurityErrorKind::TokenExpired => {
+                            old::SecurityErrorKind::TokenExpired
+                        }
+                        wit::SecurityErrorKind::Unauthorized => {
+                            old::SecurityErrorKind::Unauthorized
+                        }
+                        wit::SecurityErrorKind::Forbidden => old::SecurityErrorKind::Forbidden,
+                        wit::SecurityErrorKind::Other => old::SecurityErrorKind::Other,
+                    },
+                    code: error.code.clone(),
+                    status: error.status,
+                    message: error.message.clone(),
+                };
+                let decision = p
+                    .reauth_provider0_1_0_auth_provider()
+                    .call_handle_security_error(
+                        store,
+                        &request_v01(request),
+                        &credentials_to_v01(credentials),
+                        &error,
+                    )
+                    .await?;
+                Ok(match decision {
+                    old::Decision::RefreshAndRetry => wit::Decision::RefreshAndRetry,
+                    old::Decision::RetryAfter(ms) => wit::Decision::RetryAfter(ms),
+                    old::Decision::Fail => wit::Decision::Fail,
+                })
+            }
+        }
+    }
+}
+
+fn request_v01(r: &wit::Request) -> old::Request {
+    old::Request {
+        subject: r.subject.clone(),
+        scopes: r.scopes.clone(),
+        audience: r.audience.clone(),
+        reason: match r.reason {
+            wit::Reason::Initial => old::Reason::Initial,
+            wit::Reason::RefreshAhead => old::Reason::RefreshAhead,
+            wit::Reason::Expired => old::Reason::Expired,
+            wit::Reason::AfterSecurityError => old::Reason::AfterSecurityError,
+        },
+    }
+}
+
+fn credentials_from_v01(c: old::Credentials) -> wit::Credentials {
+    wit::Credentials {
+        credential: match c.credential {
+            old::Credential::Basic(b) => wit::Credential::Basic(wit::BasicAuth {
+                username: b.username,
+                password: b.password,
+            }),
+            old::Credential::Bearer(t) => wit::Credential::Bearer(t),
+            old::Credential::Headers(h) => wit::Credential::Headers(h),
+        },
+        expires_at: c.expires_at,
+        principal: c.principal,
+    }
+}
+
+fn credentials_to_v01(c: &wit::Credentials) -> old::Credentials {
+    old::Credentials {
+        credential: match &c.credential {
+            wit::Credential::Basic(b) => old::Credential::Basic(old::BasicAuth {
+                username: b.username.clone(),
+                password: b.password.clone(),
+            }),
+            wit::Credential::Bearer(t) => old::Credential::Bearer(t.clone()),
+            wit::Credential::Headers(h) => old::Credential::Headers(h.clone()),
+        },
+        expires_at: c.expires_at,
+        principal: c.principal.clone(),
+    }
+}
+
+/// A descriptor from the guest, checked: a 0.1.0 component is undeclared.
+pub(crate) fn descriptor_from_guest(d: Option<wit_meta::Descriptor>) -> crate::schema::Descriptor {
+    use crate::schema::{ConfigKey, Descriptor, ValueType};
+    let Some(d) = d else {
+        return Descriptor::undeclared("0.1.0");
+    };
+    Descriptor::new(
+        d.name,
+        d.version,
+        d.config.map(|keys| {
+            keys.into_iter()
+                .map(|k| {
+                    let mut key = ConfigKey::new(
+                        k.name,
+                        match k.value_type {
+                            wit_meta::ValueType::Text => ValueType::Text,
+                            wit_meta::ValueType::Integer => ValueType::Integer,
+                            wit_meta::ValueType::Boolean => ValueType::Boolean,
+                            wit_meta::ValueType::Url => ValueType::Url,
+                        },
+                    )
+                    .help(k.help);
+                    if k.required {
+                        key = key.required();
+                    }
+                    if k.secret {
+                        key = key.secret();
+                    }
+                    key
+                })
+                .collect()
+        }),
+    )
+}
 
 fn to_datetime(t: SystemTime) -> wit::Datetime {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
@@ -285,7 +535,11 @@ impl From<&types::Credentials> for wit::Credentials {
 impl From<wit::ProviderError> for types::ProviderError {
     fn from(e: wit::ProviderError) -> Self {
         match e {
-            wit::ProviderError::Unavailable(m) => types::ProviderError::Unavailable(m),
+            wit::ProviderError::Unavailable(outage) => types::ProviderError::Unavailable {
+                message: outage.message,
+                // Clamped by the cache (`backoff_max_ms`); any u64 is safe here.
+                retry_after: outage.retry_after_ms.map(Duration::from_millis),
+            },
             wit::ProviderError::Denied(m) => types::ProviderError::Denied(m),
             wit::ProviderError::Misconfigured(m) => types::ProviderError::Misconfigured(m),
         }
@@ -304,6 +558,18 @@ impl From<&types::SecurityError> for wit::SecurityError {
             code: e.code.clone(),
             status: e.status,
             message: e.message.clone(),
+            challenges: e
+                .challenges
+                .iter()
+                .map(|c| wit::Challenge {
+                    scheme: c.scheme.clone(),
+                    params: c.params.clone(),
+                    token68: c.token68.clone(),
+                })
+                .collect(),
+            retry_after_ms: e
+                .retry_after
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 }

@@ -7,11 +7,11 @@ use std::path::Path;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-/// The export every provider must have (any 0.1.x).
-pub(crate) const REQUIRED_EXPORT: &str = "reauth:provider/auth-provider@0.1.0";
+/// The export every provider must have (0.2.x; 0.1.x components load too).
+pub(crate) const REQUIRED_EXPORT: &str = "reauth:provider/auth-provider@0.2.0";
 
 /// Interfaces the host's linker offers, without versions (WASI 0.2.x, wasi:config
-/// 0.2.0-rc.1, reauth:provider 0.1.x). Used only to explain a link failure; the
+/// 0.2.0-rc.1, reauth:provider 0.2.x and 0.1.x). Used only to explain a link failure; the
 /// linker itself decides.
 const OFFERED: &[&str] = &[
     "wasi:io/error",
@@ -46,6 +46,7 @@ const OFFERED: &[&str] = &[
     "wasi:config/store",
     "reauth:provider/types",
     "reauth:provider/state",
+    "reauth:provider/metadata",
 ];
 
 /// Refuse what is not a WebAssembly component before handing it to the compiler,
@@ -79,8 +80,8 @@ fn unversioned(name: &str) -> &str {
 pub(crate) fn world_mismatch(engine: &Engine, component: &Component) -> Option<String> {
     let ty = component.component_type();
     let exports_ok = ty.exports(engine).any(|(name, _)| {
-        name.strip_prefix("reauth:provider/auth-provider@0.1.")
-            .is_some()
+        name.starts_with("reauth:provider/auth-provider@0.2.")
+            || name.starts_with("reauth:provider/auth-provider@0.1.")
     });
     let extra: Vec<String> = ty
         .imports(engine)
@@ -95,7 +96,7 @@ pub(crate) fn world_mismatch(engine: &Engine, component: &Component) -> Option<S
             .map(|(name, _)| format!("`{name}`"))
             .collect();
         parts.push(format!(
-            "missing export `{REQUIRED_EXPORT}` (it exports {})",
+            "missing export `{REQUIRED_EXPORT}` or `…@0.1.0` (it exports {})",
             if exports.is_empty() {
                 "nothing".to_string()
             } else {
@@ -111,7 +112,7 @@ pub(crate) fn world_mismatch(engine: &Engine, component: &Component) -> Option<S
     }
     (!parts.is_empty()).then(|| {
         format!(
-            "not a reauth:provider@0.1.0 component: {}",
+            "not a reauth:provider component (0.2.0 or 0.1.0): {}",
             parts.join("; ")
         )
     })

@@ -58,7 +58,7 @@ use state::{CallState, ProviderState, StateFault};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::UNIX_EPOCH;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -136,19 +136,32 @@ impl WasiHttpView for StoreState {
     }
 }
 
-impl bindings::reauth::provider::state::Host for StoreState {
-    async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        self.state.get(&key).await
-    }
+/// The `state` interface of both contract versions: one implementation.
+macro_rules! state_host {
+    ($($state:path),*) => {$(
+        impl $state for StoreState {
+            async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+                self.state.get(&key).await
+            }
 
-    async fn set(&mut self, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
-        self.state.set(key, value).await
-    }
+            async fn set(
+                &mut self,
+                key: String,
+                value: String,
+            ) -> wasmtime::Result<Result<(), String>> {
+                self.state.set(key, value).await
+            }
 
-    async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
-        self.state.delete(&key).await
-    }
+            async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
+                self.state.delete(&key).await
+            }
+        }
+    )*};
 }
+state_host!(
+    bindings::v02::reauth::provider::state::Host,
+    bindings::v01::reauth::provider0_1_0::state::Host
+);
 
 /// Settings of the shared engine.
 #[derive(Debug, Clone)]
@@ -270,10 +283,17 @@ impl Runtime {
             &mut linker,
             |s: &mut StoreState| WasiConfig::from(&*s.config),
         ))?;
-        link(bindings::reauth::provider::state::add_to_linker::<
+        // Both contract versions' `state` interfaces (0.2.0 and 0.1.0).
+        link(bindings::v02::reauth::provider::state::add_to_linker::<
             _,
             HasSelf<_>,
         >(&mut linker, |s| s))?;
+        link(
+            bindings::v01::reauth::provider0_1_0::state::add_to_linker::<_, HasSelf<_>>(
+                &mut linker,
+                |s| s,
+            ),
+        )?;
 
         // Without a compiler the engine cannot say which artifacts it is
         // compatible with: `load` then tries this plugin's artifacts of any
@@ -542,6 +562,23 @@ pub struct ProviderRuntime {
     call_slots: Arc<Semaphore>,
     /// Pool instances reserved for this provider (see [`Runtime::reserve`]).
     reservation: u32,
+    /// Resolved config values, checked against the provider's schema.
+    settings: Vec<(String, Secret)>,
+    /// What the component said about itself (`describe`), asked before its first
+    /// call; shared with the egress redactor (declared secret keys).
+    described: Arc<OnceLock<Described>>,
+}
+
+/// A provider's descriptor and what the host made of it.
+#[derive(Debug)]
+pub struct Described {
+    /// Name, version, config schema and contract version.
+    pub descriptor: Arc<crate::schema::Descriptor>,
+    /// How the provider's config breaks its schema (empty when it fits, or when
+    /// the provider declared none).
+    pub violations: Vec<crate::schema::Violation>,
+    /// Values of the keys the provider declared secret.
+    secrets: Vec<Secret>,
 }
 
 impl std::fmt::Debug for ProviderRuntime {
@@ -599,7 +636,9 @@ impl ProviderRuntime {
         let pre = ProviderPre::new(instance_pre).map_err(|e| {
             load_err(
                 integrity::world_mismatch(&runtime.engine, &component)
-                    .unwrap_or_else(|| format!("not a reauth:provider@0.1.0 component: {e:#}"))
+                    .unwrap_or_else(|| {
+                        format!("not a reauth:provider component (0.2.0 or 0.1.0): {e:#}")
+                    })
                     .into(),
             )
         })?;
@@ -649,12 +688,20 @@ impl ProviderRuntime {
                 redactor.add(value.expose());
             }
         }
+        let described: Arc<OnceLock<Described>> = Arc::new(OnceLock::new());
         let redact: egress::Redact = {
-            let (redactor, state) = (redactor.clone(), state.clone());
+            let (redactor, state, described) = (redactor.clone(), state.clone(), described.clone());
             Arc::new(move |text: &str| {
                 let mut all = redactor.clone();
                 for value in state.values() {
                     all.add(&value);
+                }
+                for value in described
+                    .get()
+                    .map(|d| d.secrets.as_slice())
+                    .unwrap_or_default()
+                {
+                    all.add(value.expose());
                 }
                 all.redact(text).into_owned()
             })
@@ -695,6 +742,8 @@ impl ProviderRuntime {
             idle: Mutex::new(Vec::new()),
             call_slots,
             reservation,
+            settings: spec.config,
+            described,
             name,
         })
     }
@@ -913,6 +962,14 @@ impl ProviderRuntime {
     /// any secret the call returned.
     fn call_redactor(&self, returned: Option<&types::Credentials>) -> Redactor {
         let mut redactor = self.redactor.clone();
+        for value in self
+            .described
+            .get()
+            .map(|d| d.secrets.as_slice())
+            .unwrap_or_default()
+        {
+            redactor.add(value.expose());
+        }
         for value in self.state.values() {
             redactor.add(&value);
         }
@@ -929,12 +986,14 @@ impl ProviderRuntime {
     }
 
     /// Log what the call wrote, with the secrets known after `returned` redacted
-    /// (the redactor is only built when there is output).
+    /// (the redactor is only built when there is output): at INFO, or at WARN when
+    /// the call failed (a traceback an author must see at the default level).
     fn log_output(
         &self,
         function: &str,
         captured: &Captured,
         returned: Option<&types::Credentials>,
+        failed: bool,
     ) {
         let mut redactor = None;
         for (stream, pipe) in [("stdout", &captured.stdout), ("stderr", &captured.stderr)] {
@@ -952,7 +1011,11 @@ impl ProviderRuntime {
                 end -= 1;
             }
             for line in text[..end].lines().filter(|l| !l.trim().is_empty()) {
-                tracing::info!(provider = %self.name, function, stream, "{line}");
+                if failed {
+                    tracing::warn!(provider = %self.name, function, stream, "{line}");
+                } else {
+                    tracing::info!(provider = %self.name, function, stream, "{line}");
+                }
             }
             if bytes.len() > OUTPUT_LOGGED {
                 tracing::info!(provider = %self.name, function, stream, total = bytes.len(), "output truncated");
@@ -1142,24 +1205,102 @@ impl ProviderRuntime {
         })
     }
 
-    /// Instantiate the component once in a fresh Store (what `reauth check` does to
-    /// prove a provider can run), without calling it.
-    pub async fn instantiate_check(&self, runtime: &Runtime) -> Result<(), Error> {
-        const FUNCTION: &str = "instantiate";
+    /// What the component says about itself, asked of `provider` in `store` unless
+    /// known already; with the provider's config checked against its schema. A
+    /// 0.1.0 component declares nothing. An unusable descriptor is a fault.
+    async fn ensure_described(
+        &self,
+        provider: &Provider,
+        store: &mut Store<StoreState>,
+    ) -> wasmtime::Result<&Described> {
+        if let Some(described) = self.described.get() {
+            return Ok(described);
+        }
+        let descriptor = bindings::descriptor_from_guest(provider.describe(&mut *store).await?);
+        if let Some(defect) = descriptor.defect() {
+            return Err(wasmtime::Error::msg(format!(
+                "describe returned an unusable descriptor: {defect}"
+            )));
+        }
+        let violations = match &descriptor.config {
+            Some(schema) => crate::schema::check(
+                schema,
+                self.settings
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), Some(v.expose()))),
+            ),
+            None => Vec::new(),
+        };
+        let secrets = descriptor
+            .secret_keys()
+            .filter_map(|key| self.settings.iter().find(|(k, _)| k == key))
+            .map(|(_, v)| v.clone())
+            .collect();
+        if !violations.is_empty() {
+            tracing::warn!(provider = %self.name, "the config does not fit the provider's schema: {}", violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
+        }
+        let _ = self.described.set(Described {
+            descriptor: Arc::new(descriptor),
+            violations,
+            secrets,
+        });
+        Ok(self.described.get().expect("set above"))
+    }
+
+    /// What the component said about itself, if it was asked already.
+    pub fn described(&self) -> Option<&Described> {
+        self.described.get()
+    }
+
+    /// The `misconfigured` error for a config that breaks the provider's schema.
+    fn schema_error(&self, described: &Described) -> Option<wit::ProviderError> {
+        (!described.violations.is_empty()).then(|| {
+            wit::ProviderError::Misconfigured(format!(
+                "the config does not fit the provider's schema: {}",
+                described
+                    .violations
+                    .iter()
+                    .map(|v| format!("providers.{}.config.{}: {}", self.name, v.key, v.problem))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        })
+    }
+
+    /// Instantiate the component once in a fresh Store and ask it to describe
+    /// itself (what `reauth check` does to prove a provider can run), without
+    /// calling it for credentials.
+    pub async fn describe(&self, runtime: &Runtime) -> Result<&Described, Error> {
+        const FUNCTION: &str = "describe";
+        if let Some(described) = self.described.get() {
+            return Ok(described);
+        }
         let _slot = self.call_slot().await?;
         let mut warm = self.new_warm(runtime, None);
         self.arm(runtime, FUNCTION, &mut warm)?;
-        let instantiate = self.pre.instantiate_async(&mut warm.store);
         let deadline = warm.deadline.clone();
-        let outcome = state::until(&deadline, instantiate).await;
+        let call = async {
+            let provider = self.pre.instantiate_async(&mut warm.store).await?;
+            self.ensure_described(&provider, &mut warm.store)
+                .await
+                .map(drop)
+        };
+        let outcome = state::until(&deadline, call).await;
         warm.store
             .data_mut()
             .state
             .finish(matches!(outcome, Ok(Ok(_))));
         let captured = &warm.captured;
-        let result = self.settle(FUNCTION, outcome, captured).map(drop);
-        self.log_output(FUNCTION, captured, None);
-        result
+        let result = self.settle(FUNCTION, outcome, captured);
+        self.log_output(FUNCTION, captured, None, result.is_err());
+        self.book(FUNCTION, &result);
+        result?;
+        Ok(self.described.get().expect("described by the call"))
+    }
+
+    /// The contract version the component was built against (`0.2.0`, `0.1.0`).
+    pub fn contract(&self) -> &'static str {
+        self.pre.contract()
     }
 
     /// Call `get-credentials`, in a fresh instance (or, with `instances.reuse`, one
@@ -1179,9 +1320,12 @@ impl ProviderRuntime {
         let deadline = warm.deadline.clone();
         let call = async {
             let provider = self.instance(&mut warm).await?;
+            let described = self.ensure_described(&provider, &mut warm.store).await?;
+            if let Some(misconfigured) = self.schema_error(described) {
+                return Ok(Err(misconfigured));
+            }
             provider
-                .reauth_provider_auth_provider()
-                .call_get_credentials(&mut warm.store, &wit_request)
+                .get_credentials(&mut warm.store, &wit_request)
                 .await
         };
         let outcome = state::until(&deadline, call).await;
@@ -1245,7 +1389,7 @@ impl ProviderRuntime {
                     })
             }
         };
-        self.log_output(FUNCTION, captured, result.as_ref().ok());
+        self.log_output(FUNCTION, captured, result.as_ref().ok(), result.is_err());
         self.checkin(warm, clean);
         self.book(FUNCTION, &result);
         tracing::debug!(provider = %self.name, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "get-credentials done");
@@ -1274,14 +1418,9 @@ impl ProviderRuntime {
         let wit_error = wit::SecurityError::from(error);
         let call = async {
             let provider = self.instance(&mut warm).await?;
+            self.ensure_described(&provider, &mut warm.store).await?;
             provider
-                .reauth_provider_auth_provider()
-                .call_handle_security_error(
-                    &mut warm.store,
-                    &wit_request,
-                    &wit_credentials,
-                    &wit_error,
-                )
+                .handle_security_error(&mut warm.store, &wit_request, &wit_credentials, &wit_error)
                 .await
         };
         let outcome = state::until(&deadline, call).await;
@@ -1294,7 +1433,7 @@ impl ProviderRuntime {
             .settle(FUNCTION, outcome, captured)
             .map(types::Decision::from);
         let clean = result.is_ok() && captured.hits.get().is_none();
-        self.log_output(FUNCTION, captured, Some(credentials));
+        self.log_output(FUNCTION, captured, Some(credentials), result.is_err());
         self.checkin(warm, clean);
         self.book(FUNCTION, &result);
         result

@@ -20,13 +20,27 @@
 
 use reauth_sdk::oauth2::Client;
 use reauth_sdk::{
-    Credentials, Decision, Provider, ProviderError, Request, SecurityError, SecurityErrorKind,
-    config,
+    ConfigKey, Credentials, Decision, Descriptor, Provider, ProviderError, Request, SecurityError,
+    SecurityErrorKind, config,
 };
 
 struct ClientCredentials;
 
 impl Provider for ClientCredentials {
+    fn describe() -> Descriptor {
+        reauth_sdk::oauth2::client_keys()
+            .into_iter()
+            .chain([
+                ConfigKey::text("scope", "space-separated default scopes"),
+                ConfigKey::text("audience", "default audience / resource"),
+                ConfigKey::text(
+                    "audience_param",
+                    "`audience` (default) or `resource` (RFC 8707)",
+                ),
+            ])
+            .fold(Descriptor::new(), Descriptor::key)
+    }
+
     fn get_credentials(request: Request) -> Result<Credentials, ProviderError> {
         if request.subject.is_some() {
             return Err(ProviderError::misconfigured(

@@ -27,8 +27,8 @@
 
 use reauth_sdk::oauth2::Client;
 use reauth_sdk::{
-    Credentials, Decision, Provider, ProviderError, Request, SecurityError, SecurityErrorKind,
-    config, state,
+    ConfigKey, Credentials, Decision, Descriptor, Provider, ProviderError, Request, SecurityError,
+    SecurityErrorKind, config, state,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -48,6 +48,18 @@ fn current_token(seed: &str) -> (String, String) {
 }
 
 impl Provider for RefreshToken {
+    fn describe() -> Descriptor {
+        reauth_sdk::oauth2::client_keys()
+            .into_iter()
+            .chain([
+                ConfigKey::text("refresh_token", "the offline refresh token (the seed)")
+                    .required()
+                    .secret(),
+                ConfigKey::text("scope", "down-scoping of the refresh request"),
+            ])
+            .fold(Descriptor::new(), Descriptor::key)
+    }
+
     fn get_credentials(request: Request) -> Result<Credentials, ProviderError> {
         if request.subject.is_some() || !request.scopes.is_empty() || request.audience.is_some() {
             return Err(ProviderError::misconfigured(

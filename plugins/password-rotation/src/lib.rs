@@ -26,8 +26,8 @@
 
 use reauth_sdk::http::Request as HttpRequest;
 use reauth_sdk::{
-    Credentials, Decision, Provider, ProviderError, Request, SecurityError, SecurityErrorKind,
-    config,
+    ConfigKey, Credentials, Decision, Descriptor, Provider, ProviderError, Request, SecurityError,
+    SecurityErrorKind, config,
 };
 use serde_json::Value;
 
@@ -118,6 +118,37 @@ fn fetch_secret(url: &str) -> Result<Secret, ProviderError> {
 }
 
 impl Provider for PasswordRotation {
+    fn describe() -> Descriptor {
+        Descriptor::new()
+            .key(ConfigKey::text(
+                "username",
+                "fixed username (overrides the endpoint's)",
+            ))
+            .key(ConfigKey::text("password", "fixed password (without `secret_url`)").secret())
+            .key(ConfigKey::url(
+                "secret_url",
+                "JSON endpoint read at every fetch",
+            ))
+            .key(ConfigKey::text(
+                "format",
+                "json (default), vault-kv2 or vault-static-creds",
+            ))
+            .key(ConfigKey::text(
+                "username_field",
+                "key or JSON pointer of the username",
+            ))
+            .key(ConfigKey::text(
+                "password_field",
+                "key or JSON pointer of the password",
+            ))
+            .key(ConfigKey::text(
+                "ttl_field",
+                "JSON pointer to seconds until rotation",
+            ))
+            .key(ConfigKey::text("vault_token", "sent as X-Vault-Token").secret())
+            .key(ConfigKey::text("secret_token", "sent as a bearer token").secret())
+    }
+
     fn get_credentials(_request: Request) -> Result<Credentials, ProviderError> {
         let configured_user = config::get("username")?;
         let secret = match config::get("secret_url")? {

@@ -7,9 +7,23 @@
 
 import {
   provider, config, bearer, request, basicAuthHeader, oauth2Error, refreshOnUnauthorized,
+  key, retryAfterMs,
 } from 'reauth-provider';
 
 export const authProvider = provider({
+  // The config keys this provider reads: the host refuses unknown keys (a typo),
+  // missing required ones and values of the wrong type, naming the key, and
+  // redacts the secret ones from everything the provider says.
+  describe: {
+    name: '{{name}}',
+    version: '0.1.0',
+    config: [
+      key('token_url', 'url', { required: true, help: 'the token endpoint' }),
+      key('client_id', 'text', { required: true, help: 'the OAuth2 client id' }),
+      key('client_secret', 'text', { required: true, secret: true, help: "the client's secret" }),
+      key('scope', 'text', { help: 'space-separated default scopes' }),
+    ],
+  },
   async getCredentials(req) {
     // `required` throws a `misconfigured` error naming the missing key.
     const tokenUrl = config.required('token_url');
@@ -30,7 +44,7 @@ export const authProvider = provider({
     });
     const body = await res.json().catch(() => undefined);
     // 5xx/429 ⇒ unavailable; a refused client ⇒ denied; else misconfigured.
-    if (!res.ok) throw oauth2Error(res.status, body);
+    if (!res.ok) throw oauth2Error(res.status, body, retryAfterMs(res));
     // Always pass the lifetime on: the host refreshes ahead of it.
     return bearer(body.access_token, { expiresIn: body.expires_in, principal: clientId });
   },

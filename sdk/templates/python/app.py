@@ -7,10 +7,20 @@ The helpers are documented in the kit's `reauth_provider.py`.
 """
 
 import reauth_provider as rp
-from wit_world import exports
 
 
-class AuthProvider(exports.AuthProvider):
+class AuthProvider(rp.Provider):
+    def describe(self):
+        # The config keys this provider reads: the host refuses unknown keys (a
+        # typo), missing required ones and values of the wrong type, naming the
+        # key, and redacts the secret ones from everything the provider says.
+        return rp.describe("{{name}}", "0.1.0", [
+            rp.key("token_url", "url", required=True, help="the token endpoint"),
+            rp.key("client_id", required=True, help="the OAuth2 client id"),
+            rp.key("client_secret", required=True, secret=True, help="the client's secret"),
+            rp.key("scope", help="space-separated default scopes"),
+        ])
+
     def get_credentials(self, request):
         # `required` raises a `misconfigured` error naming the missing key.
         token_url = rp.config.required("token_url")

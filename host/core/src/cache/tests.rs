@@ -236,7 +236,7 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
         .get(&k.as_ref(), &Request::new(), &s, &f)
         .await
         .unwrap();
-    fake.fail_with(Some(ProviderError::Unavailable("idp down".into())));
+    fake.fail_with(Some(ProviderError::unavailable("idp down")));
     // Advisory window: the refresh fails, t1 keeps being served, with backoff.
     let refresh_at = cache.refresh_at(&k.as_ref()).unwrap();
     tokio::time::advance(
@@ -283,7 +283,7 @@ async fn advisory_failure_keeps_the_old_credential_until_the_mandatory_window() 
         let e = t.await.unwrap().unwrap_err();
         assert_eq!(
             e.provider_error(),
-            Some(&ProviderError::Unavailable("idp down".into()))
+            Some(&ProviderError::unavailable("idp down"))
         );
     }
     assert_eq!(fake.calls() - before, 1);
@@ -442,7 +442,7 @@ async fn denied_is_not_retried_hot() {
 async fn transient_failures_back_off_exponentially() {
     let (cache, fake, s, _) = setup(Duration::from_secs(3600));
     let (k, f) = (key(None), fake.fetcher());
-    fake.fail_with(Some(ProviderError::Unavailable("503".into())));
+    fake.fail_with(Some(ProviderError::unavailable("503")));
     // Hammer the key every 10 ms for 5 s: backoff 100, 200, 400, 800, 1600 ms …
     // allows ~6 attempts, not 500.
     for _ in 0..500 {

@@ -7,8 +7,8 @@
 
 use reauth_sdk::http::Request as HttpRequest;
 use reauth_sdk::{
-    Credentials, Decision, Provider, ProviderError, Request, SecurityError, SecurityErrorKind,
-    config,
+    ConfigKey, Credentials, Decision, Descriptor, Provider, ProviderError, Request,
+    SecurityError, SecurityErrorKind, config,
 };
 use serde::Deserialize;
 
@@ -26,6 +26,17 @@ struct ErrorResponse {
 }
 
 impl Provider for MyProvider {
+    // The config keys this provider reads: the host refuses unknown keys (a typo),
+    // missing required ones and values of the wrong type, naming the key, and
+    // redacts the secret ones from everything the provider says.
+    fn describe() -> Descriptor {
+        Descriptor::new()
+            .key(ConfigKey::url("token_url", "the token endpoint").required())
+            .key(ConfigKey::text("client_id", "the OAuth2 client id").required())
+            .key(ConfigKey::text("client_secret", "the client's secret").required().secret())
+            .key(ConfigKey::text("scope", "space-separated default scopes"))
+    }
+
     fn get_credentials(request: Request) -> Result<Credentials, ProviderError> {
         // `config::required` names the missing key in a `misconfigured` error.
         let token_url = config::required("token_url")?;
@@ -46,14 +57,16 @@ impl Provider for MyProvider {
             .form(&form)
             .send()?;
         if !response.is_success() {
-            // 5xx / 429: the IdP is down, retry later. A refused client or grant:
-            // denied (never retried hot). Anything else: the config is wrong.
+            // 5xx / 429: the IdP is down, retry later (when its `Retry-After`
+            // says, if it sent one). A refused client or grant: denied (never
+            // retried hot). Anything else: the config is wrong.
             let error = response.json::<ErrorResponse>().map(|e| e.error).ok();
             return Err(match (response.status, error.as_deref()) {
                 (500.. | 429, _) => ProviderError::unavailable(format!(
                     "token endpoint answered HTTP {}",
                     response.status
-                )),
+                ))
+                .retry_after_ms(response.retry_after_ms()),
                 (_, Some("invalid_client" | "unauthorized_client" | "invalid_grant"))
                 | (401 | 403, None) => ProviderError::denied(format!(
                     "token endpoint refused the client (HTTP {})",
