@@ -893,6 +893,71 @@ config = {{ sts_url = "{url}", user = "bob", api_key = "{key}" }}
     }
 
     #[tokio::test]
+    async fn reauth_get_after_error_exercises_the_security_error_path() {
+        reauth_tests::logs();
+        let sts = AcmeSts::start();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reauth.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[providers.acme]\nplugin = {:?}\nallowed_hosts = [{:?}]\nconfig = {{ sts_url = \"{}\", user = \"alice\", api_key = \"{}\" }}\n",
+                plugins().acme_sts.display().to_string(),
+                sts.addr,
+                sts.url(),
+                AcmeSts::API_KEY
+            ),
+        )
+        .unwrap();
+        let reauth = reauth_tests::workspace_binary("reauth-cli", "reauth");
+        let run = |extra: &[&str]| {
+            let output = std::process::Command::new(&reauth)
+                .args(["get", "acme", "--config"])
+                .arg(&path)
+                .args(extra)
+                .output()
+                .expect("running reauth get");
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert!(output.status.success(), "{stdout}\n{stderr}");
+            let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+            reauth_tests::record_secret(json["headers"]["authorization"].as_str().unwrap_or(""));
+            (json, stderr)
+        };
+        let (_, stderr) = run(&[
+            "--after-error",
+            "unauthorized",
+            "--status",
+            "401",
+            "--www-authenticate",
+            r#"AcmeSession realm="acme", error="expired""#,
+        ]);
+        assert!(stderr.contains("decision: refresh-and-retry"), "{stderr}");
+        assert_eq!(
+            sts.stats().await["sessions"],
+            2,
+            "fetched, then fetched again"
+        );
+        let (_, stderr) = run(&[
+            "--after-error",
+            "unauthorized",
+            "--www-authenticate",
+            r#"AcmeSession error="revoked""#,
+        ]);
+        assert!(stderr.contains("decision: fail"), "{stderr}");
+        let (_, stderr) = run(&["--after-error", "other", "--retry-after", "4"]);
+        assert!(stderr.contains("decision: retry-after 4000 ms"), "{stderr}");
+        assert_eq!(sts.stats().await["sessions"], 4);
+        // `--status` and friends need `--after-error`.
+        let output = std::process::Command::new(&reauth)
+            .args(["get", "acme", "--status", "401", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "a usage error");
+    }
+
+    #[tokio::test]
     async fn a_0_1_0_component_loads_and_works_next_to_0_2_0_ones() {
         reauth_tests::logs();
         let sts = AcmeSts::start();

@@ -185,6 +185,25 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
+        /// Then report that a server rejected the credential with this kind of
+        /// error (the security-error path, without writing code): the provider's
+        /// decision goes to stderr, and the credential in effect after it (a
+        /// fresh one after `refresh-and-retry`) to stdout.
+        #[arg(long, value_enum, value_name = "KIND")]
+        after_error: Option<ErrorKind>,
+        /// With `--after-error`: the server's HTTP status.
+        #[arg(long, requires = "after_error")]
+        status: Option<u16>,
+        /// With `--after-error`: the server's error code (`invalid_token`, `28P01`…).
+        #[arg(long, requires = "after_error")]
+        code: Option<String>,
+        /// With `--after-error`: the server's `WWW-Authenticate` value, any scheme
+        /// (e.g. `AcmeSession error="expired"`).
+        #[arg(long, requires = "after_error", value_name = "VALUE")]
+        www_authenticate: Option<String>,
+        /// With `--after-error`: the server's `Retry-After` (seconds or HTTP date).
+        #[arg(long, requires = "after_error", value_name = "VALUE")]
+        retry_after: Option<String>,
     },
     /// Run the development OAuth2 issuer on loopback until interrupted.
     DevIssuer {
@@ -238,6 +257,19 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         lifetime: u64,
     },
+}
+
+/// The kind of security error `reauth get --after-error` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ErrorKind {
+    /// The credential expired.
+    TokenExpired,
+    /// The credential was not accepted.
+    Unauthorized,
+    /// Accepted, but lacking permission.
+    Forbidden,
+    /// Anything else security-related.
+    Other,
 }
 
 /// Output format of `reauth get`.
@@ -410,6 +442,11 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, Box
             scopes,
             audience,
             format,
+            after_error,
+            status,
+            code,
+            www_authenticate,
+            retry_after,
         } => {
             let host = Host::from_config_file(&config)?;
             let request = Request {
@@ -418,7 +455,43 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, Box
                 audience,
                 reason: Reason::Initial,
             };
-            let credentials = host.get_credentials(&provider, &request).await?;
+            let mut credentials = host.get_credentials(&provider, &request).await?;
+            if let Some(kind) = after_error {
+                let error = crate::wire::WireSecurityError {
+                    kind: match kind {
+                        ErrorKind::TokenExpired => crate::wire::WireErrorKind::TokenExpired,
+                        ErrorKind::Unauthorized => crate::wire::WireErrorKind::Unauthorized,
+                        ErrorKind::Forbidden => crate::wire::WireErrorKind::Forbidden,
+                        ErrorKind::Other => crate::wire::WireErrorKind::Other,
+                    },
+                    status,
+                    code,
+                    message: None,
+                    www_authenticate,
+                    retry_after,
+                }
+                .into_security_error(host.now());
+                let decision = host
+                    .handle_security_error(&provider, &request, &credentials, &error)
+                    .await?;
+                match decision {
+                    crate::types::Decision::RefreshAndRetry => {
+                        let again = Request {
+                            reason: Reason::AfterSecurityError,
+                            ..request
+                        };
+                        credentials = host.get_credentials(&provider, &again).await?;
+                        eprintln!("decision: refresh-and-retry (fetched a new credential)");
+                    }
+                    crate::types::Decision::RetryAfter(wait) => eprintln!(
+                        "decision: retry-after {} ms (the same credential)",
+                        wait.as_millis()
+                    ),
+                    crate::types::Decision::Fail => {
+                        eprintln!("decision: fail (the caller would get the error)")
+                    }
+                }
+            }
             print_credentials(&credentials, format, out)?;
             Ok(ExitCode::SUCCESS)
         }
