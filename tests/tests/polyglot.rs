@@ -263,6 +263,8 @@ async fn the_conformance_kit_catches_deliberately_wrong_providers() {
             &["refresh-ahead", "token-expired", "principal-stable"],
         ),
         ("refresh-on-forbidden", &["forbidden"]),
+        // A trap never passes (the egress scenario once passed a trapping one).
+        ("trap-on-network-error", &["egress"]),
     ];
     for (flaw, failing) in cases {
         let path = dir.join(format!("{flaw}.toml"));

@@ -871,9 +871,27 @@ impl Kit<'_> {
             }) => Outcome::Fail(format!(
                 "a refused connection ⇒ denied ({m}); a network failure is unavailable"
             )),
-            Err(e) if refused > 0 => Outcome::Pass(format!(
+            // A trap, a timeout or a limit is a fault: it never passes (the
+            // JavaScript runtime once trapped on a refused POST).
+            Err(
+                e @ (Error::Plugin { .. }
+                | Error::Timeout { .. }
+                | Error::Limit { .. }
+                | Error::CoolingDown { .. }),
+            ) => Outcome::Fail(format!(
+                "the provider faulted instead of answering `unavailable` (a fault never passes): {e}"
+            )),
+            Err(
+                e @ Error::Provider {
+                    error: ProviderError::Unavailable { .. },
+                    ..
+                },
+            ) if refused > 0 => Outcome::Pass(format!(
                 "{refused} request(s) outside allowed_hosts refused ⇒ {}",
                 short(&e)
+            )),
+            Err(Error::Provider { error, .. }) if refused > 0 => Outcome::Fail(format!(
+                "a refused connection ⇒ {error}; a network failure is `unavailable`"
             )),
             Err(e) => Outcome::Fail(format!(
                 "pointed at a host outside allowed_hosts it made no request but failed: {e}"

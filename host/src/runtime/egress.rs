@@ -190,7 +190,7 @@ impl WasiHttpHooks for EgressHooks {
                 policy.denied.fetch_add(1, Ordering::Relaxed);
                 let target = log_target(request.uri(), &policy.redact);
                 tracing::warn!(provider = %policy.provider, %target, "egress denied: {why}");
-                return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+                return Box::new(refuse_after_body(request));
             }
         };
         *request.uri_mut() = checked;
@@ -203,7 +203,7 @@ impl WasiHttpHooks for EgressHooks {
             let target = log_target(request.uri(), &policy.redact);
             tracing::warn!(provider = %policy.provider, %target, "egress denied: {detail}");
             self.hits.hit(LimitKind::RequestsInFlight, detail);
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+            return Box::new(refuse_after_body(request));
         };
         policy.sent.fetch_add(1, Ordering::Relaxed);
         // The redacted target is built only when it is logged (redaction costs).
@@ -273,6 +273,32 @@ impl WasiHttpHooks for EgressHooks {
             Ok((response, Box::new(io) as Box<dyn Future<Output = _> + Send>))
         })
     }
+}
+
+/// Most request-body bytes read (and dropped) from a refused request.
+const REFUSED_BODY_DRAIN: usize = 1 << 20;
+
+/// Refuse `request` (`HttpRequestDenied` on its response), after reading what the
+/// guest writes of its body (up to [`REFUSED_BODY_DRAIN`] bytes; the call's
+/// deadline bounds the wait): a guest still streaming the body then sees the
+/// refusal where it looks for it, on the response, instead of a broken body
+/// stream — StarlingMonkey's `fetch` trapped on that ("event loop error, but no
+/// exception is pending") instead of rejecting its promise.
+async fn refuse_after_body<T>(
+    request: http::Request<WasiBody>,
+) -> wasmtime_wasi_http::Result<T, wasmtime_wasi_http::Error> {
+    use http_body_util::BodyExt;
+    let mut body = request.into_body();
+    let mut read = 0usize;
+    while read < REFUSED_BODY_DRAIN {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                read = read.saturating_add(frame.data_ref().map_or(0, |d| d.len()));
+            }
+            Some(Err(_)) | None => break,
+        }
+    }
+    Err(wasmtime_wasi_http::Error::HttpRequestDenied)
 }
 
 #[cfg(test)]
