@@ -27,7 +27,7 @@ plugins: setup kits
 
 ## `reauth test` on every shipped provider (Rust, Python, JavaScript).
 SHIPPED := static password-rotation oauth2-client-credentials oidc-refresh-token \
-	oauth2-client-credentials-py password-rotation-js
+	oauth2-client-credentials-py password-rotation-js acme-sts acme-sts-py acme-sts-js
 conformance: plugins
 	$(CARGO) build --workspace --all-targets
 	@for p in $(SHIPPED); do echo "== reauth test plugins/$$p"; target/debug/reauth test plugins/$$p || exit 1; done

@@ -32,7 +32,8 @@ def token_endpoint(timeout_ms: int) -> str:
         return remembered.split(" ", 1)[1]
     response = rp.http.get(f"{issuer}/.well-known/openid-configuration", timeout_ms=timeout_ms)
     if response.status >= 500 or response.status == 429:
-        raise rp.unavailable(f"discovery answered HTTP {response.status}")
+        raise rp.unavailable(f"discovery answered HTTP {response.status}",
+                             retry_after_ms=response.retry_after_ms())
     if not response.ok:
         raise rp.misconfigured(f"discovery at `issuer` answered HTTP {response.status}")
     document = response.json()

@@ -212,7 +212,8 @@ pub fn discover_token_endpoint(
             404 => ProviderError::misconfigured(format!(
                 "no discovery document at {url} (HTTP 404): check `issuer`, or set `token_url`"
             )),
-            s => ProviderError::unavailable(format!("discovery at {url} answered HTTP {s}")),
+            s => ProviderError::unavailable(format!("discovery at {url} answered HTTP {s}"))
+                .retry_after_ms(response.retry_after_ms()),
         });
     }
     let metadata: Metadata = response.json().map_err(|e| {

@@ -255,16 +255,21 @@ async fn the_conformance_kit_catches_deliberately_wrong_providers() {
     let dir = root().join("plugins/fixtures/flawed");
     let cases: &[(&str, &[&str])] = &[
         ("none", &[]),
-        ("denied-on-5xx", &["idp-5xx"]),
+        ("denied-on-5xx", &["idp-5xx", "rate-limited"]),
         ("no-expiry", &["expiry"]),
         ("switch-principal", &["principal-stable"]),
         (
             "replay",
             &["refresh-ahead", "token-expired", "principal-stable"],
         ),
-        ("refresh-on-forbidden", &["forbidden"]),
+        ("refresh-on-forbidden", &["forbidden", "challenges"]),
         // A trap never passes (the egress scenario once passed a trapping one).
         ("trap-on-network-error", &["egress"]),
+        ("drop-retry-after", &["rate-limited"]),
+        ("drop-audience", &["audience"]),
+        // The host refuses its config (`flaw` is not declared): every scenario
+        // fails, each saying so.
+        ("undeclared-key", conformance::SCENARIOS),
     ];
     for (flaw, failing) in cases {
         let path = dir.join(format!("{flaw}.toml"));
@@ -320,6 +325,9 @@ fn every_shipped_provider_passes_reauth_test() {
         "oidc-refresh-token",
         "oauth2-client-credentials-py",
         "password-rotation-js",
+        "acme-sts",
+        "acme-sts-py",
+        "acme-sts-js",
     ] {
         let out = Command::new(&reauth)
             .arg("test")
@@ -341,6 +349,33 @@ fn every_shipped_provider_passes_reauth_test() {
             );
         }
     }
+    // The same report as one JSON document.
+    let out = Command::new(&reauth)
+        .args(["test", "--format", "json"])
+        .arg(root().join("plugins/acme-sts-py"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["passed"], conformance::SCENARIOS.len(), "{report}");
+    let names: Vec<&str> = report["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, conformance::SCENARIOS);
+    assert!(
+        report["scenarios"][conformance::SCENARIOS
+            .iter()
+            .position(|s| *s == "challenges")
+            .unwrap()]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("revoked ⇒ Fail"),
+        "{report}"
+    );
 }
 
 /// `reauth new` in each language produces a project that builds with its
@@ -394,10 +429,17 @@ fn reauth_new_projects_build_and_pass_reauth_test() {
         let out = test.output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && stdout.contains("10 passed, 0 failed"),
+            out.status.success()
+                && stdout.contains(&format!(
+                    "{} passed, 0 failed",
+                    conformance::SCENARIOS.len()
+                )),
             "{lang}: reauth test .:\n{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        eprintln!("reauth new --lang {lang}: built in {built:?}, 10/10 scenarios pass");
+        eprintln!(
+            "reauth new --lang {lang}: built in {built:?}, {n}/{n} scenarios pass",
+            n = conformance::SCENARIOS.len()
+        );
     }
 }

@@ -230,6 +230,9 @@ pub enum Command {
         /// Run only this scenario (repeatable).
         #[arg(long = "scenario")]
         scenarios: Vec<String>,
+        /// Report format: the table (default) or one JSON document.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
     },
     /// Scaffold a provider project (Rust, Python or JavaScript) that builds with
     /// `./build.sh` and passes `reauth test .`.
@@ -257,6 +260,16 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         lifetime: u64,
     },
+}
+
+/// Output format of `reauth test`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// A pass/fail table.
+    Table,
+    /// `{"component", "sha256", "passed", "failed", "skipped", "scenarios": [{"name",
+    /// "result", "ms", "detail"}]}`.
+    Json,
 }
 
 /// The kind of security error `reauth get --after-error` reports.
@@ -296,21 +309,32 @@ async fn conformance(
     target: &std::path::Path,
     plugin: Option<&std::path::Path>,
     scenarios: &[String],
+    format: ReportFormat,
     out: &mut (dyn Write + Send),
 ) -> Result<ExitCode, BoxError> {
     let (manifest, manifest_path, component) = crate::conformance::resolve_target(target, plugin)?;
-    writeln!(
-        out,
-        "reauth test: {} (manifest {}, endpoint {:?})",
-        component.display(),
-        manifest_path.display(),
-        manifest.endpoint
-    )?;
+    if format == ReportFormat::Table {
+        writeln!(
+            out,
+            "reauth test: {} (manifest {}, endpoint {:?})",
+            component.display(),
+            manifest_path.display(),
+            manifest.endpoint
+        )?;
+    }
     let started = Instant::now();
     let report = crate::conformance::run(&manifest, &component, scenarios).await?;
-    writeln!(out, "component sha256 {}", &report.sha256[..12])?;
-    write!(out, "{}", report.table())?;
-    writeln!(out, "({:.1} s)", started.elapsed().as_secs_f64())?;
+    match format {
+        ReportFormat::Table => {
+            writeln!(out, "component sha256 {}", &report.sha256[..12])?;
+            write!(out, "{}", report.table())?;
+            writeln!(out, "({:.1} s)", started.elapsed().as_secs_f64())?;
+        }
+        ReportFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, &report.to_json())?;
+            writeln!(out)?;
+        }
+    }
     Ok(if report.failed() == 0 {
         ExitCode::SUCCESS
     } else {
@@ -326,7 +350,8 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, Box
             target,
             plugin,
             scenarios,
-        } => conformance(&target, plugin.as_deref(), &scenarios, out).await,
+            format,
+        } => conformance(&target, plugin.as_deref(), &scenarios, format, out).await,
         Command::New {
             name,
             lang,

@@ -24,6 +24,17 @@
 //! - `egress`: pointed at a host outside `allowed_hosts` the provider gets no
 //!   credential and the host never reaches it; across the whole run the provider
 //!   never tried a host it was not given;
+//! - `rate-limited`: the endpoint answers 429 with `Retry-After: 7` ⇒
+//!   `unavailable` carrying those 7 s (contract 0.2; a 0.1.0 provider cannot);
+//! - `challenges`: each `[[challenges]]` of the manifest (a server's status,
+//!   `WWW-Authenticate` of any scheme, `Retry-After`) classified as the host does
+//!   ⇒ the decision the manifest expects (OAuth2 endpoints: an expired Bearer token
+//!   ⇒ refresh-and-retry, `insufficient_scope` ⇒ fail, when none are given);
+//! - `audience`: a requested audience reaches the endpoint, or the provider refuses
+//!   it (`misconfigured`); never a credential for another audience;
+//! - `config-schema`: what `describe` declares fits the manifest's config (the host
+//!   would refuse a config with an undeclared key, a missing required one or a
+//!   value of the wrong type);
 //! - `principal-stable`: the principal is the same across the initial fetch and
 //!   every refresh;
 //! - `deterministic`: two fresh instances at the same virtual time, against the same
@@ -56,9 +67,18 @@ pub const SCENARIOS: &[&str] = &[
     "idp-5xx",
     "bad-secret",
     "egress",
+    "rate-limited",
+    "challenges",
+    "audience",
+    "config-schema",
     "principal-stable",
     "deterministic",
 ];
+
+/// The `Retry-After` the `rate-limited` scenario's endpoint sends.
+pub const RATE_LIMIT_RETRY_AFTER: Duration = Duration::from_secs(7);
+/// The audience the `audience` scenario asks for (unless `[request]` names one).
+pub const AUDIENCE: &str = "conformance-audience-5d1";
 
 /// The client secret the fake endpoint accepts (`${secret}` in the manifest).
 pub const SECRET: &str = "conformance-secret-8c1f";
@@ -81,6 +101,66 @@ pub enum EndpointKind {
     Secret,
     /// The provider talks to nothing (e.g. `static`).
     None,
+    /// Anything else (a company STS that is not OAuth2): an authorised request
+    /// (one that carries `${secret}` anywhere) gets `[response]`.
+    Custom,
+}
+
+/// `[response]`: what a `custom` endpoint answers an authorised request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseSpec {
+    /// HTTP status. Default 200.
+    #[serde(default = "default_status")]
+    pub status: u16,
+    /// Response headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The body; `${token}` becomes a new token per request, `${expires_in}` the
+    /// manifest's `expires_in`, `${n}` the request's number.
+    #[serde(default)]
+    pub body: String,
+    /// The request must carry a JSON body with `Content-Length` (else 400).
+    #[serde(default)]
+    pub require_json: bool,
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+/// One `[[challenges]]` entry: how a server rejects the credential, and what the
+/// provider must decide.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeCase {
+    /// A name for the report.
+    pub name: String,
+    /// The server's HTTP status. Default 401.
+    #[serde(default = "default_challenge_status")]
+    pub status: u16,
+    /// Its `WWW-Authenticate` value, any scheme.
+    pub www_authenticate: Option<String>,
+    /// Its `Retry-After` value.
+    pub retry_after: Option<String>,
+    /// The decision required: `refresh-and-retry`, `fail` or `retry-after`.
+    pub expect: ExpectedDecision,
+}
+
+fn default_challenge_status() -> u16 {
+    401
+}
+
+/// A decision a `[[challenges]]` entry requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExpectedDecision {
+    /// Drop the credential, fetch anew, retry.
+    RefreshAndRetry,
+    /// Give up.
+    Fail,
+    /// Wait, then retry with the same credential.
+    RetryAfter,
 }
 
 /// The JSON shape of the `secret` endpoint.
@@ -152,6 +232,12 @@ pub struct Manifest {
     /// no audience).
     #[serde(default)]
     pub request: RequestSpec,
+    /// For `endpoint = "custom"`: what it answers.
+    pub response: Option<ResponseSpec>,
+    /// How servers reject the provider's credentials, for the `challenges`
+    /// scenario.
+    #[serde(default)]
+    pub challenges: Vec<ChallengeCase>,
 }
 
 /// `[request]`: the subject, scopes and audience of every call the kit makes.
@@ -200,6 +286,8 @@ impl Default for Manifest {
             skip: BTreeMap::new(),
             limits: LimitsConfig::default(),
             request: RequestSpec::default(),
+            response: None,
+            challenges: Vec::new(),
         }
     }
 }
@@ -231,8 +319,40 @@ impl Manifest {
                 )));
             }
         }
-        if manifest.expires_in < 60 {
-            return Err(err("expires_in: must be at least 60 seconds".into()));
+        if !(1..=10 * 365 * 86_400).contains(&manifest.expires_in) {
+            return Err(err(
+                "expires_in: must be between 1 second and 10 years".into()
+            ));
+        }
+        match (manifest.endpoint, &manifest.response) {
+            (EndpointKind::Custom, None) => {
+                return Err(err(
+                    "response: `endpoint = \"custom\"` needs a [response] table".into(),
+                ));
+            }
+            (EndpointKind::Custom, Some(r)) if !(100..=599).contains(&r.status) => {
+                return Err(err("response.status: must be between 100 and 599".into()));
+            }
+            (EndpointKind::Custom, Some(r)) => {
+                for (name, value) in &r.headers {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                        || http::HeaderValue::from_str(value).is_err()
+                    {
+                        return Err(err(format!("response.headers.{name}: not a valid header")));
+                    }
+                }
+            }
+            (_, Some(_)) => {
+                return Err(err("response: only for `endpoint = \"custom\"`".into()));
+            }
+            _ => {}
+        }
+        for (i, c) in manifest.challenges.iter().enumerate() {
+            if !(100..=599).contains(&c.status) {
+                return Err(err(format!(
+                    "challenges[{i}].status: must be between 100 and 599"
+                )));
+            }
         }
         // The limits are checked exactly as in reauth.toml.
         let mut probe = crate::config::ProviderConfig::new("probe.wasm");
@@ -253,6 +373,10 @@ impl Manifest {
             EndpointKind::Oauth2 => true,
             EndpointKind::Secret => self.secret_format == SecretFormat::VaultStaticCreds,
             EndpointKind::None => false,
+            EndpointKind::Custom => self
+                .response
+                .as_ref()
+                .is_some_and(|r| r.body.contains("${expires_in}")),
         }
     }
 
@@ -364,6 +488,35 @@ impl Report {
             .iter()
             .find(|r| r.name == name)
             .map(|r| &r.outcome)
+    }
+
+    /// The report as one JSON document (`reauth test --format json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let scenarios: Vec<serde_json::Value> = self
+            .results
+            .iter()
+            .map(|r| {
+                let (result, detail) = match &r.outcome {
+                    Outcome::Pass(d) => ("pass", d),
+                    Outcome::Fail(d) => ("fail", d),
+                    Outcome::Skip(d) => ("skip", d),
+                };
+                serde_json::json!({
+                    "name": r.name,
+                    "result": result,
+                    "ms": u64::try_from(r.elapsed.as_millis()).unwrap_or(u64::MAX),
+                    "detail": detail,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "component": self.component.display().to_string(),
+            "sha256": self.sha256,
+            "passed": self.passed(),
+            "failed": self.failed(),
+            "skipped": self.results.len() - self.passed() - self.failed(),
+            "scenarios": scenarios,
+        })
     }
 
     /// The pass/fail table.
@@ -602,6 +755,10 @@ impl Kit<'_> {
             "idp-5xx" => self.idp_5xx().await,
             "bad-secret" => self.bad_secret().await,
             "egress" => self.egress().await,
+            "rate-limited" => self.rate_limited().await,
+            "challenges" => self.challenges().await,
+            "audience" => self.audience().await,
+            "config-schema" => self.config_schema().await,
             "principal-stable" => self.principal_stable().await,
             "deterministic" => self.deterministic().await,
             other => Err(Outcome::Fail(format!("unknown scenario {other}"))),
@@ -834,6 +991,240 @@ impl Kit<'_> {
         })
     }
 
+    async fn rate_limited(&self) -> Result<Outcome, Outcome> {
+        if !self.has_endpoint() {
+            return Ok(Outcome::Skip("no endpoint to throttle".into()));
+        }
+        let provider = self.fresh()?;
+        let contract = provider.contract();
+        self.endpoint.set_mode(Mode::RateLimited);
+        let result = self.fetch(&provider, Reason::Initial).await;
+        self.done(provider);
+        let want = RATE_LIMIT_RETRY_AFTER;
+        Ok(match result {
+            Ok(_) => {
+                Outcome::Fail("returned a credential although the endpoint answered 429".into())
+            }
+            Err(Error::Provider {
+                error:
+                    ProviderError::Unavailable {
+                        retry_after: Some(after),
+                        ..
+                    },
+                ..
+            }) if after == want => Outcome::Pass(format!(
+                "HTTP 429 + Retry-After: {} ⇒ unavailable, retry after {} ms",
+                want.as_secs(),
+                after.as_millis()
+            )),
+            Err(Error::Provider {
+                error:
+                    ProviderError::Unavailable {
+                        retry_after: Some(after),
+                        ..
+                    },
+                ..
+            }) => Outcome::Fail(format!(
+                "passed on a retry-after of {} ms; the endpoint said {} s",
+                after.as_millis(),
+                want.as_secs()
+            )),
+            Err(Error::Provider {
+                error: ProviderError::Unavailable { .. },
+                ..
+            }) if contract == "0.1.0" => Outcome::Pass(
+                "HTTP 429 ⇒ unavailable (a 0.1.0 provider cannot pass the Retry-After on)".into(),
+            ),
+            Err(Error::Provider {
+                error: ProviderError::Unavailable { message, .. },
+                ..
+            }) => Outcome::Fail(format!(
+                "HTTP 429 ⇒ unavailable ({message}) without the endpoint's Retry-After ({} s): \
+                 the host would retry on its own schedule, before the IdP allows",
+                want.as_secs()
+            )),
+            Err(Error::Provider { error, .. }) => {
+                Outcome::Fail(format!("HTTP 429 ⇒ {error}, expected unavailable"))
+            }
+            Err(e) => Outcome::Fail(format!("the provider faulted (a fault never passes): {e}")),
+        })
+    }
+
+    /// The manifest's `[[challenges]]`, or the usual Bearer ones for OAuth2.
+    fn challenge_cases(&self) -> Vec<ChallengeCase> {
+        if !self.manifest.challenges.is_empty() {
+            return self.manifest.challenges.clone();
+        }
+        if self.manifest.endpoint != EndpointKind::Oauth2 {
+            return Vec::new();
+        }
+        let case = |name: &str, status: u16, www: &str, expect| ChallengeCase {
+            name: name.into(),
+            status,
+            www_authenticate: Some(www.into()),
+            retry_after: None,
+            expect,
+        };
+        vec![
+            case(
+                "bearer-expired",
+                401,
+                r#"Bearer realm="api", error="invalid_token", error_description="The access token expired""#,
+                ExpectedDecision::RefreshAndRetry,
+            ),
+            case(
+                "insufficient-scope",
+                403,
+                r#"Bearer realm="api", error="insufficient_scope", scope="admin""#,
+                ExpectedDecision::Fail,
+            ),
+        ]
+    }
+
+    async fn challenges(&self) -> Result<Outcome, Outcome> {
+        let cases = self.challenge_cases();
+        if cases.is_empty() {
+            return Ok(Outcome::Skip(
+                "no [[challenges]] in the manifest (how do its servers reject a credential?)"
+                    .into(),
+            ));
+        }
+        let (provider, credentials) = self.first().await?;
+        let mut seen = Vec::new();
+        for case in &cases {
+            let now = self.clock_now();
+            let Some(mut error) =
+                crate::classify::from_http(case.status, case.www_authenticate.as_deref(), None)
+            else {
+                self.done(provider);
+                return Ok(Outcome::Fail(format!(
+                    "challenge `{}`: HTTP {} is not an authentication failure",
+                    case.name, case.status
+                )));
+            };
+            error.retry_after = case
+                .retry_after
+                .as_deref()
+                .and_then(|v| crate::classify::parse_retry_after(v, now));
+            let request = self.manifest.request.request(Reason::Initial);
+            let decision = provider
+                .handle_security_error(&self.runtime, &request, &credentials, &error)
+                .await;
+            let got = match &decision {
+                Ok(Decision::RefreshAndRetry) => ExpectedDecision::RefreshAndRetry,
+                Ok(Decision::Fail) => ExpectedDecision::Fail,
+                Ok(Decision::RetryAfter(_)) => ExpectedDecision::RetryAfter,
+                Err(e) => {
+                    self.done(provider);
+                    return Ok(Outcome::Fail(format!(
+                        "challenge `{}`: the provider faulted (a fault never passes): {e}",
+                        case.name
+                    )));
+                }
+            };
+            if got != case.expect {
+                self.done(provider);
+                return Ok(Outcome::Fail(format!(
+                    "challenge `{}` ({} {}) ⇒ {:?}, expected {:?}",
+                    case.name,
+                    case.status,
+                    case.www_authenticate
+                        .as_deref()
+                        .unwrap_or("no WWW-Authenticate"),
+                    decision.ok(),
+                    case.expect
+                )));
+            }
+            seen.push(format!("{} ⇒ {:?}", case.name, got));
+        }
+        self.done(provider);
+        Ok(Outcome::Pass(seen.join(", ")))
+    }
+
+    async fn audience(&self) -> Result<Outcome, Outcome> {
+        match self.manifest.endpoint {
+            EndpointKind::None | EndpointKind::Secret => {
+                return Ok(Outcome::Skip(
+                    "its endpoint issues no audience-bound credentials".into(),
+                ));
+            }
+            _ => {}
+        }
+        let provider = self.fresh()?;
+        let audience = self
+            .manifest
+            .request
+            .audience
+            .clone()
+            .unwrap_or_else(|| AUDIENCE.to_string());
+        let request = Request {
+            audience: Some(audience.clone()),
+            ..self.manifest.request.request(Reason::Initial)
+        };
+        let result = provider.get_credentials(&self.runtime, &request).await;
+        self.done(provider);
+        let saw = self
+            .endpoint
+            .script()
+            .seen
+            .iter()
+            .any(|t| t.contains(&audience));
+        Ok(match result {
+            Ok(_) if saw => Outcome::Pass(format!("audience `{audience}` reached the endpoint")),
+            Ok(_) => Outcome::Fail(format!(
+                "asked for audience `{audience}`, returned a credential without passing it on \
+                 (a credential for another audience)"
+            )),
+            Err(Error::Provider {
+                error: ProviderError::Misconfigured(m),
+                ..
+            }) => {
+                // A refusal counts only from a provider that fetches without one.
+                let (control, _) = self.first().await.map_err(|_| {
+                    Outcome::Fail(format!(
+                        "refused the audience ({m}), and cannot fetch without one either"
+                    ))
+                })?;
+                self.done(control);
+                Outcome::Pass(format!("refuses a requested audience ({m})"))
+            }
+            Err(e) => Outcome::Fail(format!("asked for audience `{audience}`: {e}")),
+        })
+    }
+
+    async fn config_schema(&self) -> Result<Outcome, Outcome> {
+        let provider = self.fresh()?;
+        let described = provider.describe(&self.runtime).await;
+        let outcome = match described {
+            Err(e) => Outcome::Fail(format!("describe failed: {e}")),
+            Ok(d) => match &d.descriptor.config {
+                None => Outcome::Pass(format!(
+                    "no schema declared (contract {}): the host checks nothing and redacts by \
+                     key name",
+                    d.descriptor.contract
+                )),
+                Some(_) if !d.violations.is_empty() => Outcome::Fail(format!(
+                    "the host would refuse the manifest's config: {}",
+                    d.violations
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )),
+                Some(keys) => Outcome::Pass(format!(
+                    "{} {}: {} keys declared ({} required, {} secret); the config fits",
+                    d.descriptor.name,
+                    d.descriptor.version,
+                    keys.len(),
+                    keys.iter().filter(|k| k.required).count(),
+                    keys.iter().filter(|k| k.secret).count()
+                )),
+            },
+        };
+        self.done(provider);
+        Ok(outcome)
+    }
+
     async fn egress(&self) -> Result<Outcome, Outcome> {
         let earlier = *self.denied_egress.lock().unwrap_or_else(|e| e.into_inner());
         if earlier > 0 {
@@ -1014,6 +1405,8 @@ enum Mode {
     Ok,
     /// Answer every request 503.
     ServerError,
+    /// Answer every request 429 with `Retry-After` ([`RATE_LIMIT_RETRY_AFTER`]).
+    RateLimited,
 }
 
 #[derive(Debug)]
@@ -1023,6 +1416,9 @@ struct Script {
     issued: u64,
     rotation: u64,
     refresh_tokens: HashSet<String>,
+    /// What the requests carried (URI and body, up to 16 KiB each), for the
+    /// `audience` scenario.
+    seen: Vec<String>,
 }
 
 impl Script {
@@ -1033,6 +1429,7 @@ impl Script {
             issued: 0,
             rotation: 0,
             refresh_tokens: HashSet::new(),
+            seen: Vec::new(),
         }
     }
 }
@@ -1050,6 +1447,7 @@ struct EndpointState {
     expires_in: u64,
     base: String,
     script: Arc<Mutex<Script>>,
+    response: Option<ResponseSpec>,
 }
 
 impl FakeEndpoint {
@@ -1063,6 +1461,7 @@ impl FakeEndpoint {
             expires_in: manifest.expires_in,
             base: format!("http://{addr}"),
             script: script.clone(),
+            response: manifest.response.clone(),
         });
         let app = axum::Router::new().fallback(serve).with_state(state);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -1133,6 +1532,21 @@ async fn serve(
     };
     let mut script = state.script.lock().unwrap_or_else(|e| e.into_inner());
     script.requests += 1;
+    if script.seen.len() < 64 {
+        let text = format!("{uri} {}", String::from_utf8_lossy(&body));
+        script.seen.push(text.chars().take(16 * 1024).collect());
+    }
+    if script.mode == Mode::RateLimited {
+        return (
+            http::StatusCode::TOO_MANY_REQUESTS,
+            [(
+                http::header::RETRY_AFTER,
+                RATE_LIMIT_RETRY_AFTER.as_secs().to_string(),
+            )],
+            axum::Json(serde_json::json!({"error": "rate_limited"})),
+        )
+            .into_response();
+    }
     if script.mode == Mode::ServerError {
         return (
             http::StatusCode::SERVICE_UNAVAILABLE,
@@ -1165,6 +1579,49 @@ async fn serve(
         };
     }
     match state.kind {
+        EndpointKind::Custom => {
+            let Some(spec) = &state.response else {
+                return json(500, serde_json::json!({"error": "no [response]"}));
+            };
+            if spec.require_json {
+                let is_json = headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("json"));
+                let has_length = headers.contains_key(http::header::CONTENT_LENGTH);
+                if !is_json
+                    || !has_length
+                    || serde_json::from_slice::<serde_json::Value>(&body).is_err()
+                {
+                    return json(
+                        400,
+                        serde_json::json!({"error": "a JSON body with Content-Type and Content-Length is required"}),
+                    );
+                }
+            }
+            script.issued += 1;
+            let n = script.issued;
+            let text = spec
+                .body
+                .replace("${token}", &format!("conformance-session-{n}"))
+                .replace("${expires_in}", &state.expires_in.to_string())
+                .replace("${n}", &n.to_string());
+            let mut response = (
+                http::StatusCode::from_u16(spec.status)
+                    .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+                text,
+            )
+                .into_response();
+            for (k, v) in &spec.headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_str(v),
+                ) {
+                    response.headers_mut().insert(k, v);
+                }
+            }
+            response
+        }
         EndpointKind::Oauth2 => {
             script.issued += 1;
             let n = script.issued;

@@ -80,9 +80,10 @@ fn fetch_secret(url: &str) -> Result<Secret, ProviderError> {
             ));
         }
         s => {
-            return Err(ProviderError::unavailable(format!(
-                "secret endpoint answered HTTP {s}"
-            )));
+            return Err(
+                ProviderError::unavailable(format!("secret endpoint answered HTTP {s}"))
+                    .retry_after_ms(response.retry_after_ms()),
+            );
         }
     }
     let doc: Value = response

@@ -32,6 +32,8 @@ export const authProvider = provider({
     const form = new URLSearchParams({ grant_type: 'client_credentials' });
     const scope = req.scopes.length ? req.scopes.join(' ') : config.get('scope');
     if (scope) form.set('scope', scope);
+    // A requested audience goes to the IdP: never return a token for another.
+    if (req.audience) form.set('audience', req.audience);
     // `request` is fetch() through the host's `allowed_hosts`; a transport
     // failure throws `unavailable`, so the host backs off and retries.
     const res = await request(tokenUrl, {

@@ -30,6 +30,9 @@ class AuthProvider(rp.Provider):
         scope = " ".join(request.scopes) if request.scopes else rp.config.get("scope")
         if scope:
             form["scope"] = scope
+        # A requested audience goes to the IdP: never return a token for another.
+        if request.audience:
+            form["audience"] = request.audience
         # Egress goes through the host's `allowed_hosts`; a transport failure
         # raises `unavailable`, so the host backs off and retries.
         response = rp.http.post(

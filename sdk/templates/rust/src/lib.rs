@@ -50,6 +50,10 @@ impl Provider for MyProvider {
         if !scope.is_empty() {
             form.push(("scope", scope.as_str()));
         }
+        // A requested audience goes to the IdP: never return a token for another.
+        if let Some(audience) = request.audience.as_deref() {
+            form.push(("audience", audience));
+        }
         // Egress goes through the host's `allowed_hosts`; a transport failure
         // becomes `unavailable` (the `?`), so the host backs off and retries.
         let response = HttpRequest::post(&token_url)
