@@ -32,6 +32,9 @@ const RUST: &[File] = &[
         include_str!("../../../sdk/templates/rust/src/lib.rs"),
         false,
     ),
+    // The SDK's own lockfile: the project starts from the versions the SDK was
+    // tested with (cargo adds the project's own entry at the first build).
+    ("Cargo.lock", include_str!("../../../sdk/Cargo.lock"), false),
     (
         "build.sh",
         include_str!("../../../sdk/templates/rust/build.sh"),
@@ -227,6 +230,13 @@ mod tests {
             }
             let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
             assert!(readme.contains("./build.sh\nreauth test ."), "{readme}");
+            if lang == Lang::Rust {
+                let lock = std::fs::read_to_string(dir.join("Cargo.lock")).unwrap();
+                assert!(lock.contains("name = \"wit-bindgen\""), "versions are pinned");
+            } else {
+                let build = std::fs::read_to_string(dir.join("build.sh")).unwrap();
+                assert!(build.contains("${REAUTH_SDK:-"), "{build}");
+            }
             let manifest = std::fs::read_to_string(dir.join("conformance.toml")).unwrap();
             crate::conformance::Manifest::from_toml(&manifest, &dir).unwrap();
             // A second run refuses to overwrite the project.
