@@ -673,28 +673,25 @@ impl SharedTier {
                     let _ = self.cache.write_failure(&id, None, lease.as_ref()).await;
                 }
             }
-            Err(Error::Provider {
-                error:
-                    crate::types::ProviderError::Unavailable {
-                        message,
-                        retry_after,
-                    },
-                ..
-            }) => {
+            Err(
+                error @ Error::Provider {
+                    error: crate::types::ProviderError::Unavailable { message, .. },
+                    ..
+                },
+            ) => {
                 use rand::Rng;
                 let failures = failure.as_ref().map_or(0, |f| f.failures).saturating_add(1);
                 // The identity provider's `Retry-After` (contract 0.2) holds for
-                // the whole fleet, within the provider's bound.
-                let delay = match retry_after {
-                    Some(after) => {
-                        (*after).min(Duration::from_millis(self.settings.backoff_max_ms))
-                    }
-                    None => crate::cache::backoff(
-                        &self.settings,
-                        failures,
-                        rand::rng().random_range(0.0..1.0),
-                    ),
-                };
+                // the whole fleet, within the provider's bound; without one, no
+                // replica has a fresh entry for this key, so the outage cap
+                // applies (waiting callers recover soon after the IdP does).
+                let delay = crate::cache::failure_delay(
+                    &self.settings,
+                    error,
+                    failures,
+                    false,
+                    rand::rng().random_range(0.0..1.0),
+                );
                 let shared = SharedFailure {
                     message: message.clone(),
                     failures,

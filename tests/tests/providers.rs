@@ -958,6 +958,63 @@ config = {{ sts_url = "{url}", user = "bob", api_key = "{key}" }}
     }
 
     #[tokio::test]
+    async fn one_log_line_when_fetches_start_failing_naming_the_request_and_one_when_they_recover()
+    {
+        let logs = reauth_tests::logs();
+        let sts = AcmeSts::start();
+        let host = Host::builder()
+            .provider("acme-health", acme(&sts))
+            .build()
+            .unwrap();
+        sts.admin(json!({"mode": "down"})).await;
+        for _ in 0..3 {
+            let e = provider_error(host.get_credentials("acme-health", &Request::new()).await);
+            assert!(matches!(e, ProviderError::Unavailable { .. }), "{e:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        sts.admin(json!({"mode": "ok"})).await;
+        let mut recovered = false;
+        for _ in 0..30 {
+            if host
+                .get_credentials("acme-health", &Request::new())
+                .await
+                .is_ok()
+            {
+                recovered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(recovered);
+        let logged = logs.contents();
+        let lines: Vec<&str> = logged
+            .lines()
+            .filter(|l| l.contains("acme-health"))
+            .collect();
+        let failing: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.contains("fetches are failing"))
+            .collect();
+        assert_eq!(
+            failing.len(),
+            1,
+            "one line per outage:\n{}",
+            lines.join("\n")
+        );
+        assert!(
+            failing[0].contains(&format!("POST http://{}/sts/session: HTTP 503", sts.addr)),
+            "the failing request is named: {}",
+            failing[0]
+        );
+        let back: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.contains("fetches recovered"))
+            .collect();
+        assert_eq!(back.len(), 1, "{}", lines.join("\n"));
+        assert!(back[0].contains("failed_fetches="), "{}", back[0]);
+    }
+
+    #[tokio::test]
     async fn a_0_1_0_component_loads_and_works_next_to_0_2_0_ones() {
         reauth_tests::logs();
         let sts = AcmeSts::start();

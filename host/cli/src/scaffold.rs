@@ -232,7 +232,10 @@ mod tests {
             assert!(readme.contains("./build.sh\nreauth test ."), "{readme}");
             if lang == Lang::Rust {
                 let lock = std::fs::read_to_string(dir.join("Cargo.lock")).unwrap();
-                assert!(lock.contains("name = \"wit-bindgen\""), "versions are pinned");
+                assert!(
+                    lock.contains("name = \"wit-bindgen\""),
+                    "versions are pinned"
+                );
             } else {
                 let build = std::fs::read_to_string(dir.join("build.sh")).unwrap();
                 assert!(build.contains("${REAUTH_SDK:-"), "{build}");

@@ -677,17 +677,41 @@ impl TokenCache {
 
 fn record_failure(st: &mut SlotState, error: &Error, s: &CacheConfig, now: SystemTime) {
     st.failures = st.failures.saturating_add(1);
-    let max = Duration::from_millis(s.backoff_max_ms);
-    let delay = if error.is_permanent() {
-        max
-    } else if let Some(after) = error.provider_error().and_then(|e| e.retry_after()) {
-        // The identity provider said when (contract 0.2): its word instead of
-        // our step, within the provider's bound.
-        after.min(max)
-    } else {
-        backoff(s, st.failures, rand::random())
-    };
+    let serving = st.entry.as_ref().is_some_and(|e| now < e.expires);
+    let delay = failure_delay(s, error, st.failures, serving, rand::random());
     st.retry_at = Some(saturating_add(now, delay));
+}
+
+/// How long a key waits before its next fetch after its `failures`-th failure in
+/// a row with `error`: the maximum after `denied`/`misconfigured`; the identity
+/// provider's `Retry-After` (contract 0.2) when the provider passed one on; else
+/// the exponential backoff — capped at `outage_retry_ms` (jittered by `unit` in
+/// [0, 1)) while the key has no credential to serve (`serving` false), so waiting
+/// callers recover soon after the identity provider does. Never more than
+/// `backoff_max_ms`.
+#[doc(hidden)]
+pub fn failure_delay(
+    s: &CacheConfig,
+    error: &Error,
+    failures: u32,
+    serving: bool,
+    unit: f64,
+) -> Duration {
+    let max = Duration::from_millis(s.backoff_max_ms);
+    if error.is_permanent() {
+        return max;
+    }
+    if let Some(after) = error.provider_error().and_then(|e| e.retry_after()) {
+        // The identity provider said when: its word instead of our step, within
+        // the provider's bound.
+        return after.min(max);
+    }
+    let step = backoff(s, failures, unit);
+    if serving || s.outage_retry_ms == 0 {
+        return step;
+    }
+    let cap = Duration::from_millis(s.outage_retry_ms).mul_f64(0.9 + 0.1 * unit.clamp(0.0, 1.0));
+    step.min(cap)
 }
 
 /// Exponential backoff with ±20 % jitter (`unit` in [0, 1)), capped at the maximum.

@@ -518,6 +518,15 @@ pub struct CacheConfig {
     /// Minimum time between two plugin calls for the same key. Default 250 ms.
     #[serde(default = "defaults::min_interval_ms")]
     pub min_interval_ms: u64,
+    /// While a key has no credential left to serve (its callers get the error),
+    /// its failed fetches are retried about this often (90–100 % of it, jittered)
+    /// instead of backing off further, so callers recover within about this much
+    /// of the identity provider's return; attempts stay at most about one per
+    /// interval per key. A `Retry-After` the provider passes on still wins; a
+    /// key that still serves a valid credential backs off to `backoff_max_ms`.
+    /// Default 1000; 0: always back off to `backoff_max_ms`.
+    #[serde(default = "defaults::outage_retry_ms")]
+    pub outage_retry_ms: u64,
     /// Accept a credential whose `principal` differs from the one this key's
     /// earlier credentials stood for. Default false: the contract says a provider
     /// never switches identity, so such a credential is refused with
@@ -545,6 +554,7 @@ impl Default for CacheConfig {
             backoff_initial_ms: defaults::backoff_initial_ms(),
             backoff_max_ms: defaults::backoff_max_ms(),
             min_interval_ms: defaults::min_interval_ms(),
+            outage_retry_ms: defaults::outage_retry_ms(),
             allow_principal_change: false,
             min_reauth_interval_ms: defaults::min_reauth_interval_ms(),
         }
@@ -848,6 +858,11 @@ pub mod defaults {
     pub fn instance_max_idle() -> u32 {
         4
     }
+    /// `cache.outage_retry_ms`.
+    pub fn outage_retry_ms() -> u64 {
+        1000
+    }
+
     /// `cache.min_reauth_interval_ms`.
     pub fn min_reauth_interval_ms() -> u64 {
         5000
@@ -1240,6 +1255,11 @@ pub fn validate_provider(
         (
             "cache.min_reauth_interval_ms",
             p.cache.min_reauth_interval_ms,
+            0..=3_600_000,
+        ),
+        (
+            "cache.outage_retry_ms",
+            p.cache.outage_retry_ms,
             0..=3_600_000,
         ),
         (

@@ -71,6 +71,24 @@ pub(crate) struct EgressPolicy {
     pub(crate) max_per_call: usize,
     /// The provider's secrets, redacted from logged targets.
     pub(crate) redact: Redact,
+    /// The last request that failed (transport error, 5xx or 429), redacted:
+    /// named in the log line when the provider starts failing (discovery or
+    /// token endpoint?).
+    pub(crate) last_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl EgressPolicy {
+    /// The last failed request (`POST http://idp/token: HTTP 503`), if any.
+    pub(crate) fn last_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn record_failure(&self, what: String) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(what);
+    }
 }
 
 impl std::fmt::Debug for EgressPolicy {
@@ -212,6 +230,7 @@ impl WasiHttpHooks for EgressHooks {
             tracing::debug!(provider = %policy.provider, method = %request.method(), %target, "egress");
         }
         let (uri, redact) = (request.uri().clone(), policy.redact.clone());
+        let method = request.method().clone();
         let clamp = |t: Option<Duration>, cap: Duration| Some(t.map_or(cap, |t| t.min(cap)));
         let options = options.unwrap_or_default();
         let options = RequestOptions {
@@ -232,8 +251,21 @@ impl WasiHttpHooks for EgressHooks {
                 .acquire_owned()
                 .await
                 .map_err(|_| HttpError::HttpRequestDenied)?;
+            let failed = |what: String| {
+                policy.record_failure(format!("{method} {}: {what}", log_target(&uri, &redact)))
+            };
             let (response, io) =
-                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+                match wasmtime_wasi_http::default_send_request(request, Some(options)).await {
+                    Ok(sent) => sent,
+                    Err(e) => {
+                        failed(format!("{e:?}"));
+                        return Err(e);
+                    }
+                };
+            let status = response.status();
+            if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+                failed(format!("HTTP {}", status.as_u16()));
+            }
             // Both places are held until the connection is done (or dropped with
             // the call's Store).
             let io = async move {
@@ -324,6 +356,7 @@ mod tests {
             denied: AtomicU64::new(0),
             in_flight: Arc::new(Semaphore::new(4)),
             max_per_call: 2,
+            last_failure: std::sync::Mutex::new(None),
             redact: no_redaction(),
         }
     }

@@ -567,6 +567,15 @@ pub struct ProviderRuntime {
     /// What the component said about itself (`describe`), asked before its first
     /// call; shared with the egress redactor (declared secret keys).
     described: Arc<OnceLock<Described>>,
+    /// Since when fetches fail, and how many did (one log line when they start
+    /// failing, one when they recover).
+    health: Mutex<Health>,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    failing_since: Option<Instant>,
+    failures: u64,
 }
 
 /// A provider's descriptor and what the host made of it.
@@ -730,6 +739,7 @@ impl ProviderRuntime {
                 )),
                 max_per_call: spec.limits.max_requests_in_flight as usize,
                 redact,
+                last_failure: std::sync::Mutex::new(None),
             }),
             state,
             breaker: Breaker::new(&spec.breaker),
@@ -744,6 +754,7 @@ impl ProviderRuntime {
             reservation,
             settings: spec.config,
             described,
+            health: Mutex::new(Health::default()),
             name,
         })
     }
@@ -1193,6 +1204,39 @@ impl ProviderRuntime {
         }
     }
 
+    /// One warn line when fetches start failing (naming the last request that
+    /// failed: discovery or token endpoint, and how), one info line when they
+    /// recover; nothing in between (the cache's backoff bounds the attempts).
+    fn track_health(&self, result: &Result<types::Credentials, Error>) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            // Not the provider's doing, or already logged by the breaker.
+            Err(Error::Busy { .. } | Error::CoolingDown { .. }) => {}
+            Err(e) => {
+                health.failures = health.failures.saturating_add(1);
+                if health.failing_since.is_none() {
+                    health.failing_since = Some(Instant::now());
+                    let last = self
+                        .egress
+                        .last_failure()
+                        .unwrap_or_else(|| "none".to_string());
+                    tracing::warn!(provider = %self.name, error = %e, last_failed_request = %last, "fetches are failing (logged again when they recover)");
+                }
+            }
+            Ok(_) => {
+                if let Some(since) = health.failing_since.take() {
+                    let failed = std::mem::take(&mut health.failures);
+                    tracing::info!(provider = %self.name, failed_fetches = failed, failing_for_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX), "fetches recovered");
+                }
+                *self
+                    .egress
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+    }
+
     fn admit(&self) -> Result<(), Error> {
         self.breaker.admit().map_err(|(faults, left, last_fault)| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -1392,6 +1436,7 @@ impl ProviderRuntime {
         self.log_output(FUNCTION, captured, result.as_ref().ok(), result.is_err());
         self.checkin(warm, clean);
         self.book(FUNCTION, &result);
+        self.track_health(&result);
         tracing::debug!(provider = %self.name, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "get-credentials done");
         result
     }

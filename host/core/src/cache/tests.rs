@@ -765,3 +765,104 @@ async fn a_busy_refusal_is_not_a_failure_of_the_key() {
         ("fresh", Lookup::Fetched(Reason::Initial))
     );
 }
+
+#[test]
+fn failure_delay_is_capped_during_an_outage_and_honours_retry_after() {
+    let s = CacheConfig::default();
+    let down = Error::Provider {
+        provider: "p".into(),
+        error: ProviderError::unavailable("connection refused"),
+    };
+    for failures in [1, 5, 10, 30, u32::MAX] {
+        for unit in [0.0, 0.5, 0.999] {
+            // Nothing to serve: never more than outage_retry_ms (1 s), at least 90 %
+            // of it once the backoff has grown past it.
+            let d = failure_delay(&s, &down, failures, false, unit);
+            assert!(d <= Duration::from_millis(1000), "{failures}: {d:?}");
+            if failures >= 5 {
+                assert!(d >= Duration::from_millis(900), "{failures}: {d:?}");
+            }
+            // A still-valid credential is served: the backoff grows to the maximum.
+            let serving = failure_delay(&s, &down, failures, true, unit);
+            assert_eq!(serving, backoff(&s, failures, unit));
+        }
+    }
+    assert_eq!(
+        failure_delay(&s, &down, 30, true, 0.5),
+        Duration::from_millis(s.backoff_max_ms)
+    );
+    // The IdP's own Retry-After wins, bounded by backoff_max_ms, at any extreme.
+    let throttled = |after: Duration| Error::Provider {
+        provider: "p".into(),
+        error: ProviderError::Unavailable {
+            message: "429".into(),
+            retry_after: Some(after),
+        },
+    };
+    assert_eq!(
+        failure_delay(&s, &throttled(Duration::from_secs(7)), 1, false, 0.5),
+        Duration::from_secs(7)
+    );
+    assert_eq!(
+        failure_delay(&s, &throttled(Duration::MAX), 1, false, 0.5),
+        Duration::from_millis(s.backoff_max_ms)
+    );
+    // Denied is not an outage: the maximum at once.
+    let denied = Error::Provider {
+        provider: "p".into(),
+        error: ProviderError::Denied("bad secret".into()),
+    };
+    assert_eq!(
+        failure_delay(&s, &denied, 1, false, 0.5),
+        Duration::from_millis(s.backoff_max_ms)
+    );
+    // 0 turns the cap off.
+    let uncapped = CacheConfig {
+        outage_retry_ms: 0,
+        ..CacheConfig::default()
+    };
+    assert_eq!(
+        failure_delay(&uncapped, &down, 30, false, 0.5),
+        Duration::from_millis(s.backoff_max_ms)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_recover_within_a_second_of_the_idp_and_the_outage_costs_one_call_a_second() {
+    let (cache, fake, s, _) = setup(Duration::from_secs(3600));
+    let (k, f) = (key(None), fake.fetcher());
+    fake.fail_with(Some(ProviderError::unavailable("connection refused")));
+    // A 60 s outage, callers asking every 10 ms.
+    for _ in 0..6000 {
+        let _ = cache.get(&k.as_ref(), &Request::new(), &s, &f).await;
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let during = fake.calls();
+    // 100, 200, 400 ms steps, then one attempt per 0.9–1 s: about 62, never 6000.
+    assert!(
+        (55..=70).contains(&during),
+        "{during} calls in a 60 s outage"
+    );
+    // The IdP is back: the first caller served within a second.
+    fake.fail_with(None);
+    let back = tokio::time::Instant::now();
+    loop {
+        if cache
+            .get(&k.as_ref(), &Request::new(), &s, &f)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(
+            back.elapsed() <= Duration::from_millis(1100),
+            "not recovered"
+        );
+    }
+    assert!(
+        back.elapsed() <= Duration::from_millis(1010),
+        "{:?}",
+        back.elapsed()
+    );
+}
