@@ -31,8 +31,9 @@ export class ProviderError extends Error {
   }
 }
 
-/** Transient (IdP down, 5xx, timeout): the host backs off and keeps serving a
- * still-valid cached credential. */
+/** Transient (IdP down, 5xx, 429, timeout): the host backs off (or waits
+ * `retryAfterMs`, the IdP's Retry-After) and keeps serving a still-valid cached
+ * credential. */
 export const unavailable = (message, retryAfterMs = undefined) =>
   new ProviderError('unavailable', message, retryAfterMs);
 /** The IdP refused (bad secret, revoked grant): not retried hot. */

@@ -71,7 +71,7 @@ __all__ = [
     "misconfigured", "refresh_and_retry", "retry_after", "fail",
     "refresh_on_unauthorized", "http", "Response", "jwt_claims", "jwt_expiry",
     "oauth2_error", "now", "Reason", "SecurityErrorKind", "Provider", "describe", "key",
-    "challenge", "param",
+    "challenge", "param", "basic_auth_header",
 ]
 
 Reason = t.Reason
