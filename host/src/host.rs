@@ -637,12 +637,17 @@ impl SharedTier {
                 let retry_in = failure.retry_at.duration_since(now).unwrap_or_default();
                 return Err(Error::Provider {
                     provider: self.name.to_string(),
-                    error: crate::types::ProviderError::unavailable(format!(
-                        "{} (shared: {} failed fetch(es) of this key across processes; next attempt in {} ms)",
-                        failure.message,
-                        failure.failures,
-                        retry_in.as_millis()
-                    )),
+                    // The remaining wait travels with the error, so this
+                    // process's cache waits as long as the fleet does.
+                    error: crate::types::ProviderError::Unavailable {
+                        message: format!(
+                            "{} (shared: {} failed fetch(es) of this key across processes; next attempt in {} ms)",
+                            failure.message,
+                            failure.failures,
+                            retry_in.as_millis()
+                        ),
+                        retry_after: Some(retry_in),
+                    },
                 });
             }
         }
@@ -1229,12 +1234,13 @@ impl Host {
                 .unwrap_or_default();
             (file, text)
         };
+        let line_of = config::key_lines(&text);
         let lines: Vec<String> = violations
             .iter()
             .map(|v| {
-                let line = config::line_of_key(&text, &["providers", name, "config", &v.key])
-                    .or_else(|| config::line_of_key(&text, &["providers", name, "config"]))
-                    .or_else(|| config::line_of_key(&text, &["providers", name]));
+                let line = line_of(&["providers", name, "config", &v.key])
+                    .or_else(|| line_of(&["providers", name, "config"]))
+                    .or_else(|| line_of(&["providers", name]));
                 let place = match (&file, line) {
                     (Some(f), Some(l)) => format!("{}:{l}: ", f.display()),
                     (Some(f), None) => format!("{}: ", f.display()),

@@ -340,8 +340,10 @@ class Response:
         """The ``Retry-After`` header in milliseconds (delta-seconds, or an HTTP
         date relative to the host's clock), if usable."""
         value = (self.header("retry-after") or "").strip()
-        if value.isdigit():
-            return int(value) * 1000
+        if not value or len(value) > 64:
+            return None
+        if value.isascii() and value.isdigit():
+            return min(int(value), 86_400) * 1000
         try:
             from email.utils import parsedate_to_datetime
             at = parsedate_to_datetime(value).timestamp()

@@ -1094,3 +1094,95 @@ async fn plugin_controlled_text_is_redacted_and_urls_are_parsed_once() {
         "the header secret reached the log"
     );
 }
+
+/// A hostile `describe` (contract 0.2) is contained like any other call: a trap,
+/// a loop, an oversized or forged descriptor fail that provider only, and
+/// `describe` can neither reach the network nor touch state.
+#[tokio::test]
+async fn a_hostile_describe_fails_its_provider_only_and_does_no_io() {
+    let logs = reauth_tests::logs();
+    let endpoint =
+        reauth_tests::peers::SlowEndpoint::start("not-for-describe", Duration::ZERO).await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let hostile = |describe: &str| {
+        let mut p = ProviderConfig::new(&plugins().hostile)
+            .config("mode", "ok")
+            .config("describe", describe)
+            .allow_host(endpoint.authority())
+            .config("url", endpoint.url.clone());
+        p.allow_http = true;
+        p.limits.timeout_ms = 1000;
+        p
+    };
+    let host = Host::builder()
+        .state_dir(state_dir.path())
+        .provider("d-trap", hostile("trap"))
+        .provider("d-spin", hostile("spin"))
+        .provider("d-huge", hostile("huge"))
+        .provider("d-forged", hostile("forged"))
+        .provider("d-io", hostile("io"))
+        .provider("ok", hostile("none"))
+        .build()
+        .unwrap();
+    let err = |name: &'static str| {
+        let host = &host;
+        async move {
+            host.get_credentials(name, &Request::new())
+                .await
+                .expect_err(name)
+                .to_string()
+        }
+    };
+    let trap = err("d-trap").await;
+    assert!(
+        trap.contains("plugin failed during `get-credentials`"),
+        "{trap}"
+    );
+    let spin = err("d-spin").await;
+    assert!(spin.contains("exceeded its 1000 ms timeout"), "{spin}");
+    let huge = err("d-huge").await;
+    assert!(
+        huge.contains("describe returned an unusable descriptor: its config schema declares 100000 keys (at most 256)"),
+        "{huge}"
+    );
+    let forged = err("d-forged").await;
+    assert!(forged.contains("control or bidi characters"), "{forged}");
+    assert!(
+        !logs
+            .contents()
+            .contains("\n2026-11-28T00:00:00Z ERROR forged line")
+    );
+    // `describe` made a request and wrote state: both refused, nothing reached.
+    let c = host.get_credentials("d-io", &Request::new()).await.unwrap();
+    assert_eq!(bearer(&c), "hostile-ok");
+    match &host.status()["d-io"] {
+        ProviderStatus::Ready {
+            descriptor: Some(d),
+            ..
+        } => assert_eq!(d.version, "sent=false stored=false"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        endpoint.hits.load(Ordering::SeqCst),
+        0,
+        "describe reached the network"
+    );
+    let stored = std::fs::read_dir(state_dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("d-io"));
+    assert!(!stored, "describe wrote state");
+    // The well-behaved provider of the same plugin is served throughout.
+    assert_eq!(
+        bearer(&host.get_credentials("ok", &Request::new()).await.unwrap()),
+        "hostile-ok"
+    );
+    let status = host.check().await;
+    for name in ["d-trap", "d-huge", "d-forged"] {
+        assert!(
+            matches!(status[name], ProviderStatus::Failed(_)),
+            "{name}: {:?}",
+            status[name]
+        );
+    }
+}

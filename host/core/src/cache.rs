@@ -25,7 +25,9 @@
 //! **Never flood the IdP.** Failed fetches back off exponentially with jitter
 //! (`backoff_initial_ms` → `backoff_max_ms`); `denied` and `misconfigured` wait the
 //! maximum at once; an `unavailable` error that carries the identity provider's
-//! `Retry-After` waits that long instead (at most `backoff_max_ms`); two plugin
+//! `Retry-After` waits at least that long (at most 5 minutes, or `backoff_max_ms`
+//! if longer); while a key has nothing to serve its retries come every
+//! `outage_retry_ms` (1 s) instead of growing to `backoff_max_ms`; two plugin
 //! calls for one key are at least `min_interval_ms` apart. While backing off, a
 //! credential that is past its use-until time but not yet expired is still served
 //! (stale-if-error); otherwise the last error is.
@@ -701,18 +703,24 @@ pub fn failure_delay(
     if error.is_permanent() {
         return max;
     }
-    if let Some(after) = error.provider_error().and_then(|e| e.retry_after()) {
-        // The identity provider said when: its word instead of our step, within
-        // the provider's bound.
-        return after.min(max);
+    let mut step = backoff(s, failures, unit);
+    if !serving && s.outage_retry_ms > 0 {
+        let cap =
+            Duration::from_millis(s.outage_retry_ms).mul_f64(0.9 + 0.1 * unit.clamp(0.0, 1.0));
+        step = step.min(cap);
     }
-    let step = backoff(s, failures, unit);
-    if serving || s.outage_retry_ms == 0 {
-        return step;
+    match error.provider_error().and_then(|e| e.retry_after()) {
+        // The identity provider said when: at least that long (a `Retry-After:
+        // 0` does not turn the backoff off), up to MAX_IDP_RETRY_AFTER (or the
+        // provider's backoff_max_ms, if larger).
+        Some(after) => after.max(step).min(max.max(MAX_IDP_RETRY_AFTER)),
+        None => step,
     }
-    let cap = Duration::from_millis(s.outage_retry_ms).mul_f64(0.9 + 0.1 * unit.clamp(0.0, 1.0));
-    step.min(cap)
 }
+
+/// The longest identity-provider `Retry-After` a key waits (unless the
+/// provider's `backoff_max_ms` is longer): 5 minutes.
+pub const MAX_IDP_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Exponential backoff with ±20 % jitter (`unit` in [0, 1)), capped at the maximum.
 #[doc(hidden)]

@@ -901,9 +901,18 @@ pub mod defaults {
 /// "config", "token_url"]`) is written in the TOML `text`, if it is (dotted keys,
 /// `[table]` headers and inline tables alike).
 pub fn line_of_key(text: &str, path: &[&str]) -> Option<usize> {
+    key_lines(text)(path)
+}
+
+/// [`line_of_key`] for many keys of one text: the text is parsed once.
+pub fn key_lines(text: &str) -> impl Fn(&[&str]) -> Option<usize> + '_ {
+    let root = toml::de::DeTable::parse(text).ok();
+    move |path| line_in(text, root.as_ref()?.get_ref(), path)
+}
+
+fn line_in(text: &str, root: &toml::de::DeTable<'_>, path: &[&str]) -> Option<usize> {
     use toml::de::{DeTable, DeValue};
-    let root = DeTable::parse(text).ok()?;
-    let mut table: &DeTable<'_> = root.get_ref();
+    let mut table: &DeTable<'_> = root;
     let (last, parents) = path.split_last()?;
     for part in parents {
         let (_, value) = table.iter().find(|(k, _)| k.get_ref() == part)?;

@@ -182,6 +182,9 @@ impl Descriptor {
                 "its name or version is longer than {MAX_TEXT} bytes"
             ));
         }
+        if unprintable(&self.name) || unprintable(&self.version) {
+            return Some("its name or version holds control or bidi characters".into());
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, key) in keys.iter().enumerate() {
             if key.name.is_empty()
@@ -190,6 +193,11 @@ impl Descriptor {
             {
                 return Some(format!(
                     "config schema key #{i} has an empty, oversized or unprintable name"
+                ));
+            }
+            if unprintable(&key.name) || unprintable(&key.help) {
+                return Some(format!(
+                    "config schema key #{i} holds control or bidi characters"
                 ));
             }
             if key.help.len() > 4 * MAX_TEXT {
@@ -205,6 +213,14 @@ impl Descriptor {
         }
         None
     }
+}
+
+/// Control characters (a forged log line, terminal escapes) and bidi overrides
+/// (text that reads differently than it is): refused in what a plugin says of
+/// itself, which is printed by `reauth check` and logged.
+fn unprintable(s: &str) -> bool {
+    s.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
 }
 
 /// Most keys a schema may declare.
@@ -243,15 +259,21 @@ pub fn check<'a>(
                 let hint = closest(key, schema.iter().map(|k| k.name.as_str()))
                     .map(|k| format!(" (did you mean `{k}`?)"))
                     .unwrap_or_default();
-                let known: Vec<&str> = schema.iter().map(|k| k.name.as_str()).collect();
+                let known: Vec<&str> = schema.iter().map(|k| k.name.as_str()).take(20).collect();
+                let more = schema.len().saturating_sub(known.len());
                 out.push(Violation {
                     key: key.to_string(),
                     problem: format!(
-                        "not a key this provider reads{hint}; it reads: {}",
+                        "not a key this provider reads{hint}; it reads: {}{}",
                         if known.is_empty() {
                             "none".to_string()
                         } else {
                             known.join(", ")
+                        },
+                        if more > 0 {
+                            format!(" and {more} more")
+                        } else {
+                            String::new()
                         }
                     ),
                 });
@@ -288,10 +310,13 @@ fn closest<'a>(key: &str, names: impl Iterator<Item = &'a str>) -> Option<&'a st
     if key.len() > MAX_TEXT {
         return None;
     }
+    // The distance is at least the difference in length: candidates further off
+    // than the threshold are skipped before the quadratic part.
+    let threshold = |n: &str| 2.max(n.len() / 4);
     names
-        .filter(|n| n.len() <= MAX_TEXT)
+        .filter(|n| n.len() <= MAX_TEXT && n.len().abs_diff(key.len()) <= threshold(n))
         .map(|n| (edit_distance(key, n), n))
-        .filter(|(d, n)| *d <= 2.max(n.len() / 4))
+        .filter(|(d, n)| *d <= threshold(n))
         .min_by_key(|(d, _)| *d)
         .map(|(_, n)| n)
 }
@@ -421,6 +446,28 @@ mod tests {
             Some(vec![ConfigKey::new("k".repeat(10_000), ValueType::Text)]),
         );
         assert!(long.defect().is_some());
+        for forged in [
+            "acme\n2026-11-28 ERROR forged",
+            "\u{1b}[31mred",
+            "\u{202e}txt.exe",
+        ] {
+            assert!(
+                Descriptor::new(forged, "1", None).defect().is_some(),
+                "{forged:?}"
+            );
+            let help = ConfigKey::new("k", ValueType::Text).help(forged);
+            assert!(
+                Descriptor::new("x", "1", Some(vec![help]))
+                    .defect()
+                    .is_some()
+            );
+        }
+        // The "it reads" list is bounded, whatever the schema declares.
+        let wide: Vec<ConfigKey> = (0..200)
+            .map(|i| ConfigKey::new(format!("key_{i}"), ValueType::Text))
+            .collect();
+        let v = check(&wide, [("nope", Some("v"))]);
+        assert!(v[0].problem.ends_with("and 180 more"), "{}", v[0].problem);
         // A huge unknown key does not make the suggestion quadratic.
         let v = check(&schema(), [("x".repeat(1 << 20).as_str(), Some("v"))]);
         assert_eq!(v.len(), 3);

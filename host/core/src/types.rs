@@ -125,7 +125,8 @@ pub enum ProviderError {
         /// What went wrong.
         message: String,
         /// How long the identity provider asked to wait (its `Retry-After`), if it
-        /// said: the cache waits that long (at most `cache.backoff_max_ms`) instead
+        /// said: the cache waits at least that long (at most 5 minutes, or
+        /// `cache.backoff_max_ms` if longer) instead
         /// of its own backoff step. Contract 0.2; always `None` from 0.1.0 plugins.
         retry_after: Option<Duration>,
     },

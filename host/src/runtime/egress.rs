@@ -153,6 +153,9 @@ pub(crate) struct EgressHooks {
     pub(crate) hits: Arc<CallHits>,
     /// Places for this call's requests in flight (`limits.max_requests_in_flight`).
     pub(crate) in_flight: Arc<Semaphore>,
+    /// While the guest runs `describe`: every request is refused (it must not do
+    /// I/O, and `reauth check` must have no side effects).
+    pub(crate) describing: bool,
 }
 
 impl EgressHooks {
@@ -163,6 +166,7 @@ impl EgressHooks {
             policy,
             hits,
             in_flight,
+            describing: false,
         }
     }
 }
@@ -202,6 +206,12 @@ impl WasiHttpHooks for EgressHooks {
     > {
         let policy = self.policy.clone();
         let mut request = request;
+        if self.describing {
+            policy.denied.fetch_add(1, Ordering::Relaxed);
+            let target = log_target(request.uri(), &policy.redact);
+            tracing::warn!(provider = %policy.provider, %target, "egress denied: `describe` must not do I/O");
+            return Box::new(refuse_after_body(request));
+        }
         let checked = match policy.check(request.uri()) {
             Ok(uri) => uri,
             Err(why) => {

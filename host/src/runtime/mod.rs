@@ -136,11 +136,18 @@ impl WasiHttpView for StoreState {
     }
 }
 
+/// What `state` answers while the guest runs `describe` (which must not touch it:
+/// `reauth check` has no side effects, and takes no state lock).
+const DESCRIBE_NO_STATE: &str = "no state during `describe`";
+
 /// The `state` interface of both contract versions: one implementation.
 macro_rules! state_host {
     ($($state:path),*) => {$(
         impl $state for StoreState {
             async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+                if self.hooks.describing {
+                    return Ok(None);
+                }
                 self.state.get(&key).await
             }
 
@@ -149,10 +156,16 @@ macro_rules! state_host {
                 key: String,
                 value: String,
             ) -> wasmtime::Result<Result<(), String>> {
+                if self.hooks.describing {
+                    return Ok(Err(DESCRIBE_NO_STATE.into()));
+                }
                 self.state.set(key, value).await
             }
 
             async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
+                if self.hooks.describing {
+                    return Ok(Err(DESCRIBE_NO_STATE.into()));
+                }
                 self.state.delete(&key).await
             }
         }
@@ -1260,7 +1273,10 @@ impl ProviderRuntime {
         if let Some(described) = self.described.get() {
             return Ok(described);
         }
-        let descriptor = bindings::descriptor_from_guest(provider.describe(&mut *store).await?);
+        store.data_mut().hooks.describing = true;
+        let described = provider.describe(&mut *store).await;
+        store.data_mut().hooks.describing = false;
+        let descriptor = bindings::descriptor_from_guest(described?);
         if let Some(defect) = descriptor.defect() {
             return Err(wasmtime::Error::msg(format!(
                 "describe returned an unusable descriptor: {defect}"

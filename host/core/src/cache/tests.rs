@@ -804,8 +804,21 @@ fn failure_delay_is_capped_during_an_outage_and_honours_retry_after() {
         Duration::from_secs(7)
     );
     assert_eq!(
+        failure_delay(&s, &throttled(Duration::from_secs(60)), 1, false, 0.5),
+        Duration::from_secs(60),
+        "a Retry-After past backoff_max_ms is honoured"
+    );
+    assert_eq!(
         failure_delay(&s, &throttled(Duration::MAX), 1, false, 0.5),
-        Duration::from_millis(s.backoff_max_ms)
+        MAX_IDP_RETRY_AFTER
+    );
+    // `Retry-After: 0` does not turn the backoff off.
+    assert_eq!(
+        failure_delay(&s, &throttled(Duration::ZERO), 3, true, 0.5),
+        backoff(&s, 3, 0.5)
+    );
+    assert!(
+        failure_delay(&s, &throttled(Duration::ZERO), 9, false, 0.5) >= Duration::from_millis(900)
     );
     // Denied is not an outage: the maximum at once.
     let denied = Error::Provider {
