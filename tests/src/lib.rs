@@ -196,6 +196,11 @@ pub const KNOWN_SECRETS: &[&str] = &[
     "svc-secret",
     "echoed-secret-7h6g5f",
     "from-a-file",
+    // The Acme STS peer's API key and the wrong ones the contract tests send.
+    "acme-key-7f3a9c",
+    "wrong-key-5550123",
+    "otp-seed-98765",
+    "typo-secret-4711",
     // The conformance kit's accepted and wrong client secrets.
     "conformance-secret-8c1f",
     "wrong-secret-77d0",

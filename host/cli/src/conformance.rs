@@ -1714,8 +1714,29 @@ mod tests {
         );
         let e = Manifest::from_toml("colour = 1\n", p).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
-        let e = Manifest::from_toml("expires_in = 5\n", p).unwrap_err();
+        let e = Manifest::from_toml("expires_in = 0\n", p).unwrap_err();
         assert!(e.to_string().contains("expires_in"), "{e}");
+        // Short lifetimes are fine (a company STS issuing 30 s sessions).
+        Manifest::from_toml("expires_in = 5\n", p).unwrap();
+        let e = Manifest::from_toml("endpoint = \"custom\"\n", p).unwrap_err();
+        assert!(e.to_string().contains("needs a [response] table"), "{e}");
+        let e = Manifest::from_toml("[response]\nbody = \"x\"\n", p).unwrap_err();
+        assert!(e.to_string().contains("only for `endpoint = \"custom\"`"), "{e}");
+        let e = Manifest::from_toml("endpoint = \"custom\"\n[response]\nstatus = 999\n", p)
+            .unwrap_err();
+        assert!(e.to_string().contains("response.status"), "{e}");
+        let e = Manifest::from_toml(
+            "endpoint = \"custom\"\n[response]\nheaders = { \"bad header\" = \"x\" }\n",
+            p,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("response.headers.bad header"), "{e}");
+        let e = Manifest::from_toml(
+            "[[challenges]]\nname = \"x\"\nexpect = \"maybe\"\n",
+            p,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("expect"), "{e}");
         let e = Manifest::from_toml("[limits]\ntimeout_ms = 0\n", p).unwrap_err();
         assert_eq!(
             e.to_string(),
