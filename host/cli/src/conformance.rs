@@ -1721,7 +1721,10 @@ mod tests {
         let e = Manifest::from_toml("endpoint = \"custom\"\n", p).unwrap_err();
         assert!(e.to_string().contains("needs a [response] table"), "{e}");
         let e = Manifest::from_toml("[response]\nbody = \"x\"\n", p).unwrap_err();
-        assert!(e.to_string().contains("only for `endpoint = \"custom\"`"), "{e}");
+        assert!(
+            e.to_string().contains("only for `endpoint = \"custom\"`"),
+            "{e}"
+        );
         let e = Manifest::from_toml("endpoint = \"custom\"\n[response]\nstatus = 999\n", p)
             .unwrap_err();
         assert!(e.to_string().contains("response.status"), "{e}");
@@ -1731,11 +1734,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("response.headers.bad header"), "{e}");
-        let e = Manifest::from_toml(
-            "[[challenges]]\nname = \"x\"\nexpect = \"maybe\"\n",
-            p,
-        )
-        .unwrap_err();
+        let e = Manifest::from_toml("[[challenges]]\nname = \"x\"\nexpect = \"maybe\"\n", p)
+            .unwrap_err();
         assert!(e.to_string().contains("expect"), "{e}");
         let e = Manifest::from_toml("[limits]\ntimeout_ms = 0\n", p).unwrap_err();
         assert_eq!(
