@@ -33,6 +33,13 @@
 //!   outside a fleet next to the floor, invalidation reaching 8 replicas, and 32
 //!   replicas over 10 token lifetimes with and without the fleet.
 //!
+//! - `recovery`: 8 clients of a `reauth serve` sidecar polling a client-credentials
+//!   provider against the real oidc-provider IdP with 5 s tokens, through an IdP
+//!   outage of 2.5 lifetimes: IdP attempts during the outage, how long after the
+//!   IdP's return every client is served, and failed operations after it — with
+//!   `cache.outage_retry_ms` at its default (1 s) and off (the backoff growing to
+//!   10 s, as before #20).
+//!
 //! `--smoke` runs every section with tiny counts (CI runs it so the harness never
 //! rots); its numbers mean nothing.
 
@@ -54,11 +61,11 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Comma-separated sections: cache, miss, idp, herd, scale, polyglot, neighbours,
-    /// processes, fleet.
+    /// processes, fleet, recovery.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cache,miss,idp,herd,scale,polyglot,neighbours,processes,fleet"
+        default_value = "cache,miss,idp,herd,scale,polyglot,neighbours,processes,fleet,recovery"
     )]
     sections: Vec<String>,
     /// Internal: run one herd of this size and print a JSON line.
@@ -1496,6 +1503,145 @@ p99 ratio noisy/quiet: {ratio:.2} (goal ≤ 2.0, zero failures). Hostile calls a
     })
 }
 
+/// One outage through the sidecar: (IdP attempts during the outage, slowest
+/// client's wait after the IdP's return, operations that failed after it).
+fn recovery_run(
+    rt: &tokio::runtime::Runtime,
+    reauth: &std::path::Path,
+    dir: &std::path::Path,
+    outage_retry_ms: u64,
+    outage: Duration,
+    after: Duration,
+) -> Result<(u64, Duration, u64)> {
+    use reauth_tests::fleet::Replicas;
+    let keys = dir.join(format!("keys-{outage_retry_ms}.json"));
+    let mut idp = Idp::start(&keys, 5, None);
+    let providers = format!(
+        "[providers.api]\nplugin = \"{}\"\nallowed_hosts = [\"{}\"]\n\n\
+         [providers.api.config]\nissuer = \"{}\"\nclient_id = \"cc-basic\"\nclient_secret = \"cc-basic-secret-0123456789\"\nscope = \"api:read\"\n\n\
+         [providers.api.cache]\nmin_period_secs = 0\nbuffer_secs = 0\nskew_secs = 1\noutage_retry_ms = {outage_retry_ms}\n",
+        plugins().oauth2.display(),
+        idp.authority(),
+        idp.issuer,
+    );
+    let mut sidecar = Replicas::new(
+        "none",
+        "",
+        &providers,
+        reauth.to_path_buf(),
+        "bench-recovery",
+    )
+    .quiet();
+    sidecar.start(0);
+    let port = sidecar.port(0).context("the sidecar's port")?;
+    let result = rt.block_on(async {
+        reauth_tests::fleet::get(port, "api")
+            .await
+            .map_err(|(s, b)| anyhow::anyhow!("first fetch: {s} {b}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let back_at: Arc<RwLock<Option<Instant>>> = Arc::new(RwLock::new(None));
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let (stop, back_at) = (stop.clone(), back_at.clone());
+                tokio::spawn(async move {
+                    let (mut first_ok_after, mut failed_after) = (None, 0u64);
+                    while !stop.load(Ordering::SeqCst) {
+                        let ok = reauth_tests::fleet::get(port, "api").await.is_ok();
+                        let back = *back_at.read().unwrap();
+                        if let Some(back) = back {
+                            if ok && first_ok_after.is_none() {
+                                first_ok_after = Some(back.elapsed());
+                            } else if !ok && first_ok_after.is_none() {
+                                failed_after += 1;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    (first_ok_after, failed_after)
+                })
+            })
+            .collect();
+        idp.stop();
+        tokio::time::sleep(outage).await;
+        // The IdP counts requests since it started: during the outage it saw
+        // none; the attempts are the sidecar's failed fetches (its metrics).
+        let attempts = fetch_attempts(port).await?;
+        idp.restart(&keys);
+        *back_at.write().unwrap() = Some(Instant::now());
+        tokio::time::sleep(after).await;
+        stop.store(true, Ordering::SeqCst);
+        let (mut slowest, mut failed) = (Duration::ZERO, 0);
+        for c in clients {
+            let (first, f) = c.await?;
+            slowest = slowest.max(first.unwrap_or(Duration::MAX));
+            failed += f;
+        }
+        anyhow::Ok((attempts, slowest, failed))
+    });
+    sidecar.stop_all();
+    idp.stop();
+    result
+}
+
+/// The sidecar's failed `get-credentials` calls so far (`/metrics`).
+async fn fetch_attempts(port: u16) -> Result<u64> {
+    let (_, _, body) = http(
+        &format!("http://127.0.0.1:{port}"),
+        "GET",
+        "/metrics",
+        &[],
+        None,
+    )
+    .await?;
+    let text = String::from_utf8_lossy(&body);
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("reauth_plugin_calls_total{")
+                && l.contains("function=\"get-credentials\"")
+                && !l.contains("outcome=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+fn section_recovery(smoke: bool) -> Result<String> {
+    let rt = runtime();
+    let reauth = reauth_binary()?;
+    let dir = tempfile::tempdir()?;
+    let outage = Duration::from_secs(if smoke { 6 } else { 13 });
+    let mut out = format!(
+        "### Recovery after an identity-provider outage (#20)\n\n\
+         8 clients poll a `reauth serve` sidecar (release build) every 20 ms for a \
+         client-credentials token from the real oidc-provider IdP (5 s tokens, default \
+         backoff 100 ms doubling to 10 s). The IdP is stopped for {} s (the token expires \
+         during it), then restarted. Goal: every waiting client served ≤ 1 s after the \
+         IdP's return, ≤ 1 attempt per second per key during the outage.\n\n\
+         | `cache.outage_retry_ms` | IdP attempts during the outage | slowest client served after the return | failed operations after the return |\n\
+         | --- | --- | --- | --- |\n",
+        outage.as_secs()
+    );
+    for retry in [1000, 0] {
+        let after = Duration::from_secs(if smoke { 4 } else { 12 });
+        let (attempts, slowest, failed) =
+            recovery_run(&rt, &reauth, dir.path(), retry, outage, after)?;
+        out += &format!(
+            "| {} | {attempts} | {} | {failed} |\n",
+            if retry == 0 {
+                "0 (backoff to 10 s, as before)".to_string()
+            } else {
+                format!("{retry} (default)")
+            },
+            if slowest == Duration::MAX {
+                "not served".into()
+            } else {
+                fmt(slowest)
+            }
+        );
+    }
+    Ok(out)
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1553,9 +1699,10 @@ fn main() -> Result<()> {
             "neighbours" => section_neighbours(args.smoke)?,
             "processes" => section_processes(args.smoke)?,
             "fleet" => section_fleet(args.smoke)?,
+            "recovery" => section_recovery(args.smoke)?,
             other => {
                 anyhow::bail!(
-                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours, processes, fleet)"
+                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours, processes, fleet, recovery)"
                 )
             }
         };

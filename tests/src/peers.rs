@@ -91,6 +91,26 @@ impl Drop for Peer {
     }
 }
 
+/// The JSON line a peer prints on stdout once it listens, within `wait`; the peer
+/// is stopped and the test fails (pointing at its log) if none comes.
+fn ready_line(child: &mut Child, name: &str, wait: Duration) -> serde_json::Value {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(wait) {
+        Ok(line) if !line.is_empty() => serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{name}: not a JSON ready line ({e}): {line}")),
+        other => {
+            stop_process(child, "-TERM", Duration::from_secs(2));
+            panic!("{name} did not start (see target/test-logs/peers/{name}.log): {other:?}");
+        }
+    }
+}
+
 /// `tests/peers/idp`, with its npm dependencies installed (from the lockfile) once.
 fn idp_dir() -> PathBuf {
     static READY: OnceLock<PathBuf> = OnceLock::new();
@@ -167,21 +187,7 @@ impl Idp {
             .stderr(peer_log("idp"))
             .spawn()
             .expect("starting node tests/peers/idp/idp.mjs");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if !line.is_empty() => line,
-            other => {
-                stop_process(&mut child, "-TERM", Duration::from_secs(2));
-                panic!("the IdP did not start (see target/test-logs/peers/idp.log): {other:?}");
-            }
-        };
-        let ready: serde_json::Value = serde_json::from_str(&line).expect("IdP ready line");
+        let ready = ready_line(&mut child, "idp", Duration::from_secs(30));
         self.issuer = ready["issuer"].as_str().expect("issuer").to_string();
         self.port = self
             .issuer
@@ -946,23 +952,7 @@ impl AcmeSts {
             .stderr(peer_log("acme-sts"))
             .spawn()
             .expect("starting python3 tests/peers/acme-sts/sts.py");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) if !line.is_empty() => line,
-            other => {
-                stop_process(&mut child, "-TERM", Duration::from_secs(2));
-                panic!(
-                    "the Acme STS did not start (target/test-logs/peers/acme-sts.log): {other:?}"
-                );
-            }
-        };
-        let ready: serde_json::Value = serde_json::from_str(&line).expect("STS ready line");
+        let ready = ready_line(&mut child, "acme-sts", Duration::from_secs(20));
         let port = ready["port"].as_u64().expect("port");
         AcmeSts {
             _process: Peer::new(child, "-TERM", Duration::from_secs(2)),
