@@ -1225,15 +1225,18 @@ impl Host {
     /// with the config file and the line of the key (of the provider's table for
     /// a missing key).
     fn schema_report(&self, name: &str, violations: &[crate::schema::Violation]) -> String {
-        let (file, text) = {
-            let config = self.inner.config.lock().unwrap_or_else(|e| e.into_inner());
-            let file = config.source.clone();
-            let text = file
-                .as_deref()
-                .and_then(|f| std::fs::read_to_string(f).ok())
-                .unwrap_or_default();
-            (file, text)
-        };
+        // The file is read after the config lock is released.
+        let file = self
+            .inner
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .source
+            .clone();
+        let text = file
+            .as_deref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .unwrap_or_default();
         let line_of = config::key_lines(&text);
         let lines: Vec<String> = violations
             .iter()

@@ -89,6 +89,11 @@ impl EgressPolicy {
     fn record_failure(&self, what: String) {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(what);
     }
+
+    /// Forget the last failed request (the provider fetched again).
+    pub(crate) fn clear_failure(&self) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 impl std::fmt::Debug for EgressPolicy {

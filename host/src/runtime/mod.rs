@@ -1241,11 +1241,7 @@ impl ProviderRuntime {
                     let failed = std::mem::take(&mut health.failures);
                     tracing::info!(provider = %self.name, failed_fetches = failed, failing_for_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX), "fetches recovered");
                 }
-                *self
-                    .egress
-                    .last_failure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = None;
+                self.egress.clear_failure();
             }
         }
     }
