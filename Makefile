@@ -27,7 +27,7 @@ plugins: setup kits
 
 ## `reauth test` on every shipped provider (Rust, Python, JavaScript).
 SHIPPED := static password-rotation oauth2-client-credentials oidc-refresh-token \
-	oauth2-client-credentials-py password-rotation-js acme-sts acme-sts-py acme-sts-js
+	oauth2-client-credentials-py password-rotation-js acme-sts acme-sts-py acme-sts-js aws-sts
 conformance: plugins
 	$(CARGO) build --workspace --all-targets
 	@for p in $(SHIPPED); do echo "== reauth test plugins/$$p"; target/debug/reauth test plugins/$$p || exit 1; done
@@ -44,6 +44,7 @@ test: lint plugins peers
 	rm -rf target/test-logs
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
+	cd sdk && $(CARGO) test --lib --target-dir ../target/sdk-native
 	$(MAKE) --no-print-directory conformance
 	$(CARGO) run -q -p reauth-tests --bin audit-logs
 

@@ -3,6 +3,8 @@
 # - Node.js packages of the test IdP (npm `oidc-provider`, pinned by the lockfile);
 # - PostgreSQL, Redis, lighttpd (git over HTTP) and faketime (clock skew) from
 #   Debian's packages (only if missing);
+# - moto's server mode (a local AWS STS) and botocore, from PyPI, pinned
+#   (tests/peers/moto/requirements.txt), in target/peers/moto;
 # - Debian's kubectl (`kubernetes-client`), unpacked under target/peers/kubectl
 #   rather than installed: these machines may carry another `kubectl` on PATH.
 # Idempotent; the tests start and stop the processes themselves.
@@ -27,6 +29,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     # The packages' own services are not needed: tests run private instances.
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# moto's server mode: the local AWS STS of the aws-sts tests, and botocore (its
+# dependency) as the credential_process consumer. Pinned; its own virtualenv.
+moto=target/peers/moto
+if [ ! -x "$moto/bin/moto_server" ] || [ tests/peers/moto/requirements.txt -nt "$moto/bin/moto_server" ]; then
+    rm -rf "$moto"
+    python3 -m venv "$moto"
+    "$moto/bin/pip" install --quiet --disable-pip-version-check -r tests/peers/moto/requirements.txt
+    touch "$moto/bin/moto_server"
 fi
 
 kubectl=target/peers/kubectl/usr/bin/kubectl

@@ -1257,6 +1257,7 @@ fn polyglot_provider(
             state_file: None,
             shared_state: false,
             secret_keys: Vec::new(),
+            credential_keys: Vec::new(),
         },
     )?)
 }

@@ -75,6 +75,7 @@ fn benches(c: &mut Criterion) {
                 state_file: None,
                 shared_state: false,
                 secret_keys: Vec::new(),
+                credential_keys: Vec::new(),
             },
         )
         .unwrap();

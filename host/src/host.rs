@@ -156,7 +156,14 @@ struct Inner {
     /// The fleet, when `[fleet]` is configured.
     #[cfg(feature = "fleet")]
     fleet: Option<crate::store::fleet::Fleet>,
+    /// How providers' fetchers reach this host (other providers' credentials).
+    link: HostLink,
 }
+
+/// The host as its providers' fetchers see it, to resolve `{ credential = … }`
+/// values: set once the host is built, weak so that no provider keeps the host
+/// alive.
+type HostLink = Arc<std::sync::OnceLock<std::sync::Weak<Inner>>>;
 
 /// The shared cache (L2) and what listens to its announcements.
 struct SharedSetup {
@@ -338,6 +345,7 @@ impl HostBuilder {
         if let Some(shared) = &shared {
             shared.link.listen();
         }
+        let link = HostLink::default();
         let mut providers = BTreeMap::new();
         for (name, p) in &config.providers {
             let loaded = provider_spec(&config, name, p).and_then(|resolved| {
@@ -346,6 +354,7 @@ impl HostBuilder {
                     &config,
                     &metrics,
                     shared.as_ref(),
+                    &link,
                     name,
                     p,
                     resolved,
@@ -367,18 +376,19 @@ impl HostBuilder {
             };
             providers.insert(name.clone(), slot);
         }
-        Ok(Host {
-            inner: Arc::new(Inner {
-                runtime,
-                providers: RwLock::new(Arc::new(providers)),
-                cache,
-                config: Mutex::new(config),
-                metrics,
-                shared,
-                #[cfg(feature = "fleet")]
-                fleet,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            runtime,
+            providers: RwLock::new(Arc::new(providers)),
+            cache,
+            config: Mutex::new(config),
+            metrics,
+            shared,
+            #[cfg(feature = "fleet")]
+            fleet,
+            link: link.clone(),
+        });
+        let _ = link.set(Arc::downgrade(&inner));
+        Ok(Host { inner })
     }
 }
 
@@ -390,6 +400,7 @@ fn load_provider(
     config: &HostConfig,
     metrics: &Metrics,
     shared: Option<&SharedSetup>,
+    link: &HostLink,
     name: &str,
     p: &ProviderConfig,
     (spec, identity): (ProviderSpec, Identity),
@@ -428,29 +439,40 @@ fn load_provider(
         })
     });
     let provider_name: Arc<str> = Arc::from(name);
+    let refs: Arc<[(String, config::CredentialRef)]> = config::credential_refs(&p.config)
+        .map(|(k, r)| (k.to_string(), r.clone()))
+        .collect();
     let fetch: Fetcher = {
         let provider_name = provider_name.clone();
-        let (runtime, loaded, metrics, tier) = (
+        let (runtime, loaded, metrics, tier, link) = (
             runtime.clone(),
             loaded.clone(),
             provider_metrics.clone(),
             tier.clone(),
+            link.clone(),
         );
         Arc::new(move |request: Request| {
-            let (runtime, loaded, metrics, tier) = (
+            let (runtime, loaded, metrics, tier, link, refs) = (
                 runtime.clone(),
                 loaded.clone(),
                 metrics.clone(),
                 tier.clone(),
+                link.clone(),
+                refs.clone(),
             );
             let provider = provider_name.clone();
+            let name = provider.clone();
             // Its own task: a caller that goes away (a client that disconnects, a
             // sidecar shutting down) never cuts a fetch in half — say, after the
             // IdP rotated a refresh token and before the provider saved it.
             let task = tokio::spawn(async move {
                 let call = async {
                     let started = std::time::Instant::now();
-                    let result = loaded.get_credentials(&runtime, &request).await;
+                    let result = if refs.is_empty() {
+                        loaded.get_credentials(&runtime, &request).await
+                    } else {
+                        fetch_borrowing(&link, &name, &refs, &loaded, &runtime, &request).await
+                    };
                     let now = runtime.clock().now();
                     metrics.fetched(request.reason, started.elapsed(), &result, now);
                     result
@@ -484,6 +506,159 @@ fn load_provider(
         metrics: provider_metrics,
         shared: tier,
     })
+}
+
+/// One value borrowed from another provider's credential for a fetch.
+struct Borrowed {
+    key: String,
+    provider: String,
+    request: Request,
+    credentials: Credentials,
+    value: crate::Secret,
+}
+
+/// Fetch from `loaded` (provider `name`) with its `{ credential = … }` values
+/// resolved through the host's cache. When the provider answers `denied`, each
+/// borrowed credential is reported to its provider as rejected (its
+/// `handle-security-error` decides, and its cache's compare-and-invalidate and
+/// `min_reauth_interval_ms` apply); if any was dropped, the fetch runs once more
+/// with fresh ones.
+async fn fetch_borrowing(
+    link: &HostLink,
+    name: &str,
+    refs: &[(String, config::CredentialRef)],
+    loaded: &ProviderRuntime,
+    runtime: &Runtime,
+    request: &Request,
+) -> Result<Credentials> {
+    let Some(host) = link
+        .get()
+        .and_then(std::sync::Weak::upgrade)
+        .map(|inner| Host { inner })
+    else {
+        return Err(Error::Provider {
+            provider: name.to_string(),
+            error: crate::types::ProviderError::unavailable("the host is shutting down"),
+        });
+    };
+    let mut retried = false;
+    loop {
+        let borrowed = borrow(&host, name, refs, request).await?;
+        let values: Vec<(String, crate::Secret)> = borrowed
+            .iter()
+            .map(|b| (b.key.clone(), b.value.clone()))
+            .collect();
+        let result = loaded.get_credentials_with(runtime, request, &values).await;
+        let denied = match &result {
+            Err(Error::Provider {
+                error: crate::types::ProviderError::Denied(message),
+                ..
+            }) if !retried => message.clone(),
+            _ => return result,
+        };
+        let mut renewed = false;
+        for b in &borrowed {
+            let error =
+                SecurityError::new(crate::types::SecurityErrorKind::Unauthorized).message(format!(
+                    "provider `{name}` was denied with this credential (config key `{}`): {denied}",
+                    b.key
+                ));
+            match host
+                .handle_security_error(&b.provider, &b.request, &b.credentials, &error)
+                .await
+            {
+                Ok(Decision::RefreshAndRetry) => renewed = true,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(provider = %name, upstream = %b.provider, error = %e, "could not report a borrowed credential as rejected")
+                }
+            }
+        }
+        if !renewed {
+            return result;
+        }
+        tracing::info!(provider = %name, "denied with a borrowed credential: trying once more with a fresh one");
+        retried = true;
+    }
+}
+
+/// Resolve `refs` for a fetch of `name`: each referenced provider's current
+/// credential, through the cache. A failure names the key and the provider and
+/// keeps its kind (an outage upstream is an outage here).
+async fn borrow(
+    host: &Host,
+    name: &str,
+    refs: &[(String, config::CredentialRef)],
+    request: &Request,
+) -> Result<Vec<Borrowed>> {
+    use crate::types::{Credential, ProviderError};
+    let mut out = Vec::with_capacity(refs.len());
+    for (key, r) in refs {
+        let upstream = Request {
+            subject: if r.pass_subject {
+                request.subject.clone()
+            } else {
+                None
+            },
+            scopes: r.scopes.clone(),
+            audience: r.audience.clone(),
+            reason: Reason::Initial,
+        };
+        let at = format!(
+            "providers.{name}.config.{key}: the credential of provider `{}`",
+            r.provider
+        );
+        let credentials = match host.get_credentials(&r.provider, &upstream).await {
+            Ok(c) => c,
+            Err(e) => {
+                let error = match e {
+                    Error::Provider { error, .. } => error.map_message(|m| format!("{at}: {m}")),
+                    other => ProviderError::unavailable(format!("{at}: {other}")),
+                };
+                return Err(Error::Provider {
+                    provider: name.to_string(),
+                    error,
+                });
+            }
+        };
+        let value = match (&r.field, &credentials.credential) {
+            (config::CredentialField::Token, Credential::Bearer(t)) => Some(t.clone()),
+            (
+                config::CredentialField::Token | config::CredentialField::Password,
+                Credential::Basic { password, .. },
+            ) => Some(password.clone()),
+            (config::CredentialField::Username, Credential::Basic { username, .. }) => {
+                Some(crate::Secret::new(username.clone()))
+            }
+            (config::CredentialField::Header(h), Credential::Headers(headers)) => headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(h))
+                .map(|(_, v)| v.clone()),
+            _ => None,
+        };
+        let Some(value) = value else {
+            let kind = match &credentials.credential {
+                Credential::Basic { .. } => "basic credentials",
+                Credential::Bearer(_) => "a bearer token",
+                Credential::Headers(_) => "header credentials",
+            };
+            return Err(Error::Provider {
+                provider: name.to_string(),
+                error: ProviderError::Misconfigured(format!(
+                    "{at} is {kind}, which has no `{}` (field = \"token\", \"username\", \"password\" or \"header.<name>\")",
+                    r.field
+                )),
+            });
+        };
+        out.push(Borrowed {
+            key: key.clone(),
+            provider: r.provider.clone(),
+            request: upstream,
+            credentials,
+            value,
+        });
+    }
+    Ok(out)
 }
 
 impl Identity {
@@ -929,6 +1104,9 @@ fn provider_spec(
         state_file: state_file.clone(),
         shared_state: p.shared_state,
         secret_keys,
+        credential_keys: config::credential_refs(&p.config)
+            .map(|(k, _)| k.to_string())
+            .collect(),
     };
     let identity = Identity {
         config: p.clone(),
@@ -1137,6 +1315,7 @@ impl Host {
                     &config,
                     &self.inner.metrics,
                     self.inner.shared.as_ref(),
+                    &self.inner.link,
                     name,
                     p,
                     resolved,

@@ -43,6 +43,8 @@ pub struct Plugins {
     pub flawed: PathBuf,
     /// `plugins/acme-sts` (the contract 0.2 example: a non-OAuth2 STS).
     pub acme_sts: PathBuf,
+    /// `plugins/aws-sts` (AWS STS `AssumeRoleWithWebIdentity`).
+    pub aws_sts: PathBuf,
     /// `plugins/fixtures/contract-0.1` (built against `reauth:provider@0.1.0`).
     pub contract_v01: PathBuf,
     /// `plugins/oauth2-client-credentials-py` (Python).
@@ -115,6 +117,7 @@ pub fn plugins() -> &'static Plugins {
             bench_logic: path("fixture_bench_logic"),
             flawed: path("fixture_flawed"),
             acme_sts: path("acme_sts"),
+            aws_sts: path("aws_sts"),
             contract_v01: path("fixture_contract_0_1"),
             oauth2_py: component("oauth2-client-credentials-py"),
             password_rotation_js: component("password-rotation-js"),

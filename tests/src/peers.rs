@@ -930,6 +930,58 @@ impl Drop for SlowEndpoint {
     }
 }
 
+/// moto's server mode (PyPI `moto[server]`, pinned in `tests/peers/moto/`,
+/// installed by `scripts/install-peers.sh` into `target/peers/moto`): a local
+/// stand-in for AWS STS (and the other AWS APIs), on 127.0.0.1.
+pub struct Moto {
+    _process: Peer,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl Moto {
+    /// The virtualenv with moto, boto3 and botocore.
+    pub fn venv() -> PathBuf {
+        crate::root().join("target/peers/moto")
+    }
+
+    /// Its Python (with botocore importable).
+    pub fn python() -> PathBuf {
+        Self::venv().join("bin/python")
+    }
+
+    /// Start it (bounded: 30 s until it answers).
+    pub fn start() -> Moto {
+        let server = Self::venv().join("bin/moto_server");
+        assert!(
+            server.exists(),
+            "{} is missing: run scripts/install-peers.sh",
+            server.display()
+        );
+        let port = free_port();
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(peer_log("moto"))
+            .stderr(peer_log("moto"))
+            .spawn()
+            .expect("starting moto_server");
+        let process = Peer::new(child, "-TERM", Duration::from_secs(3));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on {port} within 30 s (see target/test-logs/peers/moto.log)"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto {
+            _process: process,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
 /// The made-up company STS and its resource server (`tests/peers/acme-sts/sts.py`,
 /// Python's strict `http.server`): not OAuth2, custom challenge scheme, 429 with
 /// `Retry-After`, a body needs `Content-Length`.

@@ -172,6 +172,7 @@ fn load(runtime: &Runtime, plugin: &Path, reuse: bool, max_calls: u32) -> Provid
             state_file: None,
             shared_state: false,
             secret_keys: Vec::new(),
+            credential_keys: Vec::new(),
         },
     )
     .unwrap()

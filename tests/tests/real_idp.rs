@@ -641,3 +641,311 @@ async fn waiting_callers_recover_soon_after_an_idp_outage_with_one_attempt_a_sec
         "callers waited {slowest:?} after the IdP came back"
     );
 }
+
+// ---- A provider that takes another provider's credential: AWS STS ----------
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/app";
+
+/// `aws`: the shipped `aws-sts` provider against `sts_url`, its web identity
+/// token taken from the provider `oidc` (`{ credential = "oidc" }`).
+fn aws_sts(sts_url: &str) -> ProviderConfig {
+    let authority = sts_url.trim_start_matches("http://").to_string();
+    let mut p = ProviderConfig::new(&plugins().aws_sts)
+        .allow_host(authority)
+        .config("sts_url", sts_url)
+        .config("role_arn", ROLE);
+    p.config.insert(
+        "web_identity_token".into(),
+        reauth::config::ConfigValue::Credential(reauth::config::CredentialRef::new("oidc")),
+    );
+    p
+}
+
+fn header<'a>(c: &'a Credentials, name: &str) -> &'a str {
+    match &c.credential {
+        Credential::Headers(h) => h
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.expose())
+            .unwrap_or_else(|| panic!("no {name} header")),
+        other => panic!("expected header credentials, got {other:?}"),
+    }
+}
+
+fn record_aws(c: &Credentials) {
+    for name in ["aws-secret-access-key", "aws-session-token"] {
+        reauth_tests::record_secret(header(c, name));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_sts_takes_its_web_identity_token_from_the_oidc_provider() {
+    setup();
+    let dir = tempfile::tempdir().unwrap();
+    let idp = Idp::start(&keys(dir.path(), "k1"), 60, None);
+    let moto = reauth_tests::peers::Moto::start();
+    let host = Host::builder()
+        .provider("oidc", cc_basic(&idp))
+        .provider("aws", aws_sts(&moto.url))
+        .build()
+        .unwrap();
+
+    let c = host.get_credentials("aws", &Request::new()).await.unwrap();
+    record_aws(&c);
+    assert!(header(&c, "aws-access-key-id").starts_with("ASIA"), "{c:?}");
+    assert!(!header(&c, "aws-secret-access-key").is_empty());
+    assert!(!header(&c, "aws-session-token").is_empty());
+    assert_eq!(
+        c.principal.as_deref(),
+        Some("arn:aws:sts::123456789012:assumed-role/app/reauth")
+    );
+    // STS's Expiration (moto: an hour) became the expiry.
+    let left = c
+        .expires_at
+        .expect("an expiry")
+        .duration_since(host.now())
+        .unwrap();
+    assert!(
+        left > Duration::from_secs(600) && left <= Duration::from_secs(43_200),
+        "{left:?}"
+    );
+    // The OIDC token was fetched through the cache, once; the AWS credentials are
+    // cached as well.
+    assert_eq!(idp.token_requests("cc-basic").await, (1, 0));
+    let again = host.get_credentials("aws", &Request::new()).await.unwrap();
+    assert_eq!(
+        header(&again, "aws-access-key-id"),
+        header(&c, "aws-access-key-id")
+    );
+    assert_eq!(host.plugin_calls("aws"), 1);
+    assert_eq!(host.plugin_calls("oidc"), 1);
+    // The OIDC token is redacted from everything the aws provider says.
+    let oidc = host.get_credentials("oidc", &Request::new()).await.unwrap();
+    let token = token(&oidc).to_string();
+    reauth_tests::record_secret(&token);
+    assert!(
+        !reauth_tests::logs().contents().contains(&token),
+        "the borrowed token reached a log line"
+    );
+}
+
+/// A scripted STS (`AssumeRoleWithWebIdentity` over real HTTP) that refuses the
+/// web identity tokens it was told to (`InvalidIdentityToken`, as AWS does for a
+/// token it cannot verify) and counts the calls.
+struct ScriptedSts {
+    url: String,
+    calls: Arc<AtomicU64>,
+    refused: Arc<std::sync::Mutex<Vec<String>>>,
+    refuse_all: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn scripted_sts() -> ScriptedSts {
+    use axum::http::StatusCode;
+    let calls = Arc::new(AtomicU64::new(0));
+    let refused: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let refuse_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post({
+            let (calls, refused, refuse_all) = (calls.clone(), refused.clone(), refuse_all.clone());
+            move |body: String| {
+                let (calls, refused, refuse_all, seen) =
+                    (calls.clone(), refused.clone(), refuse_all.clone(), seen.clone());
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let token = body
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("WebIdentityToken="))
+                        .unwrap_or_default()
+                        .to_string();
+                    let first = {
+                        let mut seen = seen.lock().unwrap();
+                        let first = seen.is_empty();
+                        seen.push(token.clone());
+                        first
+                    };
+                    // The first token ever seen is refused (as if the IdP's key
+                    // had been rotated away), and every token once told to.
+                    if first || refuse_all.load(Ordering::SeqCst) {
+                        refused.lock().unwrap().push(token);
+                        return (
+                            StatusCode::BAD_REQUEST,
+                            "<ErrorResponse><Error><Type>Sender</Type><Code>InvalidIdentityToken</Code><Message>Couldn&apos;t retrieve verification key from your identity provider</Message></Error></ErrorResponse>".to_string(),
+                        );
+                    }
+                    (
+                        StatusCode::OK,
+                        "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>ASIASCRIPTED</AccessKeyId><SecretAccessKey>scripted-aws-secret-31337</SecretAccessKey><SessionToken>scripted-session-token-4242</SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration></Credentials><AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/app/reauth</Arn></AssumedRoleUser></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>".to_string(),
+                    )
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    ScriptedSts {
+        url,
+        calls,
+        refused,
+        refuse_all,
+    }
+}
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_web_identity_token_is_renewed_once_at_the_idp() {
+    setup();
+    reauth_tests::record_secret("scripted-aws-secret-31337");
+    reauth_tests::record_secret("scripted-session-token-4242");
+    let dir = tempfile::tempdir().unwrap();
+    let idp = Idp::start(&keys(dir.path(), "k1"), 60, None);
+    let sts = scripted_sts().await;
+    let mut oidc = cc_basic(&idp);
+    // Reports of a rejected token are honoured at once here (the default is a
+    // few seconds between forced refreshes of one key).
+    oidc.cache.min_reauth_interval_ms = 0;
+    let mut aws = aws_sts(&sts.url);
+    aws.cache = short_lived_cache();
+    let host = Host::builder()
+        .provider("oidc", oidc)
+        .provider("aws", aws)
+        .build()
+        .unwrap();
+
+    // STS refuses the first OIDC token: the host reports it to `oidc` as
+    // rejected, `oidc` fetches a new one, and the fetch of `aws` runs once more.
+    let c = host.get_credentials("aws", &Request::new()).await.unwrap();
+    assert_eq!(header(&c, "aws-access-key-id"), "ASIASCRIPTED");
+    assert_eq!(sts.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(idp.token_requests("cc-basic").await, (2, 0));
+    let refused = sts.refused.lock().unwrap().clone();
+    assert_eq!(refused.len(), 1);
+    let current = token(&host.get_credentials("oidc", &Request::new()).await.unwrap()).to_string();
+    reauth_tests::record_secret(&current);
+    reauth_tests::record_secret(&refused[0]);
+    assert_ne!(current, refused[0], "the refused token was replaced");
+
+    // A STS that refuses every token: one renewal per fetch, then `denied` with
+    // STS's message; no loop against the IdP.
+    sts.refuse_all.store(true, Ordering::SeqCst);
+    let err = host
+        .get_credentials("aws", &Request::new().audience("another-key"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            Error::Provider {
+                error: ProviderError::Denied(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(text.contains("InvalidIdentityToken"), "{text}");
+    assert!(
+        text.contains("Couldn't retrieve verification key"),
+        "{text}"
+    );
+    assert!(!text.contains(&current), "{text}");
+    assert_eq!(sts.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(idp.token_requests("cc-basic").await, (3, 0));
+}
+
+/// botocore, as the AWS CLI and SDKs use it: a profile's `credential_process`
+/// runs `reauth aws-credential-process`, whose `aws` provider assumes a role at
+/// the local STS (moto) with the OIDC token of the `oidc` provider (the IdP).
+/// botocore then signs `GetCallerIdentity` with those credentials, and moto
+/// answers with the role they belong to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn botocore_signs_with_credentials_from_aws_credential_process() {
+    setup();
+    let dir = tempfile::tempdir().unwrap();
+    let idp = Idp::start(&keys(dir.path(), "k1"), 60, None);
+    let moto = reauth_tests::peers::Moto::start();
+    let config = dir.path().join("reauth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[providers.oidc]
+plugin = "{oauth2}"
+allowed_hosts = ["{idp_host}"]
+[providers.oidc.config]
+issuer = "{issuer}"
+client_id = "cc-basic"
+client_secret = "{CC_SECRET}"
+scope = "api:read"
+
+[providers.aws]
+plugin = "{aws}"
+allowed_hosts = ["{moto_host}"]
+[providers.aws.config]
+sts_url = "{moto}"
+role_arn = "{ROLE}"
+web_identity_token = {{ credential = "oidc" }}
+session_name = "botocore-test"
+"#,
+            oauth2 = plugins().oauth2.display(),
+            idp_host = idp.authority(),
+            issuer = idp.issuer,
+            aws = plugins().aws_sts.display(),
+            moto_host = moto.url.trim_start_matches("http://"),
+            moto = moto.url,
+        ),
+    )
+    .unwrap();
+    let reauth = reauth_tests::workspace_binary("reauth", "reauth");
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile app]\nregion = us-east-1\ncredential_process = {} aws-credential-process --provider aws --config {}\n",
+            reauth.display(),
+            config.display()
+        ),
+    )
+    .unwrap();
+    let script = r#"
+import json, sys, botocore.session
+session = botocore.session.Session(profile="app")
+client = session.create_client("sts", endpoint_url=sys.argv[1])
+identity = client.get_caller_identity()
+frozen = session.get_credentials().get_frozen_credentials()
+print(json.dumps({"arn": identity["Arn"], "key": frozen.access_key, "method": session.get_credentials().method}))
+"#;
+    let mut cmd = std::process::Command::new(reauth_tests::peers::Moto::python());
+    cmd.args(["-c", script, &moto.url])
+        .env("AWS_CONFIG_FILE", &aws_config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_")
+            && !matches!(
+                k.as_str(),
+                "AWS_CONFIG_FILE" | "AWS_SHARED_CREDENTIALS_FILE" | "AWS_EC2_METADATA_DISABLED"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("running botocore");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "botocore failed: {stderr}");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        got["arn"], "arn:aws:sts::123456789012:assumed-role/app/botocore-test",
+        "{got}"
+    );
+    assert!(got["key"].as_str().unwrap().starts_with("ASIA"), "{got}");
+    assert_eq!(got["method"], "custom-process");
+    assert_eq!(idp.token_requests("cc-basic").await, (1, 0));
+    assert!(!stderr.contains(CC_SECRET));
+}

@@ -117,7 +117,8 @@ pub struct ResponseSpec {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// The body; `${token}` becomes a new token per request, `${expires_in}` the
-    /// manifest's `expires_in`, `${n}` the request's number.
+    /// manifest's `expires_in`, `${expires_at}` the virtual now plus `expires_in`
+    /// (RFC 3339, UTC), `${n}` the request's number.
     #[serde(default)]
     pub body: String,
     /// The request must carry a JSON body with `Content-Length` (else 400).
@@ -373,10 +374,9 @@ impl Manifest {
             EndpointKind::Oauth2 => true,
             EndpointKind::Secret => self.secret_format == SecretFormat::VaultStaticCreds,
             EndpointKind::None => false,
-            EndpointKind::Custom => self
-                .response
-                .as_ref()
-                .is_some_and(|r| r.body.contains("${expires_in}")),
+            EndpointKind::Custom => self.response.as_ref().is_some_and(|r| {
+                r.body.contains("${expires_in}") || r.body.contains("${expires_at}")
+            }),
         }
     }
 
@@ -578,8 +578,8 @@ pub async fn run(
         },
         Arc::new(clock.clone()),
     )?;
-    let endpoint = FakeEndpoint::start(manifest).await?;
-    let decoy = FakeEndpoint::start(manifest).await?;
+    let endpoint = FakeEndpoint::start(manifest, &clock).await?;
+    let decoy = FakeEndpoint::start(manifest, &clock).await?;
     let kit = Kit {
         manifest,
         component,
@@ -691,6 +691,7 @@ impl Kit<'_> {
                 state_file: None,
                 shared_state: false,
                 secret_keys,
+                credential_keys: Vec::new(),
             },
         )
     }
@@ -1448,10 +1449,12 @@ struct EndpointState {
     base: String,
     script: Arc<Mutex<Script>>,
     response: Option<ResponseSpec>,
+    /// The kit's virtual clock (`${expires_at}`).
+    clock: ManualClock,
 }
 
 impl FakeEndpoint {
-    async fn start(manifest: &Manifest) -> std::io::Result<Self> {
+    async fn start(manifest: &Manifest, clock: &ManualClock) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let script = Arc::new(Mutex::new(Script::new()));
@@ -1462,6 +1465,7 @@ impl FakeEndpoint {
             base: format!("http://{addr}"),
             script: script.clone(),
             response: manifest.response.clone(),
+            clock: clock.clone(),
         });
         let app = axum::Router::new().fallback(serve).with_state(state);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -1605,6 +1609,13 @@ async fn serve(
                 .body
                 .replace("${token}", &format!("conformance-session-{n}"))
                 .replace("${expires_in}", &state.expires_in.to_string())
+                .replace(
+                    "${expires_at}",
+                    &crate::clock::rfc3339(
+                        crate::clock::Clock::now(&state.clock)
+                            + Duration::from_secs(state.expires_in),
+                    ),
+                )
                 .replace("${n}", &n.to_string());
             let mut response = (
                 http::StatusCode::from_u16(spec.status)

@@ -423,9 +423,9 @@ pub fn is_secret_key(key: &str) -> bool {
     !about && words.iter().any(|w| SECRET.contains(&w.as_str()))
 }
 
-/// A config value: inline, or a reference resolved by the host at load time.
-/// Inline values are treated as secrets too (they often are), so `Debug` never
-/// prints them.
+/// A config value: inline, or a reference resolved by the host (at load time for
+/// `{ env }` and `{ file }`, at every fetch for `{ credential }`). Inline values
+/// are treated as secrets too (they often are), so `Debug` never prints them.
 #[derive(Clone, PartialEq)]
 pub enum ConfigValue {
     /// An inline value (strings, numbers and booleans are all handed over as text).
@@ -441,6 +441,100 @@ pub enum ConfigValue {
         /// The file.
         file: PathBuf,
     },
+    /// `{ credential = "provider" }`: another provider's current credential (a
+    /// provider config value only), fetched through the host's cache before every
+    /// fetch of this provider; see [`CredentialRef`].
+    Credential(CredentialRef),
+}
+
+/// `{ credential = "oidc", field = "token", audience = "…", scopes = […],
+/// pass_subject = false }`: a provider's config value taken from another
+/// provider's credential. The host resolves it before each fetch, through its
+/// cache (so the other provider refreshes and re-authenticates as usual), and
+/// when the provider answers `denied` it reports the credential it was given as
+/// rejected to the other provider and tries once more with a fresh one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CredentialRef {
+    /// The provider whose credential is used.
+    pub provider: String,
+    /// Which part of the credential.
+    pub field: CredentialField,
+    /// The audience asked of that provider.
+    pub audience: Option<String>,
+    /// The scopes asked of that provider.
+    pub scopes: Vec<String>,
+    /// Ask that provider for the same subject as this provider's request (per-user
+    /// chains); by default its own identity.
+    pub pass_subject: bool,
+}
+
+impl CredentialRef {
+    /// A reference to `provider`'s credential (its token or password).
+    pub fn new(provider: impl Into<String>) -> Self {
+        CredentialRef {
+            provider: provider.into(),
+            field: CredentialField::Token,
+            audience: None,
+            scopes: Vec::new(),
+            pass_subject: false,
+        }
+    }
+
+    /// Take `field` of the credential.
+    pub fn field(mut self, field: CredentialField) -> Self {
+        self.field = field;
+        self
+    }
+
+    /// Ask for `audience`.
+    pub fn audience(mut self, audience: impl Into<String>) -> Self {
+        self.audience = Some(audience.into());
+        self
+    }
+}
+
+/// Which part of a referenced credential becomes the config value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CredentialField {
+    /// `token` (the default): a bearer token, or the password of basic
+    /// credentials.
+    Token,
+    /// `username` of basic credentials.
+    Username,
+    /// `password` of basic credentials.
+    Password,
+    /// `header.<name>`: one header of header credentials (name case-insensitive).
+    Header(String),
+}
+
+impl CredentialField {
+    /// Parse `token`, `username`, `password` or `header.<name>`.
+    pub fn parse(s: &str) -> Option<CredentialField> {
+        match s {
+            "token" => Some(CredentialField::Token),
+            "username" => Some(CredentialField::Username),
+            "password" => Some(CredentialField::Password),
+            _ => s
+                .strip_prefix("header.")
+                .filter(|h| {
+                    !h.is_empty() && h.len() <= 256 && h.bytes().all(|b| b.is_ascii_graphic())
+                })
+                .map(|h| CredentialField::Header(h.to_ascii_lowercase())),
+        }
+    }
+}
+
+impl fmt::Display for CredentialField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CredentialField::Token => f.write_str("token"),
+            CredentialField::Username => f.write_str("username"),
+            CredentialField::Password => f.write_str("password"),
+            CredentialField::Header(h) => write!(f, "header.{h}"),
+        }
+    }
 }
 
 impl fmt::Debug for ConfigValue {
@@ -449,19 +543,66 @@ impl fmt::Debug for ConfigValue {
             ConfigValue::Value(_) => f.write_str("[redacted]"),
             ConfigValue::Env { env } => write!(f, "{{ env = {env:?} }}"),
             ConfigValue::File { file } => write!(f, "{{ file = {file:?} }}"),
+            ConfigValue::Credential(r) => {
+                write!(
+                    f,
+                    "{{ credential = {:?}, field = \"{}\" }}",
+                    r.provider, r.field
+                )
+            }
         }
     }
+}
+
+/// A `{ credential = … }` table: its keys checked one by one, errors naming the
+/// key.
+fn credential_ref(t: &toml::map::Map<String, toml::Value>) -> Result<CredentialRef, String> {
+    let mut r = match t.get("credential") {
+        Some(toml::Value::String(p)) => CredentialRef::new(p.clone()),
+        _ => return Err("`credential` must be a provider name".into()),
+    };
+    for (k, v) in t {
+        match (k.as_str(), v) {
+            ("credential", _) => {}
+            ("field", toml::Value::String(f)) => {
+                r.field = CredentialField::parse(f).ok_or_else(|| {
+                    format!("`field = {f:?}`: expected \"token\", \"username\", \"password\" or \"header.<name>\"")
+                })?;
+            }
+            ("audience", toml::Value::String(a)) => r.audience = Some(a.clone()),
+            ("scopes", toml::Value::Array(list)) => {
+                r.scopes = list
+                    .iter()
+                    .map(|s| s.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or("`scopes` must be a list of strings")?;
+            }
+            ("pass_subject", toml::Value::Boolean(b)) => r.pass_subject = *b,
+            ("field" | "audience", _) => return Err(format!("`{k}` must be a string")),
+            ("scopes", _) => return Err("`scopes` must be a list of strings".into()),
+            ("pass_subject", _) => return Err("`pass_subject` must be true or false".into()),
+            (other, _) => {
+                return Err(format!(
+                    "unknown key `{other}` in a credential reference (it takes credential, field, audience, scopes, pass_subject)"
+                ));
+            }
+        }
+    }
+    Ok(r)
 }
 
 impl<'de> Deserialize<'de> for ConfigValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error as _;
-        let expected = "a string, number, boolean, { env = \"NAME\" } or { file = \"path\" }";
+        let expected = "a string, number, boolean, { env = \"NAME\" }, { file = \"path\" } or { credential = \"provider\" }";
         match toml::Value::deserialize(d)? {
             toml::Value::String(s) => Ok(ConfigValue::Value(Secret::new(s))),
             toml::Value::Integer(i) => Ok(ConfigValue::Value(Secret::new(i.to_string()))),
             toml::Value::Float(x) => Ok(ConfigValue::Value(Secret::new(x.to_string()))),
             toml::Value::Boolean(b) => Ok(ConfigValue::Value(Secret::new(b.to_string()))),
+            toml::Value::Table(t) if t.contains_key("credential") => credential_ref(&t)
+                .map(ConfigValue::Credential)
+                .map_err(D::Error::custom),
             toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
                 Some((k, toml::Value::String(v))) if k == "env" => {
                     Ok(ConfigValue::Env { env: v.clone() })
@@ -1068,16 +1209,84 @@ impl HostConfig {
         resolve_value(self.source.as_deref(), &self.base_dir, key, value)
     }
 
-    /// Check one provider's section (the name must be configured).
+    /// Check one provider's section (the name must be configured), including
+    /// where its `{ credential = … }` values lead.
     pub fn validate_provider(&self, name: &str) -> Result<(), ConfigError> {
         match self.providers.get(name) {
-            Some(p) => validate_provider(self.source.as_deref(), name, p, &self.runtime),
+            Some(p) => {
+                validate_provider(self.source.as_deref(), name, p, &self.runtime)?;
+                self.validate_credential_refs(name, p)
+            }
             None => Err(ConfigError::at(
                 self.source.as_deref(),
                 format!("providers.{name}"),
                 "no such provider",
             )),
         }
+    }
+
+    /// `{ credential = "x" }` values name a configured provider other than this
+    /// one, and following them never leads back here (at most
+    /// [`MAX_CREDENTIAL_CHAIN`] providers deep).
+    fn validate_credential_refs(&self, name: &str, p: &ProviderConfig) -> Result<(), ConfigError> {
+        let file = self.source.as_deref();
+        if credential_refs(&p.config).count() > MAX_CREDENTIAL_REFS {
+            return Err(ConfigError::at(
+                file,
+                format!("providers.{name}.config"),
+                format!(
+                    "at most {MAX_CREDENTIAL_REFS} values can take another provider's credential"
+                ),
+            ));
+        }
+        for (key, r) in credential_refs(&p.config) {
+            let at = format!("providers.{name}.config.{key}");
+            if r.provider == name {
+                return Err(ConfigError::at(
+                    file,
+                    at,
+                    "a provider cannot take its own credential",
+                ));
+            }
+            if !self.providers.contains_key(&r.provider) {
+                return Err(ConfigError::at(
+                    file,
+                    at,
+                    format!("`credential = {:?}`: no such provider", r.provider),
+                ));
+            }
+            // Walk the chain breadth-first: a cycle or a chain too deep is refused.
+            let mut frontier = vec![(r.provider.clone(), vec![name.to_string()])];
+            while let Some((next, mut path)) = frontier.pop() {
+                path.push(next.clone());
+                if next == name {
+                    return Err(ConfigError::at(
+                        file,
+                        at,
+                        format!("credential references form a cycle: {}", path.join(" → ")),
+                    ));
+                }
+                if path.len() > MAX_CREDENTIAL_CHAIN {
+                    return Err(ConfigError::at(
+                        file,
+                        at,
+                        format!(
+                            "credential references chain more than {MAX_CREDENTIAL_CHAIN} providers: {}",
+                            path.join(" → ")
+                        ),
+                    ));
+                }
+                if let Some(q) = self.providers.get(&next) {
+                    // (At most MAX_CREDENTIAL_REFS each, checked when that
+                    // provider is validated; `take` keeps this walk bounded
+                    // before then.)
+                    for (_, r) in credential_refs(&q.config).take(MAX_CREDENTIAL_REFS) {
+                        frontier.push((r.provider.clone(), path.clone()));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Resolve `path` against the config file's directory.
@@ -1380,7 +1589,26 @@ pub fn validate_provider(
     Ok(())
 }
 
+/// How many providers a chain of `{ credential = … }` references may span
+/// (`a` takes `b`'s credential, which takes `c`'s, …).
+pub const MAX_CREDENTIAL_CHAIN: usize = 4;
+
+/// How many of one provider's config values may take another provider's
+/// credential.
+pub const MAX_CREDENTIAL_REFS: usize = 8;
+
+/// The `{ credential = … }` values of a provider's config, by key.
+pub fn credential_refs(
+    values: &BTreeMap<String, ConfigValue>,
+) -> impl Iterator<Item = (&str, &CredentialRef)> {
+    values.iter().filter_map(|(k, v)| match v {
+        ConfigValue::Credential(r) => Some((k.as_str(), r)),
+        _ => None,
+    })
+}
+
 /// Resolve a provider's config values (`{ env }`, `{ file }`) into plain secrets.
+/// `{ credential }` values are left out: the host resolves them at every fetch.
 /// Errors name the provider and the key, never the value.
 #[doc(hidden)]
 pub fn resolve_values(
@@ -1391,6 +1619,7 @@ pub fn resolve_values(
 ) -> Result<Vec<(String, Secret)>, ConfigError> {
     values
         .iter()
+        .filter(|(_, v)| !matches!(v, ConfigValue::Credential(_)))
         .map(|(k, v)| {
             let key = format!("providers.{provider}.config.{k}");
             Ok((k.clone(), resolve_value(file, base_dir, &key, v)?))
@@ -1415,6 +1644,16 @@ pub fn resolve_value(
                 format!("environment variable `{env}` is not set"),
             )
         })?),
+        ConfigValue::Credential(r) => {
+            return Err(ConfigError::at(
+                file,
+                key,
+                format!(
+                    "`credential = {:?}`: only a provider's config values can take another provider's credential",
+                    r.provider
+                ),
+            ));
+        }
         ConfigValue::File { file: path } => {
             let path = if path.is_absolute() {
                 path.clone()
@@ -1513,6 +1752,96 @@ mod tests {
             e,
             "reauth.toml:1: provider: unknown field `provider`, expected one of `runtime`, `providers`, `fleet`"
         );
+    }
+
+    #[test]
+    fn credential_references() {
+        let two = |aws: &str| {
+            format!(
+                "[providers.oidc]\nplugin = \"o.wasm\"\n[providers.aws]\nplugin = \"a.wasm\"\n[providers.aws.config]\n{aws}\n"
+            )
+        };
+        let c = parse(&two(
+            r#"token = { credential = "oidc", field = "header.X-Id", audience = "sts", scopes = ["a", "b"], pass_subject = true }"#,
+        ))
+        .unwrap();
+        let refs: Vec<_> = credential_refs(&c.providers["aws"].config).collect();
+        assert_eq!(refs.len(), 1);
+        let (key, r) = refs[0];
+        assert_eq!(key, "token");
+        assert_eq!(r.provider, "oidc");
+        assert_eq!(r.field, CredentialField::Header("x-id".into()));
+        assert_eq!(r.audience.as_deref(), Some("sts"));
+        assert_eq!(r.scopes, ["a", "b"]);
+        assert!(r.pass_subject);
+        assert_eq!(
+            format!("{:?}", c.providers["aws"].config["token"]),
+            r#"{ credential = "oidc", field = "header.x-id" }"#
+        );
+        // Left out of the values resolved at load.
+        let values =
+            resolve_values(None, Path::new("."), "aws", &c.providers["aws"].config).unwrap();
+        assert!(values.is_empty());
+        for (aws, expected) in [
+            (
+                r#"token = { credential = "nope" }"#,
+                "reauth.toml: providers.aws.config.token: `credential = \"nope\"`: no such provider",
+            ),
+            (
+                r#"token = { credential = "aws" }"#,
+                "reauth.toml: providers.aws.config.token: a provider cannot take its own credential",
+            ),
+            (
+                r#"token = { credential = "oidc", field = "secret" }"#,
+                "`field = \"secret\"`: expected \"token\", \"username\", \"password\" or \"header.<name>\"",
+            ),
+            (
+                r#"token = { credential = "oidc", audiance = "x" }"#,
+                "unknown key `audiance` in a credential reference",
+            ),
+            (
+                r#"token = { credential = 5 }"#,
+                "`credential` must be a provider name",
+            ),
+            (
+                r#"token = { credential = "oidc", scopes = [1] }"#,
+                "`scopes` must be a list of strings",
+            ),
+        ] {
+            let e = parse(&two(aws)).unwrap_err().to_string();
+            assert!(e.contains(expected), "{aws}: {e}");
+        }
+        // Cycles and chains too long are refused, naming the key and the chain.
+        let e = parse(
+            "[providers.a]\nplugin = \"a.wasm\"\nconfig = { t = { credential = \"b\" } }\n[providers.b]\nplugin = \"b.wasm\"\nconfig = { t = { credential = \"a\" } }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("providers.a.config.t: credential references form a cycle: a → b → a"),
+            "{e}"
+        );
+        let chain: String = (0..6)
+            .map(|i| {
+                format!(
+                    "[providers.p{i}]\nplugin = \"p.wasm\"\nconfig = {{ t = {{ credential = \"p{}\" }} }}\n",
+                    i + 1
+                )
+            })
+            .collect::<String>()
+            + "[providers.p6]\nplugin = \"p.wasm\"\n";
+        let e = parse(&chain).unwrap_err().to_string();
+        assert!(e.contains("chain more than 4 providers"), "{e}");
+        // A fleet's settings cannot take a credential.
+        let e = resolve_value(
+            None,
+            Path::new("."),
+            "fleet.url",
+            &ConfigValue::Credential(CredentialRef::new("oidc")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("only a provider's config values"), "{e}");
     }
 
     #[test]

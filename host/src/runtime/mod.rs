@@ -533,6 +533,10 @@ pub struct ProviderSpec {
     /// Config keys whose values are secret (redacted wherever plugin-controlled
     /// text is logged or reported); see [`crate::config::is_secret_key`].
     pub secret_keys: Vec<String>,
+    /// Config keys whose values the host supplies at every fetch (another
+    /// provider's credential, `{ credential = … }`): present for the schema check,
+    /// passed in by [`ProviderRuntime::get_credentials_with`].
+    pub credential_keys: Vec<String>,
 }
 
 /// Call counters of one provider.
@@ -583,7 +587,16 @@ pub struct ProviderRuntime {
     /// Since when fetches fail, and how many did (one log line when they start
     /// failing, one when they recover).
     health: Mutex<Health>,
+    /// Keys whose values come from other providers' credentials at every fetch.
+    credential_keys: Vec<String>,
+    /// The latest values of those keys (and the ones before), redacted like config
+    /// values; shared with the egress redactor.
+    borrowed: Arc<Mutex<Vec<Secret>>>,
 }
+
+/// How many borrowed credential values a provider keeps for redaction (the
+/// latest few: a call still running may hold an older one).
+const MAX_BORROWED: usize = 16;
 
 #[derive(Debug, Default)]
 struct Health {
@@ -711,12 +724,21 @@ impl ProviderRuntime {
             }
         }
         let described: Arc<OnceLock<Described>> = Arc::new(OnceLock::new());
+        let borrowed: Arc<Mutex<Vec<Secret>>> = Arc::default();
         let redact: egress::Redact = {
-            let (redactor, state, described) = (redactor.clone(), state.clone(), described.clone());
+            let (redactor, state, described, borrowed) = (
+                redactor.clone(),
+                state.clone(),
+                described.clone(),
+                borrowed.clone(),
+            );
             Arc::new(move |text: &str| {
                 let mut all = redactor.clone();
                 for value in state.values() {
                     all.add(&value);
+                }
+                for value in borrowed.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    all.add(value.expose());
                 }
                 for value in described
                     .get()
@@ -768,6 +790,8 @@ impl ProviderRuntime {
             settings: spec.config,
             described,
             health: Mutex::new(Health::default()),
+            credential_keys: spec.credential_keys,
+            borrowed,
             name,
         })
     }
@@ -996,6 +1020,14 @@ impl ProviderRuntime {
         }
         for value in self.state.values() {
             redactor.add(&value);
+        }
+        for value in self
+            .borrowed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            redactor.add(value.expose());
         }
         if let Some(c) = returned {
             match &c.credential {
@@ -1283,7 +1315,8 @@ impl ProviderRuntime {
                 schema,
                 self.settings
                     .iter()
-                    .map(|(k, v)| (k.as_str(), Some(v.expose()))),
+                    .map(|(k, v)| (k.as_str(), Some(v.expose())))
+                    .chain(self.credential_keys.iter().map(|k| (k.as_str(), None))),
             ),
             None => Vec::new(),
         };
@@ -1366,12 +1399,46 @@ impl ProviderRuntime {
         runtime: &Runtime,
         request: &types::Request,
     ) -> Result<types::Credentials, Error> {
+        self.get_credentials_with(runtime, request, &[]).await
+    }
+
+    /// [`ProviderRuntime::get_credentials`] with `borrowed` config values added
+    /// for this call: the values of its `{ credential = … }` keys (other
+    /// providers' credentials, resolved by the host). They are redacted like
+    /// config values from everything the provider says.
+    pub async fn get_credentials_with(
+        &self,
+        runtime: &Runtime,
+        request: &types::Request,
+        borrowed: &[(String, Secret)],
+    ) -> Result<types::Credentials, Error> {
         const FUNCTION: &str = "get-credentials";
         self.admit()?;
         let _slot = self.call_slot().await?;
         self.stats.get_credentials.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let mut warm = self.checkout(runtime, FUNCTION, request.subject.as_deref())?;
+        if !borrowed.is_empty() {
+            {
+                let mut kept = self.borrowed.lock().unwrap_or_else(|e| e.into_inner());
+                for (_, value) in borrowed {
+                    if !kept.contains(value) {
+                        kept.push(value.clone());
+                    }
+                }
+                let excess = kept.len().saturating_sub(MAX_BORROWED.max(borrowed.len()));
+                kept.drain(..excess);
+            }
+            // This call's config: the provider's own values, then the borrowed
+            // ones (a kept instance gets them afresh every call).
+            warm.store.data_mut().config = Arc::new(
+                self.settings
+                    .iter()
+                    .chain(borrowed)
+                    .map(|(k, v)| (k.as_str(), v.expose()))
+                    .collect(),
+            );
+        }
         let wit_request = wit::Request::from(request);
         let deadline = warm.deadline.clone();
         let call = async {
