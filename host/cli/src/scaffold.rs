@@ -189,15 +189,23 @@ pub fn create(
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let abs = dir.canonicalize().map_err(io(dir))?;
-    let plugin_abs = abs.join(&plugin);
+    // Paths relative to the project, so that the project and the reauth checkout
+    // can move together (or the project be committed) without naming this
+    // machine's directories; `REAUTH_SDK` overrides the SDK's.
+    let from_project = |target: &Path| {
+        let target = target
+            .canonicalize()
+            .unwrap_or_else(|_| target.to_path_buf());
+        relative_path(&abs, &target).display().to_string()
+    };
     let mut written = Vec::new();
     for (rel, text, executable) in files {
         let text = text
             .replace("{{name}}", name)
             .replace("{{crate}}", &crate_name)
-            .replace("{{sdk}}", &sdk.display().to_string())
-            .replace("{{kit}}", &kit.display().to_string())
-            .replace("{{plugin}}", &plugin_abs.display().to_string());
+            .replace("{{sdk}}", &from_project(sdk))
+            .replace("{{kit}}", &from_project(&kit))
+            .replace("{{plugin}}", &plugin);
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -213,9 +221,43 @@ pub fn create(
     Ok(written)
 }
 
+/// `target` as a path relative to the directory `base` (both absolute).
+fn relative_path(base: &Path, target: &Path) -> PathBuf {
+    use std::path::Component;
+    let base: Vec<Component> = base.components().collect();
+    let target: Vec<Component> = target.components().collect();
+    let common = base.iter().zip(&target).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..base.len() {
+        out.push("..");
+    }
+    for c in &target[common..] {
+        out.push(c.as_os_str());
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_paths() {
+        for (base, target, want) in [
+            ("/home/a/proj", "/home/a/reauth/sdk", "../reauth/sdk"),
+            ("/home/a/proj", "/home/a/proj/sdk", "sdk"),
+            ("/home/a/proj", "/home/a/proj", "."),
+            ("/tmp/x/y", "/work/sdk", "../../../work/sdk"),
+        ] {
+            assert_eq!(
+                relative_path(Path::new(base), Path::new(target)),
+                Path::new(want)
+            );
+        }
+    }
 
     #[test]
     fn every_language_gets_the_two_commands_and_no_placeholder() {
@@ -230,6 +272,22 @@ mod tests {
             }
             let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
             assert!(readme.contains("./build.sh\nreauth test ."), "{readme}");
+            // Nothing names this machine's directories: the SDK is found
+            // relative to the project.
+            let tmp_abs = tmp.path().canonicalize().unwrap();
+            let sdk_abs = sdk.canonicalize().unwrap();
+            for f in &files {
+                let text = std::fs::read_to_string(f).unwrap();
+                for abs in [&tmp_abs, &sdk_abs] {
+                    let abs = abs.to_string_lossy();
+                    // (`../../work/sdk` contains `/work/sdk`: only a path that
+                    // starts there is absolute.)
+                    let absolute = text
+                        .match_indices(&*abs)
+                        .any(|(i, _)| !text[..i].ends_with(".."));
+                    assert!(!absolute, "{} names {abs}:\n{text}", f.display());
+                }
+            }
             if lang == Lang::Rust {
                 let lock = std::fs::read_to_string(dir.join("Cargo.lock")).unwrap();
                 assert!(
