@@ -204,6 +204,8 @@ pub const KNOWN_SECRETS: &[&str] = &[
     "wrong-key-5550123",
     "otp-seed-98765",
     "typo-secret-4711",
+    // A config value a failed `describe` prints (not secret by its key's name).
+    "describe-leak-8e1f2a",
     // The conformance kit's accepted and wrong client secrets.
     "conformance-secret-8c1f",
     "wrong-secret-77d0",

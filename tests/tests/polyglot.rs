@@ -444,3 +444,61 @@ fn reauth_new_projects_build_and_pass_reauth_test() {
         );
     }
 }
+
+/// The Python kit's safety net (`rp.Provider`): an exception the provider did not
+/// mean to raise becomes `unavailable` naming the exception (not a trap that
+/// counts toward the circuit breaker), and its traceback is logged at WARN with
+/// the provider's name, its declared secrets redacted — here an STS answer that
+/// makes `acme-sts-py` raise `ValueError` on a `ttl` holding the API key.
+#[tokio::test]
+async fn a_python_exception_is_unavailable_with_its_traceback_logged_redacted() {
+    let logs = reauth_tests::logs();
+    const KEY: &str = "acme-key-7f3a9c";
+    let app = axum::Router::new().fallback(|| async {
+        (
+            [("content-type", "application/json")],
+            format!(r#"{{"session": "s-1", "ttl": "{KEY}", "user": "alice"}}"#),
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let plugin = root().join("plugins/target/components/acme-sts-py.wasm");
+    plugins();
+    let host = Host::builder()
+        .cache_dir(precompiled())
+        .provider(
+            "acme-py-net",
+            ProviderConfig::new(&plugin)
+                .allow_host(addr.to_string())
+                .config("sts_url", format!("http://{addr}"))
+                .config("api_key", KEY)
+                .config("user", "alice"),
+        )
+        .build()
+        .unwrap();
+    let e = host
+        .get_credentials("acme-py-net", &Request::new())
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    match &e {
+        Error::Provider {
+            error: ProviderError::Unavailable { message, .. },
+            ..
+        } => assert!(message.contains("provider raised ValueError"), "{message}"),
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert!(!text.contains(KEY), "{text}");
+    // The traceback, one WARN line each, naming the provider, the key redacted.
+    let all = logs.contents();
+    let ours: Vec<&str> = all.lines().filter(|l| l.contains("acme-py-net")).collect();
+    let has = |needle: &str| {
+        ours.iter()
+            .any(|l| l.contains("WARN") && l.contains(needle))
+    };
+    assert!(has("get_credentials raised"), "{ours:#?}");
+    assert!(has("Traceback (most recent call last)"), "{ours:#?}");
+    assert!(has("ValueError: invalid literal for int()"), "{ours:#?}");
+    assert!(!all.contains(KEY), "the API key reached a log line");
+}

@@ -1121,6 +1121,10 @@ async fn a_hostile_describe_fails_its_provider_only_and_does_no_io() {
         .provider("d-huge", hostile("huge"))
         .provider("d-forged", hostile("forged"))
         .provider("d-io", hostile("io"))
+        .provider(
+            "d-leak",
+            hostile("leak").config("tenant_hint", "describe-leak-8e1f2a"),
+        )
         .provider("ok", hostile("none"))
         .build()
         .unwrap();
@@ -1137,6 +1141,23 @@ async fn a_hostile_describe_fails_its_provider_only_and_does_no_io() {
     assert!(
         trap.contains("plugin failed during `get-credentials`"),
         "{trap}"
+    );
+    // A failed `describe` never said which keys are secret: every config value
+    // is redacted from what it printed (the name rule alone would miss
+    // `tenant_hint`).
+    let leak = err("d-leak").await;
+    assert!(
+        leak.contains("plugin failed during `get-credentials`"),
+        "{leak}"
+    );
+    let text = logs.contents();
+    assert!(
+        text.contains("hostile describe: tenant_hint = "),
+        "the output was logged"
+    );
+    assert!(
+        !text.contains("describe-leak-8e1f2a"),
+        "a config value printed by a failed describe was logged"
     );
     let spin = err("d-spin").await;
     assert!(spin.contains("exceeded its 1000 ms timeout"), "{spin}");

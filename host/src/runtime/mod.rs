@@ -732,8 +732,20 @@ impl ProviderRuntime {
                 described.clone(),
                 borrowed.clone(),
             );
-            Arc::new(move |text: &str| {
+            // Before `describe` said which keys are secret, every config value is.
+            let undescribed = {
                 let mut all = redactor.clone();
+                for (_, value) in &spec.config {
+                    all.add(value.expose());
+                }
+                all
+            };
+            Arc::new(move |text: &str| {
+                let mut all = if described.get().is_some() {
+                    redactor.clone()
+                } else {
+                    undescribed.clone()
+                };
                 for value in state.values() {
                     all.add(&value);
                 }
@@ -1010,13 +1022,19 @@ impl ProviderRuntime {
     /// any secret the call returned.
     fn call_redactor(&self, returned: Option<&types::Credentials>) -> Redactor {
         let mut redactor = self.redactor.clone();
-        for value in self
-            .described
-            .get()
-            .map(|d| d.secrets.as_slice())
-            .unwrap_or_default()
-        {
-            redactor.add(value.expose());
+        match self.described.get() {
+            Some(described) => {
+                for value in &described.secrets {
+                    redactor.add(value.expose());
+                }
+            }
+            // Which keys it declares secret is not known yet (its `describe`
+            // failed or has not run): every config value is redacted.
+            None => {
+                for (_, value) in &self.settings {
+                    redactor.add(value.expose());
+                }
+            }
         }
         for value in self.state.values() {
             redactor.add(&value);
