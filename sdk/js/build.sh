@@ -27,3 +27,7 @@ trap 'rm -rf "$stage"' EXIT
 "$kit/node_modules/.bin/componentize-js" "$stage/provider.js" --wit "$wit" \
     --world-name reauth:provider/provider -o "$out.tmp" >/dev/null
 mv "$out.tmp" "$out"
+# Builds of the same source differ (the interpreter's pre-initialised heap holds
+# per-build random state; see the guide's "Pinning a build"): the digest to pin
+# is this artifact's, written beside it.
+sha256sum "$out" | cut -d' ' -f1 > "$out.sha256"

@@ -20,3 +20,7 @@ mkdir -p "$(dirname "$out")"
 "$venv/bin/componentize-py" -d "$wit" -w reauth:provider/provider componentize \
     -p "$project" -p "$kit" app -o "$out.tmp"
 mv "$out.tmp" "$out"
+# Builds of the same source differ (the interpreter's pre-initialised heap holds
+# per-build random state; see the guide's "Pinning a build"): the digest to pin
+# is this artifact's, written beside it.
+sha256sum "$out" | cut -d' ' -f1 > "$out.sha256"

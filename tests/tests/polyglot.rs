@@ -420,6 +420,13 @@ fn reauth_new_projects_build_and_pass_reauth_test() {
             String::from_utf8_lossy(&out.stderr)
         );
         let built = started.elapsed();
+        if lang != "rust" {
+            // The digest to pin, beside the component (builds are not
+            // reproducible: the guides' "Pinning a build").
+            let wasm = std::fs::read(dir.join("provider.wasm")).unwrap();
+            let pinned = std::fs::read_to_string(dir.join("provider.wasm.sha256")).unwrap();
+            assert_eq!(pinned.trim(), reauth_tests::sha256_hex(&wasm), "{lang}");
+        }
         let mut test = Command::new(&reauth);
         test.arg("test").arg(".").current_dir(&dir);
         if lang == "rust" {
