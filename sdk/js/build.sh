@@ -10,7 +10,11 @@
 # turns the bundle into a component.
 set -euo pipefail
 kit="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-wit="$(cd "$kit/../../wit" && pwd)"
+# The contract's WIT: $REAUTH_WIT, else the wit/ of the reauth checkout this kit
+# is part of (keep sdk/ and wit/ together when copying the SDK).
+wit="${REAUTH_WIT:-$kit/../../wit}"
+[ -f "$wit/provider.wit" ] || { echo "build: no reauth WIT at $wit (provider.wit): keep sdk/ next to the reauth checkout's wit/, or set REAUTH_WIT to that directory" >&2; exit 1; }
+wit="$(cd "$wit" && pwd)"
 [ $# -eq 2 ] || { echo "usage: $0 <project-dir> <out.wasm>" >&2; exit 2; }
 project="$(cd "$1" && pwd)"
 out="$2"

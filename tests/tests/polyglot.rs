@@ -426,6 +426,21 @@ fn reauth_new_projects_build_and_pass_reauth_test() {
             let wasm = std::fs::read(dir.join("provider.wasm")).unwrap();
             let pinned = std::fs::read_to_string(dir.join("provider.wasm.sha256")).unwrap();
             assert_eq!(pinned.trim(), reauth_tests::sha256_hex(&wasm), "{lang}");
+            // Why a rebuild is not pinned: the same source builds to other bytes
+            // (the toolchains' pre-initialised heap; when they become
+            // reproducible this fails, and the guides' "Pinning a build" changes).
+            let again = Command::new(dir.join("build.sh"))
+                .env_remove("CARGO_TARGET_DIR")
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(again.status.success(), "{lang}: second build");
+            let rebuilt = std::fs::read_to_string(dir.join("provider.wasm.sha256")).unwrap();
+            assert_ne!(
+                rebuilt.trim(),
+                pinned.trim(),
+                "{lang}: the build became reproducible: update the guides' \"Pinning a build\""
+            );
         }
         let mut test = Command::new(&reauth);
         test.arg("test").arg(".").current_dir(&dir);
