@@ -128,10 +128,19 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn logic_provider() -> ProviderConfig {
-    ProviderConfig::new(&plugins().bench_logic)
-        .config("client_id", "svc")
-        .config("secret", "bench-secret-0123456789")
-        .config("ttl", "300")
+    unmetered(
+        ProviderConfig::new(&plugins().bench_logic)
+            .config("client_id", "svc")
+            .config("secret", "bench-secret-0123456789")
+            .config("ttl", "300"),
+    )
+}
+
+/// `p` with no fetch budget (`[rate]`): the benchmarks measure fetches, not the
+/// pacing that protects an identity provider.
+fn unmetered(mut p: ProviderConfig) -> ProviderConfig {
+    p.rate = reauth::RateConfig::unlimited();
+    p
 }
 
 /// Per-operation latency from batches of `batch` operations (timer overhead
@@ -489,10 +498,12 @@ fn herd_child(n: usize) -> Result<()> {
         let host = Host::builder()
             .provider(
                 "slow",
-                ProviderConfig::new(&plugins().testkit)
-                    .allow_host(slow.authority())
-                    .config("mode", "fetch")
-                    .config("url", &slow.url),
+                unmetered(
+                    ProviderConfig::new(&plugins().testkit)
+                        .allow_host(slow.authority())
+                        .config("mode", "fetch")
+                        .config("url", &slow.url),
+                ),
             )
             .build()?;
         let before = status_kib("VmRSS:");
@@ -524,10 +535,12 @@ fn herd_child(n: usize) -> Result<()> {
 
 /// A provider fetching a token from `url` (the testkit's `fetch` mode).
 fn fetching_provider(url: &str, authority: &str) -> ProviderConfig {
-    ProviderConfig::new(&plugins().testkit)
-        .allow_host(authority)
-        .config("mode", "fetch")
-        .config("url", url)
+    unmetered(
+        ProviderConfig::new(&plugins().testkit)
+            .allow_host(authority)
+            .config("mode", "fetch")
+            .config("url", url),
+    )
 }
 
 fn shared_child(dir: &str, url: &str) -> Result<()> {
@@ -1258,6 +1271,7 @@ fn polyglot_provider(
             shared_state: false,
             secret_keys: Vec::new(),
             credential_keys: Vec::new(),
+            rate: reauth::RateConfig::unlimited(),
         },
     )?)
 }
@@ -1367,7 +1381,7 @@ fn section_polyglot(smoke: bool) -> Result<String> {
 /// The hostile fixture in `mode`, hammered: no backoff, pacing or breaker in the
 /// way, so every attempt reaches the plugin.
 fn hostile_provider(mode: &str) -> ProviderConfig {
-    let mut p = ProviderConfig::new(&plugins().hostile).config("mode", mode);
+    let mut p = unmetered(ProviderConfig::new(&plugins().hostile).config("mode", mode));
     p.cache.backoff_initial_ms = 1;
     p.cache.backoff_max_ms = 1;
     p.cache.min_interval_ms = 0;

@@ -21,10 +21,12 @@ fn host() -> Host {
             "static",
             ProviderConfig::new(plugin("static")).config("token", "t".repeat(800)),
         )
-        .provider(
-            "counter",
-            ProviderConfig::new(plugin("fixture_testkit")).config("mode", "counter"),
-        )
+        .provider("counter", {
+            // A new key per herd round: no fetch budget in the way of the rounds.
+            let mut p = ProviderConfig::new(plugin("fixture_testkit")).config("mode", "counter");
+            p.rate = reauth::RateConfig::unlimited();
+            p
+        })
         .build()
         .unwrap()
 }

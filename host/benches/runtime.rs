@@ -76,6 +76,7 @@ fn benches(c: &mut Criterion) {
                 shared_state: false,
                 secret_keys: Vec::new(),
                 credential_keys: Vec::new(),
+                rate: reauth::RateConfig::unlimited(),
             },
         )
         .unwrap();

@@ -57,6 +57,8 @@ struct Ready {
     runtime: Arc<ProviderRuntime>,
     cache: Arc<config::CacheConfig>,
     retry: RetryPolicy,
+    /// Re-runs of all operations together (`retry.retry_ratio`).
+    retry_budget: Arc<crate::budget::RetryBudget>,
     fetch: Fetcher,
     metrics: Arc<ProviderMetrics>,
     /// Its view of the shared cache (L2), when there is one.
@@ -502,6 +504,11 @@ fn load_provider(
         runtime: loaded,
         cache: settings,
         retry,
+        // Kept by a reload that leaves `[retry]` as it was.
+        retry_budget: match previous {
+            Some(prev) if prev.identity.config.retry == p.retry => prev.retry_budget.clone(),
+            _ => Arc::new(crate::budget::RetryBudget::new(&p.retry)),
+        },
         fetch,
         metrics: provider_metrics,
         shared: tier,
@@ -1107,6 +1114,7 @@ fn provider_spec(
         credential_keys: config::credential_refs(&p.config)
             .map(|(k, _)| k.to_string())
             .collect(),
+        rate: p.rate.clone(),
     };
     let identity = Identity {
         config: p.clone(),
@@ -1580,10 +1588,11 @@ impl Host {
         F: FnMut(Credentials) -> Fut,
         Fut: Future<Output = std::result::Result<T, Rejection<E>>>,
     {
-        let policy = self
+        let ready = self
             .provider(provider)
-            .map_err(OperationError::Credentials)?
-            .retry;
+            .map_err(OperationError::Credentials)?;
+        let policy = ready.retry;
+        ready.retry_budget.deposit();
         let started = tokio::time::Instant::now();
         let (mut attempts, mut reauths, mut waits) = (0u32, 0u32, 0u32);
         let mut request = request.clone();
@@ -1608,19 +1617,26 @@ impl Host {
                     Decision::Fail
                 }
             };
-            match policy.next(decision, reauths, waits, started.elapsed()) {
+            let action = match policy.next(decision, reauths, waits, started.elapsed()) {
+                // Every re-run comes out of the provider's retry budget, shared by
+                // all its operations: N operations rejected at once re-run only
+                // as far as the budget goes.
+                Action::Reauthenticate | Action::Wait(_) if !ready.retry_budget.withdraw() => {
+                    ready.metrics.retry_refused();
+                    tracing::warn!(provider, %error, "retry budget spent (retry.retry_ratio, retry.min_retries_per_sec): not re-running the operation");
+                    Action::GiveUp
+                }
+                action => action,
+            };
+            match action {
                 Action::Reauthenticate => {
                     reauths += 1;
                     request.reason = Reason::AfterSecurityError;
-                    if let Ok(ready) = self.provider(provider) {
-                        ready.metrics.reauthenticated();
-                    }
+                    ready.metrics.reauthenticated();
                 }
                 Action::Wait(wait) => {
                     waits += 1;
-                    if let Ok(ready) = self.provider(provider) {
-                        ready.metrics.waited();
-                    }
+                    ready.metrics.waited();
                     tokio::time::sleep(wait).await;
                 }
                 Action::GiveUp => {
@@ -1634,6 +1650,32 @@ impl Host {
                     });
                 }
             }
+        }
+    }
+
+    /// Count one operation of `provider` toward its retry budget
+    /// ([`Host::with_credentials`] does it; the sidecar does it per credentials
+    /// request).
+    #[doc(hidden)]
+    pub fn record_operation(&self, provider: &str) {
+        if let Ok(ready) = self.provider(provider) {
+            ready.retry_budget.deposit();
+        }
+    }
+
+    /// Take one re-run of an operation from `provider`'s retry budget; `false`
+    /// (counted in the metrics) when the budget is spent.
+    #[doc(hidden)]
+    pub fn take_retry(&self, provider: &str) -> bool {
+        match self.provider(provider) {
+            Ok(ready) => {
+                let ok = ready.retry_budget.withdraw();
+                if !ok {
+                    ready.metrics.retry_refused();
+                }
+                ok
+            }
+            Err(_) => false,
         }
     }
 

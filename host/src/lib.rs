@@ -57,7 +57,9 @@ pub use reauth_verify as verify;
 pub use wasmtime;
 
 // The engine-free core (crate `reauth-core`), at the paths embedders already use.
-pub use reauth_core::{cache, classify, clock, config, hosts, metrics, retry, schema, wire};
+pub use reauth_core::{
+    budget, cache, classify, clock, config, hosts, metrics, retry, schema, wire,
+};
 // Internal paths (`crate::types::…`) keep working for the modules here.
 use reauth_core::{error, secret, types};
 
@@ -65,8 +67,8 @@ pub use host::{Host, HostBuilder, ProviderStatus, ReloadReport};
 pub use reauth_core::{
     BoxError, BreakerConfig, CacheConfig, CacheEvent, CacheKey, Challenge, ConfigError, Credential,
     Credentials, Decision, Error, HostConfig, KeyRef, KeyStats, LimitKind, LimitsConfig, Lookup,
-    OperationError, ProviderConfig, ProviderError, Reason, Rejection, Request, Result, RetryConfig,
-    RetryPolicy, SecurityError, SecurityErrorKind,
+    OperationError, ProviderConfig, ProviderError, RateConfig, Reason, Rejection, Request, Result,
+    RetryConfig, RetryPolicy, SecurityError, SecurityErrorKind,
 };
 pub use reauth_core::{Secret, constant_time_eq};
 

@@ -173,6 +173,7 @@ fn load(runtime: &Runtime, plugin: &Path, reuse: bool, max_calls: u32) -> Provid
             shared_state: false,
             secret_keys: Vec::new(),
             credential_keys: Vec::new(),
+            rate: reauth::RateConfig::unlimited(),
         },
     )
     .unwrap()

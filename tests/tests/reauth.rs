@@ -64,7 +64,12 @@ async fn herd_of_10000_callers_makes_one_plugin_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_1000_rejections_of_the_same_token_causes_one_refresh() {
     reauth_tests::logs();
-    let host = counter_host();
+    // A retry budget that lets every one of the 1000 operations re-run (the
+    // default, a fifth of the traffic plus 10/s, would refuse most of them: see
+    // the retry-budget test below).
+    let mut p = ProviderConfig::new(&plugins().testkit).config("mode", "counter");
+    p.retry.retry_ratio = 1.0;
+    let host = Host::builder().provider("counter", p).build().unwrap();
     let old = token(
         &host
             .get_credentials("counter", &Request::new())
@@ -389,4 +394,117 @@ async fn ten_seconds_of_traffic_with_2s_tokens_sees_no_failed_operation() {
     );
     server.abort();
     issuer.shutdown().await;
+}
+
+/// The retry budget is shared by all operations of a provider (tower's
+/// `TpsBudget`): with `retry_ratio = 0.5` and no reserve, 10 operations that are
+/// each rejected once re-run 5 times between them; the others get the rejection.
+#[tokio::test]
+async fn the_retry_budget_bounds_re_runs_across_operations() {
+    reauth_tests::logs();
+    let mut p = ProviderConfig::new(&plugins().testkit).config("mode", "counter");
+    p.retry.retry_ratio = 0.5;
+    p.retry.min_retries_per_sec = 0;
+    let host = Host::builder().provider("counter", p).build().unwrap();
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..10 {
+        let mut first = true;
+        let result = host
+            .with_credentials("counter", &Request::new(), |_c| {
+                let rejected = std::mem::replace(&mut first, false);
+                async move {
+                    if rejected {
+                        // The testkit answers `other` with retry-after 10 ms.
+                        Err(Rejection::security(
+                            SecurityError::new(SecurityErrorKind::Other).status(503),
+                            "busy",
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await;
+        match result {
+            Ok(()) => served += 1,
+            Err(OperationError::Rejected { attempts: 1, .. }) => refused += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!((served, refused), (5, 5));
+    assert_eq!(host.metrics().provider("counter").retries_refused(), 5);
+    assert!(
+        host.render_metrics()
+            .contains("reauth_retry_budget_refused_total{provider=\"counter\"} 5"),
+        "{}",
+        host.render_metrics()
+    );
+}
+
+/// The fetch budget (`[rate]`): a burst goes through, then fetches wait for
+/// their turn (bounded by `wait_ms`) or are refused with `Error::Throttled` —
+/// not a fault, and nothing recorded against the key (it is served as soon as
+/// its turn comes).
+#[tokio::test]
+async fn the_fetch_budget_paces_fetches_and_refuses_beyond_its_wait() {
+    reauth_tests::logs();
+    let host_with = |per_second: f64, burst: u32, wait_ms: u64| {
+        let mut p = ProviderConfig::new(&plugins().testkit).config("mode", "counter");
+        p.rate = reauth::RateConfig {
+            fetches_per_second: per_second,
+            burst,
+            wait_ms,
+        };
+        Host::builder().provider("counter", p).build().unwrap()
+    };
+    let subject = |i: u32| Request::new().subject(format!("s{i}"));
+    // 10/s, burst 2, no waiting: the third distinct subject is refused.
+    let host = host_with(10.0, 2, 0);
+    for i in 0..2 {
+        host.get_credentials("counter", &subject(i)).await.unwrap();
+    }
+    let e = host
+        .get_credentials("counter", &subject(2))
+        .await
+        .unwrap_err();
+    match &e {
+        reauth::Error::Throttled {
+            provider,
+            retry_in_ms,
+            burst: 2,
+            ..
+        } => {
+            assert_eq!(provider, "counter");
+            assert!((1..=100).contains(retry_in_ms), "{e}");
+        }
+        other => panic!("expected Throttled, got {other:?}"),
+    }
+    assert!(e.to_string().contains("rate.fetches_per_second"), "{e}");
+    assert_eq!(
+        host.plugin_calls("counter"),
+        2,
+        "the refused fetch never ran"
+    );
+    assert_eq!(host.metrics().provider("counter").throttled(), 1);
+    // Its turn comes within 100 ms; the key was not put into backoff.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    host.get_credentials("counter", &subject(2)).await.unwrap();
+    assert_eq!(host.cache_stats("counter", &subject(2)).failures, 0);
+
+    // With a wait: every fetch goes through, the ones past the burst after
+    // waiting their turn.
+    let host = host_with(20.0, 2, 1000);
+    for i in 0..5 {
+        host.get_credentials("counter", &subject(i)).await.unwrap();
+    }
+    let m = host.metrics().provider("counter");
+    assert_eq!((m.budget_waits(), m.throttled()), (3, 0));
+    assert_eq!(host.plugin_calls("counter"), 5);
+
+    // 0: no budget at all.
+    let host = host_with(0.0, 1, 0);
+    for i in 0..20 {
+        host.get_credentials("counter", &subject(i)).await.unwrap();
+    }
+    assert_eq!(host.metrics().provider("counter").budget_waits(), 0);
 }

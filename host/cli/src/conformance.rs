@@ -692,6 +692,7 @@ impl Kit<'_> {
                 shared_state: false,
                 secret_keys,
                 credential_keys: Vec::new(),
+                rate: reauth::RateConfig::unlimited(),
             },
         )
     }

@@ -716,6 +716,15 @@ fn error_response(e: &Error) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return r;
         }
+        Error::Throttled { retry_in_ms, .. } => {
+            // The provider's fetch budget is spent: not a fault, retry later.
+            let mut r = api_error(StatusCode::SERVICE_UNAVAILABLE, "throttled", e);
+            let secs = retry_in_ms.div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return r;
+        }
         Error::State { .. } => {
             // The provider's state (a refresh token) is held elsewhere or its
             // store is unreachable: refused rather than risked; retry shortly.
@@ -879,7 +888,12 @@ async fn credentials(
         Ok(r) => r,
         Err(r) => return r.into_response(),
     };
-    match state.host.get_credentials_traced(&name, &request).await {
+    let result = state.host.get_credentials_traced(&name, &request).await;
+    if result.is_ok() {
+        // An operation of the client's: the base of the provider's retry budget.
+        state.host.record_operation(&name);
+    }
+    match result {
         Ok((c, _)) => axum::Json(WireCredentials::from(&c)).into_response(),
         Err(e) => error_response(&e),
     }
@@ -938,6 +952,14 @@ async fn security_errors(
     {
         Ok(d) => d,
         Err(e) => return error_response(&e),
+    };
+    // A re-run comes out of the provider's retry budget, shared by all clients.
+    let decision = match decision {
+        Decision::RefreshAndRetry | Decision::RetryAfter(_) if !state.host.take_retry(&name) => {
+            tracing::warn!(provider = %name, "retry budget spent (retry.retry_ratio, retry.min_retries_per_sec): answering fail");
+            Decision::Fail
+        }
+        d => d,
     };
     match decision {
         Decision::Fail => axum::Json(json!({"decision": "fail"})).into_response(),

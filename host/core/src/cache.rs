@@ -474,9 +474,10 @@ impl TokenCache {
                 self.store(&mut st, &slot.key, entry, reason);
                 Ok((credentials, Lookup::Fetched(reason)))
             }
-            // The call never reached the plugin (its bulkhead was full): not a
-            // failure of the provider, no backoff, nothing to replay.
-            Err(error @ Error::Busy { .. }) => {
+            // The call never reached the plugin (its bulkhead was full, or its
+            // fetch budget spent): not a failure of the provider, no backoff,
+            // nothing to replay.
+            Err(error @ (Error::Busy { .. } | Error::Throttled { .. })) => {
                 if let Some(entry) = &st.entry
                     && now < entry.expires
                 {

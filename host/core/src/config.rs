@@ -295,6 +295,9 @@ pub struct ProviderConfig {
     /// Re-authentication policy.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// The budget of fetches (calls to `get-credentials`) that reach the plugin.
+    #[serde(default)]
+    pub rate: RateConfig,
     /// Sandbox limits.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -326,6 +329,7 @@ impl ProviderConfig {
             secret_keys: Vec::new(),
             cache: CacheConfig::default(),
             retry: RetryConfig::default(),
+            rate: RateConfig::default(),
             limits: LimitsConfig::default(),
             circuit_breaker: BreakerConfig::default(),
             instances: InstancesConfig::default(),
@@ -720,6 +724,14 @@ pub struct RetryConfig {
     /// Total time one operation may spend in retries. Default 30000 ms.
     #[serde(default = "defaults::budget_ms")]
     pub budget_ms: u64,
+    /// The retry budget shared by all operations of the provider (tower's
+    /// `TpsBudget`): re-runs (refresh-and-retry, retry-after) may add at most this
+    /// fraction of the operations of the last 10 s … Default 0.2 (0–10).
+    #[serde(default = "defaults::retry_ratio")]
+    pub retry_ratio: f64,
+    /// … plus this many re-runs per second whatever the traffic. Default 10.
+    #[serde(default = "defaults::min_retries_per_sec")]
+    pub min_retries_per_sec: u32,
 }
 
 impl Default for RetryConfig {
@@ -729,6 +741,49 @@ impl Default for RetryConfig {
             max_waits: defaults::max_waits(),
             max_retry_after_ms: defaults::max_retry_after_ms(),
             budget_ms: defaults::budget_ms(),
+            retry_ratio: defaults::retry_ratio(),
+            min_retries_per_sec: defaults::min_retries_per_sec(),
+        }
+    }
+}
+
+/// `[providers.<name>.rate]`: a token bucket on the provider's fetches (calls to
+/// `get-credentials`, whatever asked: a miss, a refresh ahead, a re-authentication),
+/// so that no bug, misconfiguration or storm of distinct subjects floods the
+/// identity provider. A fetch over budget waits for its turn, at most `wait_ms`,
+/// then fails with [`crate::Error::Throttled`] (not a fault; nothing is recorded
+/// against the key).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Sustained fetches per second (0 to 1,000,000; 0 turns the budget off).
+    /// Default 100.
+    #[serde(default = "defaults::fetches_per_second")]
+    pub fetches_per_second: f64,
+    /// Fetches allowed at once after a quiet period (1 to 1,000,000). Default 200.
+    #[serde(default = "defaults::fetch_burst")]
+    pub burst: u32,
+    /// Longest a fetch waits for its turn (0 to 600000 ms). Default 5000.
+    #[serde(default = "defaults::fetch_wait_ms")]
+    pub wait_ms: u64,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        RateConfig {
+            fetches_per_second: defaults::fetches_per_second(),
+            burst: defaults::fetch_burst(),
+            wait_ms: defaults::fetch_wait_ms(),
+        }
+    }
+}
+
+impl RateConfig {
+    /// No budget: every fetch goes through at once.
+    pub fn unlimited() -> Self {
+        RateConfig {
+            fetches_per_second: 0.0,
+            ..RateConfig::default()
         }
     }
 }
@@ -946,6 +1001,26 @@ pub mod defaults {
     /// `retry.budget_ms`.
     pub fn budget_ms() -> u64 {
         30_000
+    }
+    /// `retry.retry_ratio`.
+    pub fn retry_ratio() -> f64 {
+        0.2
+    }
+    /// `retry.min_retries_per_sec`.
+    pub fn min_retries_per_sec() -> u32 {
+        10
+    }
+    /// `rate.fetches_per_second`.
+    pub fn fetches_per_second() -> f64 {
+        100.0
+    }
+    /// `rate.burst`.
+    pub fn fetch_burst() -> u32 {
+        200
+    }
+    /// `rate.wait_ms`.
+    pub fn fetch_wait_ms() -> u64 {
+        5000
     }
     /// `runtime.max_cache_entries`.
     pub fn max_cache_entries() -> usize {
@@ -1570,6 +1645,43 @@ pub fn validate_provider(
             file,
             key("retry.max_reauth"),
             "must be at most 5 (each re-authentication is an IdP call)",
+        ));
+    }
+    if !(p.retry.retry_ratio.is_finite() && (0.0..=10.0).contains(&p.retry.retry_ratio)) {
+        return Err(ConfigError::at(
+            file,
+            key("retry.retry_ratio"),
+            "must be between 0 and 10",
+        ));
+    }
+    if p.retry.min_retries_per_sec > 1_000_000 {
+        return Err(ConfigError::at(
+            file,
+            key("retry.min_retries_per_sec"),
+            "must be at most 1000000",
+        ));
+    }
+    if !(p.rate.fetches_per_second.is_finite()
+        && (0.0..=1_000_000.0).contains(&p.rate.fetches_per_second))
+    {
+        return Err(ConfigError::at(
+            file,
+            key("rate.fetches_per_second"),
+            "must be between 0 (no budget) and 1000000",
+        ));
+    }
+    if !(1..=1_000_000).contains(&p.rate.burst) {
+        return Err(ConfigError::at(
+            file,
+            key("rate.burst"),
+            "must be between 1 and 1000000",
+        ));
+    }
+    if p.rate.wait_ms > 600_000 {
+        return Err(ConfigError::at(
+            file,
+            key("rate.wait_ms"),
+            "must be at most 600000",
         ));
     }
     if p.retry.budget_ms == 0 {

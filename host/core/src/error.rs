@@ -132,6 +132,24 @@ pub enum Error {
         waited_ms: u64,
     },
 
+    /// The provider's fetch budget (`[providers.<name>.rate]`) was spent: this
+    /// fetch would have had to wait longer than `rate.wait_ms` for its turn, so it
+    /// was not started. Not a fault of the provider and not recorded against the
+    /// key; retry after `retry_in_ms`.
+    #[error(
+        "provider `{provider}`: over its fetch budget ({per_second} fetches/s, burst {burst}: rate.fetches_per_second, rate.burst); its turn would come in {retry_in_ms} ms, later than rate.wait_ms allows"
+    )]
+    Throttled {
+        /// Provider name.
+        provider: String,
+        /// The budget's sustained rate.
+        per_second: f64,
+        /// The budget's burst.
+        burst: u32,
+        /// Milliseconds until a fetch would have had its turn.
+        retry_in_ms: u64,
+    },
+
     /// The provider's `state` could not be taken for the call: another call (of
     /// this process or another one) held it until the call's deadline, or it could
     /// not be read. The call was stopped; nothing was written.
@@ -170,6 +188,7 @@ impl Error {
             | Error::CoolingDown { provider, .. }
             | Error::Contract { provider, .. }
             | Error::Busy { provider, .. }
+            | Error::Throttled { provider, .. }
             | Error::State { provider, .. } => Some(provider),
             Error::Config(_) | Error::Io { .. } => None,
         }
@@ -253,6 +272,17 @@ impl Error {
                 provider: provider.clone(),
                 max_concurrent_calls: *max_concurrent_calls,
                 waited_ms: *waited_ms,
+            },
+            Error::Throttled {
+                provider,
+                per_second,
+                burst,
+                retry_in_ms,
+            } => Error::Throttled {
+                provider: provider.clone(),
+                per_second: *per_second,
+                burst: *burst,
+                retry_in_ms: *retry_in_ms,
             },
             Error::Contract { provider, detail } => Error::Contract {
                 provider: provider.clone(),

@@ -23,6 +23,7 @@
 
 #![deny(missing_docs)]
 
+pub mod budget;
 pub mod cache;
 pub mod classify;
 pub mod clock;
@@ -38,7 +39,8 @@ pub mod wire;
 
 pub use cache::{CacheEvent, CacheKey, KeyRef, KeyStats, Lookup};
 pub use config::{
-    BreakerConfig, CacheConfig, ConfigError, HostConfig, LimitsConfig, ProviderConfig, RetryConfig,
+    BreakerConfig, CacheConfig, ConfigError, HostConfig, LimitsConfig, ProviderConfig, RateConfig,
+    RetryConfig,
 };
 pub use error::{BoxError, Error, LimitKind, Result};
 pub use retry::{OperationError, Rejection, RetryPolicy};

@@ -267,6 +267,10 @@ pub struct ProviderMetrics {
     shared: [AtomicU64; 6],
     state_lock_waits: AtomicU64,
     state_lock_wait_us: AtomicU64,
+    budget_waits: AtomicU64,
+    budget_wait_us: AtomicU64,
+    throttled: AtomicU64,
+    retries_refused: AtomicU64,
 }
 
 impl std::fmt::Debug for ProviderMetrics {
@@ -423,6 +427,45 @@ impl ProviderMetrics {
             u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// Record a fetch that waited `waited` for its turn in the provider's fetch
+    /// budget (`[rate]`).
+    #[doc(hidden)]
+    pub fn fetch_budget_waited(&self, waited: Duration) {
+        self.budget_waits.fetch_add(1, Ordering::Relaxed);
+        self.budget_wait_us.fetch_add(
+            u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Record a fetch refused by the provider's fetch budget
+    /// ([`crate::Error::Throttled`]).
+    #[doc(hidden)]
+    pub fn fetch_throttled(&self) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record a re-run refused because the provider's retry budget was spent.
+    #[doc(hidden)]
+    pub fn retry_refused(&self) {
+        self.retries_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Fetches refused by the fetch budget so far.
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Fetches that waited for the fetch budget so far.
+    pub fn budget_waits(&self) -> u64 {
+        self.budget_waits.load(Ordering::Relaxed)
+    }
+
+    /// Re-runs refused by the retry budget so far.
+    pub fn retries_refused(&self) -> u64 {
+        self.retries_refused.load(Ordering::Relaxed)
     }
 
     /// Credentials refused for breaking the contract so far.
@@ -713,6 +756,45 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "reauth_state_lock_wait_seconds_total{{provider=\"{}\"}} {}",
+                label(p),
+                us as f64 / 1e6
+            );
+        }
+        for (name, help, field) in [
+            (
+                "reauth_fetch_budget_waits_total",
+                "Fetches that waited for their turn in the provider's fetch budget ([rate]).",
+                0,
+            ),
+            (
+                "reauth_fetch_budget_refused_total",
+                "Fetches refused because their turn in the fetch budget was further off than rate.wait_ms.",
+                1,
+            ),
+            (
+                "reauth_retry_budget_refused_total",
+                "Re-runs (refresh-and-retry, retry-after) refused because the provider's retry budget was spent.",
+                2,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            for (p, m) in &providers {
+                let n = [&m.budget_waits, &m.throttled, &m.retries_refused][field]
+                    .load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{provider=\"{}\"}} {n}", label(p));
+            }
+        }
+        family(
+            &mut out,
+            "reauth_fetch_budget_wait_seconds_total",
+            "counter",
+            "Time fetches spent waiting for their turn in the provider's fetch budget.",
+        );
+        for (p, m) in &providers {
+            let us = m.budget_wait_us.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "reauth_fetch_budget_wait_seconds_total{{provider=\"{}\"}} {}",
                 label(p),
                 us as f64 / 1e6
             );

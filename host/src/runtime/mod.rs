@@ -43,8 +43,9 @@ pub use limits::BreakerStatus;
 #[doc(hidden)]
 pub use bindings::fuzzing;
 
+use crate::budget::FetchBucket;
 use crate::clock::Clock;
-use crate::config::{BreakerConfig, InstancesConfig, LimitsConfig};
+use crate::config::{BreakerConfig, InstancesConfig, LimitsConfig, RateConfig};
 use crate::error::{BoxError, Error, LimitKind};
 use crate::secret::Secret;
 use crate::types;
@@ -537,6 +538,8 @@ pub struct ProviderSpec {
     /// provider's credential, `{ credential = … }`): present for the schema check,
     /// passed in by [`ProviderRuntime::get_credentials_with`].
     pub credential_keys: Vec<String>,
+    /// The budget of fetches (`[providers.<name>.rate]`).
+    pub rate: RateConfig,
 }
 
 /// Call counters of one provider.
@@ -589,6 +592,12 @@ pub struct ProviderRuntime {
     health: Mutex<Health>,
     /// Keys whose values come from other providers' credentials at every fetch.
     credential_keys: Vec<String>,
+    /// The fetch budget (`None`: unlimited), kept by a reload that leaves
+    /// `[rate]` as it was.
+    bucket: Option<Arc<FetchBucket>>,
+    rate: RateConfig,
+    /// Where its budget waits and refusals are counted.
+    metrics: OnceLock<Arc<crate::metrics::ProviderMetrics>>,
     /// The latest values of those keys (and the ones before), redacted like config
     /// values; shared with the egress redactor.
     borrowed: Arc<Mutex<Vec<Secret>>>,
@@ -716,6 +725,10 @@ impl ProviderRuntime {
             }
             _ => Arc::new(Semaphore::new(spec.limits.max_concurrent_calls as usize)),
         };
+        let bucket = match previous {
+            Some(p) if p.rate == spec.rate => p.bucket.clone(),
+            _ => FetchBucket::new(&spec.rate).map(Arc::new),
+        };
         let name: Arc<str> = Arc::from(spec.name.as_str());
         let mut redactor = Redactor::default();
         for (key, value) in &spec.config {
@@ -803,6 +816,9 @@ impl ProviderRuntime {
             described,
             health: Mutex::new(Health::default()),
             credential_keys: spec.credential_keys,
+            bucket,
+            rate: spec.rate,
+            metrics: OnceLock::new(),
             borrowed,
             name,
         })
@@ -1015,7 +1031,39 @@ impl ProviderRuntime {
     /// Count this provider's state-lock waits in `metrics`.
     #[doc(hidden)]
     pub fn set_metrics(&self, metrics: Arc<crate::metrics::ProviderMetrics>) {
-        self.state.set_metrics(metrics);
+        self.state.set_metrics(metrics.clone());
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// Wait for this fetch's turn in the provider's budget (`[rate]`), or refuse
+    /// it with [`Error::Throttled`] when the turn is further off than
+    /// `rate.wait_ms`.
+    async fn within_budget(&self) -> Result<(), Error> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(());
+        };
+        match bucket.acquire().await {
+            Ok(waited) => {
+                if !waited.is_zero()
+                    && let Some(m) = self.metrics.get()
+                {
+                    m.fetch_budget_waited(waited);
+                }
+                Ok(())
+            }
+            Err(over) => {
+                if let Some(m) = self.metrics.get() {
+                    m.fetch_throttled();
+                }
+                tracing::warn!(provider = %self.name, retry_in_ms = over.retry_in.as_millis() as u64, "fetch refused: over the provider's fetch budget (rate.fetches_per_second)");
+                Err(Error::Throttled {
+                    provider: self.name.to_string(),
+                    per_second: bucket.rate(),
+                    burst: self.rate.burst,
+                    retry_in_ms: u64::try_from(over.retry_in.as_millis()).unwrap_or(u64::MAX),
+                })
+            }
+        }
     }
 
     /// A redactor for one call's output: the config values, the state's values and
@@ -1244,7 +1292,7 @@ impl ProviderRuntime {
     /// Book a call's result with the breaker and the fault counter. A call that
     /// never got a slot ([`Error::Busy`]) is neither a fault nor a success.
     fn book<T>(&self, function: &'static str, result: &Result<T, Error>) {
-        if let Err(Error::Busy { .. }) = result {
+        if let Err(Error::Busy { .. } | Error::Throttled { .. }) = result {
             return;
         }
         let fault = match result {
@@ -1274,7 +1322,7 @@ impl ProviderRuntime {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             // Not the provider's doing, or already logged by the breaker.
-            Err(Error::Busy { .. } | Error::CoolingDown { .. }) => {}
+            Err(Error::Busy { .. } | Error::Throttled { .. } | Error::CoolingDown { .. }) => {}
             Err(e) => {
                 health.failures = health.failures.saturating_add(1);
                 if health.failing_since.is_none() {
@@ -1432,6 +1480,7 @@ impl ProviderRuntime {
     ) -> Result<types::Credentials, Error> {
         const FUNCTION: &str = "get-credentials";
         self.admit()?;
+        self.within_budget().await?;
         let _slot = self.call_slot().await?;
         self.stats.get_credentials.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
