@@ -122,3 +122,39 @@ async fn real_tokens_are_classified() {
         "200 unknown kids: the first load and one refetch"
     );
 }
+
+/// The JWKS is refreshed in the background at 80 % of `jwks_max_age` (once the
+/// verifier has verified a token): no request pays the periodic fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jwks_is_refreshed_ahead_of_its_max_age_in_the_background() {
+    reauth_tests::logs();
+    reauth_tests::record_secret("cc-basic-secret-0123456789");
+    let dir = tempfile::tempdir().unwrap();
+    let idp = Idp::start(&dir.path().join("k1.json"), 60, None);
+    let v = Verifier::builder()
+        .jwks_url(format!("{}/jwks", idp.issuer))
+        .issuer(&idp.issuer)
+        .audience(API)
+        .jwks_max_age(Duration::from_secs(2))
+        .min_refetch_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let token = client_credentials_token(&idp).await;
+    v.verify(&token).await.unwrap();
+    assert_eq!(v.jwks_fetches().await, 1);
+    // At 1.6 s the refresher fetched; nobody asked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while v.jwks_fetches().await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no background refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the original keys' max age, a verification finds fresh keys: it does
+    // not fetch inline.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = v.jwks_fetches().await;
+    v.verify(&token).await.unwrap();
+    assert_eq!(v.jwks_fetches().await, before, "a request paid the fetch");
+}

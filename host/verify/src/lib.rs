@@ -12,7 +12,10 @@
 //! JWKS keys are cached. A token whose `kid` is not in the cache triggers one refetch,
 //! at most once per `min_refetch_interval`: a key rotation is picked up at once, and a
 //! flood of tokens with made-up `kid`s cannot turn the verifier into a load generator
-//! against the IdP. Concurrent refetches are coalesced into one request.
+//! against the IdP. Concurrent refetches are coalesced into one request. Once a
+//! verifier has verified a token inside a tokio runtime, a background task
+//! refreshes the JWKS at 80 % of `jwks_max_age`, so no request pays the periodic
+//! fetch (the task ends when the verifier is dropped).
 //!
 //! ```no_run
 //! use reauth_verify::Verifier;
@@ -151,7 +154,7 @@ struct Key {
 
 enum Source {
     Static(Vec<(Option<String>, Key)>),
-    Jwks(Box<Jwks>),
+    Jwks(Arc<Jwks>),
 }
 
 struct Jwks {
@@ -163,6 +166,9 @@ struct Jwks {
     /// The keys and when they were fetched: read without the fetch lock, swapped
     /// after each successful fetch.
     keys: std::sync::RwLock<Arc<KeySet>>,
+    /// Whether the background refresher runs (started by the first verification
+    /// inside a tokio runtime; it ends when the verifier is dropped).
+    refresher: std::sync::atomic::AtomicBool,
 }
 
 /// Why the JWKS is refetched; each reason has its own rate limit, so the initial
@@ -376,13 +382,14 @@ impl VerifierBuilder {
                         )));
                     }
                 }
-                Source::Jwks(Box::new(Jwks {
+                Source::Jwks(Arc::new(Jwks {
                     url: uri,
                     min_refetch: self.min_refetch.unwrap_or(Duration::from_secs(30)),
                     max_age: self.max_age.unwrap_or(Duration::from_secs(3600)),
                     timeout: self.timeout.unwrap_or(Duration::from_secs(5)),
                     state: Default::default(),
                     keys: Default::default(),
+                    refresher: Default::default(),
                 }))
             }
         };
@@ -481,6 +488,50 @@ impl Jwks {
 
     fn stale(&self, set: &KeySet) -> bool {
         set.keys.is_empty() || set.fetched.is_none_or(|t| t.elapsed() >= self.max_age)
+    }
+
+    /// Start the background refresher once (when called inside a tokio runtime):
+    /// it refetches the JWKS at 80 % of `jwks_max_age`, so that no verification
+    /// pays the fetch, under the same rate limit as any periodic refetch (at most
+    /// once per `min_refetch_interval`, and never more than once a second). A
+    /// failed refresh keeps the keys; the next try comes after the rate limit.
+    /// The task holds the verifier weakly and ends when it is dropped.
+    fn ensure_refresher(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.refresher.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let floor = self.min_refetch.max(Duration::from_secs(1));
+        runtime.spawn(async move {
+            let mut after_attempt = None::<Instant>;
+            loop {
+                let wait = {
+                    let Some(jwks) = weak.upgrade() else { return };
+                    // (Settings at their extremes put `due` past what an
+                    // Instant holds: then there is nothing to refresh ahead of.)
+                    let due = match jwks.current().fetched {
+                        Some(t) => t.checked_add(jwks.max_age.mul_f64(0.8)),
+                        None => Some(Instant::now()),
+                    };
+                    let due = match (due, after_attempt) {
+                        (Some(due), Some(t)) => t.checked_add(floor).map(|t| due.max(t)),
+                        (due, None) => due,
+                        (None, _) => None,
+                    };
+                    let Some(due) = due else { return };
+                    due.saturating_duration_since(Instant::now())
+                };
+                tokio::time::sleep(wait).await;
+                let Some(jwks) = weak.upgrade() else { return };
+                tracing::debug!(url = %jwks.url, "JWKS refreshed ahead of jwks_max_age");
+                let _ = jwks.refetch(Refetch::Stale).await;
+                after_attempt = Some(Instant::now());
+            }
+        });
     }
 }
 
@@ -606,6 +657,7 @@ impl Verifier {
                 self.try_keys(token, header.alg, &candidates)
             }
             Source::Jwks(jwks) => {
+                jwks.ensure_refresher();
                 let mut keys = jwks.current();
                 let mut fetch_error = None;
                 if jwks.stale(&keys) {
