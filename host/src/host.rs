@@ -430,19 +430,20 @@ fn load_provider(
             settings: settings.clone(),
             clock: runtime.clock().clone(),
             metrics: provider_metrics.clone(),
-            // Long enough for the fetcher's whole call, including its wait for a
-            // call slot; past it the waiter fetches itself.
-            wait: Duration::from_millis(
-                p.limits
-                    .timeout_ms
-                    .saturating_add(p.limits.queue_timeout_ms)
-                    .saturating_add(1000),
-            ),
+            // Long enough for the fetcher's whole fetch (its turn in the fetch
+            // budget, its wait for a call slot, the call, and for `{ credential }`
+            // values the other providers' fetches and the one retry); past it
+            // the waiter fetches itself.
+            wait: fetch_bound(config, name, 0),
         })
     });
     let provider_name: Arc<str> = Arc::from(name);
-    let refs: Arc<[(String, config::CredentialRef)]> = config::credential_refs(&p.config)
-        .map(|(k, r)| (k.to_string(), r.clone()))
+    let refs: Arc<[Reference]> = config::credential_refs(&p.config)
+        .map(|(k, r)| Reference {
+            key: k.to_string(),
+            target: r.clone(),
+            bound: fetch_bound(config, &r.provider, 1),
+        })
         .collect();
     let fetch: Fetcher = {
         let provider_name = provider_name.clone();
@@ -464,10 +465,19 @@ fn load_provider(
             );
             let provider = provider_name.clone();
             let name = provider.clone();
+            // The providers whose fetches are waiting on this one (`{ credential }`
+            // values): a reference back to any of them is a cycle, refused at once.
+            let chain = BORROW_CHAIN
+                .try_with(|c| c.clone())
+                .unwrap_or_default()
+                .iter()
+                .cloned()
+                .chain(std::iter::once(provider.clone()))
+                .collect::<Vec<_>>();
             // Its own task: a caller that goes away (a client that disconnects, a
             // sidecar shutting down) never cuts a fetch in half — say, after the
             // IdP rotated a refresh token and before the provider saved it.
-            let task = tokio::spawn(async move {
+            let task = tokio::spawn(BORROW_CHAIN.scope(Arc::new(chain), async move {
                 let call = async {
                     let started = std::time::Instant::now();
                     let result = if refs.is_empty() {
@@ -483,7 +493,7 @@ fn load_provider(
                     Some(tier) => tier.fetch(&request, call).await,
                     None => call.await,
                 }
-            });
+            }));
             Box::pin(async move {
                 task.await.unwrap_or_else(|e| {
                     Err(Error::Plugin {
@@ -515,6 +525,48 @@ fn load_provider(
     })
 }
 
+/// How long one fetch of provider `name` can take at most, as configured: its
+/// turn in the fetch budget, its wait for a call slot and the call; with
+/// `{ credential = … }` values, the other providers' fetches first and one retry
+/// (`depth` bounds the recursion like the config's chain limit).
+fn fetch_bound(config: &HostConfig, name: &str, depth: usize) -> Duration {
+    let Some(p) = config.providers.get(name) else {
+        return Duration::from_secs(1);
+    };
+    let own = Duration::from_millis(
+        p.limits
+            .timeout_ms
+            .saturating_add(p.limits.queue_timeout_ms)
+            .saturating_add(p.rate.wait_ms)
+            .saturating_add(1000),
+    );
+    if depth > config::MAX_CREDENTIAL_CHAIN {
+        return own;
+    }
+    let upstream = config::credential_refs(&p.config)
+        .map(|(_, r)| fetch_bound(config, &r.provider, depth + 1))
+        .fold(Duration::ZERO, Duration::saturating_add);
+    if upstream.is_zero() {
+        own
+    } else {
+        own.saturating_add(upstream).saturating_mul(2)
+    }
+}
+
+tokio::task_local! {
+    /// In a fetch task: the providers whose fetches wait on it, outermost first
+    /// (`a` borrowing from `b`: `[a, b]` in `b`'s fetch).
+    static BORROW_CHAIN: Arc<Vec<Arc<str>>>;
+}
+
+/// A `{ credential = … }` value of a provider's config, with how long the other
+/// provider's fetch may take at most.
+struct Reference {
+    key: String,
+    target: config::CredentialRef,
+    bound: Duration,
+}
+
 /// One value borrowed from another provider's credential for a fetch.
 struct Borrowed {
     key: String,
@@ -533,7 +585,7 @@ struct Borrowed {
 async fn fetch_borrowing(
     link: &HostLink,
     name: &str,
-    refs: &[(String, config::CredentialRef)],
+    refs: &[Reference],
     loaded: &ProviderRuntime,
     runtime: &Runtime,
     request: &Request,
@@ -548,14 +600,25 @@ async fn fetch_borrowing(
             error: crate::types::ProviderError::unavailable("the host is shutting down"),
         });
     };
+    // This provider's turn in its fetch budget before anything is borrowed: a
+    // fetch it refuses costs the other providers nothing.
+    loaded.take_fetch_budget().await?;
     let mut retried = false;
     loop {
-        let borrowed = borrow(&host, name, refs, request).await?;
+        let borrowed = borrow(&host, name, refs, request, retried).await?;
         let values: Vec<(String, crate::Secret)> = borrowed
             .iter()
             .map(|b| (b.key.clone(), b.value.clone()))
             .collect();
-        let result = loaded.get_credentials_with(runtime, request, &values).await;
+        // The retry is a second plugin call: it takes its own turn.
+        let budget = if retried {
+            crate::runtime::Budget::Take
+        } else {
+            crate::runtime::Budget::Taken
+        };
+        let result = loaded
+            .get_credentials_with(runtime, request, &values, budget)
+            .await;
         let denied = match &result {
             Err(Error::Provider {
                 error: crate::types::ProviderError::Denied(message),
@@ -590,17 +653,28 @@ async fn fetch_borrowing(
 }
 
 /// Resolve `refs` for a fetch of `name`: each referenced provider's current
-/// credential, through the cache. A failure names the key and the provider and
-/// keeps its kind (an outage upstream is an outage here).
+/// credential, through the cache (`renewing`: after the provider was denied with
+/// the ones it had, so the reason is `after-security-error`). A failure names
+/// the key and the provider and keeps its kind (an outage upstream is an outage
+/// here; a full bulkhead or a spent fetch budget upstream is not a fault here
+/// either). Each fetch is bounded by what the other provider's config allows, so
+/// that nothing (not even a reference cycle that a partly failed reload left
+/// between an old and a new version) can hold a fetch forever.
 async fn borrow(
     host: &Host,
     name: &str,
-    refs: &[(String, config::CredentialRef)],
+    refs: &[Reference],
     request: &Request,
+    renewing: bool,
 ) -> Result<Vec<Borrowed>> {
     use crate::types::{Credential, ProviderError};
     let mut out = Vec::with_capacity(refs.len());
-    for (key, r) in refs {
+    for Reference {
+        key,
+        target: r,
+        bound,
+    } in refs
+    {
         let upstream = Request {
             subject: if r.pass_subject {
                 request.subject.clone()
@@ -609,17 +683,54 @@ async fn borrow(
             },
             scopes: r.scopes.clone(),
             audience: r.audience.clone(),
-            reason: Reason::Initial,
+            reason: if renewing {
+                Reason::AfterSecurityError
+            } else {
+                Reason::Initial
+            },
         };
         let at = format!(
             "providers.{name}.config.{key}: the credential of provider `{}`",
             r.provider
         );
-        let credentials = match host.get_credentials(&r.provider, &upstream).await {
+        // Validation refuses cycles, but the versions that serve can still form
+        // one (a reload whose new version failed to load keeps the old one):
+        // waiting on a fetch that waits on this one would never end.
+        let chain = BORROW_CHAIN.try_with(|c| c.clone()).unwrap_or_default();
+        if chain.iter().any(|p| **p == *r.provider) {
+            let path: Vec<&str> = chain
+                .iter()
+                .map(|p| &**p)
+                .chain(std::iter::once(r.provider.as_str()))
+                .collect();
+            return Err(Error::Provider {
+                provider: name.to_string(),
+                error: ProviderError::Misconfigured(format!(
+                    "{at}: the providers that serve form a credential reference cycle ({}): reload a config without it",
+                    path.join(" → ")
+                )),
+            });
+        }
+        let fetched = tokio::time::timeout(*bound, host.get_credentials(&r.provider, &upstream))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Provider {
+                    provider: r.provider.clone(),
+                    error: ProviderError::unavailable(format!(
+                        "no credential within {} ms",
+                        bound.as_millis()
+                    )),
+                })
+            });
+        let credentials = match fetched {
             Ok(c) => c,
             Err(e) => {
                 let error = match e {
                     Error::Provider { error, .. } => error.map_message(|m| format!("{at}: {m}")),
+                    // Passed on as they are (naming the other provider): the
+                    // cache treats them as "try again", not as this provider's
+                    // failure.
+                    e @ (Error::Throttled { .. } | Error::Busy { .. }) => return Err(e),
                     other => ProviderError::unavailable(format!("{at}: {other}")),
                 };
                 return Err(Error::Provider {

@@ -37,8 +37,15 @@ pub fn parse_rfc3339(s: &str) -> Option<Datetime> {
     }
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
     if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
+        || !(1..=days_in_month).contains(&day)
         || hour > 23
         || minute > 59
         || second > 60
@@ -117,6 +124,8 @@ mod tests {
             "2026-11-28T05:56:20Zjunk",
             "२०२६-11-28T05:56:20Z",
             "99999999999999999999-01-01T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
         ] {
             assert_eq!(parse_rfc3339(bad).map(|t| t.seconds), None, "{bad}");
         }

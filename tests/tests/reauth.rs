@@ -508,3 +508,55 @@ async fn the_fetch_budget_paces_fetches_and_refuses_beyond_its_wait() {
     }
     assert_eq!(host.metrics().provider("counter").budget_waits(), 0);
 }
+
+/// Config validation refuses credential reference cycles, but the versions that
+/// serve can still form one: here a reload whose new `a` fails to load keeps the
+/// old `a` (which takes `b`'s credential) while the new `b` takes `a`'s. A fetch
+/// that would wait on itself is refused at once, naming the cycle, instead of
+/// hanging its callers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_cycle_left_by_a_partly_failed_reload_is_refused_not_hung() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reauth.toml");
+    let provider = |name: &str, plugin: &std::path::Path, takes: Option<&str>| {
+        let mut s = format!(
+            "[providers.{name}]\nplugin = \"{}\"\n[providers.{name}.config]\ntoken = \"{name}-token-1234\"\n",
+            plugin.display()
+        );
+        if let Some(other) = takes {
+            s += &format!("upstream = {{ credential = \"{other}\", pass_subject = true }}\n");
+        }
+        s
+    };
+    let static_ = &plugins().static_;
+    std::fs::write(
+        &config,
+        provider("a", static_, Some("b")) + &provider("b", static_, None),
+    )
+    .unwrap();
+    let host = Host::from_config_file(&config).unwrap();
+    let a = host
+        .get_credentials("a", &Request::new().subject("s0"))
+        .await
+        .unwrap();
+    assert_eq!(token(&a), "a-token-1234");
+    // New `a` fails to load (its plugin is missing): the old one keeps serving.
+    std::fs::write(
+        &config,
+        provider("a", &dir.path().join("missing.wasm"), None) + &provider("b", static_, Some("a")),
+    )
+    .unwrap();
+    let report = host.reload_from_file().unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.updated, ["b"], "{report:?}");
+    let e = tokio::time::timeout(
+        Duration::from_secs(30),
+        host.get_credentials("b", &Request::new().subject("s1")),
+    )
+    .await
+    .expect("the fetch must not hang")
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("cycle (b → a → b)"), "{e}");
+}

@@ -1661,13 +1661,12 @@ pub fn validate_provider(
             "must be at most 1000000",
         ));
     }
-    if !(p.rate.fetches_per_second.is_finite()
-        && (0.0..=1_000_000.0).contains(&p.rate.fetches_per_second))
-    {
+    let rate = p.rate.fetches_per_second;
+    if !(rate.is_finite() && (rate == 0.0 || (0.001..=1_000_000.0).contains(&rate))) {
         return Err(ConfigError::at(
             file,
             key("rate.fetches_per_second"),
-            "must be between 0 (no budget) and 1000000",
+            "must be 0 (no budget) or between 0.001 and 1000000",
         ));
     }
     if !(1..=1_000_000).contains(&p.rate.burst) {

@@ -598,14 +598,38 @@ pub struct ProviderRuntime {
     rate: RateConfig,
     /// Where its budget waits and refusals are counted.
     metrics: OnceLock<Arc<crate::metrics::ProviderMetrics>>,
-    /// The latest values of those keys (and the ones before), redacted like config
-    /// values; shared with the egress redactor.
-    borrowed: Arc<Mutex<Vec<Secret>>>,
+    /// The borrowed values of the calls running now (one entry per call and
+    /// value, removed when the call ends), redacted like config values; shared
+    /// with the egress redactor.
+    borrowed: Arc<Mutex<Vec<(u64, Secret)>>>,
+    /// Numbers the calls' entries in `borrowed`.
+    borrow_ids: AtomicU64,
 }
 
-/// How many borrowed credential values a provider keeps for redaction (the
-/// latest few: a call still running may hold an older one).
-const MAX_BORROWED: usize = 16;
+/// Whether a fetch still has to take its turn in the provider's fetch budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Budget {
+    /// Take it now (wait for it, or fail with [`Error::Throttled`]).
+    Take,
+    /// The caller took it already ([`ProviderRuntime::take_fetch_budget`]).
+    Taken,
+}
+
+/// Removes a call's borrowed values from the redaction set when the call ends.
+struct BorrowedGuard<'a> {
+    set: &'a Mutex<Vec<(u64, Secret)>>,
+    id: u64,
+}
+
+impl Drop for BorrowedGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(id, _)| *id != self.id);
+    }
+}
 
 #[derive(Debug, Default)]
 struct Health {
@@ -737,7 +761,7 @@ impl ProviderRuntime {
             }
         }
         let described: Arc<OnceLock<Described>> = Arc::new(OnceLock::new());
-        let borrowed: Arc<Mutex<Vec<Secret>>> = Arc::default();
+        let borrowed: Arc<Mutex<Vec<(u64, Secret)>>> = Arc::default();
         let redact: egress::Redact = {
             let (redactor, state, described, borrowed) = (
                 redactor.clone(),
@@ -762,7 +786,7 @@ impl ProviderRuntime {
                 for value in state.values() {
                     all.add(&value);
                 }
-                for value in borrowed.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                for (_, value) in borrowed.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                     all.add(value.expose());
                 }
                 for value in described
@@ -820,6 +844,7 @@ impl ProviderRuntime {
             rate: spec.rate,
             metrics: OnceLock::new(),
             borrowed,
+            borrow_ids: AtomicU64::new(0),
             name,
         })
     }
@@ -973,7 +998,12 @@ impl ProviderRuntime {
     /// After a call: keep the instance for its subject if reuse is on, the call
     /// finished cleanly (no trap, timeout or limit: `clean`) and it has calls left;
     /// otherwise drop it (and its Store) now.
-    fn checkin(&self, warm: Warm, clean: bool) {
+    fn checkin(&self, mut warm: Warm, clean: bool) {
+        // A kept instance holds only the provider's own config (a call's
+        // borrowed values end with the call).
+        if !self.credential_keys.is_empty() {
+            warm.store.data_mut().config = self.config.clone();
+        }
         // An instance with requests still in flight would keep holding egress
         // places while idle: it is not kept.
         let quiet = {
@@ -1037,8 +1067,10 @@ impl ProviderRuntime {
 
     /// Wait for this fetch's turn in the provider's budget (`[rate]`), or refuse
     /// it with [`Error::Throttled`] when the turn is further off than
-    /// `rate.wait_ms`.
-    async fn within_budget(&self) -> Result<(), Error> {
+    /// `rate.wait_ms`. For a caller that does work of its own before the call
+    /// (the host resolving `{ credential = … }` values), which then calls with
+    /// [`Budget::Taken`].
+    pub async fn take_fetch_budget(&self) -> Result<(), Error> {
         let Some(bucket) = &self.bucket else {
             return Ok(());
         };
@@ -1055,12 +1087,13 @@ impl ProviderRuntime {
                 if let Some(m) = self.metrics.get() {
                     m.fetch_throttled();
                 }
-                tracing::warn!(provider = %self.name, retry_in_ms = over.retry_in.as_millis() as u64, "fetch refused: over the provider's fetch budget (rate.fetches_per_second)");
+                let retry_in_ms = u64::try_from(over.retry_in.as_millis()).unwrap_or(u64::MAX);
+                tracing::warn!(provider = %self.name, retry_in_ms, "fetch refused: over the provider's fetch budget (rate.fetches_per_second)");
                 Err(Error::Throttled {
                     provider: self.name.to_string(),
                     per_second: bucket.rate(),
                     burst: self.rate.burst,
-                    retry_in_ms: u64::try_from(over.retry_in.as_millis()).unwrap_or(u64::MAX),
+                    retry_in_ms,
                 })
             }
         }
@@ -1087,7 +1120,7 @@ impl ProviderRuntime {
         for value in self.state.values() {
             redactor.add(&value);
         }
-        for value in self
+        for (_, value) in self
             .borrowed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1465,37 +1498,45 @@ impl ProviderRuntime {
         runtime: &Runtime,
         request: &types::Request,
     ) -> Result<types::Credentials, Error> {
-        self.get_credentials_with(runtime, request, &[]).await
+        self.get_credentials_with(runtime, request, &[], Budget::Take)
+            .await
     }
 
     /// [`ProviderRuntime::get_credentials`] with `borrowed` config values added
     /// for this call: the values of its `{ credential = … }` keys (other
     /// providers' credentials, resolved by the host). They are redacted like
-    /// config values from everything the provider says.
+    /// config values from everything the provider says while the call runs, and
+    /// are seen by `get-credentials` only (a `handle-security-error` call does not
+    /// get them).
     pub async fn get_credentials_with(
         &self,
         runtime: &Runtime,
         request: &types::Request,
         borrowed: &[(String, Secret)],
+        budget: Budget,
     ) -> Result<types::Credentials, Error> {
         const FUNCTION: &str = "get-credentials";
+        // The budget first: a fetch refused by it never counts as a breaker probe.
+        if budget == Budget::Take {
+            self.take_fetch_budget().await?;
+        }
         self.admit()?;
-        self.within_budget().await?;
         let _slot = self.call_slot().await?;
         self.stats.get_credentials.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let mut warm = self.checkout(runtime, FUNCTION, request.subject.as_deref())?;
-        if !borrowed.is_empty() {
-            {
-                let mut kept = self.borrowed.lock().unwrap_or_else(|e| e.into_inner());
-                for (_, value) in borrowed {
-                    if !kept.contains(value) {
-                        kept.push(value.clone());
-                    }
-                }
-                let excess = kept.len().saturating_sub(MAX_BORROWED.max(borrowed.len()));
-                kept.drain(..excess);
+        let _borrowed_guard = (!borrowed.is_empty()).then(|| {
+            let id = self.borrow_ids.fetch_add(1, Ordering::Relaxed);
+            self.borrowed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(borrowed.iter().map(|(_, v)| (id, v.clone())));
+            BorrowedGuard {
+                set: &self.borrowed,
+                id,
             }
+        });
+        if !borrowed.is_empty() {
             // This call's config: the provider's own values, then the borrowed
             // ones (a kept instance gets them afresh every call).
             warm.store.data_mut().config = Arc::new(

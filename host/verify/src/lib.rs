@@ -167,8 +167,29 @@ struct Jwks {
     /// after each successful fetch.
     keys: std::sync::RwLock<Arc<KeySet>>,
     /// Whether the background refresher runs (started by the first verification
-    /// inside a tokio runtime; it ends when the verifier is dropped).
-    refresher: std::sync::atomic::AtomicBool,
+    /// inside a tokio runtime; it ends when the verifier is dropped, or with its
+    /// runtime, and then starts again at the next verification).
+    refresher: Arc<std::sync::atomic::AtomicBool>,
+    /// Tells the refresher the verifier is gone (it may be asleep for most of
+    /// `jwks_max_age`).
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Jwks {
+    fn drop(&mut self) {
+        // A permit is stored if the refresher is not waiting right now.
+        self.stop.notify_one();
+    }
+}
+
+/// Clears the refresher flag when the refresher task ends, however it ends (its
+/// runtime shutting down drops it mid-sleep).
+struct RefresherRunning(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for RefresherRunning {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Why the JWKS is refetched; each reason has its own rate limit, so the initial
@@ -390,6 +411,7 @@ impl VerifierBuilder {
                     state: Default::default(),
                     keys: Default::default(),
                     refresher: Default::default(),
+                    stop: Default::default(),
                 }))
             }
         };
@@ -506,7 +528,9 @@ impl Jwks {
         }
         let weak = Arc::downgrade(self);
         let floor = self.min_refetch.max(Duration::from_secs(1));
+        let (running, stop) = (RefresherRunning(self.refresher.clone()), self.stop.clone());
         runtime.spawn(async move {
+            let _running = running;
             let mut after_attempt = None::<Instant>;
             loop {
                 let wait = {
@@ -525,7 +549,10 @@ impl Jwks {
                     let Some(due) = due else { return };
                     due.saturating_duration_since(Instant::now())
                 };
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.notified() => return,
+                }
                 let Some(jwks) = weak.upgrade() else { return };
                 tracing::debug!(url = %jwks.url, "JWKS refreshed ahead of jwks_max_age");
                 let _ = jwks.refetch(Refetch::Stale).await;

@@ -12,8 +12,10 @@
 //! reads the XML answer.
 //!
 //! Errors:
-//! - `InvalidIdentityToken`, `ExpiredTokenException`, `IDPRejectedClaim`,
-//!   `AccessDenied` (and any 401/403) are `denied`: when the token came from another provider the
+//! - `AccessDenied` (the role's trust policy does not take this identity) is
+//!   `misconfigured`;
+//! - `InvalidIdentityToken`, `ExpiredTokenException`, `IDPRejectedClaim` (and any
+//!   other 401/403) are `denied`: when the token came from another provider the
 //!   host then reports that token as rejected to it and tries once more with a
 //!   fresh one;
 //! - `IDPCommunicationError`, throttling, 429 and 5xx are `unavailable`, with
@@ -34,12 +36,12 @@ use reauth_sdk::{
 
 struct AwsSts;
 
-/// STS error codes that mean "this web identity token is not acceptable".
+/// STS error codes that mean "this web identity token is not acceptable" (a
+/// fresh one may be).
 const TOKEN_REJECTED: &[&str] = &[
     "InvalidIdentityToken",
     "ExpiredTokenException",
     "IDPRejectedClaim",
-    "AccessDenied",
 ];
 
 /// STS error codes that are an outage rather than a refusal.
@@ -128,18 +130,27 @@ impl Provider for AwsSts {
         if response.status == 200 {
             return credentials(&body);
         }
+        // STS may quote the request: the token never goes into a message (the
+        // host redacts it too, but only whole; a cut token would slip through).
+        let body = body.replace(token.as_str(), "[web identity token]");
         let code = tag(&body, "Code").unwrap_or_default();
-        let message: String = tag(&body, "Message")
-            .unwrap_or_else(|| body.chars().take(200).collect())
-            .chars()
-            .take(500)
-            .collect();
+        let message: String = match tag(&body, "Message") {
+            Some(m) => m.chars().take(500).collect(),
+            None if body.trim_start().starts_with('<') => "(no message)".into(),
+            None => body.chars().take(200).collect(),
+        };
         let what = if code.is_empty() {
             format!("STS answered HTTP {}: {message}", response.status)
         } else {
             format!("STS answered HTTP {} {code}: {message}", response.status)
         };
-        if TOKEN_REJECTED.contains(&code.as_str()) || matches!(response.status, 401 | 403) {
+        if code == "AccessDenied" {
+            // The token is fine; the role's trust policy does not take it (a new
+            // token would be refused the same way).
+            Err(ProviderError::misconfigured(format!(
+                "the role's trust policy does not allow this identity: {what}"
+            )))
+        } else if TOKEN_REJECTED.contains(&code.as_str()) || matches!(response.status, 401 | 403) {
             Err(ProviderError::denied(format!(
                 "the web identity token was refused: {what}"
             )))
@@ -227,8 +238,9 @@ fn credentials(body: &str) -> Result<Credentials, ProviderError> {
     Ok(credentials)
 }
 
-/// The text of the first `<name>…</name>` element (no attributes, as STS writes
-/// them), XML entities decoded.
+/// The text of the first `<name>…</name>` element, XML entities decoded. Enough
+/// for STS's answers (no attributes, namespace prefixes or CDATA on these
+/// elements); not a general XML parser.
 fn tag(xml: &str, name: &str) -> Option<String> {
     let open = format!("<{name}>");
     let close = format!("</{name}>");
@@ -244,7 +256,9 @@ fn unescape(s: &str) -> String {
     while let Some(i) = rest.find('&') {
         out.push_str(&rest[..i]);
         rest = &rest[i..];
-        let Some(end) = rest.find(';').filter(|&e| e <= 10) else {
+        // An entity is short: look for its `;` in the next few bytes only (a
+        // hostile body full of `&` stays linear).
+        let Some(end) = rest.bytes().take(12).position(|b| b == b';') else {
             out.push('&');
             rest = &rest[1..];
             continue;
