@@ -1833,13 +1833,76 @@ impl Host {
         );
         for (name, ready) in ready() {
             let (sent, denied) = ready.runtime.egress_counts();
-            for (outcome, n) in [("sent", sent), ("denied", denied)] {
+            let (failed, _) = ready.runtime.egress_failures_and_bytes();
+            for (outcome, n) in [("sent", sent), ("denied", denied), ("failed", failed)] {
                 let _ = writeln!(
                     out,
                     "reauth_egress_requests_total{{provider=\"{}\",outcome=\"{outcome}\"}} {n}",
                     crate::metrics::label(name)
                 );
             }
+        }
+        // Per provider version: these restart from 0 when a reload replaces it
+        // (a counter reset, which rate() handles).
+        let mut family =
+            |name: &str,
+             kind: &str,
+             help: &str,
+             value: &dyn Fn(&Ready) -> Vec<(Option<&'static str>, u64)>| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for (provider, ready) in ready() {
+                    for (kind, n) in value(ready) {
+                        let extra = kind.map(|k| format!(",kind=\"{k}\"")).unwrap_or_default();
+                        let _ = writeln!(
+                            out,
+                            "{name}{{provider=\"{}\"{extra}}} {n}",
+                            crate::metrics::label(provider)
+                        );
+                    }
+                }
+            };
+        family(
+            "reauth_egress_response_bytes_total",
+            "counter",
+            "Response body bytes the provider's HTTP requests received.",
+            &|r| vec![(None, r.runtime.egress_failures_and_bytes().1)],
+        );
+        family(
+            "reauth_instances_total",
+            "counter",
+            "Calls by instance: fresh (instantiated for the call) or reused (kept, instances.reuse).",
+            &|r| {
+                let stats = r.runtime.stats();
+                vec![
+                    (Some("fresh"), stats.instantiations.load(Ordering::Relaxed)),
+                    (Some("reused"), stats.reused.load(Ordering::Relaxed)),
+                ]
+            },
+        );
+        family(
+            "reauth_call_slots_in_use",
+            "gauge",
+            "Calls running now, of limits.max_concurrent_calls.",
+            &|r| vec![(None, u64::from(r.runtime.call_slots_in_use()))],
+        );
+        family(
+            "reauth_call_slot_waits_total",
+            "counter",
+            "Calls that waited for a call slot (past limits.queue_timeout_ms they fail as busy).",
+            &|r| vec![(None, r.runtime.stats().slot_waits.load(Ordering::Relaxed))],
+        );
+        let by_provider = self.inner.cache.len_by_provider();
+        let _ = writeln!(
+            out,
+            "# HELP reauth_cache_provider_entries Keys the token cache holds for the provider.\n# TYPE reauth_cache_provider_entries gauge"
+        );
+        for (name, _) in ready() {
+            let n = by_provider.get(name.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "reauth_cache_provider_entries{{provider=\"{}\"}} {n}",
+                crate::metrics::label(name)
+            );
         }
         #[cfg(feature = "fleet")]
         if let Some(fleet) = &self.inner.fleet {

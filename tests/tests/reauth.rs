@@ -560,3 +560,102 @@ async fn a_reference_cycle_left_by_a_partly_failed_reload_is_refused_not_hung() 
     .to_string();
     assert!(e.contains("cycle (b → a → b)"), "{e}");
 }
+
+/// What each provider costs (#20 §4): fuel, peak memory, egress by outcome and
+/// bytes, fresh vs reused instances, call slots, cache entries per provider —
+/// and every metric the shipped Grafana dashboard queries exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_provider_accounting_and_the_dashboard_agree() {
+    reauth_tests::logs();
+    let endpoint =
+        reauth_tests::peers::SlowEndpoint::start("accounted-token-5678", Duration::ZERO).await;
+    let closed = reauth_tests::peers::free_port();
+    let fetcher = |url: String, authority: String| {
+        ProviderConfig::new(&plugins().testkit)
+            .config("mode", "fetch")
+            .config("url", url)
+            .allow_host(authority)
+    };
+    let host = Host::builder()
+        .provider(
+            "fetcher",
+            fetcher(endpoint.url.clone(), endpoint.authority()),
+        )
+        .provider(
+            "unreachable",
+            fetcher(
+                format!("http://127.0.0.1:{closed}/token"),
+                format!("127.0.0.1:{closed}"),
+            ),
+        )
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        host.get_credentials("fetcher", &Request::new().subject(format!("u{i}")))
+            .await
+            .unwrap();
+    }
+    host.get_credentials("unreachable", &Request::new())
+        .await
+        .unwrap_err();
+    let text = host.render_metrics();
+    let value = |line: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line) && l[line.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let p = |name: &str, provider: &str| format!("{name}{{provider=\"{provider}\"}}");
+    assert!(value(&p("reauth_plugin_fuel_consumed_total", "fetcher")) > 0.0);
+    assert!(value(&p("reauth_plugin_memory_peak_bytes", "fetcher")) >= 65536.0);
+    assert_eq!(
+        value("reauth_egress_requests_total{provider=\"fetcher\",outcome=\"sent\"}"),
+        3.0
+    );
+    assert_eq!(
+        value("reauth_egress_requests_total{provider=\"unreachable\",outcome=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&p("reauth_egress_response_bytes_total", "fetcher")),
+        3.0 * "accounted-token-5678".len() as f64
+    );
+    assert_eq!(
+        value("reauth_instances_total{provider=\"fetcher\",kind=\"fresh\"}"),
+        3.0
+    );
+    assert_eq!(value(&p("reauth_call_slots_in_use", "fetcher")), 0.0);
+    assert_eq!(value(&p("reauth_cache_provider_entries", "fetcher")), 3.0);
+    assert!(!text.contains("u1") && !text.contains("accounted-token"));
+
+    // The dashboard queries only metrics that exist.
+    let dashboard =
+        std::fs::read_to_string(reauth_tests::root().join("docs/grafana/reauth-dashboard.json"))
+            .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut names = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("reauth_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                names.push(name);
+            }
+        }
+    }
+    assert!(names.len() > 15, "{names:?}");
+    for name in names {
+        let base = name.trim_end_matches("_bucket");
+        assert!(
+            text.contains(&format!("# TYPE {base} ")),
+            "the dashboard queries {name}, which reauth does not export"
+        );
+    }
+}

@@ -393,6 +393,23 @@ impl TokenCache {
         self.0.slots.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// Keys held per provider (one pass over the map; for metrics).
+    #[doc(hidden)]
+    pub fn len_by_provider(&self) -> std::collections::BTreeMap<Arc<str>, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for key in self
+            .0
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+        {
+            let n: &mut usize = out.entry(key.provider.clone()).or_default();
+            *n = n.saturating_add(1);
+        }
+        out
+    }
+
     /// Whether no key is held.
     #[doc(hidden)]
     pub fn is_empty(&self) -> bool {

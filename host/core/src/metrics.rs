@@ -269,6 +269,8 @@ pub struct ProviderMetrics {
     state_lock_wait_us: AtomicU64,
     budget_waits: AtomicU64,
     budget_wait_us: AtomicU64,
+    fuel_consumed: AtomicU64,
+    memory_peak: AtomicU64,
     throttled: AtomicU64,
     retries_refused: AtomicU64,
 }
@@ -438,6 +440,24 @@ impl ProviderMetrics {
             u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// Record what one plugin call cost: fuel it burnt and the linear memory its
+    /// instance held at the end (the peak: memories only grow).
+    #[doc(hidden)]
+    pub fn call_cost(&self, fuel: u64, memory_bytes: u64) {
+        self.fuel_consumed.fetch_add(fuel, Ordering::Relaxed);
+        self.memory_peak.fetch_max(memory_bytes, Ordering::Relaxed);
+    }
+
+    /// Fuel the provider's calls consumed so far.
+    pub fn fuel_consumed(&self) -> u64 {
+        self.fuel_consumed.load(Ordering::Relaxed)
+    }
+
+    /// The most linear memory one of the provider's calls held.
+    pub fn memory_peak_bytes(&self) -> u64 {
+        self.memory_peak.load(Ordering::Relaxed)
     }
 
     /// Record a fetch refused by the provider's fetch budget
@@ -783,6 +803,34 @@ impl Metrics {
                     .load(Ordering::Relaxed);
                 let _ = writeln!(out, "{name}{{provider=\"{}\"}} {n}", label(p));
             }
+        }
+        family(
+            &mut out,
+            "reauth_plugin_fuel_consumed_total",
+            "counter",
+            "WebAssembly fuel (roughly instructions) the provider's calls consumed.",
+        );
+        for (p, m) in &providers {
+            let n = m.fuel_consumed.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "reauth_plugin_fuel_consumed_total{{provider=\"{}\"}} {n}",
+                label(p)
+            );
+        }
+        family(
+            &mut out,
+            "reauth_plugin_memory_peak_bytes",
+            "gauge",
+            "The most linear memory one of the provider's calls held (since start).",
+        );
+        for (p, m) in &providers {
+            let n = m.memory_peak.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "reauth_plugin_memory_peak_bytes{{provider=\"{}\"}} {n}",
+                label(p)
+            );
         }
         family(
             &mut out,

@@ -65,6 +65,10 @@ pub(crate) struct EgressPolicy {
     pub(crate) sent: AtomicU64,
     /// Requests refused (host not allowed, plain http, bad URI).
     pub(crate) denied: AtomicU64,
+    /// Requests sent that failed in transport (connect, TLS, timeout, reset).
+    pub(crate) failed: AtomicU64,
+    /// Response body bytes the plugin was given.
+    pub(crate) response_bytes: Arc<AtomicU64>,
     /// Places for requests in flight, shared by all of the provider's calls.
     pub(crate) in_flight: Arc<Semaphore>,
     /// `limits.max_requests_in_flight`: requests in flight per call.
@@ -273,6 +277,7 @@ impl WasiHttpHooks for EgressHooks {
                 match wasmtime_wasi_http::default_send_request(request, Some(options)).await {
                     Ok(sent) => sent,
                     Err(e) => {
+                        policy.failed.fetch_add(1, Ordering::Relaxed);
                         failed(format!("{e:?}"));
                         return Err(e);
                     }
@@ -308,14 +313,26 @@ impl WasiHttpHooks for EgressHooks {
                 return Err(too_large(Some(size)));
             }
             let limit = usize::try_from(max).unwrap_or(usize::MAX);
+            let counted = policy.response_bytes.clone();
             let response = response.map(|body| {
-                Limited::new(body, limit)
-                    .map_err(move |e| match e.downcast::<HttpError>() {
-                        Ok(inner) => *inner,
-                        Err(e) if e.is::<LengthLimitError>() => too_large(None),
-                        Err(e) => HttpError::InternalError(Some(e.to_string())),
-                    })
-                    .boxed_unsync()
+                Limited::new(
+                    body.map_frame(move |frame| {
+                        if let Some(data) = frame.data_ref() {
+                            counted.fetch_add(
+                                u64::try_from(data.len()).unwrap_or(u64::MAX),
+                                Ordering::Relaxed,
+                            );
+                        }
+                        frame
+                    }),
+                    limit,
+                )
+                .map_err(move |e| match e.downcast::<HttpError>() {
+                    Ok(inner) => *inner,
+                    Err(e) if e.is::<LengthLimitError>() => too_large(None),
+                    Err(e) => HttpError::InternalError(Some(e.to_string())),
+                })
+                .boxed_unsync()
             });
             Ok((response, Box::new(io) as Box<dyn Future<Output = _> + Send>))
         })
@@ -369,6 +386,8 @@ mod tests {
             max_response_bytes: 1,
             sent: AtomicU64::new(0),
             denied: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            response_bytes: Arc::default(),
             in_flight: Arc::new(Semaphore::new(4)),
             max_per_call: 2,
             last_failure: std::sync::Mutex::new(None),

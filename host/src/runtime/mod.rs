@@ -557,6 +557,8 @@ pub struct CallStats {
     pub instantiations: AtomicU64,
     /// Calls served by a kept instance (`instances.reuse`).
     pub reused: AtomicU64,
+    /// Calls that had to wait for a call slot (`limits.max_concurrent_calls`).
+    pub slot_waits: AtomicU64,
 }
 
 /// One loaded provider: its compiled component, pre-linked, plus its sandbox
@@ -818,6 +820,8 @@ impl ProviderRuntime {
                 max_response_bytes: spec.limits.max_response_bytes,
                 sent: AtomicU64::new(0),
                 denied: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+                response_bytes: Arc::default(),
                 in_flight: Arc::new(Semaphore::new(
                     spec.limits.max_provider_requests_in_flight as usize,
                 )),
@@ -1047,6 +1051,37 @@ impl ProviderRuntime {
         )
     }
 
+    /// Egress requests let through that failed in transport, and the response
+    /// body bytes the plugin was given.
+    pub fn egress_failures_and_bytes(&self) -> (u64, u64) {
+        (
+            self.egress.failed.load(Ordering::Relaxed),
+            self.egress.response_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Call slots (`limits.max_concurrent_calls`) in use right now.
+    pub fn call_slots_in_use(&self) -> u32 {
+        let free = u32::try_from(self.call_slots.available_permits()).unwrap_or(u32::MAX);
+        self.limits.max_concurrent_calls.saturating_sub(free)
+    }
+
+    /// Book what a finished call cost (fuel, linear memory) in the provider's
+    /// metrics.
+    fn account(&self, runtime: &Runtime, warm: &Warm) {
+        let Some(metrics) = self.metrics.get() else {
+            return;
+        };
+        let fuel = if runtime.consume_fuel {
+            let left = warm.store.get_fuel().unwrap_or(0);
+            self.limits.fuel.unwrap_or(u64::MAX).saturating_sub(left)
+        } else {
+            0
+        };
+        let memory = u64::try_from(warm.store.data().limiter.used).unwrap_or(u64::MAX);
+        metrics.call_cost(fuel, memory);
+    }
+
     /// The instance of `warm`, instantiated now if it has none yet.
     async fn instance(&self, warm: &mut Warm) -> wasmtime::Result<Arc<Provider>> {
         if let Some(instance) = &warm.instance {
@@ -1263,6 +1298,10 @@ impl ProviderRuntime {
     /// `limits.max_concurrent_calls` slots: the bulkhead that keeps one provider
     /// from taking what others need. Held for the whole call.
     async fn call_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        if let Ok(permit) = self.call_slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        self.stats.slot_waits.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let wait = Duration::from_millis(self.limits.queue_timeout_ms);
         match tokio::time::timeout(wait, self.call_slots.clone().acquire_owned()).await {
@@ -1480,6 +1519,7 @@ impl ProviderRuntime {
             .finish(matches!(outcome, Ok(Ok(_))));
         let captured = &warm.captured;
         let result = self.settle(FUNCTION, outcome, captured);
+        self.account(runtime, &warm);
         self.log_output(FUNCTION, captured, None, result.is_err());
         self.book(FUNCTION, &result);
         result?;
@@ -1621,6 +1661,7 @@ impl ProviderRuntime {
             }
         };
         self.log_output(FUNCTION, captured, result.as_ref().ok(), result.is_err());
+        self.account(runtime, &warm);
         self.checkin(warm, clean);
         self.book(FUNCTION, &result);
         self.track_health(&result);
@@ -1666,6 +1707,7 @@ impl ProviderRuntime {
             .map(types::Decision::from);
         let clean = result.is_ok() && captured.hits.get().is_none();
         self.log_output(FUNCTION, captured, Some(credentials), result.is_err());
+        self.account(runtime, &warm);
         self.checkin(warm, clean);
         self.book(FUNCTION, &result);
         result
