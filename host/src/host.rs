@@ -559,6 +559,9 @@ tokio::task_local! {
     static BORROW_CHAIN: Arc<Vec<Arc<str>>>;
 }
 
+/// One metric sample of a provider: an optional `kind` label and the value.
+type Sample = (Option<&'static str>, u64);
+
 /// A `{ credential = … }` value of a provider's config, with how long the other
 /// provider's fetch may take at most.
 struct Reference {
@@ -1845,10 +1848,7 @@ impl Host {
         // Per provider version: these restart from 0 when a reload replaces it
         // (a counter reset, which rate() handles).
         let mut family =
-            |name: &str,
-             kind: &str,
-             help: &str,
-             value: &dyn Fn(&Ready) -> Vec<(Option<&'static str>, u64)>| {
+            |name: &str, kind: &str, help: &str, value: &dyn Fn(&Ready) -> Vec<Sample>| {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
                 for (provider, ready) in ready() {
                     for (kind, n) in value(ready) {
