@@ -39,6 +39,8 @@ pub enum ProviderStatus {
         /// What the component said about itself (name, version, config schema),
         /// once it was asked (its first call, or [`Host::check`]).
         descriptor: Option<Arc<crate::schema::Descriptor>>,
+        /// The candidate version being rolled out, if one is configured.
+        rollout: Option<crate::RolloutStatus>,
     },
     /// Failed to load; calls to it return this error's message.
     Failed(String),
@@ -59,6 +61,8 @@ struct Ready {
     retry: RetryPolicy,
     /// Re-runs of all operations together (`retry.retry_ratio`).
     retry_budget: Arc<crate::budget::RetryBudget>,
+    /// The candidate version rolled out to a share of the keys, if any.
+    rollout: Option<Arc<crate::rollout::Rollout>>,
     fetch: Fetcher,
     metrics: Arc<ProviderMetrics>,
     /// Its view of the shared cache (L2), when there is one.
@@ -420,6 +424,32 @@ fn load_provider(
     )?);
     let provider_metrics = metrics.provider(name);
     loaded.set_metrics(provider_metrics.clone());
+    let rollout = match &p.candidate {
+        None => None,
+        Some(c) => {
+            // The candidate: the provider with the candidate's plugin and config
+            // overrides, its own sandbox (pool reservation, bulkhead, budget) and
+            // its own state, named `<name>@candidate` in its logs and errors.
+            let mut cp = p.clone();
+            cp.plugin = c.plugin.clone();
+            cp.sha256 = c.sha256.clone();
+            cp.config.extend(c.config.clone());
+            cp.candidate = None;
+            let candidate_name = format!("{name}@candidate");
+            let (spec, _) = provider_spec(config, &candidate_name, &cp)?;
+            let previous_candidate = previous
+                .and_then(|r| r.rollout.as_ref())
+                .map(|r| &*r.candidate);
+            let candidate = Arc::new(ProviderRuntime::load_replacing(
+                runtime,
+                spec,
+                previous_candidate,
+            )?);
+            candidate.set_metrics(provider_metrics.clone());
+            tracing::info!(provider = %name, candidate = candidate.sha256(), share = c.share, "candidate version loaded");
+            Some(Arc::new(crate::rollout::Rollout::new(candidate, c)))
+        }
+    };
     let settings = Arc::new(p.cache.clone());
     let tier = shared.map(|shared| {
         Arc::new(SharedTier {
@@ -447,21 +477,23 @@ fn load_provider(
         .collect();
     let fetch: Fetcher = {
         let provider_name = provider_name.clone();
-        let (runtime, loaded, metrics, tier, link) = (
+        let (runtime, loaded, metrics, tier, link, rollout) = (
             runtime.clone(),
             loaded.clone(),
             provider_metrics.clone(),
             tier.clone(),
             link.clone(),
+            rollout.clone(),
         );
         Arc::new(move |request: Request| {
-            let (runtime, loaded, metrics, tier, link, refs) = (
+            let (runtime, loaded, metrics, tier, link, refs, rollout) = (
                 runtime.clone(),
                 loaded.clone(),
                 metrics.clone(),
                 tier.clone(),
                 link.clone(),
                 refs.clone(),
+                rollout.clone(),
             );
             let provider = provider_name.clone();
             let name = provider.clone();
@@ -480,10 +512,40 @@ fn load_provider(
             let task = tokio::spawn(BORROW_CHAIN.scope(Arc::new(chain), async move {
                 let call = async {
                     let started = std::time::Instant::now();
-                    let result = if refs.is_empty() {
-                        loaded.get_credentials(&runtime, &request).await
-                    } else {
-                        fetch_borrowing(&link, &name, &refs, &loaded, &runtime, &request).await
+                    let run = |version: Arc<ProviderRuntime>| {
+                        let (link, name, refs, runtime, request) =
+                            (&link, &name, &refs, &runtime, &request);
+                        async move {
+                            if refs.is_empty() {
+                                version.get_credentials(runtime, request).await
+                            } else {
+                                fetch_borrowing(link, name, refs, &version, runtime, request)
+                                    .await
+                            }
+                        }
+                    };
+                    let result = match &rollout {
+                        Some(r) if r.takes(&request) => {
+                            let tried = run(r.candidate.clone()).await;
+                            let outcome = crate::rollout::Outcome::of(&tried);
+                            metrics.rollout_fetch(true, outcome.name());
+                            r.record(&name, outcome);
+                            match tried {
+                                Ok(c) => Ok(c),
+                                Err(e) => {
+                                    tracing::warn!(provider = %name, error = %crate::rollout::describe(&e), "candidate fetch failed; the stable version serves it");
+                                    let stable = run(loaded.clone()).await;
+                                    metrics.rollout_fetch(false, crate::rollout::Outcome::of(&stable).name());
+                                    stable
+                                }
+                            }
+                        }
+                        Some(_) => {
+                            let stable = run(loaded.clone()).await;
+                            metrics.rollout_fetch(false, crate::rollout::Outcome::of(&stable).name());
+                            stable
+                        }
+                        None => run(loaded.clone()).await,
                     };
                     let now = runtime.clock().now();
                     metrics.fetched(request.reason, started.elapsed(), &result, now);
@@ -514,6 +576,7 @@ fn load_provider(
         runtime: loaded,
         cache: settings,
         retry,
+        rollout,
         // Kept by a reload that leaves `[retry]` as it was.
         retry_budget: match previous {
             Some(prev) if prev.identity.config.retry == p.retry => prev.retry_budget.clone(),
@@ -1301,6 +1364,7 @@ impl Host {
                         reload_error: reload_error.clone(),
                         contract: ready.runtime.contract(),
                         descriptor: ready.runtime.described().map(|d| d.descriptor.clone()),
+                        rollout: ready.rollout.as_ref().map(|r| r.status()),
                     },
                     Slot::Failed(e) => ProviderStatus::Failed(e.clone()),
                 };
@@ -1316,6 +1380,9 @@ impl Host {
         let mut files: Vec<PathBuf> = config.source.iter().cloned().collect();
         for p in config.providers.values() {
             files.push(config.resolve(&p.plugin));
+            if let Some(c) = &p.candidate {
+                files.push(config.resolve(&c.plugin));
+            }
             for value in p.config.values() {
                 if let config::ConfigValue::File { file } = value {
                     files.push(config.resolve(file));
@@ -1389,6 +1456,15 @@ impl Host {
         // or a quota moved between providers fits.
         for name in old.keys().filter(|n| !config.providers.contains_key(*n)) {
             self.inner.runtime.release(name);
+        }
+        for name in old.keys() {
+            if config
+                .providers
+                .get(name)
+                .is_none_or(|p| p.candidate.is_none())
+            {
+                self.inner.runtime.release(&format!("{name}@candidate"));
+            }
         }
         let mut report = ReloadReport::default();
         let mut next = Providers::new();
@@ -1648,8 +1724,12 @@ impl Host {
     ) -> Result<Decision> {
         let ready = self.provider(provider)?;
         let started = std::time::Instant::now();
-        let result = ready
-            .runtime
+        // The version that serves this key decides.
+        let version = match &ready.rollout {
+            Some(r) if r.takes(request) => &r.candidate,
+            _ => &ready.runtime,
+        };
+        let result = version
             .handle_security_error(&self.inner.runtime, request, credentials, error)
             .await;
         ready
@@ -1829,6 +1909,20 @@ impl Host {
                 crate::metrics::label(name),
                 u8::from(open)
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP reauth_rollout_rolled_back Whether the provider's candidate version was rolled back (absent: no candidate).\n# TYPE reauth_rollout_rolled_back gauge"
+        );
+        for (name, ready) in ready() {
+            if let Some(r) = &ready.rollout {
+                let _ = writeln!(
+                    out,
+                    "reauth_rollout_rolled_back{{provider=\"{}\"}} {}",
+                    crate::metrics::label(name),
+                    u8::from(r.rolled_back())
+                );
+            }
         }
         let _ = writeln!(
             out,

@@ -44,6 +44,7 @@
 #![deny(missing_docs)]
 
 mod host;
+mod rollout;
 pub mod runtime;
 pub mod store;
 #[cfg(feature = "watch")]
@@ -71,6 +72,7 @@ pub use reauth_core::{
     RetryConfig, RetryPolicy, SecurityError, SecurityErrorKind,
 };
 pub use reauth_core::{Secret, constant_time_eq};
+pub use rollout::RolloutStatus;
 
 #[cfg(test)]
 mod api {

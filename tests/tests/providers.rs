@@ -612,7 +612,7 @@ fn config_file_errors_name_file_provider_and_key() {
     // Snapshots of the messages an operator sees.
     assert_eq!(
         err("[providers.db]\nplugin = \"x.wasm\"\nallowed_host = [\"a\"]\n"),
-        "reauth.toml:3: providers.db.allowed_host: unknown field `allowed_host`, expected one of `plugin`, `sha256`, `allowed_hosts`, `allow_http`, `config`, `secret_keys`, `cache`, `retry`, `rate`, `limits`, `circuit_breaker`, `instances`, `shared_state`"
+        "reauth.toml:3: providers.db.allowed_host: unknown field `allowed_host`, expected one of `plugin`, `sha256`, `allowed_hosts`, `allow_http`, `config`, `secret_keys`, `cache`, `retry`, `rate`, `limits`, `circuit_breaker`, `instances`, `shared_state`, `candidate`"
     );
     assert_eq!(
         err("[providers.db]\nplugin = \"x.wasm\"\n[providers.db.limits]\nmemory_mib = 4096\n"),

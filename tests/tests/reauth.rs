@@ -659,3 +659,137 @@ async fn per_provider_accounting_and_the_dashboard_agree() {
         );
     }
 }
+
+fn rollout_config(testkit: &std::path::Path, candidate: Option<(&str, u32, f64)>) -> String {
+    let mut s = format!(
+        "[providers.api]\nplugin = \"{}\"\n[providers.api.config]\nmode = \"flaky\"\nfail_percent = \"0\"\nprefix = \"stable\"\n",
+        testkit.display()
+    );
+    if let Some((prefix, fail_percent, share)) = candidate {
+        s += &format!(
+            "[providers.api.candidate]\nplugin = \"{}\"\nshare = {share}\nmin_fetches = 10\nmax_error_rate = 0.2\n[providers.api.candidate.config]\nfail_percent = \"{fail_percent}\"\nprefix = \"{prefix}\"\n",
+            testkit.display()
+        );
+    }
+    s
+}
+
+/// A candidate that fails 30 % of its fetches is rolled back within its window,
+/// and every caller was served meanwhile (a failed candidate fetch is retried on
+/// the stable version); `status()` and the metrics say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_candidate_is_rolled_back_while_the_stable_version_serves_everyone() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reauth.toml");
+    std::fs::write(
+        &config,
+        rollout_config(&plugins().testkit, Some(("candidate", 30, 1.0))),
+    )
+    .unwrap();
+    let host = Host::from_config_file(&config).unwrap();
+    let (mut from_candidate, mut from_stable) = (0, 0);
+    for i in 0..60 {
+        let c = host
+            .get_credentials("api", &Request::new().subject(format!("user-{i}")))
+            .await
+            .expect("every caller is served");
+        if token(&c).starts_with("candidate-") {
+            from_candidate += 1;
+        } else {
+            assert!(token(&c).starts_with("stable-"), "{}", token(&c));
+            from_stable += 1;
+        }
+    }
+    let m = host.metrics().provider("api");
+    let (ok, errors) = (
+        m.rollout_fetches(true, "ok"),
+        m.rollout_fetches(true, "error"),
+    );
+    assert!(errors >= 3, "{errors} candidate errors");
+    assert_eq!(ok, from_candidate);
+    assert!(
+        ok + errors < 30,
+        "rolled back late: after {} candidate fetches",
+        ok + errors
+    );
+    assert!(from_stable > 30);
+    match &host.status()["api"] {
+        reauth::ProviderStatus::Ready {
+            rollout: Some(r), ..
+        } => {
+            let why = r.rolled_back.as_deref().expect("rolled back");
+            assert!(why.contains("candidate.max_error_rate"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // After the rollback no key goes to the candidate.
+    for i in 60..80 {
+        host.get_credentials("api", &Request::new().subject(format!("user-{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        m.rollout_fetches(true, "ok") + m.rollout_fetches(true, "error"),
+        ok + errors
+    );
+    assert!(
+        host.render_metrics()
+            .contains("reauth_rollout_rolled_back{provider=\"api\"} 1")
+    );
+}
+
+/// A good candidate takes its share of the keys (each key sticks to one version)
+/// with no failed call, and is promoted by a config reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_candidate_takes_its_share_by_key_and_is_promoted_by_reload() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reauth.toml");
+    std::fs::write(
+        &config,
+        rollout_config(&plugins().testkit, Some(("candidate", 0, 0.5))),
+    )
+    .unwrap();
+    let version = |c: &Credentials| token(c).split('-').next().unwrap().to_string();
+    let mut first = Vec::new();
+    let host = Host::from_config_file(&config).unwrap();
+    for i in 0..40 {
+        let c = host
+            .get_credentials("api", &Request::new().subject(format!("user-{i}")))
+            .await
+            .unwrap();
+        first.push(version(&c));
+    }
+    let candidates = first.iter().filter(|v| *v == "candidate").count();
+    assert!((8..=32).contains(&candidates), "{candidates} of 40 keys");
+    // Another process with the same config sends every key to the same version.
+    let other = Host::from_config_file(&config).unwrap();
+    for (i, v) in first.iter().enumerate() {
+        let c = other
+            .get_credentials("api", &Request::new().subject(format!("user-{i}")))
+            .await
+            .unwrap();
+        assert_eq!(&version(&c), v, "user-{i} moved");
+    }
+    // Promotion: the candidate's plugin and config become the provider's own.
+    std::fs::write(
+        &config,
+        rollout_config(&plugins().testkit, None)
+            .replace("prefix = \"stable\"", "prefix = \"candidate\""),
+    )
+    .unwrap();
+    let report = host.reload_from_file().unwrap();
+    assert_eq!(report.updated, ["api"], "{report:?}");
+    for i in 0..40 {
+        let c = host
+            .get_credentials("api", &Request::new().subject(format!("user-{i}")))
+            .await
+            .unwrap();
+        assert_eq!(version(&c), "candidate");
+    }
+    assert!(matches!(
+        &host.status()["api"],
+        reauth::ProviderStatus::Ready { rollout: None, .. }
+    ));
+}

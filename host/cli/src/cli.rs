@@ -646,6 +646,7 @@ fn print_status(
             reload_error,
             contract,
             descriptor,
+            rollout,
         } => {
             let about = match descriptor.as_deref() {
                 Some(d) if !d.name.is_empty() => format!(
@@ -681,6 +682,21 @@ fn print_status(
                     None => String::new(),
                 }
             )?;
+            if let Some(r) = rollout {
+                writeln!(
+                    out,
+                    "     {name}: candidate sha256 {}… for {:.0} % of keys: {} ({} fetches, {} errors, {} faults in the window)",
+                    r.candidate_sha256.get(..12).unwrap_or(&r.candidate_sha256),
+                    r.share * 100.0,
+                    match &r.rolled_back {
+                        Some(why) => format!("rolled back ({why})"),
+                        None => "active".to_string(),
+                    },
+                    r.fetches,
+                    r.errors,
+                    r.faults
+                )?;
+            }
             Ok(true)
         }
         ProviderStatus::Failed(e) => {

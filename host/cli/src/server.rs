@@ -856,6 +856,7 @@ async fn list_providers(State(state): State<AppState>) -> Response {
                 reload_error,
                 contract,
                 descriptor,
+                rollout,
             } => json!({
                 "name": name,
                 "status": if breaker.cooling_down_for.is_some() { "cooling_down" } else { "ready" },
@@ -868,6 +869,13 @@ async fn list_providers(State(state): State<AppState>) -> Response {
                     "name": d.name,
                     "version": d.version,
                     "config_keys": d.config.as_ref().map(Vec::len),
+                })),
+                "rollout": rollout.map(|r| json!({
+                    "candidate_sha256": r.candidate_sha256,
+                    "share": r.share,
+                    "state": if r.rolled_back.is_some() { "rolled_back" } else { "active" },
+                    "rolled_back_because": r.rolled_back,
+                    "window": {"fetches": r.fetches, "errors": r.errors, "faults": r.faults},
                 })),
             }),
             ProviderStatus::Failed(why) => {

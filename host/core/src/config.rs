@@ -315,6 +315,47 @@ pub struct ProviderConfig {
     /// document): they keep fetching per replica while the backend is down.
     #[serde(default = "defaults::yes")]
     pub shared_state: bool,
+    /// A candidate version rolled out to a share of the keys, rolled back
+    /// automatically when it fails (`[providers.<name>.candidate]`).
+    #[serde(default)]
+    pub candidate: Option<CandidateConfig>,
+}
+
+/// `[providers.<name>.candidate]`: a new version of the provider (another plugin,
+/// and config overrides) that takes `share` of the keys — by key, so one key
+/// sticks to one version — while the stable version serves the rest. A candidate
+/// fetch that fails is retried on the stable version at once (callers do not see
+/// it); when the candidate's failures in the last `window_secs` exceed
+/// `max_error_rate` (after `min_fetches`) or reach `max_faults` traps, timeouts or
+/// limit hits, it is rolled back: every key goes to the stable version until a
+/// reload. Promote it by moving its plugin (and config) into the provider's own
+/// keys and reloading.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandidateConfig {
+    /// The candidate's component (relative to the config file).
+    pub plugin: PathBuf,
+    /// Optional hex SHA-256 of the candidate's component.
+    pub sha256: Option<String>,
+    /// Fraction of the keys it takes (0 < share ≤ 1).
+    pub share: f64,
+    /// Config values that differ from `[providers.<name>.config]` (merged over it).
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigValue>,
+    /// The window outcomes are judged over. Default 60 s (1–3600).
+    #[serde(default = "defaults::rollout_window_secs")]
+    pub window_secs: u64,
+    /// Roll back when more than this fraction of its fetches in the window
+    /// failed (0–1). Default 0.2.
+    #[serde(default = "defaults::rollout_max_error_rate")]
+    pub max_error_rate: f64,
+    /// … once it made at least this many fetches in the window. Default 10.
+    #[serde(default = "defaults::rollout_min_fetches")]
+    pub min_fetches: u32,
+    /// Roll back at this many faults (traps, timeouts, limit hits) in the
+    /// window, whatever the rate. Default 3.
+    #[serde(default = "defaults::rollout_max_faults")]
+    pub max_faults: u32,
 }
 
 impl ProviderConfig {
@@ -334,6 +375,7 @@ impl ProviderConfig {
             circuit_breaker: BreakerConfig::default(),
             instances: InstancesConfig::default(),
             shared_state: true,
+            candidate: None,
         }
     }
 
@@ -1010,6 +1052,22 @@ pub mod defaults {
     pub fn min_retries_per_sec() -> u32 {
         10
     }
+    /// `candidate.window_secs`.
+    pub fn rollout_window_secs() -> u64 {
+        60
+    }
+    /// `candidate.max_error_rate`.
+    pub fn rollout_max_error_rate() -> f64 {
+        0.2
+    }
+    /// `candidate.min_fetches`.
+    pub fn rollout_min_fetches() -> u32 {
+        10
+    }
+    /// `candidate.max_faults`.
+    pub fn rollout_max_faults() -> u32 {
+        3
+    }
     /// `rate.fetches_per_second`.
     pub fn fetches_per_second() -> f64 {
         100.0
@@ -1682,6 +1740,55 @@ pub fn validate_provider(
             key("rate.wait_ms"),
             "must be at most 600000",
         ));
+    }
+    if let Some(c) = &p.candidate {
+        if !(c.share.is_finite() && c.share > 0.0 && c.share <= 1.0) {
+            return Err(ConfigError::at(
+                file,
+                key("candidate.share"),
+                "must be more than 0 and at most 1",
+            ));
+        }
+        if !(1..=3600).contains(&c.window_secs) {
+            return Err(ConfigError::at(
+                file,
+                key("candidate.window_secs"),
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(c.max_error_rate.is_finite() && (0.0..=1.0).contains(&c.max_error_rate)) {
+            return Err(ConfigError::at(
+                file,
+                key("candidate.max_error_rate"),
+                "must be between 0 and 1",
+            ));
+        }
+        if c.min_fetches > 1_000_000 || c.max_faults > 1_000_000 {
+            return Err(ConfigError::at(
+                file,
+                key("candidate"),
+                "min_fetches and max_faults must be at most 1000000",
+            ));
+        }
+        if let Some(sha) = &c.sha256
+            && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(ConfigError::at(
+                file,
+                key("candidate.sha256"),
+                "expected 64 hex digits",
+            ));
+        }
+        if c.config
+            .values()
+            .any(|v| matches!(v, ConfigValue::Credential(_)))
+        {
+            return Err(ConfigError::at(
+                file,
+                key("candidate.config"),
+                "a candidate's config cannot add `{ credential = … }` values (it takes the provider's)",
+            ));
+        }
     }
     if p.retry.budget_ms == 0 {
         return Err(ConfigError::at(

@@ -271,6 +271,8 @@ pub struct ProviderMetrics {
     budget_wait_us: AtomicU64,
     fuel_consumed: AtomicU64,
     memory_peak: AtomicU64,
+    /// Rollout fetches: [stable, candidate] × [ok, error, fault].
+    rollout: [[AtomicU64; 3]; 2],
     throttled: AtomicU64,
     retries_refused: AtomicU64,
 }
@@ -448,6 +450,31 @@ impl ProviderMetrics {
     pub fn call_cost(&self, fuel: u64, memory_bytes: u64) {
         self.fuel_consumed.fetch_add(fuel, Ordering::Relaxed);
         self.memory_peak.fetch_max(memory_bytes, Ordering::Relaxed);
+    }
+
+    /// Record a fetch of a provider with a candidate version: which version,
+    /// and how it ended (`ok`, `error`, `fault`; `None`: not counted).
+    #[doc(hidden)]
+    pub fn rollout_fetch(&self, candidate: bool, outcome: Option<&str>) {
+        let o = match outcome {
+            Some("ok") => 0,
+            Some("error") => 1,
+            Some("fault") => 2,
+            _ => return,
+        };
+        self.rollout[usize::from(candidate)][o].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Rollout fetches of the candidate (`true`) or the stable version that
+    /// ended in `outcome` (`ok`, `error`, `fault`).
+    pub fn rollout_fetches(&self, candidate: bool, outcome: &str) -> u64 {
+        let o = match outcome {
+            "ok" => 0,
+            "error" => 1,
+            "fault" => 2,
+            _ => return 0,
+        };
+        self.rollout[usize::from(candidate)][o].load(Ordering::Relaxed)
     }
 
     /// Fuel the provider's calls consumed so far.
@@ -802,6 +829,26 @@ impl Metrics {
                 let n = [&m.budget_waits, &m.throttled, &m.retries_refused][field]
                     .load(Ordering::Relaxed);
                 let _ = writeln!(out, "{name}{{provider=\"{}\"}} {n}", label(p));
+            }
+        }
+        family(
+            &mut out,
+            "reauth_rollout_fetches_total",
+            "counter",
+            "Fetches of providers with a candidate version, by version (stable, candidate) and outcome (ok, error, fault).",
+        );
+        for (p, m) in &providers {
+            for (v, version) in ["stable", "candidate"].iter().enumerate() {
+                for (o, outcome) in ["ok", "error", "fault"].iter().enumerate() {
+                    let n = m.rollout[v][o].load(Ordering::Relaxed);
+                    if n > 0 {
+                        let _ = writeln!(
+                            out,
+                            "reauth_rollout_fetches_total{{provider=\"{}\",version=\"{version}\",outcome=\"{outcome}\"}} {n}",
+                            label(p)
+                        );
+                    }
+                }
             }
         }
         family(
