@@ -40,6 +40,12 @@
 //!   `cache.outage_retry_ms` at its default (1 s) and off (the backoff growing to
 //!   10 s, as before #20).
 //!
+//! - `soak` (not in the default list: it runs 10 minutes): 50 clients through
+//!   `Host::with_credentials` and a sidecar against a JWKS-verifying API, 5 s tokens
+//!   from the real IdP, a new signing key every 60 s and two 20 s outages: failed
+//!   operations while the IdP is up, recovery after each outage, IdP calls vs the
+//!   ideal schedule, 401s per key rotation. `--smoke --sections soak`: 30 s.
+//!
 //! `--smoke` runs every section with tiny counts (CI runs it so the harness never
 //! rots); its numbers mean nothing.
 
@@ -61,7 +67,7 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Comma-separated sections: cache, miss, idp, herd, scale, polyglot, neighbours,
-    /// processes, fleet, recovery.
+    /// processes, fleet, recovery (the default), soak (10 minutes).
     #[arg(
         long,
         value_delimiter = ',',
@@ -1657,6 +1663,241 @@ fn section_recovery(smoke: bool) -> Result<String> {
     Ok(out)
 }
 
+/// One operation of a soak client against the API: `Ok`, or whether the API
+/// rejected the token (401) or something else failed.
+async fn soak_call(api: &str, token: &str) -> Result<(), Rejection<String>> {
+    let auth = format!("Bearer {token}");
+    let (status, headers, body) = http(api, "GET", "/orders", &[("authorization", &auth)], None)
+        .await
+        .map_err(|e| Rejection::Other(e.to_string()))?;
+    if status == 200 {
+        return Ok(());
+    }
+    let challenge = headers
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok());
+    match reauth::classify::from_http(status, challenge, Some(&String::from_utf8_lossy(&body))) {
+        Some(error) => Err(Rejection::security(error, format!("HTTP {status}"))),
+        None => Err(Rejection::Other(format!("HTTP {status}"))),
+    }
+}
+
+/// What the soak clients saw: (when, ok) per operation, and 401s.
+#[derive(Default)]
+struct SoakLog {
+    ops: std::sync::Mutex<Vec<(Duration, bool)>>,
+}
+
+fn section_soak(smoke: bool) -> Result<String> {
+    use reauth_tests::fleet::Replicas;
+    let rt = runtime();
+    let reauth = reauth_binary()?;
+    let dir = tempfile::tempdir()?;
+    let (total, rotate_every, outages, clients) = if smoke {
+        (
+            Duration::from_secs(30),
+            Duration::from_secs(12),
+            vec![(Duration::from_secs(16), Duration::from_secs(5))],
+            10,
+        )
+    } else {
+        (
+            Duration::from_secs(600),
+            Duration::from_secs(60),
+            vec![
+                (Duration::from_secs(150), Duration::from_secs(20)),
+                (Duration::from_secs(390), Duration::from_secs(20)),
+            ],
+            50,
+        )
+    };
+    let ttl = 5u64;
+    let key = |n: u32| dir.path().join(format!("k{n}.json"));
+    let mut idp = Idp::start(&key(1), ttl, None);
+    let providers = format!(
+        "[providers.api]\nplugin = \"{}\"\nallowed_hosts = [\"{}\"]\n\n\
+         [providers.api.config]\nissuer = \"{}\"\nclient_id = \"cc-basic\"\nclient_secret = \"cc-basic-secret-0123456789\"\nscope = \"api:read\"\n\n\
+         [providers.api.cache]\nmin_period_secs = 0\nbuffer_secs = 0\nskew_secs = 1\n",
+        plugins().oauth2.display(),
+        idp.authority(),
+        idp.issuer,
+    );
+    let mut sidecar = Replicas::new("none", "", &providers, reauth.clone(), "bench-soak").quiet();
+    sidecar.start(0);
+    let port = sidecar.port(0).context("the sidecar's port")?;
+    let mut host_config =
+        reauth::HostConfig::from_toml(&providers, None, dir.path().to_path_buf())?;
+    if let Some(p) = host_config.providers.get_mut("api") {
+        p.plugin = plugins().oauth2.clone();
+    }
+    let host = Host::builder_from_config(host_config).build()?;
+    let result = rt.block_on(async {
+        let verifier = reauth::verify::Verifier::builder()
+            .jwks_url(format!("{}/jwks", idp.issuer))
+            .issuer(&idp.issuer)
+            .audience("urn:reauth:test-api")
+            .leeway(Duration::ZERO)
+            .jwks_max_age(Duration::from_secs(30))
+            .min_refetch_interval(Duration::from_secs(1))
+            .build()?;
+        let api = ResourceServer::start(verifier).await;
+        let target = api.url.trim_end_matches("/orders").to_string();
+        let started = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(SoakLog::default());
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let (stop, log, target, host) = (stop.clone(), log.clone(), target.clone(), host.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let ok = if c % 2 == 0 {
+                        // In process: Host::with_credentials.
+                        host.with_credentials("api", &Request::new(), |cred| {
+                            let target = target.clone();
+                            async move {
+                                let token = match &cred.credential {
+                                    reauth::Credential::Bearer(t) => t.expose().to_string(),
+                                    _ => String::new(),
+                                };
+                                soak_call(&target, &token).await
+                            }
+                        })
+                        .await
+                        .is_ok()
+                    } else {
+                        // Through the sidecar: get, call, on 401 report and retry once.
+                        match reauth_tests::fleet::get(port, "api").await {
+                            Err(_) => false,
+                            Ok(token) => match soak_call(&target, &token).await {
+                                Ok(()) => true,
+                                Err(Rejection::Security { .. }) => {
+                                    reauth_tests::fleet::report_401(port, "api", &token).await;
+                                    match reauth_tests::fleet::get(port, "api").await {
+                                        Ok(fresh) => soak_call(&target, &fresh).await.is_ok(),
+                                        Err(_) => false,
+                                    }
+                                }
+                                Err(_) => false,
+                            },
+                        }
+                    };
+                    log.ops.lock().unwrap().push((started.elapsed(), ok));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }));
+        }
+        // The IdP's schedule: a new signing key every `rotate_every`, down for the
+        // outages. Its token counters restart with it: summed per life.
+        let (mut idp_calls, mut rotations, mut key_n) = (0u64, 0u32, 1u32);
+        let mut down: Vec<(Duration, Duration)> = Vec::new();
+        let mut next_rotation = rotate_every;
+        let mut outages_left = outages.clone();
+        while started.elapsed() < total {
+            let now = started.elapsed();
+            if let Some(&(at, length)) = outages_left.first()
+                && now >= at
+            {
+                outages_left.remove(0);
+                idp_calls += idp.token_requests("cc-basic").await.0;
+                idp.stop();
+                let from = started.elapsed();
+                tokio::time::sleep(length).await;
+                idp.restart(&key(key_n));
+                down.push((from, started.elapsed()));
+                continue;
+            }
+            if now >= next_rotation {
+                next_rotation += rotate_every;
+                idp_calls += idp.token_requests("cc-basic").await.0;
+                key_n += 1;
+                rotations += 1;
+                idp.restart(&key(key_n));
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        for t in tasks {
+            t.await?;
+        }
+        idp_calls += idp.token_requests("cc-basic").await.0;
+        let elapsed = started.elapsed();
+        let ops = log.ops.lock().unwrap().clone();
+        let is_down = |t: Duration| down.iter().any(|(a, b)| t >= *a && t < *b);
+        // Right after an outage the clients whose token expired meanwhile wait
+        // for the first fetch (the recovery below); any other failure while the
+        // IdP is up is one too many.
+        let recovering = |t: Duration| {
+            down.iter()
+                .any(|(_, back)| t >= *back && t < *back + Duration::from_secs(2))
+        };
+        let failed_recovering = ops
+            .iter()
+            .filter(|(t, ok)| !ok && recovering(*t))
+            .count();
+        let failed_up = ops
+            .iter()
+            .filter(|(t, ok)| !ok && !is_down(*t) && !recovering(*t))
+            .count();
+        let failed_down = ops.iter().filter(|(t, ok)| !ok && is_down(*t)).count();
+        // Recovery: from the IdP's return until every client's operations succeed
+        // again (the last failure after the return).
+        let recoveries: Vec<Duration> = down
+            .iter()
+            .map(|(_, back)| {
+                ops.iter()
+                    .filter(|(t, ok)| !ok && *t >= *back && *t < *back + Duration::from_secs(30))
+                    .map(|(t, _)| t.saturating_sub(*back))
+                    .max()
+                    .unwrap_or(Duration::ZERO)
+            })
+            .collect();
+        // The ideal: two hosts (in-process, sidecar), one token per ~80 % of a
+        // lifetime while the IdP is up, plus one re-authentication per host per
+        // key rotation and per outage.
+        let up: f64 = elapsed.as_secs_f64()
+            - down.iter().map(|(a, b)| (*b - *a).as_secs_f64()).sum::<f64>();
+        let ideal = 2.0 * (up / (ttl as f64 * 0.8) + f64::from(rotations) + down.len() as f64);
+        let invalid = api.stats.invalid.load(Ordering::Relaxed);
+        let expired = api.stats.expired.load(Ordering::Relaxed);
+        let mut out = format!(
+            "### Soak: key rotations and outages (#20)\n\n\
+             {clients} clients for {} s (half through `Host::with_credentials`, half through a \
+             `reauth serve` sidecar: get, call, on 401 report and retry once), each an \
+             operation every 50 ms against a JWKS-verifying API (`reauth::verify`, JWKS \
+             max age 30 s), 5 s tokens from the real oidc-provider IdP, restarted with a \
+             new signing key every {} s and down for {}.\n\n\
+             | measure | result | goal |\n| --- | --- | --- |\n",
+            elapsed.as_secs(),
+            rotate_every.as_secs(),
+            outages
+                .iter()
+                .map(|(at, len)| format!("{} s at {} s", len.as_secs(), at.as_secs()))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+        out += &format!("| operations | {} | |\n", ops.len());
+        out += &format!("| failed operations while the IdP is up (outside the 2 s after an outage) | {failed_up} | 0 |\n");
+        out += &format!("| failed operations in the 2 s after an outage (tokens expired during it) | {failed_recovering} | – |\n");
+        out += &format!("| failed operations while it is down (no valid token left) | {failed_down} | – |\n");
+        for (i, r) in recoveries.iter().enumerate() {
+            out += &format!("| recovery after outage {} (last failure after the IdP's return) | {} | ≤ 1 s |\n", i + 1, fmt(*r));
+        }
+        out += &format!(
+            "| IdP token calls vs the ideal schedule | {idp_calls} vs {ideal:.0} ({:.2}×) | ≤ 1.1× |\n",
+            idp_calls as f64 / ideal
+        );
+        out += &format!(
+            "| 401s (invalid) per key rotation | {:.1} ({invalid} in {rotations} rotations; {expired} expired) | ≤ 1 per in-flight token |\n",
+            if rotations > 0 { invalid as f64 / f64::from(rotations) } else { 0.0 }
+        );
+        anyhow::Ok(out)
+    });
+    sidecar.stop_all();
+    idp.stop();
+    result
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1715,9 +1956,10 @@ fn main() -> Result<()> {
             "processes" => section_processes(args.smoke)?,
             "fleet" => section_fleet(args.smoke)?,
             "recovery" => section_recovery(args.smoke)?,
+            "soak" => section_soak(args.smoke)?,
             other => {
                 anyhow::bail!(
-                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours, processes, fleet, recovery)"
+                    "unknown section `{other}` (cache, miss, idp, herd, scale, polyglot, neighbours, processes, fleet, recovery, soak)"
                 )
             }
         };
