@@ -1666,20 +1666,7 @@ fn section_recovery(smoke: bool) -> Result<String> {
 /// One operation of a soak client against the API: `Ok`, or whether the API
 /// rejected the token (401) or something else failed.
 async fn soak_call(api: &str, token: &str) -> Result<(), Rejection<String>> {
-    let auth = format!("Bearer {token}");
-    let (status, headers, body) = http(api, "GET", "/orders", &[("authorization", &auth)], None)
-        .await
-        .map_err(|e| Rejection::Other(e.to_string()))?;
-    if status == 200 {
-        return Ok(());
-    }
-    let challenge = headers
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok());
-    match reauth::classify::from_http(status, challenge, Some(&String::from_utf8_lossy(&body))) {
-        Some(error) => Err(Rejection::security(error, format!("HTTP {status}"))),
-        None => Err(Rejection::Other(format!("HTTP {status}"))),
-    }
+    reauth_tests::peers::call_api(&format!("{api}/orders"), token).await
 }
 
 /// What the soak clients saw: (when, ok) per operation, and 401s.

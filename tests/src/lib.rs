@@ -257,6 +257,19 @@ pub fn record_secret(value: &str) {
     }
 }
 
+/// The value of the Prometheus sample `line` (name and labels, exactly) in the
+/// text `metrics`; panics naming it when it is absent.
+pub fn metric_value(metrics: &str, line: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line) && l[line.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("no {line} in\n{metrics}"))
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}: not a number"))
+}
+
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -304,6 +304,26 @@ pub async fn http_get(
     http(&format!("http://{authority}"), "GET", path, &headers, None).await
 }
 
+/// One operation against a resource server (`GET url` with the bearer token),
+/// its rejection classified the way a client would (`reauth::classify`).
+pub async fn call_api(url: &str, token: &str) -> Result<(), reauth::Rejection<String>> {
+    use reauth::Rejection;
+    let (status, headers, body) = http_get(url, Some(token))
+        .await
+        .map_err(|e| Rejection::Other(e.to_string()))?;
+    if status == 200 {
+        return Ok(());
+    }
+    let challenge = headers
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok());
+    let body = String::from_utf8_lossy(&body);
+    match reauth::classify::from_http(status, challenge, Some(&body)) {
+        Some(error) => Err(Rejection::security(error, format!("HTTP {status}"))),
+        None => Err(Rejection::Other(format!("HTTP {status}"))),
+    }
+}
+
 /// Counters of the resource server.
 #[derive(Debug, Default)]
 pub struct ResourceStats {

@@ -73,15 +73,7 @@ async fn metric(socket: &Path, line: &str) -> u64 {
     )
     .await
     .unwrap();
-    let text = String::from_utf8_lossy(&body).into_owned();
-    text.lines()
-        .find(|l| l.starts_with(line))
-        .unwrap_or_else(|| panic!("no {line} in\n{text}"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    reauth_tests::metric_value(&String::from_utf8_lossy(&body), line) as u64
 }
 
 fn run(cmd: &mut Command, stdin: &str) -> Output {

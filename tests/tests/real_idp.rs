@@ -2,13 +2,12 @@
 //! `oidc-provider` 9.x, `tests/peers/idp/`) and a resource server that verifies its
 //! JWTs with `reauth::verify` against the IdP's JWKS. Everything on 127.0.0.1.
 
-use reauth::classify;
 use reauth::verify::Verifier;
 use reauth::{
     CacheConfig, Credential, Credentials, Decision, Error, Host, ProviderConfig, ProviderError,
     Rejection, Request, SecurityError, SecurityErrorKind,
 };
-use reauth_tests::peers::{Idp, ResourceServer, http_get};
+use reauth_tests::peers::{Idp, ResourceServer};
 use reauth_tests::plugins;
 use std::collections::HashSet;
 use std::path::Path;
@@ -74,20 +73,7 @@ fn token(c: &Credentials) -> &str {
 
 /// One operation against the resource server, classified the way a client would.
 async fn call_api(url: &str, c: Credentials) -> Result<(), Rejection<String>> {
-    let (status, headers, body) = http_get(url, Some(token(&c)))
-        .await
-        .map_err(|e| Rejection::Other(e.to_string()))?;
-    if status == 200 {
-        return Ok(());
-    }
-    let challenge = headers
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok());
-    let body = String::from_utf8_lossy(&body);
-    match classify::from_http(status, challenge, Some(&body)) {
-        Some(error) => Err(Rejection::security(error, format!("HTTP {status}"))),
-        None => Err(Rejection::Other(format!("HTTP {status}"))),
-    }
+    reauth_tests::peers::call_api(url, token(&c)).await
 }
 
 struct LoopResult {

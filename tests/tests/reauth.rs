@@ -599,16 +599,7 @@ async fn per_provider_accounting_and_the_dashboard_agree() {
         .await
         .unwrap_err();
     let text = host.render_metrics();
-    let value = |line: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(line) && l[line.len()..].starts_with(' '))
-            .unwrap_or_else(|| panic!("no {line} in\n{text}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |line: &str| reauth_tests::metric_value(&text, line);
     let p = |name: &str, provider: &str| format!("{name}{{provider=\"{provider}\"}}");
     assert!(value(&p("reauth_plugin_fuel_consumed_total", "fetcher")) > 0.0);
     assert!(value(&p("reauth_plugin_memory_peak_bytes", "fetcher")) >= 65536.0);
