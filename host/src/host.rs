@@ -63,6 +63,8 @@ struct Ready {
     retry_budget: Arc<crate::budget::RetryBudget>,
     /// The candidate version rolled out to a share of the keys, if any.
     rollout: Option<Arc<crate::rollout::Rollout>>,
+    /// Why the configured candidate did not load (the stable version serves).
+    candidate_error: Option<String>,
     fetch: Fetcher,
     metrics: Arc<ProviderMetrics>,
     /// Its view of the shared cache (L2), when there is one.
@@ -76,8 +78,11 @@ struct Ready {
 #[derive(PartialEq)]
 struct Identity {
     config: ProviderConfig,
+    /// The resolved config values (a candidate's as `candidate:<key>`).
     values: Vec<(String, crate::Secret)>,
     plugin_sha256: String,
+    /// The candidate's component digest, when one loaded.
+    candidate_sha256: Option<String>,
     state_file: Option<PathBuf>,
 }
 
@@ -424,30 +429,46 @@ fn load_provider(
     )?);
     let provider_metrics = metrics.provider(name);
     loaded.set_metrics(provider_metrics.clone());
-    let rollout = match &p.candidate {
-        None => None,
+    // The candidate: the provider with the candidate's plugin and config
+    // overrides, its own sandbox (pool reservation, bulkhead) and its own state,
+    // named `<name>@candidate` in its logs and errors; its fetches take turns in
+    // the provider's one fetch budget. A candidate that fails to load leaves the
+    // stable version serving every key (and says why in the status).
+    let (rollout, candidate_error) = match &p.candidate {
+        None => (None, None),
         Some(c) => {
-            // The candidate: the provider with the candidate's plugin and config
-            // overrides, its own sandbox (pool reservation, bulkhead, budget) and
-            // its own state, named `<name>@candidate` in its logs and errors.
-            let mut cp = p.clone();
-            cp.plugin = c.plugin.clone();
-            cp.sha256 = c.sha256.clone();
-            cp.config.extend(c.config.clone());
-            cp.candidate = None;
-            let candidate_name = format!("{name}@candidate");
-            let (spec, _) = provider_spec(config, &candidate_name, &cp)?;
-            let previous_candidate = previous
-                .and_then(|r| r.rollout.as_ref())
-                .map(|r| &*r.candidate);
-            let candidate = Arc::new(ProviderRuntime::load_replacing(
-                runtime,
-                spec,
-                previous_candidate,
-            )?);
-            candidate.set_metrics(provider_metrics.clone());
-            tracing::info!(provider = %name, candidate = candidate.sha256(), share = c.share, "candidate version loaded");
-            Some(Arc::new(crate::rollout::Rollout::new(candidate, c)))
+            let load = || -> Result<Arc<ProviderRuntime>> {
+                let mut cp = p.clone();
+                cp.plugin = c.plugin.clone();
+                cp.sha256 = c.sha256.clone();
+                cp.config.extend(c.config.clone());
+                cp.candidate = None;
+                cp.rate = config::RateConfig::unlimited();
+                let (spec, _) = provider_spec(config, &format!("{name}@candidate"), &cp)?;
+                let previous_candidate = previous
+                    .and_then(|r| r.rollout.as_ref())
+                    .map(|r| &*r.candidate);
+                Ok(Arc::new(ProviderRuntime::load_replacing(
+                    runtime,
+                    spec,
+                    previous_candidate,
+                )?))
+            };
+            match load() {
+                Ok(candidate) => {
+                    candidate.set_metrics(provider_metrics.clone());
+                    tracing::info!(provider = %name, candidate = candidate.sha256(), share = c.share, "candidate version loaded");
+                    (
+                        Some(Arc::new(crate::rollout::Rollout::new(candidate, c))),
+                        None,
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(provider = %name, error = %e, "the candidate version failed to load; the stable version serves every key");
+                    runtime.release(&format!("{name}@candidate"));
+                    (None, Some(e.to_string()))
+                }
+            }
         }
     };
     let settings = Arc::new(p.cache.clone());
@@ -456,7 +477,13 @@ fn load_provider(
             name: Arc::from(name),
             cache: shared.cache.clone(),
             link: shared.link.clone(),
-            identity: identity.digest(name, loaded.sha256(), &p.cache, runtime.has_state_store()),
+            identity: identity.digest(
+                name,
+                loaded.sha256(),
+                rollout.as_ref().map(|r| r.candidate.sha256()),
+                &p.cache,
+                runtime.has_state_store(),
+            ),
             settings: settings.clone(),
             clock: runtime.clock().clone(),
             metrics: provider_metrics.clone(),
@@ -525,17 +552,34 @@ fn load_provider(
                         }
                     };
                     let result = match &rollout {
-                        Some(r) if r.takes(&request) => {
+                        Some(r) if r.takes(&request) => 'candidate: {
+                            // The candidate's turn comes out of the provider's
+                            // fetch budget.
+                            if let Err(e) = loaded.take_fetch_budget().await {
+                                break 'candidate Err(e);
+                            }
                             let tried = run(r.candidate.clone()).await;
                             let outcome = crate::rollout::Outcome::of(&tried);
-                            metrics.rollout_fetch(true, outcome.name());
-                            r.record(&name, outcome);
                             match tried {
-                                Ok(c) => Ok(c),
+                                Ok(c) => {
+                                    metrics.rollout_fetch(true, outcome.name());
+                                    r.record(&name, outcome);
+                                    Ok(c)
+                                }
                                 Err(e) => {
                                     tracing::warn!(provider = %name, error = %crate::rollout::describe(&e), "candidate fetch failed; the stable version serves it");
                                     let stable = run(loaded.clone()).await;
                                     metrics.rollout_fetch(false, crate::rollout::Outcome::of(&stable).name());
+                                    // Held against the candidate only when the
+                                    // stable version did better (not an IdP
+                                    // outage both would have failed).
+                                    let judged = if stable.is_ok() {
+                                        outcome
+                                    } else {
+                                        crate::rollout::Outcome::Neutral
+                                    };
+                                    metrics.rollout_fetch(true, judged.name());
+                                    r.record(&name, judged);
                                     stable
                                 }
                             }
@@ -571,8 +615,10 @@ fn load_provider(
         name: Arc::from(name),
         identity: Identity {
             plugin_sha256: loaded.sha256().to_string(),
+            candidate_sha256: rollout.as_ref().map(|r| r.candidate.sha256().to_string()),
             ..identity
         },
+        candidate_error,
         runtime: loaded,
         cache: settings,
         retry,
@@ -603,6 +649,12 @@ fn fetch_bound(config: &HostConfig, name: &str, depth: usize) -> Duration {
             .saturating_add(p.rate.wait_ms)
             .saturating_add(1000),
     );
+    // A candidate's attempt, then the stable version's.
+    let own = if p.candidate.is_some() {
+        own.saturating_mul(2)
+    } else {
+        own
+    };
     if depth > config::MAX_CREDENTIAL_CHAIN {
         return own;
     }
@@ -855,6 +907,7 @@ impl Identity {
         &self,
         name: &str,
         plugin_sha256: &str,
+        candidate_sha256: Option<&str>,
         cache: &config::CacheConfig,
         fleet: bool,
     ) -> Vec<u8> {
@@ -866,6 +919,18 @@ impl Identity {
         };
         field(name.as_bytes());
         field(plugin_sha256.as_bytes());
+        // With a candidate, entries are shared only with replicas rolling out
+        // the same candidate to the same share.
+        if let Some(candidate) = candidate_sha256 {
+            field(candidate.as_bytes());
+            field(
+                format!(
+                    "{:?}",
+                    self.config.candidate.as_ref().map(|c| c.share.to_bits())
+                )
+                .as_bytes(),
+            );
+        }
         // Lifetimes and refresh points depend on the cache settings; where the
         // state lives tells logins apart.
         field(format!("{cache:?}").as_bytes());
@@ -1293,10 +1358,29 @@ fn provider_spec(
             .collect(),
         rate: p.rate.clone(),
     };
+    // A candidate's resolved values are part of what the provider is built from:
+    // a changed `{ file }` behind one reloads it.
+    let mut values = values;
+    if let Some(c) = &p.candidate {
+        let mut merged = p.config.clone();
+        merged.extend(c.config.clone());
+        let candidate = config::resolve_values(
+            file,
+            &config.base_dir,
+            &format!("{name}.candidate"),
+            &merged,
+        )?;
+        values.extend(
+            candidate
+                .into_iter()
+                .map(|(k, v)| (format!("candidate:{k}"), v)),
+        );
+    }
     let identity = Identity {
         config: p.clone(),
         values,
         plugin_sha256: String::new(),
+        candidate_sha256: None,
         state_file,
     };
     Ok((spec, identity))
@@ -1364,7 +1448,19 @@ impl Host {
                         reload_error: reload_error.clone(),
                         contract: ready.runtime.contract(),
                         descriptor: ready.runtime.described().map(|d| d.descriptor.clone()),
-                        rollout: ready.rollout.as_ref().map(|r| r.status()),
+                        rollout: match (&ready.rollout, &ready.candidate_error) {
+                            (Some(r), _) => Some(r.status()),
+                            (None, Some(e)) => Some(crate::rollout::RolloutStatus::failed_to_load(
+                                ready
+                                    .identity
+                                    .config
+                                    .candidate
+                                    .as_ref()
+                                    .map_or(0.0, |c| c.share),
+                                e,
+                            )),
+                            (None, None) => None,
+                        },
                     },
                     Slot::Failed(e) => ProviderStatus::Failed(e.clone()),
                 };
@@ -1382,6 +1478,11 @@ impl Host {
             files.push(config.resolve(&p.plugin));
             if let Some(c) = &p.candidate {
                 files.push(config.resolve(&c.plugin));
+                for value in c.config.values() {
+                    if let config::ConfigValue::File { file } = value {
+                        files.push(config.resolve(file));
+                    }
+                }
             }
             for value in p.config.values() {
                 if let config::ConfigValue::File { file } = value {
@@ -1457,15 +1558,6 @@ impl Host {
         for name in old.keys().filter(|n| !config.providers.contains_key(*n)) {
             self.inner.runtime.release(name);
         }
-        for name in old.keys() {
-            if config
-                .providers
-                .get(name)
-                .is_none_or(|p| p.candidate.is_none())
-            {
-                self.inner.runtime.release(&format!("{name}@candidate"));
-            }
-        }
         let mut report = ReloadReport::default();
         let mut next = Providers::new();
         for (name, p) in &config.providers {
@@ -1493,6 +1585,14 @@ impl Host {
                         && prev.identity.state_file == identity.state_file
                         && plugin_digest(&spec.plugin).as_deref()
                             == Some(prev.identity.plugin_sha256.as_str())
+                        && p.candidate
+                            .as_ref()
+                            .map(|c| plugin_digest(&config.resolve(&c.plugin)))
+                            == prev
+                                .identity
+                                .candidate_sha256
+                                .as_ref()
+                                .map(|s| Some(s.clone()))
                 }
                 _ => false,
             };
@@ -1557,11 +1657,24 @@ impl Host {
             tracing::info!(provider = %name, "provider removed");
             report.removed.push(name.clone());
         }
+        let next = Arc::new(next);
         *self
             .inner
             .providers
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+            .unwrap_or_else(|e| e.into_inner()) = next.clone();
+        // Candidates no version serves any more give their pool reservation back
+        // (after the swap: a failed reload keeps the old version and its
+        // candidate).
+        for (name, slot) in next.iter() {
+            let serving = matches!(slot, Slot::Ready { ready, .. } if ready.rollout.is_some());
+            if !serving && old.contains_key(name) {
+                self.inner.runtime.release(&format!("{name}@candidate"));
+            }
+        }
+        for name in old.keys().filter(|n| !next.contains_key(*n)) {
+            self.inner.runtime.release(&format!("{name}@candidate"));
+        }
         *current = config;
         tracing::info!(%report, "configuration reloaded");
         Ok(report)

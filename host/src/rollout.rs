@@ -51,6 +51,10 @@ impl Outcome {
     }
 }
 
+/// The window's outcomes, oldest first, and their counts (fetches, errors,
+/// faults).
+type Window = (VecDeque<(Instant, Outcome)>, [u64; 3]);
+
 /// Most outcomes kept in the window (older ones are dropped first).
 const MAX_OUTCOMES: usize = 100_000;
 
@@ -62,7 +66,8 @@ pub(crate) struct Rollout {
     max_error_rate: f64,
     min_fetches: u32,
     max_faults: u32,
-    outcomes: Mutex<VecDeque<(Instant, Outcome)>>,
+    /// The window's outcomes and their running counts (fetches, errors, faults).
+    outcomes: Mutex<Window>,
     rolled_back: AtomicBool,
     reason: Mutex<Option<String>>,
 }
@@ -85,6 +90,20 @@ pub struct RolloutStatus {
     pub faults: u64,
 }
 
+impl RolloutStatus {
+    /// The status of a configured candidate that did not load.
+    pub(crate) fn failed_to_load(share: f64, why: &str) -> RolloutStatus {
+        RolloutStatus {
+            candidate_sha256: String::new(),
+            share,
+            rolled_back: Some(format!("the candidate failed to load: {why}")),
+            fetches: 0,
+            errors: 0,
+            faults: 0,
+        }
+    }
+}
+
 impl Rollout {
     pub(crate) fn new(
         candidate: Arc<ProviderRuntime>,
@@ -97,7 +116,7 @@ impl Rollout {
             max_error_rate: config.max_error_rate,
             min_fetches: config.min_fetches,
             max_faults: config.max_faults,
-            outcomes: Mutex::new(VecDeque::new()),
+            outcomes: Mutex::new((VecDeque::new(), [0; 3])),
             rolled_back: AtomicBool::new(false),
             reason: Mutex::new(None),
         }
@@ -119,7 +138,12 @@ impl Rollout {
             }
         };
         eat(request.subject.as_deref().unwrap_or("\u{0}").as_bytes());
-        for s in &request.scopes {
+        // The scopes as the cache keys them (sorted, without duplicates), so one
+        // key goes to one version whatever order its callers name them in.
+        let mut scopes: Vec<&str> = request.scopes.iter().map(String::as_str).collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        for s in scopes {
             eat(s.as_bytes());
         }
         eat(request.audience.as_deref().unwrap_or("\u{0}").as_bytes());
@@ -135,17 +159,21 @@ impl Rollout {
             return None;
         }
         let now = Instant::now();
-        let (fetches, errors, faults) = {
-            let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        let [fetches, errors, faults] = {
+            let mut guard = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+            let (outcomes, counts) = &mut *guard;
             outcomes.push_back((now, outcome));
+            tally(counts, outcome, true);
             while outcomes.len() > MAX_OUTCOMES
                 || outcomes
                     .front()
                     .is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.window)
             {
-                outcomes.pop_front();
+                if let Some((_, old)) = outcomes.pop_front() {
+                    tally(counts, old, false);
+                }
             }
-            count(&outcomes)
+            *counts
         };
         let failed = errors + faults;
         let reason = if faults >= u64::from(self.max_faults.max(1)) {
@@ -165,11 +193,16 @@ impl Rollout {
         } else {
             None
         }?;
-        if self.rolled_back.swap(true, Ordering::AcqRel) {
-            return None;
+        {
+            // The reason first, then the flag: whoever sees the flag finds it.
+            let mut why = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            if why.is_some() {
+                return None;
+            }
+            *why = Some(reason.clone());
         }
+        self.rolled_back.store(true, Ordering::Release);
         tracing::error!(provider, candidate = self.candidate.sha256(), %reason, "candidate rolled back: every key goes to the stable version until a reload");
-        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
         Some(reason)
     }
 
@@ -180,14 +213,18 @@ impl Rollout {
 
     pub(crate) fn status(&self) -> RolloutStatus {
         let now = Instant::now();
-        let (fetches, errors, faults) = {
-            let outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
-            let recent: VecDeque<(Instant, Outcome)> = outcomes
-                .iter()
-                .filter(|(t, _)| now.saturating_duration_since(*t) <= self.window)
-                .copied()
-                .collect();
-            count(&recent)
+        let [fetches, errors, faults] = {
+            let mut guard = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+            let (outcomes, counts) = &mut *guard;
+            while outcomes
+                .front()
+                .is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.window)
+            {
+                if let Some((_, old)) = outcomes.pop_front() {
+                    tally(counts, old, false);
+                }
+            }
+            *counts
         };
         RolloutStatus {
             candidate_sha256: self.candidate.sha256().to_string(),
@@ -204,15 +241,22 @@ impl Rollout {
     }
 }
 
-fn count(outcomes: &VecDeque<(Instant, Outcome)>) -> (u64, u64, u64) {
-    outcomes
-        .iter()
-        .fold((0u64, 0u64, 0u64), |(n, e, f), (_, o)| match o {
-            Outcome::Ok => (n + 1, e, f),
-            Outcome::Error => (n + 1, e + 1, f),
-            Outcome::Fault => (n + 1, e, f + 1),
-            Outcome::Neutral => (n, e, f),
-        })
+/// Add (`added`) or take away one outcome from the counts (fetches, errors,
+/// faults).
+fn tally(counts: &mut [u64; 3], outcome: Outcome, added: bool) {
+    let which: &[usize] = match outcome {
+        Outcome::Ok => &[0],
+        Outcome::Error => &[0, 1],
+        Outcome::Fault => &[0, 2],
+        Outcome::Neutral => &[],
+    };
+    for &i in which {
+        counts[i] = if added {
+            counts[i].saturating_add(1)
+        } else {
+            counts[i].saturating_sub(1)
+        };
+    }
 }
 
 /// The error a candidate fetch failed with, for the log line (the stable version

@@ -784,3 +784,66 @@ async fn a_good_candidate_takes_its_share_by_key_and_is_promoted_by_reload() {
         reauth::ProviderStatus::Ready { rollout: None, .. }
     ));
 }
+
+/// Failures both versions share (an IdP outage) are not held against the
+/// candidate, and a candidate that fails to load leaves the stable version
+/// serving every key, the status saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_failures_do_not_roll_back_and_a_broken_candidate_does_not_take_the_provider_down() {
+    reauth_tests::logs();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("reauth.toml");
+    // Both versions refuse every subject.
+    std::fs::write(
+        &config,
+        rollout_config(&plugins().testkit, Some(("candidate", 100, 1.0)))
+            .replace("fail_percent = \"0\"", "fail_percent = \"100\""),
+    )
+    .unwrap();
+    let host = Host::from_config_file(&config).unwrap();
+    for i in 0..30 {
+        host.get_credentials("api", &Request::new().subject(format!("user-{i}")))
+            .await
+            .unwrap_err();
+    }
+    match &host.status()["api"] {
+        reauth::ProviderStatus::Ready {
+            rollout: Some(r), ..
+        } => assert_eq!(r.rolled_back, None, "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A candidate whose plugin is missing.
+    std::fs::write(
+        &config,
+        rollout_config(&plugins().testkit, Some(("candidate", 0, 0.5))).replace(
+            &format!(
+                "[providers.api.candidate]\nplugin = \"{}\"",
+                plugins().testkit.display()
+            ),
+            &format!(
+                "[providers.api.candidate]\nplugin = \"{}\"",
+                dir.path().join("missing.wasm").display()
+            ),
+        ),
+    )
+    .unwrap();
+    let host = Host::from_config_file(&config).unwrap();
+    for i in 0..10 {
+        let c = host
+            .get_credentials("api", &Request::new().subject(format!("user-{i}")))
+            .await
+            .unwrap();
+        assert!(token(&c).starts_with("stable-"));
+    }
+    match &host.status()["api"] {
+        reauth::ProviderStatus::Ready {
+            rollout: Some(r), ..
+        } => assert!(
+            r.rolled_back
+                .as_deref()
+                .is_some_and(|w| w.contains("failed to load") && w.contains("missing.wasm")),
+            "{r:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}

@@ -685,9 +685,9 @@ fn print_status(
             if let Some(r) = rollout {
                 writeln!(
                     out,
-                    "     {name}: candidate sha256 {}… for {:.0} % of keys: {} ({} fetches, {} errors, {} faults in the window)",
+                    "     {name}: candidate sha256 {}… for {} % of keys: {} ({} fetches, {} errors, {} faults in the window)",
                     r.candidate_sha256.get(..12).unwrap_or(&r.candidate_sha256),
-                    r.share * 100.0,
+                    (r.share * 1000.0).round() / 10.0,
                     match &r.rolled_back {
                         Some(why) => format!("rolled back ({why})"),
                         None => "active".to_string(),

@@ -9,6 +9,7 @@
 
 use crate::config::{RateConfig, RetryConfig};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -99,21 +100,24 @@ impl FetchBucket {
 /// of 10 s, re-runs may number at most `min_per_sec × 10 + ratio × operations`.
 /// Every operation deposits one; every re-run (refresh-and-retry or retry-after)
 /// withdraws one, or is refused when the budget is spent.
+///
+/// Lock-free (every operation deposits): one slot per second of the window,
+/// stamped with its second; a slot of an older second counts as empty and is
+/// reset by the first writer of the new one.
 #[derive(Debug)]
 pub struct RetryBudget {
     ratio: f64,
     reserve: f64,
-    window: Mutex<Window>,
+    start: Instant,
+    slots: [Slot; SLOTS],
 }
 
-/// The window: one slot per second, each `(deposits, withdrawals)`.
-#[derive(Debug)]
-struct Window {
-    slots: [(u64, u64); SLOTS],
-    /// The second (since `start`) of `slots[head]`.
-    second: u64,
-    head: usize,
-    start: Instant,
+#[derive(Debug, Default)]
+struct Slot {
+    /// The second (since `start`, plus one: 0 is "never") this slot counts.
+    second: AtomicU64,
+    deposits: AtomicU64,
+    withdrawals: AtomicU64,
 }
 
 const SLOTS: usize = 10;
@@ -129,51 +133,62 @@ impl RetryBudget {
         RetryBudget {
             ratio,
             reserve: f64::from(config.min_retries_per_sec) * SLOTS as f64,
-            window: Mutex::new(Window {
-                slots: [(0, 0); SLOTS],
-                second: 0,
-                head: 0,
-                start: Instant::now(),
-            }),
+            start: Instant::now(),
+            slots: Default::default(),
         }
     }
 
-    fn with_window<T>(&self, f: impl FnOnce(&mut Window) -> T) -> T {
-        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now().saturating_duration_since(w.start).as_secs();
-        // Slide: clear the slots of the seconds that passed (at most all of them).
-        let passed = now.saturating_sub(w.second);
-        for _ in 0..passed.min(SLOTS as u64) {
-            w.head = (w.head + 1) % SLOTS;
-            let head = w.head;
-            w.slots[head] = (0, 0);
+    /// The current second's stamp and its slot, reset if it last counted an
+    /// older second.
+    fn current(&self) -> (u64, &Slot) {
+        let stamp = Instant::now()
+            .saturating_duration_since(self.start)
+            .as_secs()
+            .saturating_add(1);
+        let slot = &self.slots[(stamp % SLOTS as u64) as usize];
+        let seen = slot.second.load(Ordering::Acquire);
+        if seen != stamp
+            && slot
+                .second
+                .compare_exchange(seen, stamp, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // (A count racing with this reset may be lost: the budget is an
+            // estimate, never a correctness bound.)
+            slot.deposits.store(0, Ordering::Release);
+            slot.withdrawals.store(0, Ordering::Release);
         }
-        w.second = now;
-        f(&mut w)
+        (stamp, slot)
     }
 
     /// Record an operation.
     pub fn deposit(&self) {
-        self.with_window(|w| {
-            let head = w.head;
-            w.slots[head].0 = w.slots[head].0.saturating_add(1);
-        });
+        let (_, slot) = self.current();
+        slot.deposits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Take one re-run from the budget; `false` when it is spent.
     pub fn withdraw(&self) -> bool {
-        self.with_window(|w| {
-            let (deposits, withdrawals) = w.slots.iter().fold((0u64, 0u64), |(d, r), s| {
-                (d.saturating_add(s.0), r.saturating_add(s.1))
+        let (stamp, slot) = self.current();
+        let (deposits, withdrawals) = self
+            .slots
+            .iter()
+            .filter(|s| {
+                let second = s.second.load(Ordering::Acquire);
+                second != 0 && stamp.saturating_sub(second) < SLOTS as u64
+            })
+            .fold((0u64, 0u64), |(d, r), s| {
+                (
+                    d.saturating_add(s.deposits.load(Ordering::Relaxed)),
+                    r.saturating_add(s.withdrawals.load(Ordering::Relaxed)),
+                )
             });
-            let allowed = self.reserve + self.ratio * deposits as f64;
-            if (withdrawals as f64) + 1.0 > allowed {
-                return false;
-            }
-            let head = w.head;
-            w.slots[head].1 = w.slots[head].1.saturating_add(1);
-            true
-        })
+        let allowed = self.reserve + self.ratio * deposits as f64;
+        if (withdrawals as f64) + 1.0 > allowed {
+            return false;
+        }
+        slot.withdrawals.fetch_add(1, Ordering::Relaxed);
+        true
     }
 }
 

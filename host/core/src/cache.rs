@@ -242,6 +242,9 @@ pub type ViolationHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 struct Inner {
     slots: RwLock<HashMap<CacheKey, Arc<Slot>>>,
+    /// Keys per provider, changed only with `slots` write-locked (metrics read
+    /// it without touching `slots`).
+    counts: std::sync::Mutex<std::collections::BTreeMap<Arc<str>, usize>>,
     clock: Arc<dyn Clock>,
     events: broadcast::Sender<CacheEvent>,
     max_entries: usize,
@@ -295,6 +298,7 @@ impl TokenCache {
         let (events, _) = broadcast::channel(1024);
         TokenCache(Arc::new(Inner {
             slots: RwLock::new(HashMap::new()),
+            counts: Default::default(),
             clock,
             events,
             max_entries: max_entries.max(1),
@@ -342,8 +346,23 @@ impl TokenCache {
             fetch: tokio::sync::Mutex::default(),
             last_used: AtomicU64::new(0),
         });
+        self.count(&owned.provider, true);
         slots.insert(owned, slot.clone());
         slot
+    }
+
+    /// One key more (`added`) or less for `provider`.
+    fn count(&self, provider: &Arc<str>, added: bool) {
+        let mut counts = self.0.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(provider.clone()).or_default();
+        *n = if added {
+            n.saturating_add(1)
+        } else {
+            n.saturating_sub(1)
+        };
+        if *n == 0 {
+            counts.remove(provider);
+        }
     }
 
     fn existing_slot<Q: Hash + Equivalent<CacheKey> + ?Sized>(&self, key: &Q) -> Option<Arc<Slot>> {
@@ -365,7 +384,9 @@ impl TokenCache {
             .saturating_sub(self.0.max_entries);
         let target = excess.max(self.0.max_entries / 10).min(idle.len());
         for (key, _) in idle.into_iter().take(target) {
-            slots.remove(&key);
+            if slots.remove(&key).is_some() {
+                self.count(&key.provider, false);
+            }
             let _ = self.0.events.send(CacheEvent::Evicted { key });
         }
     }
@@ -380,6 +401,11 @@ impl TokenCache {
             .filter(|k| &*k.provider == provider)
             .cloned()
             .collect();
+        self.0
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(provider);
         for key in &doomed {
             slots.remove(key);
             let _ = self.0.events.send(CacheEvent::Evicted { key: key.clone() });
@@ -393,21 +419,15 @@ impl TokenCache {
         self.0.slots.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Keys held per provider (one pass over the map; for metrics).
+    /// Keys held per provider (kept up to date as keys come and go: reading it
+    /// never holds up the cache).
     #[doc(hidden)]
     pub fn len_by_provider(&self) -> std::collections::BTreeMap<Arc<str>, usize> {
-        let mut out = std::collections::BTreeMap::new();
-        for key in self
-            .0
-            .slots
-            .read()
+        self.0
+            .counts
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .keys()
-        {
-            let n: &mut usize = out.entry(key.provider.clone()).or_default();
-            *n = n.saturating_add(1);
-        }
-        out
+            .clone()
     }
 
     /// Whether no key is held.

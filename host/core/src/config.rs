@@ -1763,11 +1763,11 @@ pub fn validate_provider(
                 "must be between 0 and 1",
             ));
         }
-        if c.min_fetches > 1_000_000 || c.max_faults > 1_000_000 {
+        if !(1..=1_000_000).contains(&c.min_fetches) || !(1..=1_000_000).contains(&c.max_faults) {
             return Err(ConfigError::at(
                 file,
                 key("candidate"),
-                "min_fetches and max_faults must be at most 1000000",
+                "min_fetches and max_faults must be between 1 and 1000000",
             ));
         }
         if let Some(sha) = &c.sha256
@@ -1782,11 +1782,14 @@ pub fn validate_provider(
         if c.config
             .values()
             .any(|v| matches!(v, ConfigValue::Credential(_)))
+            || c.config
+                .keys()
+                .any(|k| matches!(p.config.get(k), Some(ConfigValue::Credential(_))))
         {
             return Err(ConfigError::at(
                 file,
                 key("candidate.config"),
-                "a candidate's config cannot add `{ credential = … }` values (it takes the provider's)",
+                "a candidate's config can neither add nor override `{ credential = … }` values (it takes the provider's)",
             ));
         }
     }
