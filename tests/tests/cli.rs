@@ -71,6 +71,29 @@ async fn check_reports_every_provider_and_fails_if_one_is_broken() {
         "{out}"
     );
     assert!(out.contains("2 provider(s): 1 ok, 1 failed"), "{out}");
+    // The same report as one JSON document.
+    let (code, out) = reauth(&["check", "--config", config, "--format", "json"]).await;
+    assert_eq!(code, ExitCode::FAILURE);
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON document");
+    assert_eq!(doc["ok"], false, "{doc}");
+    assert_eq!(
+        doc["summary"],
+        serde_json::json!({"providers": 2, "ok": 1, "failed": 1})
+    );
+    let providers = doc["providers"].as_array().unwrap();
+    assert_eq!(providers[0]["name"], "api");
+    assert_eq!(providers[0]["status"], "ok");
+    assert_eq!(providers[0]["contract"], "0.2.0");
+    assert_eq!(providers[0]["plugin"]["name"], "static");
+    assert_eq!(providers[1]["name"], "gone");
+    assert_eq!(providers[1]["status"], "failed");
+    assert!(
+        providers[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("failed to load plugin"),
+        "{doc}"
+    );
 
     std::fs::write(&path, "[providers.api]\nplugin = 3\n").unwrap();
     let (code, out) = reauth(&["check", "--config", config]).await;
@@ -79,6 +102,17 @@ async fn check_reports_every_provider_and_fails_if_one_is_broken() {
     assert!(
         out.contains("reauth.toml:2: providers.api.plugin: invalid type"),
         "{out}"
+    );
+    let (code, out) = reauth(&["check", "--config", config, "--format", "json"]).await;
+    assert_eq!(code, ExitCode::FAILURE);
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON document");
+    assert_eq!(doc["ok"], false);
+    assert!(
+        doc["config_error"]
+            .as_str()
+            .unwrap()
+            .contains("reauth.toml:2: providers.api.plugin: invalid type"),
+        "{doc}"
     );
 }
 

@@ -955,6 +955,14 @@ config = {{ sts_url = "{url}", user = "bob", api_key = "{key}" }}
             .output()
             .unwrap();
         assert_eq!(output.status.code(), Some(2), "a usage error");
+        // A provider that is not configured: reauth could not do it (3), named.
+        let output = std::process::Command::new(&reauth)
+            .args(["get", "nope", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(3), "a runtime error");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("unknown provider `nope`"));
     }
 
     #[tokio::test]

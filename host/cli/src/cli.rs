@@ -68,10 +68,17 @@ impl BackendArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the config, load and instantiate every provider, report each.
+    /// Exit status: 0 all providers (and the fleet) ok, 1 a check failed, 2 a
+    /// usage error, 3 reauth itself could not run.
     Check {
         /// The config file.
         #[arg(long, short, env = "REAUTH_CONFIG", default_value = "reauth.toml")]
         config: PathBuf,
+        /// Report format: lines (default) or one JSON document (`{"ok",
+        /// "config_error", "providers": [{"name", "status", "error", "sha256",
+        /// "contract", "plugin", "rollout", …}], "warnings", "fleet", "summary"}`).
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
     },
     /// Load the config and keep the providers loaded, reloading on SIGHUP and when
     /// the config, a plugin or a referenced secret file changes; prints one line per
@@ -345,7 +352,7 @@ async fn conformance(
 /// Run a parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
     match cli.command {
-        Command::Check { config } => check(config, out).await,
+        Command::Check { config, format } => check(config, format, out).await,
         Command::Test {
             target,
             plugin,
@@ -544,7 +551,14 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<ExitCode, Box
     }
 }
 
-async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
+async fn check(
+    config: PathBuf,
+    format: ReportFormat,
+    out: &mut (dyn Write + Send),
+) -> Result<ExitCode, BoxError> {
+    if format == ReportFormat::Json {
+        return check_json(config, out).await;
+    }
     let parsed = match HostConfig::from_file(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -600,6 +614,121 @@ async fn check(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode
         status.len() - failed
     )?;
     Ok(if failed == 0 && !fleet_failed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `reauth check --format json`: the same checks as the lines, as one document.
+async fn check_json(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<ExitCode, BoxError> {
+    use serde_json::json;
+    let parsed = match HostConfig::from_file(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            let doc = json!({
+                "config": config.display().to_string(),
+                "ok": false,
+                "config_error": e.to_string(),
+                "providers": [],
+                "warnings": [],
+                "fleet": null,
+                "summary": {"providers": 0, "ok": 0, "failed": 0},
+            });
+            writeln!(out, "{doc}")?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let at_rest = at_rest_paths(&parsed);
+    let host = Host::builder_from_config(parsed).build()?;
+    let warnings: Vec<String> = at_rest
+        .iter()
+        .filter_map(|path| {
+            reauth::store::loose_permissions(path).map(|mode| {
+                format!(
+                    "{}: mode {mode:o} lets other users in (reauth creates 0700 directories and 0600 files); chmod go-rwx it",
+                    path.display()
+                )
+            })
+        })
+        .collect();
+    let status = host.check().await;
+    let mut failed = 0usize;
+    let providers: Vec<serde_json::Value> = status
+        .iter()
+        .map(|(name, status)| match status {
+            ProviderStatus::Ready {
+                sha256,
+                from_cache,
+                breaker,
+                reload_error,
+                contract,
+                descriptor,
+                rollout,
+            } => json!({
+                "name": name,
+                "status": "ok",
+                "error": null,
+                "sha256": sha256,
+                "precompiled": from_cache,
+                "contract": contract,
+                "plugin": descriptor.as_ref().map(|d| json!({
+                    "name": d.name,
+                    "version": d.version,
+                    "config_keys": d.config.as_ref().map(Vec::len),
+                })),
+                "cooling_down_ms": breaker.cooling_down_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                "consecutive_faults": breaker.consecutive_faults,
+                "reload_error": reload_error,
+                "rollout": rollout.as_ref().map(|r| json!({
+                    "candidate_sha256": r.candidate_sha256,
+                    "share": r.share,
+                    "state": if r.rolled_back.is_some() { "rolled_back" } else { "active" },
+                    "rolled_back_because": r.rolled_back,
+                    "window": {"fetches": r.fetches, "errors": r.errors, "faults": r.faults},
+                })),
+            }),
+            ProviderStatus::Failed(e) => {
+                failed += 1;
+                json!({"name": name, "status": "failed", "error": e})
+            }
+        })
+        .collect();
+    let mut fleet_failed = false;
+    let fleet = match host.fleet() {
+        None => serde_json::Value::Null,
+        Some(fleet) => match fleet.probe().await {
+            Ok(offset_ms) => json!({
+                "name": fleet.name(),
+                "backend": fleet.backend().to_string(),
+                "reachable": true,
+                "key_id": fleet.key_id().to_string(),
+                "clock_offset_ms": offset_ms,
+                "error": null,
+            }),
+            Err(e) => {
+                fleet_failed = true;
+                json!({
+                    "name": fleet.name(),
+                    "backend": fleet.backend().to_string(),
+                    "reachable": false,
+                    "error": e.to_string(),
+                })
+            }
+        },
+    };
+    let ok = failed == 0 && !fleet_failed;
+    let doc = json!({
+        "config": config.display().to_string(),
+        "ok": ok,
+        "config_error": null,
+        "providers": providers,
+        "warnings": warnings,
+        "fleet": fleet,
+        "summary": {"providers": status.len(), "ok": status.len() - failed, "failed": failed},
+    });
+    writeln!(out, "{doc}")?;
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

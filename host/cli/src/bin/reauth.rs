@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("reauth: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(3);
         }
     };
     let mut stdout = std::io::stdout();
@@ -46,7 +46,9 @@ fn main() -> ExitCode {
                 eprintln!("  caused by: {s}");
                 source = s.source();
             }
-            ExitCode::FAILURE
+            // 1 is a check that failed, 2 a usage error (clap): reauth itself
+            // could not do what it was asked.
+            ExitCode::from(3)
         }
     }
 }
