@@ -672,21 +672,11 @@ async fn check_json(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<Exi
                 "sha256": sha256,
                 "precompiled": from_cache,
                 "contract": contract,
-                "plugin": descriptor.as_ref().map(|d| json!({
-                    "name": d.name,
-                    "version": d.version,
-                    "config_keys": d.config.as_ref().map(Vec::len),
-                })),
+                "plugin": descriptor.as_deref().map(crate::server::plugin_json),
                 "cooling_down_ms": breaker.cooling_down_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 "consecutive_faults": breaker.consecutive_faults,
                 "reload_error": reload_error,
-                "rollout": rollout.as_ref().map(|r| json!({
-                    "candidate_sha256": r.candidate_sha256,
-                    "share": r.share,
-                    "state": if r.rolled_back.is_some() { "rolled_back" } else { "active" },
-                    "rolled_back_because": r.rolled_back,
-                    "window": {"fetches": r.fetches, "errors": r.errors, "faults": r.faults},
-                })),
+                "rollout": rollout.as_ref().map(crate::server::rollout_json),
             }),
             ProviderStatus::Failed(e) => {
                 failed += 1;

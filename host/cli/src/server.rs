@@ -843,6 +843,28 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// What a component said about itself, as `GET /v1/providers` and `reauth check
+/// --format json` show it.
+pub(crate) fn plugin_json(d: &reauth::schema::Descriptor) -> serde_json::Value {
+    json!({
+        "name": d.name,
+        "version": d.version,
+        "config_keys": d.config.as_ref().map(Vec::len),
+    })
+}
+
+/// Where a candidate's rollout stands, as `GET /v1/providers` and `reauth check
+/// --format json` show it.
+pub(crate) fn rollout_json(r: &reauth::RolloutStatus) -> serde_json::Value {
+    json!({
+        "candidate_sha256": r.candidate_sha256,
+        "share": r.share,
+        "state": if r.rolled_back.is_some() { "rolled_back" } else { "active" },
+        "rolled_back_because": r.rolled_back,
+        "window": {"fetches": r.fetches, "errors": r.errors, "faults": r.faults},
+    })
+}
+
 async fn list_providers(State(state): State<AppState>) -> Response {
     let providers: Vec<_> = state
         .host
@@ -865,18 +887,8 @@ async fn list_providers(State(state): State<AppState>) -> Response {
                 "consecutive_faults": breaker.consecutive_faults,
                 "last_error": breaker.last_fault.or(reload_error),
                 "contract": contract,
-                "plugin": descriptor.map(|d| json!({
-                    "name": d.name,
-                    "version": d.version,
-                    "config_keys": d.config.as_ref().map(Vec::len),
-                })),
-                "rollout": rollout.map(|r| json!({
-                    "candidate_sha256": r.candidate_sha256,
-                    "share": r.share,
-                    "state": if r.rolled_back.is_some() { "rolled_back" } else { "active" },
-                    "rolled_back_because": r.rolled_back,
-                    "window": {"fetches": r.fetches, "errors": r.errors, "faults": r.faults},
-                })),
+                "plugin": descriptor.as_deref().map(plugin_json),
+                "rollout": rollout.as_ref().map(rollout_json),
             }),
             ProviderStatus::Failed(why) => {
                 json!({"name": name, "status": "failed", "last_error": why})
