@@ -16,7 +16,7 @@ use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// The outcome of loading one provider.
@@ -157,7 +157,11 @@ struct Inner {
     runtime: Arc<Runtime>,
     /// Swapped whole by a reload; a call takes a snapshot, so it finishes on the
     /// version it started with.
-    providers: RwLock<Arc<Providers>>,
+    providers: arc_swap::ArcSwap<Providers>,
+    /// The cells [`ProviderHandle`]s read, by provider name: set to the serving
+    /// version at every swap of `providers` (under this lock), `None` while the
+    /// provider is not loaded or not configured.
+    handles: Mutex<BTreeMap<String, Arc<arc_swap::ArcSwapOption<Ready>>>>,
     cache: TokenCache,
     /// The configuration currently applied (runtime settings are fixed at build).
     config: Mutex<HostConfig>,
@@ -389,7 +393,8 @@ impl HostBuilder {
         }
         let inner = Arc::new(Inner {
             runtime,
-            providers: RwLock::new(Arc::new(providers)),
+            providers: arc_swap::ArcSwap::from_pointee(providers),
+            handles: Mutex::default(),
             cache,
             config: Mutex::new(config),
             metrics,
@@ -890,7 +895,7 @@ async fn borrow(
             key: key.clone(),
             provider: r.provider.clone(),
             request: upstream,
-            credentials,
+            credentials: Arc::unwrap_or_clone(credentials),
             value,
         });
     }
@@ -1425,11 +1430,43 @@ impl Host {
     }
 
     fn snapshot(&self) -> Arc<Providers> {
-        self.inner
-            .providers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.providers.load_full()
+    }
+
+    /// Make `next` the serving set of providers, for string lookups and handles.
+    fn publish(&self, next: Arc<Providers>) {
+        let handles = self.inner.handles.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.providers.store(next.clone());
+        for (name, cell) in handles.iter() {
+            cell.store(serving(&next, name));
+        }
+    }
+
+    /// A handle on `provider`: the same calls as the host's, without looking the
+    /// provider up by name each time (the hot path of an embedder that asks one
+    /// provider for every request). It follows reloads; while the provider is not
+    /// loaded (or after a reload removed it) its calls fail as the host's would.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownProvider`] when no provider of that name is configured.
+    pub fn handle(&self, provider: &str) -> Result<ProviderHandle> {
+        let mut handles = self.inner.handles.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = self.snapshot();
+        let Some((name, _)) = snapshot.get_key_value(provider) else {
+            return Err(Error::UnknownProvider {
+                provider: provider.to_string(),
+            });
+        };
+        let cell = handles
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(arc_swap::ArcSwapOption::new(serving(&snapshot, name))))
+            .clone();
+        Ok(ProviderHandle {
+            host: self.clone(),
+            name: Arc::from(name.as_str()),
+            ready: cell,
+        })
     }
 
     /// Every configured provider and whether it loaded.
@@ -1658,11 +1695,7 @@ impl Host {
             report.removed.push(name.clone());
         }
         let next = Arc::new(next);
-        *self
-            .inner
-            .providers
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = next.clone();
+        self.publish(next.clone());
         // Candidates no version serves any more give their pool reservation back
         // (after the swap: a failed reload keeps the old version and its
         // candidate).
@@ -1764,7 +1797,14 @@ impl Host {
     /// Credentials for `request` from `provider`: cached while valid, refreshed
     /// ahead of expiry in the background, fetched (once, however many callers ask at
     /// the same time) when missing or expired. See [`crate::cache`].
-    pub async fn get_credentials(&self, provider: &str, request: &Request) -> Result<Credentials> {
+    ///
+    /// The credential is shared (`Arc`): a hit copies nothing. (Use
+    /// [`Host::handle`] for a provider asked on every request.)
+    pub async fn get_credentials(
+        &self,
+        provider: &str,
+        request: &Request,
+    ) -> Result<Arc<Credentials>> {
         self.get_credentials_traced(provider, request)
             .await
             .map(|(c, _)| c)
@@ -1775,8 +1815,29 @@ impl Host {
         &self,
         provider: &str,
         request: &Request,
-    ) -> Result<(Credentials, Lookup)> {
+    ) -> Result<(Arc<Credentials>, Lookup)> {
+        // The hit path: no lock, no reference count touched but this thread's.
+        if let Some(Slot::Ready { ready, .. }) = self.inner.providers.load().get(provider)
+            && let Some(hit) = self.hit(ready, request)
+        {
+            return Ok(hit);
+        }
         let ready = self.provider(provider)?;
+        self.lookup(&ready, request).await
+    }
+
+    /// A fresh cached credential of `ready` for `request`, counted as a hit.
+    fn hit(&self, ready: &Ready, request: &Request) -> Option<(Arc<Credentials>, Lookup)> {
+        let credentials = self
+            .inner
+            .cache
+            .fresh_hit(&KeyRef::new(&ready.name, request))?;
+        ready.metrics.lookup(LookupKind::Hit);
+        Some((credentials, Lookup::Hit))
+    }
+
+    /// The cache lookup of `ready` (fetching when needed), counted.
+    async fn lookup(&self, ready: &Ready, request: &Request) -> Result<(Arc<Credentials>, Lookup)> {
         let key = KeyRef::new(&ready.name, request);
         let result = self
             .inner
@@ -1909,7 +1970,7 @@ impl Host {
                 .await
                 .map_err(OperationError::Credentials)?;
             attempts += 1;
-            let (error, source) = match op(credentials.clone()).await {
+            let (error, source) = match op(Credentials::clone(&credentials)).await {
                 Ok(value) => return Ok(value),
                 Err(Rejection::Other(e)) => return Err(OperationError::Failed(e)),
                 Err(Rejection::Security { error, source }) => (error, source),
@@ -2140,5 +2201,86 @@ impl Host {
         self.provider(provider)
             .map(|r| r.runtime.stats().get_credentials.load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+}
+
+/// The version of `name` serving in `providers`, if it is loaded.
+fn serving(providers: &Providers, name: &str) -> Option<Arc<Ready>> {
+    match providers.get(name) {
+        Some(Slot::Ready { ready, .. }) => Some(ready.clone()),
+        _ => None,
+    }
+}
+
+/// One provider of a [`Host`], looked up once ([`Host::handle`]). Cheap to clone;
+/// follows reloads.
+#[derive(Clone)]
+pub struct ProviderHandle {
+    host: Host,
+    name: Arc<str>,
+    ready: Arc<arc_swap::ArcSwapOption<Ready>>,
+}
+
+impl std::fmt::Debug for ProviderHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderHandle")
+            .field("provider", &self.name)
+            .field("loaded", &self.ready.load().is_some())
+            .finish()
+    }
+}
+
+impl ProviderHandle {
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// [`Host::get_credentials`] for this provider.
+    pub async fn get_credentials(&self, request: &Request) -> Result<Arc<Credentials>> {
+        self.get_credentials_traced(request).await.map(|(c, _)| c)
+    }
+
+    /// [`Host::get_credentials_traced`] for this provider.
+    pub async fn get_credentials_traced(
+        &self,
+        request: &Request,
+    ) -> Result<(Arc<Credentials>, Lookup)> {
+        // The hit path borrows the serving version (no reference count touched).
+        if let Some(ready) = &*self.ready.load()
+            && let Some(hit) = self.host.hit(ready, request)
+        {
+            return Ok(hit);
+        }
+        match self.ready.load_full() {
+            Some(ready) => self.host.lookup(&ready, request).await,
+            // Not loaded (or removed): the host says why.
+            None => self.host.get_credentials_traced(&self.name, request).await,
+        }
+    }
+
+    /// [`Host::handle_security_error`] for this provider.
+    pub async fn handle_security_error(
+        &self,
+        request: &Request,
+        credentials: &Credentials,
+        error: &SecurityError,
+    ) -> Result<Decision> {
+        self.host
+            .handle_security_error(&self.name, request, credentials, error)
+            .await
+    }
+
+    /// [`Host::with_credentials`] for this provider.
+    pub async fn with_credentials<T, E, F, Fut>(
+        &self,
+        request: &Request,
+        op: F,
+    ) -> std::result::Result<T, OperationError<E>>
+    where
+        F: FnMut(Credentials) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Rejection<E>>>,
+    {
+        self.host.with_credentials(&self.name, request, op).await
     }
 }

@@ -64,7 +64,7 @@ pub use reauth_core::{
 // Internal paths (`crate::types::…`) keep working for the modules here.
 use reauth_core::{error, secret, types};
 
-pub use host::{Host, HostBuilder, ProviderStatus, ReloadReport};
+pub use host::{Host, HostBuilder, ProviderHandle, ProviderStatus, ReloadReport};
 pub use reauth_core::{
     BoxError, BreakerConfig, CacheConfig, CacheEvent, CacheKey, Challenge, ConfigError, Credential,
     Credentials, Decision, Error, HostConfig, KeyRef, KeyStats, LimitKind, LimitsConfig, Lookup,
@@ -74,8 +74,39 @@ pub use reauth_core::{
 pub use reauth_core::{Secret, constant_time_eq};
 pub use rollout::RolloutStatus;
 
+/// The README's library example.
+#[doc = include_str!("readme_library.md")]
+#[cfg(doctest)]
+pub struct ReadmeLibraryExample;
+
 #[cfg(test)]
 mod api {
+    /// The README shows the example that `ReadmeLibraryExample`'s doc test
+    /// compiles, line for line.
+    #[test]
+    fn the_readme_library_example_is_the_compiled_one() {
+        let fence = |text: &str, after: &str, open: &str| -> String {
+            let from = text.find(after).expect("section") + after.len();
+            let start = text[from..].find(open).expect("code block") + from + open.len();
+            let end = text[start..].find("```").expect("end of block") + start;
+            text[start..end].to_string()
+        };
+        let readme = fence(
+            include_str!("../../README.md"),
+            "### As a library",
+            "```rust\n",
+        );
+        let compiled: String = fence(include_str!("readme_library.md"), "", "```rust,no_run\n")
+            .lines()
+            .filter(|l| !l.starts_with("# ") && *l != "#")
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            readme, compiled,
+            "README.md and host/src/readme_library.md differ"
+        );
+    }
+
     fn send_sync<T: Send + Sync>() {}
     fn debug<T: std::fmt::Debug>() {}
 
@@ -89,6 +120,8 @@ mod api {
         send_sync::<crate::store::FileSharedCache>();
         send_sync::<crate::store::KeyRing>();
         send_sync::<crate::Error>();
+        send_sync::<crate::ProviderHandle>();
+        debug::<crate::ProviderHandle>();
         debug::<crate::Host>();
         debug::<crate::HostBuilder>();
         debug::<crate::runtime::Runtime>();

@@ -44,7 +44,7 @@ fn bearer(c: &Credential) -> String {
     }
 }
 
-fn provider_error(result: Result<reauth::Credentials, Error>) -> ProviderError {
+fn provider_error<T: std::fmt::Debug>(result: Result<T, Error>) -> ProviderError {
     match result {
         Err(Error::Provider { error, .. }) => error,
         other => panic!("expected a provider error, got {other:?}"),
@@ -85,13 +85,20 @@ async fn static_provider_serves_each_credential_shape_and_never_retries() {
         .await
         .unwrap()
         .credential
+        .clone()
     {
         Credential::Basic { username, password } => {
             assert_eq!((username.as_str(), password.expose()), ("neo4j", "pw"))
         }
         other => panic!("{other:?}"),
     }
-    match host.get_credentials("apikey", &r).await.unwrap().credential {
+    match host
+        .get_credentials("apikey", &r)
+        .await
+        .unwrap()
+        .credential
+        .clone()
+    {
         Credential::Headers(h) => {
             assert_eq!(h.len(), 1);
             assert_eq!((h[0].0.as_str(), h[0].1.expose()), ("x-api-key", "k-1"));
@@ -485,7 +492,7 @@ async fn the_sandbox_grants_no_files_env_args_or_sockets() {
         .get_credentials("sandbox", &Request::new())
         .await
         .unwrap();
-    let Credential::Headers(h) = c.credential else {
+    let Credential::Headers(h) = c.credential.clone() else {
         panic!()
     };
     let get = |k: &str| {
@@ -513,7 +520,7 @@ async fn config_references_reach_the_plugin_through_wasi_config() {
     std::fs::write(&path, toml).unwrap();
     let host = Host::from_config_file(&path).unwrap();
     let c = host.get_credentials("echo", &Request::new()).await.unwrap();
-    let Credential::Headers(h) = c.credential else {
+    let Credential::Headers(h) = c.credential.clone() else {
         panic!()
     };
     let mut got: Vec<(String, String)> = h

@@ -72,8 +72,11 @@ fn token(c: &Credentials) -> &str {
 }
 
 /// One operation against the resource server, classified the way a client would.
-async fn call_api(url: &str, c: Credentials) -> Result<(), Rejection<String>> {
-    reauth_tests::peers::call_api(url, token(&c)).await
+async fn call_api(
+    url: &str,
+    c: impl std::borrow::Borrow<Credentials>,
+) -> Result<(), Rejection<String>> {
+    reauth_tests::peers::call_api(url, token(c.borrow())).await
 }
 
 struct LoopResult {
@@ -366,7 +369,7 @@ async fn client_auth_methods_and_idp_errors() {
         "private_key_jwt accepted"
     );
 
-    let err = |r: Result<Credentials, Error>| match r {
+    let err = |r: Result<Arc<Credentials>, Error>| match r {
         Err(Error::Provider { error, .. }) => error,
         other => panic!("expected a provider error, got {other:?}"),
     };

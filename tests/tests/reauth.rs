@@ -61,6 +61,55 @@ async fn herd_of_10000_callers_makes_one_plugin_call() {
     assert_eq!(host.plugin_calls("counter"), 1);
 }
 
+/// A provider handle serves what the host serves (a shared credential: hits
+/// copy nothing), follows reloads, fails as the host does while its provider is
+/// gone, and serves again when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_handle_follows_reloads_and_shares_the_cached_credential() {
+    reauth_tests::logs();
+    let config = |token: &str| {
+        let mut c = reauth::HostConfig::default();
+        c.providers.insert(
+            "api".into(),
+            ProviderConfig::new(&plugins().static_).config("token", token),
+        );
+        c
+    };
+    let host = Host::builder_from_config(config("tok-1")).build().unwrap();
+    assert!(matches!(
+        host.handle("nope"),
+        Err(reauth::Error::UnknownProvider { .. })
+    ));
+    let handle = host.handle("api").unwrap();
+    assert_eq!(handle.name(), "api");
+    let r = Request::new().scope("orders:read");
+    let first = handle.get_credentials(&r).await.unwrap();
+    assert_eq!(token(&first), "tok-1");
+    let (again, lookup) = handle.get_credentials_traced(&r).await.unwrap();
+    assert_eq!(lookup, reauth::Lookup::Hit);
+    assert_eq!(*again, *first);
+    let by_name = host.get_credentials("api", &r).await.unwrap();
+    assert_eq!(
+        *by_name, *first,
+        "the host and the handle share one cache entry"
+    );
+    assert_eq!(host.plugin_calls("api"), 1);
+
+    host.reload(config("tok-2")).unwrap();
+    assert_eq!(token(&handle.get_credentials(&r).await.unwrap()), "tok-2");
+
+    host.reload(reauth::HostConfig::default()).unwrap();
+    let gone = handle.get_credentials(&r).await.unwrap_err();
+    assert!(
+        matches!(gone, reauth::Error::UnknownProvider { .. }),
+        "{gone:?}"
+    );
+
+    host.reload(config("tok-3")).unwrap();
+    assert_eq!(token(&handle.get_credentials(&r).await.unwrap()), "tok-3");
+    assert!(format!("{handle:?}").contains("api"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_1000_rejections_of_the_same_token_causes_one_refresh() {
     reauth_tests::logs();

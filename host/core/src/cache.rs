@@ -39,9 +39,11 @@
 use crate::clock::{Clock, saturating_add};
 use crate::config::CacheConfig;
 use crate::error::Error;
+use crate::sharded::Replicated;
 use crate::types::{Credential, Credentials, Reason, Request};
+use arc_swap::ArcSwapOption;
 use base64::Engine as _;
-use hashbrown::{Equivalent, HashMap};
+use hashbrown::Equivalent;
 use std::borrow::Cow;
 use std::future::Future;
 use std::hash::Hash;
@@ -184,7 +186,7 @@ pub type Fetcher = Arc<
 
 #[derive(Clone, Debug)]
 struct Entry {
-    credentials: Credentials,
+    credentials: Arc<Credentials>,
     generation: u64,
     /// Start of the advisory window.
     refresh_at: SystemTime,
@@ -214,23 +216,48 @@ struct SlotState {
 struct Slot {
     key: CacheKey,
     state: RwLock<SlotState>,
+    /// What the hit path reads without locking: the entry's credential and its
+    /// refresh-at, republished (under the state lock) whenever the entry changes.
+    hot: ArcSwapOption<Hot>,
     fetch: tokio::sync::Mutex<()>,
-    /// Last use, in milliseconds since the epoch (for eviction); written only when
-    /// it changes, so concurrent hits rarely write to it.
+    /// Last use, in seconds since the epoch (for eviction); written only when it
+    /// changes, so hits write to it at most once a second.
     last_used: AtomicU64,
 }
 
+/// A fresh entry as the hit path sees it.
+struct Hot {
+    refresh_at: SystemTime,
+    /// `refresh_at` less [`crate::clock::COARSE_LAG`]: before it the coarse clock
+    /// decides; from it on, the precise one.
+    coarse_until: SystemTime,
+    credentials: Replicated<Credentials>,
+}
+
 impl Slot {
+    /// Make the hit path see `st.entry` (call with the state locked, after every
+    /// change of the entry).
+    fn publish(&self, st: &SlotState) {
+        self.hot.store(st.entry.as_ref().map(|e| {
+            Arc::new(Hot {
+                refresh_at: e.refresh_at,
+                coarse_until: e
+                    .refresh_at
+                    .checked_sub(crate::clock::COARSE_LAG)
+                    .unwrap_or(UNIX_EPOCH),
+                credentials: Replicated::new(e.credentials.clone()),
+            })
+        }));
+    }
+
     fn lock(&self) -> RwLockWriteGuard<'_, SlotState> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn touch(&self, now: SystemTime) {
-        let ms = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        if self.last_used.load(Ordering::Relaxed) != ms {
-            self.last_used.store(ms, Ordering::Relaxed);
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.last_used.load(Ordering::Relaxed) != secs {
+            self.last_used.store(secs, Ordering::Relaxed);
         }
     }
 }
@@ -240,10 +267,17 @@ impl Slot {
 #[doc(hidden)]
 pub type ViolationHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// The slots by key: lock-free reads (the hit path), writes serialised by
+/// `Inner::structure`.
+type Slots = papaya::HashMap<CacheKey, Arc<Slot>, foldhash::fast::RandomState>;
+
 struct Inner {
-    slots: RwLock<HashMap<CacheKey, Arc<Slot>>>,
-    /// Keys per provider, changed only with `slots` write-locked (metrics read
-    /// it without touching `slots`).
+    slots: Slots,
+    /// Held to add or remove keys (so eviction and the per-provider counts see one
+    /// consistent map); lookups never take it.
+    structure: std::sync::Mutex<()>,
+    /// Keys per provider, changed only with `structure` held (metrics read it
+    /// without touching `slots`).
     counts: std::sync::Mutex<std::collections::BTreeMap<Arc<str>, usize>>,
     clock: Arc<dyn Clock>,
     events: broadcast::Sender<CacheEvent>,
@@ -297,7 +331,8 @@ impl TokenCache {
     ) -> Self {
         let (events, _) = broadcast::channel(1024);
         TokenCache(Arc::new(Inner {
-            slots: RwLock::new(HashMap::new()),
+            slots: Slots::with_hasher(foldhash::fast::RandomState::default()),
+            structure: std::sync::Mutex::new(()),
             counts: Default::default(),
             clock,
             events,
@@ -332,17 +367,19 @@ impl TokenCache {
         if let Some(slot) = self.existing_slot(key) {
             return slot;
         }
-        let mut slots = self.0.slots.write().unwrap_or_else(|e| e.into_inner());
+        let _structure = self.0.structure.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = self.0.slots.pin();
         if let Some(slot) = slots.get(key) {
             return slot.clone();
         }
         if slots.len() >= self.0.max_entries {
-            self.evict_idle(&mut slots);
+            self.evict_idle(&slots);
         }
         let owned = key.to_owned();
         let slot = Arc::new(Slot {
             key: owned.clone(),
             state: RwLock::default(),
+            hot: ArcSwapOption::empty(),
             fetch: tokio::sync::Mutex::default(),
             last_used: AtomicU64::new(0),
         });
@@ -366,12 +403,14 @@ impl TokenCache {
     }
 
     fn existing_slot<Q: Hash + Equivalent<CacheKey> + ?Sized>(&self, key: &Q) -> Option<Arc<Slot>> {
-        let slots = self.0.slots.read().unwrap_or_else(|e| e.into_inner());
-        slots.get(key).cloned()
+        self.0.slots.pin().get(key).cloned()
     }
 
     /// Drop the least recently used tenth of the keys that nobody is fetching.
-    fn evict_idle(&self, slots: &mut HashMap<CacheKey, Arc<Slot>>) {
+    fn evict_idle<G: papaya::Guard>(
+        &self,
+        slots: &papaya::HashMapRef<'_, CacheKey, Arc<Slot>, foldhash::fast::RandomState, G>,
+    ) {
         let mut idle: Vec<(CacheKey, u64)> = slots
             .iter()
             .filter(|(_, s)| Arc::strong_count(s) == 1 && s.fetch.try_lock().is_ok())
@@ -395,7 +434,8 @@ impl TokenCache {
     /// many. A fetch already running finishes for its own callers.
     #[doc(hidden)]
     pub fn remove_provider(&self, provider: &str) -> usize {
-        let mut slots = self.0.slots.write().unwrap_or_else(|e| e.into_inner());
+        let _structure = self.0.structure.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = self.0.slots.pin();
         let doomed: Vec<CacheKey> = slots
             .keys()
             .filter(|k| &*k.provider == provider)
@@ -416,7 +456,7 @@ impl TokenCache {
     /// Number of keys held.
     #[doc(hidden)]
     pub fn len(&self) -> usize {
-        self.0.slots.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.0.slots.len()
     }
 
     /// Keys held per provider (kept up to date as keys come and go: reading it
@@ -445,7 +485,7 @@ impl TokenCache {
         request: &Request,
         settings: &Arc<CacheConfig>,
         fetch: &Fetcher,
-    ) -> Result<(Credentials, Lookup), Error> {
+    ) -> Result<(Arc<Credentials>, Lookup), Error> {
         if let Some(credentials) = self.fresh_hit(key) {
             return Ok((credentials, Lookup::Hit));
         }
@@ -508,7 +548,7 @@ impl TokenCache {
         match self.accepted(&st, &slot.key, result, settings, now) {
             Ok(entry) => {
                 let credentials = entry.credentials.clone();
-                self.store(&mut st, &slot.key, entry, reason);
+                self.store(&slot, &mut st, entry, reason);
                 Ok((credentials, Lookup::Fetched(reason)))
             }
             // The call never reached the plugin (its bulkhead was full, or its
@@ -537,20 +577,25 @@ impl TokenCache {
         }
     }
 
-    /// The hot path: a credential before its refresh time, read under shared locks
-    /// only (no slot refcount traffic, no exclusive lock), so concurrent hits on one
-    /// key do not serialise.
-    fn fresh_hit(&self, key: &KeyRef<'_>) -> Option<Credentials> {
-        let slots = self.0.slots.read().unwrap_or_else(|e| e.into_inner());
-        let slot = slots.get(key)?;
-        let st = slot.state.read().unwrap_or_else(|e| e.into_inner());
-        let entry = st.entry.as_ref()?;
-        let now = self.0.clock.now();
-        if now >= entry.refresh_at {
-            return None;
+    /// The hot path: a credential before its refresh time, read without a lock and
+    /// without writing to a cache line another core reads (a lock-free map, the
+    /// slot's published entry, this thread's copy of the credential), so hits
+    /// scale with cores. `None`: not cached, or due for a refresh (the caller
+    /// takes the path that starts one).
+    pub fn fresh_hit(&self, key: &KeyRef<'_>) -> Option<Arc<Credentials>> {
+        let guard = self.0.slots.guard();
+        let slot = self.0.slots.get(key, &guard)?;
+        let hot = slot.hot.load();
+        let hot = hot.as_ref()?;
+        let mut now = self.0.clock.now_coarse();
+        if now >= hot.coarse_until {
+            now = self.0.clock.now();
+            if now >= hot.refresh_at {
+                return None;
+            }
         }
         slot.touch(now);
-        Some(entry.credentials.clone())
+        Some(hot.credentials.get())
     }
 
     /// Keep plugin calls for one key at least `min_interval_ms` apart.
@@ -568,7 +613,8 @@ impl TokenCache {
     }
 
     /// Make `entry` (checked by [`accept`]) the key's credential.
-    fn store(&self, st: &mut SlotState, key: &CacheKey, mut entry: Entry, reason: Reason) {
+    fn store(&self, slot: &Slot, st: &mut SlotState, mut entry: Entry, reason: Reason) {
+        let key = &slot.key;
         st.generation = st.generation.saturating_add(1);
         st.failures = 0;
         st.retry_at = None;
@@ -578,6 +624,7 @@ impl TokenCache {
         }
         entry.generation = st.generation;
         st.entry = Some(entry);
+        slot.publish(st);
         let _ = self.0.events.send(CacheEvent::Rotated {
             key: key.clone(),
             generation: st.generation,
@@ -610,7 +657,7 @@ impl TokenCache {
                 let now = cache.0.clock.now();
                 let mut st = slot.lock();
                 match cache.accepted(&st, &slot.key, result, &settings, now) {
-                    Ok(entry) => cache.store(&mut st, &slot.key, entry, Reason::RefreshAhead),
+                    Ok(entry) => cache.store(&slot, &mut st, entry, Reason::RefreshAhead),
                     Err(Error::Busy { .. }) => {}
                     Err(error) => {
                         tracing::warn!(provider = %slot.key.provider, error = %error, "refresh-ahead failed; keeping the cached credential");
@@ -655,6 +702,7 @@ impl TokenCache {
         }
         st.last_forced = Some(now);
         st.entry = None;
+        slot.publish(&st);
         let _ = self.0.events.send(CacheEvent::Invalidated {
             key: slot.key.clone(),
             generation,
@@ -677,6 +725,7 @@ impl TokenCache {
             _ => return false,
         };
         st.entry = None;
+        slot.publish(&st);
         let _ = self.0.events.send(CacheEvent::Invalidated {
             key: slot.key.clone(),
             generation,
@@ -807,7 +856,7 @@ fn schedule(
     };
     let refresh_at = saturating_add(now, refresh_in).min(use_until);
     Entry {
-        credentials,
+        credentials: Arc::new(credentials),
         generation,
         refresh_at,
         use_until,

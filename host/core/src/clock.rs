@@ -34,7 +34,19 @@ pub fn saturating_add(t: SystemTime, d: Duration) -> SystemTime {
 pub trait Clock: Send + Sync + 'static {
     /// Now.
     fn now(&self) -> SystemTime;
+
+    /// Now, read cheaply: never later than [`Clock::now`] and at most
+    /// [`COARSE_LAG`] earlier. The cache-hit path reads it (a precise read of the
+    /// wall clock costs more than the rest of a hit) and decides with the
+    /// precise clock whenever the lag could matter. By default, [`Clock::now`].
+    fn now_coarse(&self) -> SystemTime {
+        self.now()
+    }
 }
+
+/// The most [`Clock::now_coarse`] may lag behind [`Clock::now`] (the kernel's
+/// coarse clock ticks every 1–10 ms; this leaves a margin).
+pub const COARSE_LAG: Duration = Duration::from_millis(20);
 
 /// The system's wall clock.
 #[derive(Debug, Clone, Copy, Default)]
@@ -43,6 +55,29 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+
+    /// `CLOCK_REALTIME_COARSE`: the time of the kernel's last tick, read from
+    /// the vDSO without a clock read (~5 ns instead of ~40 ns on a VM), through
+    /// libc, so that libfaketime moves it with the precise clock.
+    fn now_coarse(&self) -> SystemTime {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec that outlives the call, and
+        // clock_gettime writes only into it.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        match (rc, u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec)) {
+            (0, Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => {
+                let since = Duration::new(secs, nanos);
+                let precise_floor = UNIX_EPOCH.checked_add(since);
+                precise_floor.unwrap_or_else(SystemTime::now)
+            }
+            // No coarse clock (or a time before 1970): the precise one.
+            _ => SystemTime::now(),
+        }
     }
 }
 
@@ -123,4 +158,24 @@ pub fn rfc3339(t: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The coarse clock never runs ahead of the precise one, nor further behind
+    /// than the hit path allows for.
+    #[test]
+    fn the_coarse_clock_lags_the_precise_one_by_less_than_coarse_lag() {
+        for _ in 0..1000 {
+            let coarse = SystemClock.now_coarse();
+            let precise = SystemClock.now();
+            assert!(coarse <= precise, "{coarse:?} > {precise:?}");
+            let lag = precise.duration_since(coarse).unwrap();
+            assert!(lag < COARSE_LAG, "lag {lag:?}");
+        }
+        let manual = ManualClock::new(UNIX_EPOCH + Duration::from_secs(5));
+        assert_eq!(manual.now_coarse(), manual.now());
+    }
 }

@@ -34,6 +34,8 @@ pub mod metrics;
 pub mod retry;
 pub mod schema;
 pub mod secret;
+#[doc(hidden)]
+pub mod sharded;
 pub mod types;
 pub mod wire;
 

@@ -255,7 +255,8 @@ const FUNCTIONS: [&str; 2] = ["get-credentials", "handle-security-error"];
 pub struct ProviderMetrics {
     calls: [[AtomicU64; 7]; 2],
     durations: [Histogram<12>; 2],
-    lookups: [AtomicU64; 5],
+    /// Sharded: a hit on every core counts without a shared cache line.
+    lookups: [crate::sharded::Counter; 5],
     fetches: [AtomicU64; 4],
     security_errors: [[AtomicU64; 4]; 4],
     reauthentications: AtomicU64,
@@ -393,7 +394,7 @@ impl ProviderMetrics {
     #[doc(hidden)]
     pub fn lookup(&self, kind: LookupKind) {
         let i = LookupKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
-        self.lookups[i].fetch_add(1, Ordering::Relaxed);
+        self.lookups[i].incr();
     }
 
     /// Record a credential refused for breaking the contract
@@ -535,7 +536,7 @@ impl ProviderMetrics {
     /// Lookups of `kind` so far.
     pub fn lookups(&self, kind: LookupKind) -> u64 {
         let i = LookupKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
-        self.lookups[i].load(Ordering::Relaxed)
+        self.lookups[i].get()
     }
 }
 
@@ -649,7 +650,7 @@ impl Metrics {
         );
         for (p, m) in &providers {
             for (i, kind) in LookupKind::ALL.iter().enumerate() {
-                let n = m.lookups[i].load(Ordering::Relaxed);
+                let n = m.lookups[i].get();
                 let _ = writeln!(
                     out,
                     "reauth_cache_lookups_total{{provider=\"{}\",result=\"{}\"}} {n}",

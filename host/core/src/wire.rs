@@ -106,6 +106,12 @@ pub struct WireCredentials {
     pub principal: Option<String>,
 }
 
+impl From<&std::sync::Arc<Credentials>> for WireCredentials {
+    fn from(c: &std::sync::Arc<Credentials>) -> Self {
+        Self::from(&**c)
+    }
+}
+
 impl From<&Credentials> for WireCredentials {
     fn from(c: &Credentials) -> Self {
         let credential = match &c.credential {
