@@ -260,8 +260,8 @@ impl HostBuilder {
     }
 
     /// Engine settings beyond the config file's (to measure the cost of the
-    /// sandbox's limits). `cache_dir` and `max_memory_bytes` here are overridden by
-    /// the configuration.
+    /// sandbox's limits). `cache_dir` here is used when the configuration sets no
+    /// `runtime.cache_dir`; `max_memory_bytes` is overridden by the configuration.
     pub fn runtime_options(mut self, options: RuntimeOptions) -> Self {
         self.runtime_options = Some(options);
         self
@@ -307,11 +307,13 @@ impl HostBuilder {
         let defaults = self.runtime_options.unwrap_or_default();
         let runtime = Runtime::new(
             RuntimeOptions {
+                // The config's, else the embedder's default (`runtime_options`).
                 cache_dir: config
                     .runtime
                     .cache_dir
                     .as_deref()
-                    .map(|d| config.resolve(d)),
+                    .map(|d| config.resolve(d))
+                    .or(defaults.cache_dir.clone()),
                 max_memory_bytes: config.runtime.max_memory_mib << 20,
                 max_instances: config.runtime.max_instances,
                 ..defaults
@@ -1661,7 +1663,7 @@ impl Host {
                 (Ok(ready), previous) => {
                     tracing::info!(provider = %name, sha256 = ready.runtime.sha256(), "provider (re)loaded");
                     if previous.is_some() {
-                        self.inner.cache.remove_provider(name);
+                        // Its cached credentials go after the swap (below).
                         report.updated.push(name.clone());
                     } else {
                         report.added.push(name.clone());
@@ -1690,12 +1692,17 @@ impl Host {
             next.insert(name.clone(), slot);
         }
         for name in old.keys().filter(|n| !config.providers.contains_key(*n)) {
-            self.inner.cache.remove_provider(name);
             tracing::info!(provider = %name, "provider removed");
             report.removed.push(name.clone());
         }
         let next = Arc::new(next);
         self.publish(next.clone());
+        // The old versions' credentials go once no lookup can reach an old
+        // version any more: dropped before the swap, a miss in between would
+        // cache a credential of the old version for the new one.
+        for name in report.updated.iter().chain(&report.removed) {
+            self.inner.cache.remove_provider(name);
+        }
         // Candidates no version serves any more give their pool reservation back
         // (after the swap: a failed reload keeps the old version and its
         // candidate).

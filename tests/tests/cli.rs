@@ -98,10 +98,20 @@ async fn check_reports_every_provider_and_fails_if_one_is_broken() {
     std::fs::write(&path, "[providers.api]\nplugin = 3\n").unwrap();
     let (code, out) = reauth(&["check", "--config", config]).await;
     assert_eq!(code, ExitCode::FAILURE);
-    assert!(out.starts_with("FAIL config: "), "{out}");
+    assert_eq!(out, "", "a config error goes to stderr, not stdout");
+    // The binary: the error on stderr, exit 1 (a check failed).
+    let bin = reauth_tests::workspace_binary("reauth-cli", "reauth");
+    let run = std::process::Command::new(bin)
+        .args(["check", "--config", config])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    assert!(run.stdout.is_empty());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.starts_with("FAIL config: "), "{err}");
     assert!(
-        out.contains("reauth.toml:2: providers.api.plugin: invalid type"),
-        "{out}"
+        err.contains("reauth.toml:2: providers.api.plugin: invalid type"),
+        "{err}"
     );
     let (code, out) = reauth(&["check", "--config", config, "--format", "json"]).await;
     assert_eq!(code, ExitCode::FAILURE);

@@ -311,6 +311,82 @@ fn parse_client(s: &str) -> Result<DevClient, String> {
     Ok(DevClient::new(id, secret))
 }
 
+/// Where `reauth test` and `reauth check` keep compiled plugins between runs, so
+/// that the second run of a 15–20 MB Python or JavaScript component loads it in
+/// milliseconds instead of compiling it for seconds: `$REAUTH_CACHE_DIR` (empty:
+/// none), else `$XDG_CACHE_HOME/reauth/artifacts`, else
+/// `~/.cache/reauth/artifacts`. An artifact is loaded only after its digest and
+/// engine are checked, and only from a directory this user owns that no other user
+/// can write to (a directory that fails this is not used, with a warning): loading
+/// a precompiled artifact runs its code.
+pub fn user_artifact_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("REAUTH_CACHE_DIR") {
+        Some(d) if d.is_empty() => return None,
+        Some(d) => PathBuf::from(d),
+        None => {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .map(PathBuf::from)
+                        .filter(|p| p.is_absolute())
+                        .map(|h| h.join(".cache"))
+                })?;
+            base.join("reauth").join("artifacts")
+        }
+    };
+    match private_to_this_user(&dir) {
+        Ok(()) => Some(dir),
+        Err(why) => {
+            tracing::warn!(dir = %dir.display(), "not caching compiled plugins here: {why}");
+            None
+        }
+    }
+}
+
+/// Create `dir` (0700) if missing; refuse one another user owns or can write to.
+fn private_to_this_user(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create it: {e}"))?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    // /proc/self belongs to the process's effective user.
+    let me = std::fs::metadata("/proc/self")
+        .map_err(|e| e.to_string())?
+        .uid();
+    if !meta.is_dir() {
+        return Err("not a directory (or a symbolic link)".into());
+    }
+    if meta.uid() != me {
+        return Err(format!("owned by uid {}, not this user ({me})", meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "mode {:o}: other users can write to it",
+            meta.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
+/// The host `reauth check` loads: the config's own `runtime.cache_dir`, else the
+/// per-user artifact cache ([`user_artifact_dir`]) for compiled plugins.
+fn check_host(config: HostConfig) -> Result<Host, BoxError> {
+    let options = reauth::runtime::RuntimeOptions {
+        cache_dir: user_artifact_dir(),
+        ..Default::default()
+    };
+    Ok(Host::builder_from_config(config)
+        .runtime_options(options)
+        .build()?)
+}
+
 /// `reauth test`: run the conformance kit and print its table.
 async fn conformance(
     target: &std::path::Path,
@@ -330,7 +406,10 @@ async fn conformance(
         )?;
     }
     let started = Instant::now();
-    let report = crate::conformance::run(&manifest, &component, scenarios).await?;
+    let artifacts = user_artifact_dir();
+    let report =
+        crate::conformance::run_with_cache(&manifest, &component, scenarios, artifacts.as_deref())
+            .await?;
     match format {
         ReportFormat::Table => {
             writeln!(out, "component sha256 {}", &report.sha256[..12])?;
@@ -562,12 +641,14 @@ async fn check(
     let parsed = match HostConfig::from_file(&config) {
         Ok(c) => c,
         Err(e) => {
-            writeln!(out, "FAIL config: {e}")?;
+            // An error, so on stderr like every command's; the exit status says
+            // the check failed.
+            eprintln!("FAIL config: {e}");
             return Ok(ExitCode::FAILURE);
         }
     };
     let at_rest = at_rest_paths(&parsed);
-    let host = Host::builder_from_config(parsed).build()?;
+    let host = check_host(parsed)?;
     // Secrets at rest are sealed, but their files should still be private.
     for path in at_rest {
         if let Some(mode) = reauth::store::loose_permissions(&path) {
@@ -640,7 +721,7 @@ async fn check_json(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<Exi
         }
     };
     let at_rest = at_rest_paths(&parsed);
-    let host = Host::builder_from_config(parsed).build()?;
+    let host = check_host(parsed)?;
     let warnings: Vec<String> = at_rest
         .iter()
         .filter_map(|path| {
@@ -1190,6 +1271,35 @@ mod tests {
         assert_eq!(
             rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_100_000)),
             "2025-11-25T19:46:40Z"
+        );
+    }
+
+    /// Compiled plugins are loaded (and so run) only from a directory no other
+    /// user can write to.
+    #[test]
+    fn the_artifact_cache_is_refused_when_others_can_write_to_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("a/b/artifacts");
+        private_to_this_user(&fresh).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "created private");
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let why = private_to_this_user(&fresh).unwrap_err();
+        assert!(why.contains("other users can write"), "{why}");
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(
+            private_to_this_user(&file)
+                .unwrap_err()
+                .contains("not a directory")
+        );
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path().join("a"), &link).unwrap();
+        assert!(
+            private_to_this_user(&link)
+                .unwrap_err()
+                .contains("symbolic link")
         );
     }
 }

@@ -554,11 +554,24 @@ impl Report {
     }
 }
 
-/// Run the scenarios (all, or those named in `only`) against `component`.
+/// Run the scenarios (all, or those named in `only`) against `component`,
+/// compiling it into a private temporary directory.
 pub async fn run(
     manifest: &Manifest,
     component: &Path,
     only: &[String],
+) -> Result<Report, Box<dyn std::error::Error + Send + Sync>> {
+    run_with_cache(manifest, component, only, None).await
+}
+
+/// [`run`], keeping the compiled component in `artifacts` (a directory of
+/// precompiled plugins such as `runtime.cache_dir`) so that the next run loads it
+/// instead of compiling it again; `None`: a private temporary directory.
+pub async fn run_with_cache(
+    manifest: &Manifest,
+    component: &Path,
+    only: &[String],
+    artifacts: Option<&Path>,
 ) -> Result<Report, Box<dyn std::error::Error + Send + Sync>> {
     for name in only {
         if !SCENARIOS.contains(&name.as_str()) {
@@ -573,7 +586,7 @@ pub async fn run(
     let clock = ManualClock::new(t0());
     let runtime = Runtime::new(
         RuntimeOptions {
-            cache_dir: Some(cache.path().to_path_buf()),
+            cache_dir: Some(artifacts.unwrap_or(cache.path()).to_path_buf()),
             ..RuntimeOptions::default()
         },
         Arc::new(clock.clone()),

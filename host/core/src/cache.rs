@@ -48,7 +48,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
@@ -216,13 +216,31 @@ struct SlotState {
 struct Slot {
     key: CacheKey,
     state: RwLock<SlotState>,
-    /// What the hit path reads without locking: the entry's credential and its
-    /// refresh-at, republished (under the state lock) whenever the entry changes.
-    hot: ArcSwapOption<Hot>,
     fetch: tokio::sync::Mutex<()>,
-    /// Last use, in seconds since the epoch (for eviction); written only when it
-    /// changes, so hits write to it at most once a second.
+    /// Set (with `fetch` held) when eviction took the slot out of the map.
+    evicted: AtomicBool,
+}
+
+/// A key's place in the map: what the hit path reads sits inline, in the map's
+/// own allocation (one pointer less to follow on every hit), beside the slot.
+struct Place {
+    /// The entry's credential and refresh-at, republished (under the slot's
+    /// state lock) whenever the entry changes.
+    hot: ArcSwapOption<Hot>,
+    /// Last use, in seconds since the epoch (for eviction: keys used within the
+    /// same second are equally recent); written only when it changes, so hits
+    /// write to it at most once a second.
     last_used: AtomicU64,
+    slot: Arc<Slot>,
+}
+
+impl Place {
+    fn touch(&self, now: SystemTime) {
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.last_used.load(Ordering::Relaxed) != secs {
+            self.last_used.store(secs, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A fresh entry as the hit path sees it.
@@ -235,30 +253,8 @@ struct Hot {
 }
 
 impl Slot {
-    /// Make the hit path see `st.entry` (call with the state locked, after every
-    /// change of the entry).
-    fn publish(&self, st: &SlotState) {
-        self.hot.store(st.entry.as_ref().map(|e| {
-            Arc::new(Hot {
-                refresh_at: e.refresh_at,
-                coarse_until: e
-                    .refresh_at
-                    .checked_sub(crate::clock::COARSE_LAG)
-                    .unwrap_or(UNIX_EPOCH),
-                credentials: Replicated::new(e.credentials.clone()),
-            })
-        }));
-    }
-
     fn lock(&self) -> RwLockWriteGuard<'_, SlotState> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn touch(&self, now: SystemTime) {
-        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if self.last_used.load(Ordering::Relaxed) != secs {
-            self.last_used.store(secs, Ordering::Relaxed);
-        }
     }
 }
 
@@ -269,7 +265,7 @@ pub type ViolationHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The slots by key: lock-free reads (the hit path), writes serialised by
 /// `Inner::structure`.
-type Slots = papaya::HashMap<CacheKey, Arc<Slot>, foldhash::fast::RandomState>;
+type Slots = papaya::HashMap<CacheKey, Place, foldhash::fast::RandomState>;
 
 struct Inner {
     slots: Slots,
@@ -369,8 +365,8 @@ impl TokenCache {
         }
         let _structure = self.0.structure.lock().unwrap_or_else(|e| e.into_inner());
         let slots = self.0.slots.pin();
-        if let Some(slot) = slots.get(key) {
-            return slot.clone();
+        if let Some(place) = slots.get(key) {
+            return place.slot.clone();
         }
         if slots.len() >= self.0.max_entries {
             self.evict_idle(&slots);
@@ -379,12 +375,18 @@ impl TokenCache {
         let slot = Arc::new(Slot {
             key: owned.clone(),
             state: RwLock::default(),
-            hot: ArcSwapOption::empty(),
+            evicted: AtomicBool::new(false),
             fetch: tokio::sync::Mutex::default(),
-            last_used: AtomicU64::new(0),
         });
         self.count(&owned.provider, true);
-        slots.insert(owned, slot.clone());
+        slots.insert(
+            owned,
+            Place {
+                hot: ArcSwapOption::empty(),
+                last_used: AtomicU64::new(0),
+                slot: slot.clone(),
+            },
+        );
         slot
     }
 
@@ -403,18 +405,18 @@ impl TokenCache {
     }
 
     fn existing_slot<Q: Hash + Equivalent<CacheKey> + ?Sized>(&self, key: &Q) -> Option<Arc<Slot>> {
-        self.0.slots.pin().get(key).cloned()
+        self.0.slots.pin().get(key).map(|p| p.slot.clone())
     }
 
     /// Drop the least recently used tenth of the keys that nobody is fetching.
     fn evict_idle<G: papaya::Guard>(
         &self,
-        slots: &papaya::HashMapRef<'_, CacheKey, Arc<Slot>, foldhash::fast::RandomState, G>,
+        slots: &papaya::HashMapRef<'_, CacheKey, Place, foldhash::fast::RandomState, G>,
     ) {
         let mut idle: Vec<(CacheKey, u64)> = slots
             .iter()
-            .filter(|(_, s)| Arc::strong_count(s) == 1 && s.fetch.try_lock().is_ok())
-            .map(|(k, s)| (k.clone(), s.last_used.load(Ordering::Relaxed)))
+            .filter(|(_, p)| Arc::strong_count(&p.slot) == 1)
+            .map(|(k, p)| (k.clone(), p.last_used.load(Ordering::Relaxed)))
             .collect();
         idle.sort_by_key(|(_, used)| *used);
         let excess = slots
@@ -423,6 +425,20 @@ impl TokenCache {
             .saturating_sub(self.0.max_entries);
         let target = excess.max(self.0.max_entries / 10).min(idle.len());
         for (key, _) in idle.into_iter().take(target) {
+            // Lookups clone slots without any lock: decide with the slot's fetch
+            // lock held, and mark it, so that a lookup that picked it up meanwhile
+            // sees the mark when it takes that lock and starts over on a live slot
+            // (never two fetches for one key).
+            let Some(Place { slot, .. }) = slots.get(&key) else {
+                continue;
+            };
+            let Ok(_fetching) = slot.fetch.try_lock() else {
+                continue;
+            };
+            if Arc::strong_count(slot) != 1 {
+                continue;
+            }
+            slot.evicted.store(true, Ordering::Release);
             if slots.remove(&key).is_some() {
                 self.count(&key.provider, false);
             }
@@ -489,91 +505,103 @@ impl TokenCache {
         if let Some(credentials) = self.fresh_hit(key) {
             return Ok((credentials, Lookup::Hit));
         }
-        let slot = self.slot(key);
-        {
-            let mut st = slot.lock();
-            let now = self.0.clock.now();
-            slot.touch(now);
-            if let Some(entry) = &st.entry
-                && now < entry.use_until
+        let mut slot = self.slot(key);
+        loop {
             {
-                let credentials = entry.credentials.clone();
-                if now >= entry.refresh_at && !st.refreshing && st.retry_at.is_none_or(|t| now >= t)
-                {
-                    st.refreshing = true;
-                    self.spawn_refresh(slot.clone(), request, settings, fetch);
+                let mut st = slot.lock();
+                let now = self.0.clock.now();
+                if let Some(place) = self.0.slots.pin().get(&slot.key) {
+                    place.touch(now);
                 }
-                return Ok((credentials, Lookup::Hit));
+                if let Some(entry) = &st.entry
+                    && now < entry.use_until
+                {
+                    let credentials = entry.credentials.clone();
+                    if now >= entry.refresh_at
+                        && !st.refreshing
+                        && st.retry_at.is_none_or(|t| now >= t)
+                    {
+                        st.refreshing = true;
+                        self.spawn_refresh(slot.clone(), request, settings, fetch);
+                    }
+                    return Ok((credentials, Lookup::Hit));
+                }
             }
-        }
 
-        // Mandatory: one fetch at a time; whoever comes later takes its outcome.
-        let _fetching = slot.fetch.lock().await;
-        let reason = {
-            let st = slot.lock();
+            // Mandatory: one fetch at a time; whoever comes later takes its outcome.
+            let fetching = slot.fetch.lock().await;
+            if slot.evicted.load(Ordering::Acquire) {
+                // Evicted since this lookup found it: start over on the live slot.
+                drop(fetching);
+                slot = self.slot(key);
+                continue;
+            }
+            let reason = {
+                let st = slot.lock();
+                let now = self.0.clock.now();
+                if let Some(entry) = &st.entry
+                    && now < entry.use_until
+                {
+                    return Ok((entry.credentials.clone(), Lookup::Joined));
+                }
+                if let Some(retry_at) = st.retry_at
+                    && now < retry_at
+                {
+                    if let Some(entry) = &st.entry
+                        && now < entry.expires
+                    {
+                        return Ok((entry.credentials.clone(), Lookup::Stale));
+                    }
+                    if let Some(error) = &st.last_error {
+                        return Err(error.replay());
+                    }
+                }
+                if request.reason != Reason::Initial {
+                    request.reason
+                } else if st.entry.is_some() {
+                    Reason::Expired
+                } else {
+                    Reason::Initial
+                }
+            };
+            self.pace(&slot, settings).await;
+            let result = fetch(Request {
+                reason,
+                ..request.clone()
+            })
+            .await;
             let now = self.0.clock.now();
-            if let Some(entry) = &st.entry
-                && now < entry.use_until
-            {
-                return Ok((entry.credentials.clone(), Lookup::Joined));
-            }
-            if let Some(retry_at) = st.retry_at
-                && now < retry_at
-            {
-                if let Some(entry) = &st.entry
-                    && now < entry.expires
-                {
-                    return Ok((entry.credentials.clone(), Lookup::Stale));
+            let mut st = slot.lock();
+            return match self.accepted(&st, &slot.key, result, settings, now) {
+                Ok(entry) => {
+                    let credentials = entry.credentials.clone();
+                    self.store(&slot, &mut st, entry, reason);
+                    Ok((credentials, Lookup::Fetched(reason)))
                 }
-                if let Some(error) = &st.last_error {
-                    return Err(error.replay());
+                // The call never reached the plugin (its bulkhead was full, or its
+                // fetch budget spent): not a failure of the provider, no backoff,
+                // nothing to replay.
+                Err(error @ (Error::Busy { .. } | Error::Throttled { .. })) => {
+                    if let Some(entry) = &st.entry
+                        && now < entry.expires
+                    {
+                        return Ok((entry.credentials.clone(), Lookup::Stale));
+                    }
+                    Err(error)
                 }
-            }
-            if request.reason != Reason::Initial {
-                request.reason
-            } else if st.entry.is_some() {
-                Reason::Expired
-            } else {
-                Reason::Initial
-            }
-        };
-        self.pace(&slot, settings).await;
-        let result = fetch(Request {
-            reason,
-            ..request.clone()
-        })
-        .await;
-        let now = self.0.clock.now();
-        let mut st = slot.lock();
-        match self.accepted(&st, &slot.key, result, settings, now) {
-            Ok(entry) => {
-                let credentials = entry.credentials.clone();
-                self.store(&slot, &mut st, entry, reason);
-                Ok((credentials, Lookup::Fetched(reason)))
-            }
-            // The call never reached the plugin (its bulkhead was full, or its
-            // fetch budget spent): not a failure of the provider, no backoff,
-            // nothing to replay.
-            Err(error @ (Error::Busy { .. } | Error::Throttled { .. })) => {
-                if let Some(entry) = &st.entry
-                    && now < entry.expires
-                {
-                    return Ok((entry.credentials.clone(), Lookup::Stale));
+                Err(error) => {
+                    record_failure(&mut st, &error, settings, now);
+                    if let Some(entry) = &st.entry
+                        && now < entry.expires
+                        && !error.is_permanent()
+                    {
+                        tracing::warn!(provider = %slot.key.provider, error = %error, "refresh failed; serving the still-valid cached credential");
+                        return Ok((entry.credentials.clone(), Lookup::Stale));
+                    }
+                    st.last_error = Some(error.replay());
+                    Err(error)
                 }
-                Err(error)
-            }
-            Err(error) => {
-                record_failure(&mut st, &error, settings, now);
-                if let Some(entry) = &st.entry
-                    && now < entry.expires
-                    && !error.is_permanent()
-                {
-                    tracing::warn!(provider = %slot.key.provider, error = %error, "refresh failed; serving the still-valid cached credential");
-                    return Ok((entry.credentials.clone(), Lookup::Stale));
-                }
-                st.last_error = Some(error.replay());
-                Err(error)
-            }
+            };
         }
     }
 
@@ -582,10 +610,11 @@ impl TokenCache {
     /// slot's published entry, this thread's copy of the credential), so hits
     /// scale with cores. `None`: not cached, or due for a refresh (the caller
     /// takes the path that starts one).
+    #[doc(hidden)]
     pub fn fresh_hit(&self, key: &KeyRef<'_>) -> Option<Arc<Credentials>> {
         let guard = self.0.slots.guard();
-        let slot = self.0.slots.get(key, &guard)?;
-        let hot = slot.hot.load();
+        let place = self.0.slots.get(key, &guard)?;
+        let hot = place.hot.load();
         let hot = hot.as_ref()?;
         let mut now = self.0.clock.now_coarse();
         if now >= hot.coarse_until {
@@ -594,7 +623,7 @@ impl TokenCache {
                 return None;
             }
         }
-        slot.touch(now);
+        place.touch(now);
         Some(hot.credentials.get())
     }
 
@@ -612,8 +641,30 @@ impl TokenCache {
         slot.lock().last_fetch = Some(self.0.clock.now());
     }
 
+    /// Make the hit path see `slot`'s entry (call with its state locked, after
+    /// every change of the entry). Nothing to do for a slot no longer in the map.
+    fn publish(&self, slot: &Arc<Slot>, st: &SlotState) {
+        let slots = self.0.slots.pin();
+        let Some(place) = slots.get(&slot.key) else {
+            return;
+        };
+        if !Arc::ptr_eq(&place.slot, slot) {
+            return;
+        }
+        place.hot.store(st.entry.as_ref().map(|e| {
+            Arc::new(Hot {
+                refresh_at: e.refresh_at,
+                coarse_until: e
+                    .refresh_at
+                    .checked_sub(crate::clock::COARSE_LAG)
+                    .unwrap_or(UNIX_EPOCH),
+                credentials: Replicated::new(e.credentials.clone()),
+            })
+        }));
+    }
+
     /// Make `entry` (checked by [`accept`]) the key's credential.
-    fn store(&self, slot: &Slot, st: &mut SlotState, mut entry: Entry, reason: Reason) {
+    fn store(&self, slot: &Arc<Slot>, st: &mut SlotState, mut entry: Entry, reason: Reason) {
         let key = &slot.key;
         st.generation = st.generation.saturating_add(1);
         st.failures = 0;
@@ -624,7 +675,7 @@ impl TokenCache {
         }
         entry.generation = st.generation;
         st.entry = Some(entry);
-        slot.publish(st);
+        self.publish(slot, st);
         let _ = self.0.events.send(CacheEvent::Rotated {
             key: key.clone(),
             generation: st.generation,
@@ -649,7 +700,8 @@ impl TokenCache {
             let still_needed = {
                 let st = slot.lock();
                 let now = cache.0.clock.now();
-                st.entry.as_ref().is_some_and(|e| now >= e.refresh_at)
+                !slot.evicted.load(Ordering::Acquire)
+                    && st.entry.as_ref().is_some_and(|e| now >= e.refresh_at)
             };
             if still_needed {
                 cache.pace(&slot, &settings).await;
@@ -702,7 +754,7 @@ impl TokenCache {
         }
         st.last_forced = Some(now);
         st.entry = None;
-        slot.publish(&st);
+        self.publish(&slot, &st);
         let _ = self.0.events.send(CacheEvent::Invalidated {
             key: slot.key.clone(),
             generation,
@@ -725,7 +777,7 @@ impl TokenCache {
             _ => return false,
         };
         st.entry = None;
-        slot.publish(&st);
+        self.publish(&slot, &st);
         let _ = self.0.events.send(CacheEvent::Invalidated {
             key: slot.key.clone(),
             generation,

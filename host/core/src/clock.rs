@@ -44,9 +44,11 @@ pub trait Clock: Send + Sync + 'static {
     }
 }
 
-/// The most [`Clock::now_coarse`] may lag behind [`Clock::now`] (the kernel's
-/// coarse clock ticks every 1–10 ms; this leaves a margin).
-pub const COARSE_LAG: Duration = Duration::from_millis(20);
+/// The most [`Clock::now_coarse`] may lag behind [`Clock::now`]. The kernel's
+/// coarse clock ticks every 1–10 ms (a paused vCPU may delay a few ticks); one
+/// second is far beyond that and costs nothing: refresh times are jittered by
+/// minutes, and within this margin of one the hit path reads the precise clock.
+pub const COARSE_LAG: Duration = Duration::from_secs(1);
 
 /// The system's wall clock.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,8 +61,14 @@ impl Clock for SystemClock {
 
     /// `CLOCK_REALTIME_COARSE`: the time of the kernel's last tick, read from
     /// the vDSO without a clock read (~5 ns instead of ~40 ns on a VM), through
-    /// libc, so that libfaketime moves it with the precise clock.
+    /// libc. Under libfaketime (`FAKETIME` set: a speed factor would multiply the
+    /// tick's lag) and off Linux, the precise clock.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn now_coarse(&self) -> SystemTime {
+        static FAKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *FAKED.get_or_init(|| std::env::var_os("FAKETIME").is_some()) {
+            return SystemTime::now();
+        }
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,

@@ -97,7 +97,7 @@ impl<T: Clone> Replicated<T> {
     /// A clone of this thread's copy.
     #[inline]
     pub fn get(&self) -> Arc<T> {
-        match shard() % (COPIES + 1) {
+        match shard() % shards().min(COPIES + 1) {
             0 => self.primary.clone(),
             i => self.copies[i - 1]
                 .get_or_init(|| Arc::new(T::clone(&self.primary)))

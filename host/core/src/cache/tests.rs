@@ -879,3 +879,44 @@ async fn callers_recover_within_a_second_of_the_idp_and_the_outage_costs_one_cal
         back.elapsed()
     );
 }
+
+/// A clock whose coarse reading lags its precise one by just under the allowed
+/// [`crate::clock::COARSE_LAG`].
+#[derive(Clone, Copy)]
+struct LaggingCoarse(TokioClock);
+
+impl Clock for LaggingCoarse {
+    fn now(&self) -> SystemTime {
+        self.0.now()
+    }
+    fn now_coarse(&self) -> SystemTime {
+        self.0.now() - (crate::clock::COARSE_LAG - Duration::from_millis(1))
+    }
+}
+
+/// The hit path reads the cheap coarse clock, but never serves a hit at or past
+/// the refresh time because of its lag: near it, the precise clock decides.
+#[tokio::test(start_paused = true)]
+async fn a_lagging_coarse_clock_never_serves_a_hit_past_the_refresh_time() {
+    let clock = TokioClock::starting_at(UNIX_EPOCH + Duration::from_secs(START));
+    let cache = TokenCache::new(Arc::new(LaggingCoarse(clock)), 100);
+    let fake = FakeProvider::new(clock, Duration::from_secs(3600));
+    let settings = Arc::new(CacheConfig {
+        window_jitter: 0.0,
+        ..CacheConfig::default()
+    });
+    let k = key(None);
+    cache
+        .get(&k.as_ref(), &Request::new(), &settings, &fake.fetcher())
+        .await
+        .unwrap();
+    let refresh_at = cache.refresh_at(&k.as_ref()).unwrap();
+    let until = refresh_at.duration_since(clock.now()).unwrap();
+    tokio::time::advance(until - Duration::from_millis(1)).await;
+    assert!(cache.fresh_hit(&k.as_ref()).is_some(), "1 ms before: a hit");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(
+        cache.fresh_hit(&k.as_ref()).is_none(),
+        "at the refresh time the coarse clock still reads before it; the hit path must not trust it"
+    );
+}
