@@ -2,8 +2,12 @@
 # README's two set-up commands; both install what a fresh machine lacks.
 SHELL := /bin/bash
 CARGO ?= cargo
+# Where `reauth test` / `reauth check` (and the tests that run them) keep compiled
+# plugins: inside the project, not the user's ~/.cache (override it from the
+# environment).
+export REAUTH_CACHE_DIR ?= $(CURDIR)/target/artifacts
 
-.PHONY: setup peers kits plugins conformance demo test lint fmt wit-check bench bench-report bench-extism fuzz clean
+.PHONY: setup peers kits plugins demo-plugin conformance demo test lint fmt wit-check bench bench-report bench-extism fuzz clean
 
 ## Toolchain pieces a fresh machine lacks (RUSTUP_AUTO_INSTALL=0 here: be explicit).
 setup:
@@ -34,7 +38,10 @@ conformance: plugins
 
 ## The main job: fetch → cached hits → refresh after expiry → re-authentication,
 ## against the embedded dev issuer.
-demo: plugins
+## Only what the demo loads (one Rust plugin): no kits, no Python/JS components.
+demo-plugin: setup
+	cd plugins && $(CARGO) build --release --target wasm32-wasip2 -p oauth2-client-credentials
+demo: demo-plugin
 	$(CARGO) run --release -p reauth-cli --bin reauth -- demo
 
 ## Everything CI checks: formatting, lints, WIT drift, unit + integration tests,

@@ -75,7 +75,10 @@ async fn a_provider_handle_follows_reloads_and_shares_the_cached_credential() {
         );
         c
     };
-    let host = Host::builder_from_config(config("tok-1")).build().unwrap();
+    let host = Host::builder_from_config(config("tok-1"))
+        .build_async()
+        .await
+        .unwrap();
     assert!(matches!(
         host.handle("nope"),
         Err(reauth::Error::UnknownProvider { .. })

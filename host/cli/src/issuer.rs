@@ -332,24 +332,19 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     response
 }
 
-/// `application/x-www-form-urlencoded` decoding of one component.
+/// `application/x-www-form-urlencoded` decoding of one component (RFC 6749
+/// §2.3.1: the client id and secret in HTTP Basic are form-encoded). `None` for a
+/// component with an unencoded `=` or `&`, or that decodes to invalid UTF-8.
 fn form_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
+    if s.contains(['=', '&']) {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let decoded = form_urlencoded::parse(s.as_bytes())
+        .next()
+        .map(|(name, _)| name.into_owned())
+        .unwrap_or_default();
+    // form_urlencoded replaces invalid UTF-8 with U+FFFD.
+    (!decoded.contains('\u{FFFD}') || s.contains('\u{FFFD}')).then_some(decoded)
 }
 
 fn client_auth(headers: &HeaderMap, form: &HashMap<String, String>) -> Option<(String, String)> {
@@ -474,4 +469,21 @@ async fn token(
         "no-store".parse().expect("static header"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::form_decode;
+
+    /// RFC 6749 §2.3.1: HTTP Basic client credentials are form-encoded first.
+    #[test]
+    fn basic_auth_components_are_form_decoded() {
+        assert_eq!(form_decode("a+b%2Fc%3D").as_deref(), Some("a b/c="));
+        assert_eq!(form_decode("plain").as_deref(), Some("plain"));
+        assert_eq!(form_decode("").as_deref(), Some(""));
+        assert_eq!(form_decode("%E2%9C%93").as_deref(), Some("✓"));
+        assert_eq!(form_decode("%FF"), None, "invalid UTF-8");
+        assert_eq!(form_decode("a=b"), None, "unencoded '='");
+        assert_eq!(form_decode("a&b"), None, "unencoded '&'");
+    }
 }

@@ -61,12 +61,18 @@ impl Clock for SystemClock {
 
     /// `CLOCK_REALTIME_COARSE`: the time of the kernel's last tick, read from
     /// the vDSO without a clock read (~5 ns instead of ~40 ns on a VM), through
-    /// libc. Under libfaketime (`FAKETIME` set: a speed factor would multiply the
-    /// tick's lag) and off Linux, the precise clock.
+    /// libc. Under libfaketime (`FAKETIME`, `FAKETIME_TIMESTAMP_FILE` or
+    /// `LD_PRELOAD` naming it: a speed factor would multiply the tick's lag) and
+    /// off Linux, the precise clock.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     fn now_coarse(&self) -> SystemTime {
         static FAKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *FAKED.get_or_init(|| std::env::var_os("FAKETIME").is_some()) {
+        let faked = || {
+            std::env::var_os("FAKETIME").is_some()
+                || std::env::var_os("FAKETIME_TIMESTAMP_FILE").is_some()
+                || std::env::var("LD_PRELOAD").is_ok_and(|v| v.contains("faketime"))
+        };
+        if *FAKED.get_or_init(faked) {
             return SystemTime::now();
         }
         let mut ts = libc::timespec {

@@ -25,6 +25,15 @@ impl Secret {
     }
 }
 
+/// The value is overwritten with zeros when the secret is dropped (what the
+/// allocator hands out next does not hold it). Copies made through
+/// [`Secret::expose`] are the caller's to handle.
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
