@@ -89,11 +89,6 @@ impl<T: Clone> Replicated<T> {
         }
     }
 
-    /// The value as allocated first (shard 0's copy).
-    pub fn primary(&self) -> &Arc<T> {
-        &self.primary
-    }
-
     /// A clone of this thread's copy.
     #[inline]
     pub fn get(&self) -> Arc<T> {
