@@ -36,23 +36,19 @@ pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Write `bytes` to `path` so that readers see the old or the new content, never a
-/// mix: temp file (0600) in the same directory, fsync when `durable`, rename,
-/// fsync the directory. A failed write removes its temp file.
+/// mix: a temp file (0600) in the same directory, fsync when `durable`, rename
+/// (`tempfile`'s `persist`), fsync the directory. A failed write or rename removes
+/// its temp file.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     private_dir(dir)?;
-    let (tmp, mut file) = tempfile_in(dir)?;
-    let written = (|| {
-        file.write_all(bytes)?;
-        if durable {
-            file.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    let mut tmp = temp_file_in(dir)?;
+    tmp.write_all(bytes)?;
+    if durable {
+        tmp.as_file().sync_all()?;
     }
+    // On failure the error hands the file back; dropping it removes it.
+    tmp.persist(path).map_err(|e| e.error)?;
     if durable && let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
@@ -61,26 +57,15 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std:
 
 const TMP_PREFIX: &str = ".tmp-";
 
-fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, File)> {
-    for _ in 0..16 {
-        let name = format!(
-            "{TMP_PREFIX}{}-{:016x}",
-            std::process::id(),
-            rand::random::<u64>()
-        );
-        let path = dir.join(name);
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(f) => return Ok((path, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::other("could not create a temporary file"))
+/// A temporary file (0600) in `dir` named `.tmp-<pid>-<random>`, so that
+/// [`remove_debris`] can tell a dead writer's leftovers from a live one's. Removed
+/// when dropped unless persisted.
+pub(crate) fn temp_file_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&format!("{TMP_PREFIX}{}-", std::process::id()))
+        .rand_bytes(16)
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
 }
 
 /// Remove the temporary files that writers killed mid-write left in `dir`
@@ -742,6 +727,37 @@ mod tests {
             .err()
             .expect("corrupt");
         assert!(err.to_string().contains("p.json"), "{err}");
+    }
+
+    #[test]
+    fn an_atomic_write_leaves_the_target_whole_and_no_temp_file_when_the_rename_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomically(&path, b"one", true).unwrap();
+        write_atomically(&path, b"two", false).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        // A directory in the way: the rename fails, the temp file must go.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("inside"), "x").unwrap();
+        assert!(write_atomically(&blocked, b"three", true).is_err());
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with(TMP_PREFIX)),
+            "temp file left behind: {names:?}"
+        );
+        // The temp files carry the writer's PID (what `remove_debris` reads).
+        let tmp = temp_file_in(dir.path()).unwrap();
+        let name = tmp.path().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("{TMP_PREFIX}{}-", std::process::id())),
+            "{name}"
+        );
     }
 
     /// Write `values` as `provider`'s state through a store on `dir`.

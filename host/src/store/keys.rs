@@ -94,28 +94,18 @@ impl KeyRing {
                     source: std::io::Error::other("no randomness"),
                 })?;
             let line = format!("{KEY_VERSION} {} {}\n", key_id(&key), hex::encode(key));
-            let tmp = dir.join(format!(
-                ".tmp-{}-key-{:016x}",
-                std::process::id(),
-                rand::random::<u64>()
-            ));
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
+            let created = super::file::temp_file_in(dir)
                 .and_then(|mut f| {
                     use std::io::Write;
                     f.write_all(line.as_bytes())?;
-                    f.sync_all()
+                    f.as_file().sync_all()?;
+                    Ok(f)
                 })
                 .map_err(io(format!("creating key file {}", path.display())))?;
-            // A link fails if another process created the file meanwhile: then
-            // both use that one.
-            let linked = std::fs::hard_link(&tmp, path);
-            let _ = std::fs::remove_file(&tmp);
-            match linked {
-                Ok(()) => {
+            // Fails if another process created the file meanwhile (the temp file
+            // is then removed): both use that one.
+            match created.persist_noclobber(path).map_err(|e| e.error) {
+                Ok(_) => {
                     tracing::info!(key_file = %path.display(), key_id = %key_id(&key), "created a key for data at rest")
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
