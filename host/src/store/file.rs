@@ -753,7 +753,12 @@ mod tests {
         );
         // The temp files carry the writer's PID (what `remove_debris` reads).
         let tmp = temp_file_in(dir.path()).unwrap();
-        let name = tmp.path().file_name().unwrap().to_string_lossy().into_owned();
+        let name = tmp
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         assert!(
             name.starts_with(&format!("{TMP_PREFIX}{}-", std::process::id())),
             "{name}"

@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     let cli = reauth_cli::cli::Cli::parse();
     // A daemon logs what it does; one-shot commands and tool helpers only warn.
     let default_level = match cli.command {
-        reauth_cli::cli::Command::Serve { .. } | reauth_cli::cli::Command::Watch { .. } => "info",
+        reauth_cli::cli::Command::Serve(_) | reauth_cli::cli::Command::Watch { .. } => "info",
         _ => "warn",
     };
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
