@@ -21,7 +21,7 @@ missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v lighttpd >/dev/null || [ -x /usr/sbin/lighttpd ] || missing+=(lighttpd)
-# libfaketime: a fleet replica whose clock is minutes off (tests/tests/fleet.rs).
+# libfaketime: a fleet replica whose clock is minutes off (tests/it/fleet.rs).
 command -v faketime >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""

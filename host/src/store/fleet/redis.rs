@@ -10,7 +10,7 @@
 //! script touches one slot. The channels are `reauth:<fleet>:bus` and
 //! `reauth:<fleet>:inbox:<replica>`. The ACL a fleet's
 //! user needs is in the README ("Running a fleet"; tested by
-//! `tests/tests/fleet_store.rs`).
+//! `tests/it/fleet_store.rs`).
 
 use super::{Acquired, BusStream, FleetBackend, Record, StoreError, StoreFuture};
 use std::time::Duration;
