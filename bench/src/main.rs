@@ -1336,10 +1336,11 @@ fn polyglot_provider(
     config: &[(&str, &str)],
     reuse: bool,
 ) -> Result<reauth::runtime::ProviderRuntime> {
-    let instances = reauth::config::InstancesConfig {
-        reuse,
-        max_calls: u32::MAX,
-        ..Default::default()
+    let instances = {
+        let mut c = reauth::config::InstancesConfig::default();
+        c.reuse = reuse;
+        c.max_calls = u32::MAX;
+        c
     };
     Ok(reauth::runtime::ProviderRuntime::load(
         runtime,

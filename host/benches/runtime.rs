@@ -66,9 +66,10 @@ fn benches(c: &mut Criterion) {
                 allowed_hosts: Vec::new(),
                 allow_http: false,
                 config: vec![("token".into(), Secret::new("t"))],
-                limits: LimitsConfig {
-                    fuel,
-                    ..LimitsConfig::default()
+                limits: {
+                    let mut c = LimitsConfig::default();
+                    c.fuel = fuel;
+                    c
                 },
                 breaker: BreakerConfig::default(),
                 instances: InstancesConfig::default(),

@@ -149,10 +149,11 @@ async fn js_fetch_and_python_http_obey_allowed_hosts() {
 }
 
 fn load(runtime: &Runtime, plugin: &Path, reuse: bool, max_calls: u32) -> ProviderRuntime {
-    let instances = reauth::config::InstancesConfig {
-        reuse,
-        max_calls,
-        ..Default::default()
+    let instances = {
+        let mut c = reauth::config::InstancesConfig::default();
+        c.reuse = reuse;
+        c.max_calls = max_calls;
+        c
     };
     ProviderRuntime::load(
         runtime,
@@ -164,9 +165,10 @@ fn load(runtime: &Runtime, plugin: &Path, reuse: bool, max_calls: u32) -> Provid
             allow_http: false,
             config: vec![("mode".into(), Secret::new("counter"))],
             limits: LimitsConfig::default(),
-            breaker: BreakerConfig {
-                faults: 100,
-                ..BreakerConfig::default()
+            breaker: {
+                let mut c = BreakerConfig::default();
+                c.faults = 100;
+                c
             },
             instances,
             state_file: None,

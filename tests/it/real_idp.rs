@@ -30,14 +30,15 @@ fn setup() {
 
 /// Refresh-ahead tuned for 5 s tokens (the defaults assume minutes).
 fn short_lived_cache() -> CacheConfig {
-    CacheConfig {
-        min_period_secs: 0,
-        buffer_secs: 0,
-        skew_secs: 1,
-        min_interval_ms: 100,
-        backoff_initial_ms: 200,
-        backoff_max_ms: 2000,
-        ..CacheConfig::default()
+    {
+        let mut c = CacheConfig::default();
+        c.min_period_secs = 0;
+        c.buffer_secs = 0;
+        c.skew_secs = 1;
+        c.min_interval_ms = 100;
+        c.backoff_initial_ms = 200;
+        c.backoff_max_ms = 2000;
+        c
     }
 }
 
@@ -561,11 +562,12 @@ async fn waiting_callers_recover_soon_after_an_idp_outage_with_one_attempt_a_sec
     let mut idp = Idp::start(&keys(dir.path(), "k1"), 3, None);
     let mut provider = cc_basic(&idp);
     // Only the refresh window is tuned for 3 s tokens; backoff as shipped.
-    provider.cache = CacheConfig {
-        min_period_secs: 0,
-        buffer_secs: 0,
-        skew_secs: 1,
-        ..CacheConfig::default()
+    provider.cache = {
+        let mut c = CacheConfig::default();
+        c.min_period_secs = 0;
+        c.buffer_secs = 0;
+        c.skew_secs = 1;
+        c
     };
     let host = std::sync::Arc::new(Host::builder().provider("api", provider).build().unwrap());
     let first = host.get_credentials("api", &Request::new()).await.unwrap();

@@ -502,10 +502,12 @@ async fn the_fetch_budget_paces_fetches_and_refuses_beyond_its_wait() {
     reauth_tests::logs();
     let host_with = |per_second: f64, burst: u32, wait_ms: u64| {
         let mut p = ProviderConfig::new(&plugins().testkit).config("mode", "counter");
-        p.rate = reauth::RateConfig {
-            fetches_per_second: per_second,
-            burst,
-            wait_ms,
+        p.rate = {
+            let mut c = reauth::RateConfig::default();
+            c.fetches_per_second = per_second;
+            c.burst = burst;
+            c.wait_ms = wait_ms;
+            c
         };
         Host::builder().provider("counter", p).build().unwrap()
     };

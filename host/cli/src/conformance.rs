@@ -696,9 +696,10 @@ impl Kit<'_> {
                 allow_http: false,
                 config,
                 limits: self.manifest.limits.clone(),
-                breaker: BreakerConfig {
-                    faults: 1000,
-                    ..BreakerConfig::default()
+                breaker: {
+                    let mut c = BreakerConfig::default();
+                    c.faults = 1000;
+                    c
                 },
                 instances: InstancesConfig::default(),
                 state_file: None,
@@ -1129,6 +1130,13 @@ impl Kit<'_> {
                 Ok(Decision::RefreshAndRetry) => ExpectedDecision::RefreshAndRetry,
                 Ok(Decision::Fail) => ExpectedDecision::Fail,
                 Ok(Decision::RetryAfter(_)) => ExpectedDecision::RetryAfter,
+                Ok(other) => {
+                    self.done(provider);
+                    return Ok(Outcome::Fail(format!(
+                        "challenge `{}`: a decision this kit does not know: {other:?}",
+                        case.name
+                    )));
+                }
                 Err(e) => {
                     self.done(provider);
                     return Ok(Outcome::Fail(format!(
@@ -1391,6 +1399,7 @@ fn describe_decision(d: &Result<Decision, Error>) -> String {
         Ok(Decision::RefreshAndRetry) => "refresh-and-retry".into(),
         Ok(Decision::RetryAfter(ms)) => format!("retry-after({} ms)", ms.as_millis()),
         Ok(Decision::Fail) => "fail".into(),
+        Ok(other) => format!("{other:?}"),
         Err(e) => format!("an error ({e})"),
     }
 }
@@ -1408,6 +1417,7 @@ fn short(e: &Error) -> String {
             ProviderError::Unavailable { message: m, .. } => format!("unavailable ({m})"),
             ProviderError::Denied(m) => format!("denied ({m})"),
             ProviderError::Misconfigured(m) => format!("misconfigured ({m})"),
+            _ => e.to_string(),
         },
         other => other.to_string(),
     }

@@ -106,22 +106,16 @@ impl Default for ServeOptions {
     }
 }
 
-/// Parse a duration given on the command line: `250ms`, `10s`, `2m`, or a bare
-/// number of seconds (`10`). Zero is refused (it would disable the server).
+/// Parse a duration given on the command line: `250ms`, `10s`, `2m`, `1h30m` (see
+/// [`reauth_core::clock::parse_duration`]), or a bare number
+/// of seconds (`10`). Zero is refused (it would disable the server).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 10s, 2m)"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("`{text}`: the unit must be ms, s or m")),
+    // A bare number is seconds (as it always was for these flags).
+    let d = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        crate::clock::parse_duration(&format!("{text}s"))?
+    } else {
+        crate::clock::parse_duration(text)?
     };
     if d.is_zero() {
         return Err("the duration must be more than 0".into());
@@ -700,6 +694,7 @@ fn error_response(e: &Error) -> Response {
             ProviderError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ProviderError::Denied(_) => (StatusCode::BAD_GATEWAY, "denied"),
             ProviderError::Misconfigured(_) => (StatusCode::BAD_GATEWAY, "misconfigured"),
+            _ => (StatusCode::BAD_GATEWAY, "provider_error"),
         },
         Error::CoolingDown { retry_in_ms, .. } => {
             let mut r = api_error(StatusCode::SERVICE_UNAVAILABLE, "cooling_down", e);
@@ -1006,6 +1001,8 @@ async fn security_errors(
             .into_response(),
             Err(e) => error_response(&e),
         },
+        // A decision newer than this sidecar: the safe answer is not to retry.
+        _ => axum::Json(json!({"decision": "fail"})).into_response(),
     }
 }
 
@@ -1117,7 +1114,17 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "0", "0s", "s", "1h", "-1s", "1.5s"] {
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "s",
+            "1x",
+            "-1s",
+            "1.5s",
+            "18446744073709551615",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

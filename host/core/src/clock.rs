@@ -148,6 +148,60 @@ impl Clock for TokioClock {
     }
 }
 
+/// A duration written for people: one or more `<number><unit>` parts, units `ms`,
+/// `s`, `m`, `h`, `d` (`"250ms"`, `"5s"`, `"2m"`, `"1h30m"`; spaces between parts
+/// allowed). The config's duration keys and the CLI's duration flags take it.
+/// Errors say what is wrong; a sum past `u64::MAX` milliseconds is an error, never
+/// a wrap.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let whole = text.trim();
+    if whole.is_empty() {
+        return Err("an empty duration (e.g. 500ms, 10s, 2m, 1h30m)".into());
+    }
+    let mut rest = whole;
+    let mut total_ms: u64 = 0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "`{whole}` is not a duration (e.g. 500ms, 10s, 2m, 1h30m)"
+            ));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{whole}`: the number is too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let per_unit_ms: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => {
+                return Err(format!(
+                    "`{whole}`: a unit is needed after {number} (ms, s, m, h or d)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "`{whole}`: unknown unit `{other}` (ms, s, m, h or d)"
+                ));
+            }
+        };
+        total_ms = number
+            .checked_mul(per_unit_ms)
+            .and_then(|ms| total_ms.checked_add(ms))
+            .ok_or_else(|| format!("`{whole}` is too long"))?;
+        rest = rest[unit_len..].trim_start();
+    }
+    Ok(Duration::from_millis(total_ms))
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` for a system time (UTC), cut to whole seconds (rounded
 /// down); times before 1970 print as the epoch.
 pub fn rfc3339(t: SystemTime) -> String {
@@ -191,5 +245,49 @@ mod tests {
         }
         let manual = ManualClock::new(UNIX_EPOCH + Duration::from_secs(5));
         assert_eq!(manual.now_coarse(), manual.now());
+    }
+
+    #[test]
+    fn human_durations_parse_and_extremes_are_errors() {
+        let ms = |t: &str| parse_duration(t).map(|d| d.as_millis() as u64);
+        assert_eq!(ms("250ms"), Ok(250));
+        assert_eq!(ms("5s"), Ok(5_000));
+        assert_eq!(ms(" 2m "), Ok(120_000));
+        assert_eq!(ms("1h30m"), Ok(5_400_000));
+        assert_eq!(ms("1h 30m 5s"), Ok(5_405_000));
+        assert_eq!(ms("1d"), Ok(86_400_000));
+        assert_eq!(ms("0s"), Ok(0));
+        for bad in ["", "s", "5", "5x", "-5s", "5.5s", "1h30", "ms5", "5 s"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+        assert!(
+            parse_duration("5x")
+                .unwrap_err()
+                .contains("unknown unit `x`")
+        );
+        assert!(
+            parse_duration("5")
+                .unwrap_err()
+                .contains("a unit is needed")
+        );
+        // No wrap, no panic at the extremes.
+        assert!(parse_duration("18446744073709551615ms").is_ok());
+        assert!(
+            parse_duration("18446744073709551615s")
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert!(
+            parse_duration("18446744073709551616ms")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            parse_duration("18446744073709551615ms1ms")
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert!(parse_duration(&"9".repeat(10_000)).is_err());
     }
 }

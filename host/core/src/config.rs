@@ -5,6 +5,9 @@
 //! file, the line, the provider and the key, because a typo in an auth config
 //! should fail loudly at `reauth check`, not silently at 3 a.m.
 //!
+//! Durations: a key's name says its unit (`_ms`, `_secs`); the value is a number in
+//! that unit or a string with units (`"2s"`, `"5m"`, `"1h30m"`) for every such key.
+//!
 //! ```toml
 //! [runtime]
 //! state_dir = ".reauth/state"   # where providers' `state` is persisted
@@ -58,9 +61,60 @@ impl ConfigError {
     }
 }
 
+/// The config's one rule for durations: a key's name says its unit (`_ms` or
+/// `_secs`); a number is in that unit, and a string with units is accepted for
+/// every such key (`"250ms"`, `"5s"`, `"2m"`, `"1h30m"`, see
+/// [`crate::clock::parse_duration`]). A string that is not a whole number of the
+/// key's unit is an error, never rounded.
+mod human {
+    use serde::{Deserialize, Deserializer, de::Error as _};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Number(i64),
+        Text(String),
+    }
+
+    fn read<'de, D: Deserializer<'de>>(d: D, unit_ms: u64, unit: &str) -> Result<u64, D::Error> {
+        match Written::deserialize(d).map_err(|_| {
+            D::Error::custom(format!(
+                "expected a number of {unit} or a duration such as \"5s\""
+            ))
+        })? {
+            Written::Number(n) => u64::try_from(n)
+                .map_err(|_| D::Error::custom(format!("{n} {unit}: must not be negative"))),
+            Written::Text(text) => {
+                let ms = crate::clock::parse_duration(&text).map_err(D::Error::custom)?;
+                let ms = u64::try_from(ms.as_millis())
+                    .map_err(|_| D::Error::custom(format!("`{text}` is too long")))?;
+                if ms % unit_ms != 0 {
+                    return Err(D::Error::custom(format!(
+                        "`{text}` is not a whole number of {unit} (this key is in {unit})"
+                    )));
+                }
+                Ok(ms / unit_ms)
+            }
+        }
+    }
+
+    pub(super) fn ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        read(d, 1, "milliseconds")
+    }
+
+    pub(super) fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        read(d, 1000, "seconds")
+    }
+
+    pub(super) fn opt_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        secs(d).map(Some)
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct HostConfig {
     /// Host-wide settings.
     #[serde(default)]
@@ -83,6 +137,7 @@ pub struct HostConfig {
 /// `[runtime]`: host-wide settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RuntimeConfig {
     /// Directory where each provider's `state` is persisted (one JSON file per
     /// provider). Unset: state lives in memory and is lost on restart.
@@ -130,6 +185,7 @@ pub struct RuntimeConfig {
 /// `dir`, else `<state_dir>/shared-cache`, else `<cache_dir>/shared-cache`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SharedCacheConfig {
     /// Use it. Default true.
     #[serde(default = "defaults::yes")]
@@ -170,6 +226,7 @@ impl FleetBackendKind {
 /// never spends one refresh token twice. See the README, "Running a fleet".
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct FleetConfig {
     /// The fleet's name: it prefixes every key (Redis) or row (PostgreSQL), so
     /// several fleets can share one server. 1–64 of `A-Z a-z 0-9 - _`.
@@ -188,15 +245,15 @@ pub struct FleetConfig {
     /// runs. A replica that dies holding one blocks that key for at most this
     /// long. A provider with shared state must have `limits.timeout_ms` at most
     /// 80 % of it. 1000–600000, default 10000.
-    #[serde(default = "defaults::fleet_lease_ms")]
+    #[serde(default = "defaults::fleet_lease_ms", deserialize_with = "human::ms")]
     pub lease_ms: u64,
     /// How long a replica waits for another one's fetch of the same key before it
     /// gives up waiting. 100–600000, default 15000.
-    #[serde(default = "defaults::fleet_wait_ms")]
+    #[serde(default = "defaults::fleet_wait_ms", deserialize_with = "human::ms")]
     pub wait_ms: u64,
     /// How long a call waits for the backend before treating it as down.
     /// 50–60000, default 2000.
-    #[serde(default = "defaults::fleet_timeout_ms")]
+    #[serde(default = "defaults::fleet_timeout_ms", deserialize_with = "human::ms")]
     pub timeout_ms: u64,
 }
 
@@ -268,6 +325,7 @@ impl Default for RuntimeConfig {
 /// `[providers.<name>]`: one provider.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ProviderConfig {
     /// Path to the provider's WebAssembly component (relative to the config file).
     pub plugin: PathBuf,
@@ -332,6 +390,7 @@ pub struct ProviderConfig {
 /// keys and reloading.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CandidateConfig {
     /// The candidate's component (relative to the config file).
     pub plugin: PathBuf,
@@ -343,7 +402,10 @@ pub struct CandidateConfig {
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
     /// The window outcomes are judged over. Default 60 s (1–3600).
-    #[serde(default = "defaults::rollout_window_secs")]
+    #[serde(
+        default = "defaults::rollout_window_secs",
+        deserialize_with = "human::secs"
+    )]
     pub window_secs: u64,
     /// Roll back when more than this fraction of its fetches in the window
     /// failed (0–1). Default 0.2.
@@ -473,6 +535,7 @@ pub fn is_secret_key(key: &str) -> bool {
 /// `{ env }` and `{ file }`, at every fetch for `{ credential }`). Inline values
 /// are treated as secrets too (they often are), so `Debug` never prints them.
 #[derive(Clone, PartialEq)]
+#[non_exhaustive]
 pub enum ConfigValue {
     /// An inline value (strings, numbers and booleans are all handed over as text).
     Value(Secret),
@@ -670,17 +733,22 @@ impl<'de> Deserialize<'de> for ConfigValue {
 /// refreshed (Kafka's OAUTHBEARER refresh knobs, botocore's two tiers).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CacheConfig {
     /// Lifetime assumed for credentials that carry no expiry (no `expires-at`, no
     /// JWT `exp`). Default 3600 s.
-    #[serde(default = "defaults::default_ttl_secs")]
+    #[serde(
+        default = "defaults::default_ttl_secs",
+        deserialize_with = "human::secs"
+    )]
     pub default_ttl_secs: u64,
     /// Upper bound on any credential's cached lifetime. Unset: no cap.
+    #[serde(default, deserialize_with = "human::opt_secs")]
     pub max_lifetime_secs: Option<u64>,
     /// Stop using a credential this long before its stated expiry (clock skew
     /// between us, the IdP and the server); at most a tenth of its lifetime.
     /// Default 30 s.
-    #[serde(default = "defaults::skew_secs")]
+    #[serde(default = "defaults::skew_secs", deserialize_with = "human::secs")]
     pub skew_secs: u64,
     /// Refresh ahead once this fraction of the lifetime has passed (0.5–1.0).
     /// Default 0.8.
@@ -691,19 +759,25 @@ pub struct CacheConfig {
     #[serde(default = "defaults::window_jitter")]
     pub window_jitter: f64,
     /// Never refresh ahead sooner than this after issue. Default 60 s.
-    #[serde(default = "defaults::min_period_secs")]
+    #[serde(
+        default = "defaults::min_period_secs",
+        deserialize_with = "human::secs"
+    )]
     pub min_period_secs: u64,
     /// Never refresh ahead later than this before expiry. Default 300 s.
-    #[serde(default = "defaults::buffer_secs")]
+    #[serde(default = "defaults::buffer_secs", deserialize_with = "human::secs")]
     pub buffer_secs: u64,
     /// First backoff after a failed fetch. Default 100 ms.
-    #[serde(default = "defaults::backoff_initial_ms")]
+    #[serde(
+        default = "defaults::backoff_initial_ms",
+        deserialize_with = "human::ms"
+    )]
     pub backoff_initial_ms: u64,
     /// Largest backoff; also the pause after `denied`/`misconfigured`. Default 10 s.
-    #[serde(default = "defaults::backoff_max_ms")]
+    #[serde(default = "defaults::backoff_max_ms", deserialize_with = "human::ms")]
     pub backoff_max_ms: u64,
     /// Minimum time between two plugin calls for the same key. Default 250 ms.
-    #[serde(default = "defaults::min_interval_ms")]
+    #[serde(default = "defaults::min_interval_ms", deserialize_with = "human::ms")]
     pub min_interval_ms: u64,
     /// While a key has no credential left to serve (its callers get the error),
     /// its failed fetches are retried about this often (90–100 % of it, jittered)
@@ -712,7 +786,7 @@ pub struct CacheConfig {
     /// interval per key. A `Retry-After` the provider passes on still wins; a
     /// key that still serves a valid credential backs off to `backoff_max_ms`.
     /// Default 1000; 0: always back off to `backoff_max_ms`.
-    #[serde(default = "defaults::outage_retry_ms")]
+    #[serde(default = "defaults::outage_retry_ms", deserialize_with = "human::ms")]
     pub outage_retry_ms: u64,
     /// Accept a credential whose `principal` differs from the one this key's
     /// earlier credentials stood for. Default false: the contract says a provider
@@ -724,7 +798,10 @@ pub struct CacheConfig {
     /// credential) per key within this interval; later reports in the interval
     /// are ignored, so a client reporting 401 in a loop cannot flood the IdP.
     /// Default 5000 (0 disables the limit).
-    #[serde(default = "defaults::min_reauth_interval_ms")]
+    #[serde(
+        default = "defaults::min_reauth_interval_ms",
+        deserialize_with = "human::ms"
+    )]
     pub min_reauth_interval_ms: u64,
 }
 
@@ -752,6 +829,7 @@ impl Default for CacheConfig {
 /// rejects a credential.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RetryConfig {
     /// Re-authentications (refresh-and-retry) per operation. Default 1: a fresh
     /// credential that is rejected again will be rejected a third time too.
@@ -761,10 +839,13 @@ pub struct RetryConfig {
     #[serde(default = "defaults::max_waits")]
     pub max_waits: u32,
     /// Longest single `retry-after` wait honoured. Default 5000 ms.
-    #[serde(default = "defaults::max_retry_after_ms")]
+    #[serde(
+        default = "defaults::max_retry_after_ms",
+        deserialize_with = "human::ms"
+    )]
     pub max_retry_after_ms: u64,
     /// Total time one operation may spend in retries. Default 30000 ms.
-    #[serde(default = "defaults::budget_ms")]
+    #[serde(default = "defaults::budget_ms", deserialize_with = "human::ms")]
     pub budget_ms: u64,
     /// The retry budget shared by all operations of the provider (tower's
     /// `TpsBudget`): re-runs (refresh-and-retry, retry-after) may add at most this
@@ -797,6 +878,7 @@ impl Default for RetryConfig {
 /// against the key).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RateConfig {
     /// Sustained fetches per second (0 to 1,000,000; 0 turns the budget off).
     /// Default 100.
@@ -806,7 +888,7 @@ pub struct RateConfig {
     #[serde(default = "defaults::fetch_burst")]
     pub burst: u32,
     /// Longest a fetch waits for its turn (0 to 600000 ms). Default 5000.
-    #[serde(default = "defaults::fetch_wait_ms")]
+    #[serde(default = "defaults::fetch_wait_ms", deserialize_with = "human::ms")]
     pub wait_ms: u64,
 }
 
@@ -835,9 +917,10 @@ impl RateConfig {
 /// the provider and the limit; the call's instance is discarded.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct LimitsConfig {
     /// Wall-clock limit for one plugin call (including its HTTP requests). Default 5000.
-    #[serde(default = "defaults::timeout_ms")]
+    #[serde(default = "defaults::timeout_ms", deserialize_with = "human::ms")]
     pub timeout_ms: u64,
     /// Linear memory cap per call, in MiB. Default 64.
     #[serde(default = "defaults::memory_mib")]
@@ -859,11 +942,17 @@ pub struct LimitsConfig {
     pub max_output_bytes: u64,
     /// Connect timeout of the plugin's HTTP requests. Default 2000 (never more than
     /// `timeout_ms`).
-    #[serde(default = "defaults::connect_timeout_ms")]
+    #[serde(
+        default = "defaults::connect_timeout_ms",
+        deserialize_with = "human::ms"
+    )]
     pub connect_timeout_ms: u64,
     /// Time to the first response byte of the plugin's HTTP requests, and between
     /// two body chunks. Default 5000 (never more than `timeout_ms`).
-    #[serde(default = "defaults::first_byte_timeout_ms")]
+    #[serde(
+        default = "defaults::first_byte_timeout_ms",
+        deserialize_with = "human::ms"
+    )]
     pub first_byte_timeout_ms: u64,
     /// Calls of this provider that may run at once (its bulkhead: it reserves
     /// that many of `runtime.max_instances`). Default 8.
@@ -871,7 +960,7 @@ pub struct LimitsConfig {
     pub max_concurrent_calls: u32,
     /// How long a call waits for one of `max_concurrent_calls` before failing with
     /// [`crate::Error::Busy`]. Default 5000.
-    #[serde(default = "defaults::queue_timeout_ms")]
+    #[serde(default = "defaults::queue_timeout_ms", deserialize_with = "human::ms")]
     pub queue_timeout_ms: u64,
     /// HTTP requests one call may have in flight at once; one more fails the call
     /// with [`crate::Error::Limit`]. Default 8.
@@ -918,15 +1007,22 @@ impl Default for LimitsConfig {
 /// success closes the breaker.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct BreakerConfig {
     /// Consecutive faults that open the breaker. Default 3.
     #[serde(default = "defaults::breaker_faults")]
     pub faults: u32,
     /// First cool-down. Default 1000 ms.
-    #[serde(default = "defaults::breaker_cooldown_ms")]
+    #[serde(
+        default = "defaults::breaker_cooldown_ms",
+        deserialize_with = "human::ms"
+    )]
     pub cooldown_ms: u64,
     /// Longest cool-down. Default 60000 ms.
-    #[serde(default = "defaults::breaker_max_cooldown_ms")]
+    #[serde(
+        default = "defaults::breaker_max_cooldown_ms",
+        deserialize_with = "human::ms"
+    )]
     pub max_cooldown_ms: u64,
 }
 
@@ -951,6 +1047,7 @@ impl Default for BreakerConfig {
 /// it. What a provider keeps in globals then survives between those calls.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct InstancesConfig {
     /// Keep instances between calls. Default false.
     #[serde(default)]
@@ -2081,15 +2178,58 @@ mod tests {
 
     #[test]
     fn wrong_type_names_key() {
-        let e = parse(
-            "[providers.a]\nplugin = \"a.wasm\"\n[providers.a.limits]\ntimeout_ms = \"soon\"\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.starts_with("reauth.toml:4: providers.a.limits.timeout_ms: invalid type"),
-            "{e}"
+        let e =
+            parse("[providers.a]\nplugin = \"a.wasm\"\n[providers.a.limits]\ntimeout_ms = true\n")
+                .unwrap_err()
+                .to_string();
+        assert_eq!(
+            e,
+            "reauth.toml:4: providers.a.limits.timeout_ms: expected a number of milliseconds or a duration such as \"5s\""
         );
+    }
+
+    /// One rule for durations: the key names its unit, a number is in it, and a
+    /// string with units is accepted for every duration key.
+    #[test]
+    fn duration_keys_take_numbers_in_their_unit_or_human_durations() {
+        let c = parse(
+            "[providers.a]\nplugin = \"a.wasm\"\n[providers.a.limits]\ntimeout_ms = \"2s\"\n\
+             [providers.a.cache]\ndefault_ttl_secs = \"5m\"\nmax_lifetime_secs = \"1h\"\n\
+             backoff_max_ms = \"1m30s\"\nskew_secs = 7\n",
+        )
+        .unwrap();
+        let p = &c.providers["a"];
+        assert_eq!(p.limits.timeout_ms, 2_000);
+        assert_eq!(p.cache.default_ttl_secs, 300);
+        assert_eq!(p.cache.max_lifetime_secs, Some(3_600));
+        assert_eq!(p.cache.backoff_max_ms, 90_000);
+        assert_eq!(p.cache.skew_secs, 7);
+        let err = |section: &str, line: &str| {
+            parse(&format!(
+                "[providers.a]\nplugin = \"a.wasm\"\n[providers.a.{section}]\n{line}\n"
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        assert_eq!(
+            err("cache", "default_ttl_secs = \"1500ms\""),
+            "reauth.toml:4: providers.a.cache.default_ttl_secs: `1500ms` is not a whole number of seconds (this key is in seconds)"
+        );
+        assert_eq!(
+            err("limits", "timeout_ms = \"soon\""),
+            "reauth.toml:4: providers.a.limits.timeout_ms: `soon` is not a duration (e.g. 500ms, 10s, 2m, 1h30m)"
+        );
+        assert_eq!(
+            err("limits", "timeout_ms = -1"),
+            "reauth.toml:4: providers.a.limits.timeout_ms: -1 milliseconds: must not be negative"
+        );
+        assert!(
+            err("limits", "timeout_ms = \"99999999999999999d\"").contains("is too long"),
+            "no overflow"
+        );
+        // Out of range after conversion: the range check names the key.
+        let e = err("limits", "timeout_ms = \"2h\"");
+        assert!(e.contains("providers.a.limits.timeout_ms"), "{e}");
     }
 
     #[test]

@@ -65,7 +65,11 @@ pub struct Credentials {
 }
 
 /// Why the host asks a provider for credentials.
+///
+/// Non-exhaustive: it mirrors the versioned WIT contract, and a later contract
+/// version may add a case (match with a `_` arm).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Reason {
     /// Nothing cached yet.
     #[default]
@@ -90,6 +94,19 @@ pub struct Request {
     pub audience: Option<String>,
     /// Why the host is asking.
     pub reason: Reason,
+}
+
+impl Reason {
+    /// Its name in the WIT contract (`initial`, `refresh-ahead`, `expired`,
+    /// `after-security-error`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Initial => "initial",
+            Reason::RefreshAhead => "refresh-ahead",
+            Reason::Expired => "expired",
+            Reason::AfterSecurityError => "after-security-error",
+        }
+    }
 }
 
 impl Request {
@@ -118,7 +135,11 @@ impl Request {
 }
 
 /// Why a provider could not produce credentials (the WIT `provider-error`).
+///
+/// Non-exhaustive: it mirrors the versioned WIT contract, and a later contract
+/// version may add a case (match with a `_` arm).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProviderError {
     /// Transient: IdP down, 5xx, 429, timeout.
     Unavailable {
@@ -191,7 +212,11 @@ impl fmt::Display for ProviderError {
 }
 
 /// Coarse classification of a server's authentication failure.
+///
+/// Non-exhaustive: it mirrors the versioned WIT contract, and a later contract
+/// version may add a case (match with a `_` arm).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum SecurityErrorKind {
     /// The credential expired.
     TokenExpired,
@@ -311,7 +336,11 @@ impl fmt::Display for SecurityError {
 }
 
 /// What to do after a security error.
+///
+/// Non-exhaustive: it mirrors the versioned WIT contract, and a later contract
+/// version may add a case (match with a `_` arm).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// Invalidate the cached credential, fetch a new one and retry.
     RefreshAndRetry,

@@ -483,6 +483,9 @@ impl From<&types::Request> for wit::Request {
                 types::Reason::RefreshAhead => wit::Reason::RefreshAhead,
                 types::Reason::Expired => wit::Reason::Expired,
                 types::Reason::AfterSecurityError => wit::Reason::AfterSecurityError,
+                // A reason newer than this contract version: to this plugin it
+                // is a plain request.
+                _ => wit::Reason::Initial,
             },
         }
     }
@@ -554,6 +557,8 @@ impl From<&types::SecurityError> for wit::SecurityError {
                 types::SecurityErrorKind::Unauthorized => wit::SecurityErrorKind::Unauthorized,
                 types::SecurityErrorKind::Forbidden => wit::SecurityErrorKind::Forbidden,
                 types::SecurityErrorKind::Other => wit::SecurityErrorKind::Other,
+                // A kind newer than this contract version.
+                _ => wit::SecurityErrorKind::Other,
             },
             code: e.code.clone(),
             status: e.status,

@@ -262,10 +262,12 @@ mod tests {
 
     #[test]
     fn breaker_opens_after_threshold_and_closes_on_success() {
-        let b = Breaker::new(&BreakerConfig {
-            faults: 2,
-            cooldown_ms: 60_000,
-            max_cooldown_ms: 120_000,
+        let b = Breaker::new(&{
+            let mut c = BreakerConfig::default();
+            c.faults = 2;
+            c.cooldown_ms = 60_000;
+            c.max_cooldown_ms = 120_000;
+            c
         });
         assert!(b.admit().is_ok());
         assert_eq!(b.record(Some("trap 1")), None);
@@ -285,10 +287,12 @@ mod tests {
 
     #[test]
     fn breaker_admits_one_trial_after_cooldown() {
-        let b = Breaker::new(&BreakerConfig {
-            faults: 1,
-            cooldown_ms: 50,
-            max_cooldown_ms: 50,
+        let b = Breaker::new(&{
+            let mut c = BreakerConfig::default();
+            c.faults = 1;
+            c.cooldown_ms = 50;
+            c.max_cooldown_ms = 50;
+            c
         });
         b.record(Some("trap"));
         assert!(b.admit().is_err());

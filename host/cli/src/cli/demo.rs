@@ -79,7 +79,7 @@ pub(super) async fn demo(
         Lookup::Hit => "cache hit".to_string(),
         Lookup::Joined => "joined another caller's fetch".to_string(),
         Lookup::Stale => "stale cache hit (IdP failing)".to_string(),
-        Lookup::Fetched(reason) => format!("fetched from the IdP ({})", reason_name(reason)),
+        Lookup::Fetched(reason) => format!("fetched from the IdP ({})", Reason::as_str(reason)),
     };
     let until = |t: Option<SystemTime>| {
         t.and_then(|t| t.duration_since(SystemTime::now()).ok())
@@ -214,13 +214,4 @@ pub(super) async fn demo(
     )?;
     issuer.shutdown().await;
     Ok(ExitCode::SUCCESS)
-}
-
-fn reason_name(r: Reason) -> &'static str {
-    match r {
-        Reason::Initial => "initial",
-        Reason::RefreshAhead => "refresh-ahead",
-        Reason::Expired => "expired",
-        Reason::AfterSecurityError => "after-security-error",
-    }
 }

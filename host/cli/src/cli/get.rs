@@ -100,6 +100,7 @@ pub(super) async fn get(args: GetArgs, out: &mut (dyn Write + Send)) -> Result<E
             crate::types::Decision::Fail => {
                 eprintln!("decision: fail (the caller would get the error)")
             }
+            other => eprintln!("decision: {other:?}"),
         }
     }
     print_credentials(&credentials, format, out)?;
