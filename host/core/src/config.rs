@@ -257,6 +257,44 @@ pub struct FleetConfig {
     pub timeout_ms: u64,
 }
 
+impl FleetConfig {
+    /// A fleet named `name` on `backend` at `url`, sealing with the key ring `key`;
+    /// defaults for the timings.
+    pub fn new(
+        name: impl Into<String>,
+        backend: FleetBackendKind,
+        url: ConfigValue,
+        key: ConfigValue,
+    ) -> Self {
+        FleetConfig {
+            name: name.into(),
+            backend,
+            url,
+            key,
+            lease_ms: defaults::fleet_lease_ms(),
+            wait_ms: defaults::fleet_wait_ms(),
+            timeout_ms: defaults::fleet_timeout_ms(),
+        }
+    }
+}
+
+impl CandidateConfig {
+    /// A candidate running the component at `plugin` for `share` of the keys
+    /// (0 < share ≤ 1); defaults for the rollback rules.
+    pub fn new(plugin: impl Into<PathBuf>, share: f64) -> Self {
+        CandidateConfig {
+            plugin: plugin.into(),
+            sha256: None,
+            share,
+            config: BTreeMap::new(),
+            window_secs: defaults::rollout_window_secs(),
+            max_error_rate: defaults::rollout_max_error_rate(),
+            min_fetches: defaults::rollout_min_fetches(),
+            max_faults: defaults::rollout_max_faults(),
+        }
+    }
+}
+
 impl Default for SharedCacheConfig {
     fn default() -> Self {
         SharedCacheConfig {
@@ -1992,6 +2030,30 @@ mod tests {
 
     fn parse(text: &str) -> Result<HostConfig, ConfigError> {
         HostConfig::from_toml(text, Some(Path::new("reauth.toml")), PathBuf::from("."))
+    }
+
+    /// The constructors an embedder uses (the config structs are
+    /// non-exhaustive) give what the same minimal TOML gives.
+    #[test]
+    fn constructors_match_the_parsed_defaults() {
+        let parsed = parse(
+            "[fleet]\nname = \"payments\"\nbackend = \"redis\"\nurl = { env = \"U\" }\nkey = { env = \"K\" }\n\
+             [providers.a]\nplugin = \"a.wasm\"\n[providers.a.candidate]\nplugin = \"b.wasm\"\nshare = 0.25\n",
+        )
+        .unwrap();
+        let env = |e: &str| ConfigValue::Env { env: e.into() };
+        assert_eq!(
+            parsed.fleet.as_ref().unwrap(),
+            &FleetConfig::new("payments", FleetBackendKind::Redis, env("U"), env("K"))
+        );
+        let a = &parsed.providers["a"];
+        assert_eq!(
+            a.candidate.as_ref().unwrap(),
+            &CandidateConfig::new("b.wasm", 0.25)
+        );
+        let mut built = ProviderConfig::new("a.wasm");
+        built.candidate = Some(CandidateConfig::new("b.wasm", 0.25));
+        assert_eq!(a, &built);
     }
 
     #[test]
