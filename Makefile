@@ -47,7 +47,7 @@ demo: demo-plugin
 ## Everything CI checks: formatting, lints, WIT drift, unit + integration tests,
 ## the conformance kit on every shipped provider, then the audit of every log line
 ## the tests wrote for leaked secrets.
-test: lint plugins peers
+test: plugins peers lint
 	rm -rf target/test-logs
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc

@@ -1,7 +1,7 @@
 //! reauth's integration tests: one binary (linking wasmtime and cranelift once),
-//! one module per area. Each builds the shipped plugins and the fixtures from
-//! source (once per run, see `reauth_tests::plugins`) and runs them through the
-//! host against real peers on loopback. Run one area with
+//! one module per area. The shipped plugins and the fixtures are built from
+//! source by `tests/build.rs` before this compiles (see `reauth_tests::plugins`);
+//! the tests run them through the host against real peers on loopback. Run one area with
 //! `cargo test -p reauth-tests --test it <module>::`.
 
 mod adapters;

@@ -1,5 +1,5 @@
-//! Test support: builds the guest workspace (`plugins/`, shipped providers and
-//! fixtures) from source for `wasm32-wasip2` and hands out paths to the components.
+//! Test support: paths to the guest components (`plugins/`, shipped providers and
+//! fixtures, built from source by `tests/build.rs`), the real peers, helpers.
 //!
 //! Test tiers (see `tests/README.md`): unit tests live next to the code in `host/`;
 //! everything here runs real components through the real host against real peers
@@ -57,52 +57,29 @@ pub struct Plugins {
     pub hostile_js: PathBuf,
 }
 
-/// Build every guest component once per test binary (cargo makes repeat builds a
-/// no-op; `scripts/build-components.sh` skips Python and JavaScript components
-/// newer than their sources) and return their paths. Panics with the build's
-/// output if it fails.
+/// Paths the build script (`tests/build.rs`) wrote: where the guests are, and
+/// why building them failed, if it did.
+mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}
+
+/// The guest components, built from source by `tests/build.rs` before the tests
+/// compiled (the Rust guest workspace in `plugins/`, then the Python and
+/// JavaScript providers). Panics naming the build's error, or the missing
+/// component, if one is not there.
 pub fn plugins() -> &'static Plugins {
     static PLUGINS: OnceLock<Plugins> = OnceLock::new();
     PLUGINS.get_or_init(|| {
-        let dir = root().join("plugins");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let output = Command::new(cargo)
-            .args(["build", "--release", "--target", "wasm32-wasip2"])
-            .current_dir(&dir)
-            // The outer cargo's settings are for the host, not for guests.
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_TARGET")
-            .output()
-            .expect("running cargo to build the plugins");
-        assert!(
-            output.status.success(),
-            "building plugins failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        // Python and JavaScript components. Concurrent test binaries serialise on
-        // a lock file, so two never write one component at once.
-        let output = Command::new("flock")
-            .arg(dir.join("target/components.lock"))
-            .arg(root().join("scripts/build-components.sh"))
-            .current_dir(root())
-            .output()
-            .expect("running scripts/build-components.sh");
-        assert!(
-            output.status.success(),
-            "building the Python/JavaScript components failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let out = dir.join("target/wasm32-wasip2/release");
+        if let Some(error) = guests::BUILD_ERROR {
+            panic!("the guest components were not built (tests/build.rs):\n{error}");
+        }
         let path = |name: &str| {
-            let p = out.join(format!("{name}.wasm"));
+            let p = Path::new(guests::GUESTS).join(format!("{name}.wasm"));
             assert!(p.exists(), "{} was not built", p.display());
             p
         };
         let component = |name: &str| {
-            let p = dir.join("target/components").join(format!("{name}.wasm"));
+            let p = Path::new(guests::COMPONENTS).join(format!("{name}.wasm"));
             assert!(p.exists(), "{} was not built", p.display());
             p
         };
