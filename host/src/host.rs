@@ -702,6 +702,30 @@ tokio::task_local! {
 /// One metric sample of a provider: an optional `kind` label and the value.
 type Sample = (Option<&'static str>, u64);
 
+/// The host's metrics as a `prometheus-client` collector (see
+/// [`Host::register_metrics`]); holds the host weakly.
+struct HostCollector(std::sync::Weak<Inner>);
+
+impl std::fmt::Debug for HostCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostCollector")
+            .field("host_alive", &(self.0.strong_count() > 0))
+            .finish()
+    }
+}
+
+impl crate::metrics::prometheus_client::collector::Collector for HostCollector {
+    fn encode(
+        &self,
+        mut encoder: crate::metrics::prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        match self.0.upgrade() {
+            Some(inner) => Host { inner }.encode_metrics(&mut encoder),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A `{ credential = … }` value of a provider's config, with how long the other
 /// provider's fetch may take at most.
 struct Reference {
@@ -2095,97 +2119,125 @@ impl Host {
         }
     }
 
-    /// The host's metrics (every provider it has had), e.g. for a `/metrics`
-    /// endpoint: [`Metrics::render`] gives the Prometheus text format.
+    /// The host's per-provider counters (every provider it has had). Scrape them
+    /// with the host's gauges through [`Host::register_metrics`] or
+    /// [`Host::render_metrics`].
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
 
-    /// Every metric in the Prometheus text format: the providers' counters
-    /// ([`Host::metrics`]) and the host's gauges — cache entries, open circuit
-    /// breakers, egress requests sent and denied per provider, build info.
+    /// Register the host's metrics — the providers' counters ([`Host::metrics`])
+    /// and the host's gauges: cache entries, open circuit breakers, egress
+    /// requests per provider, instances, call slots, the fleet's, build info —
+    /// into an embedder's own `prometheus-client` registry (re-exported as
+    /// [`crate::metrics::prometheus_client`]). Encoded at each scrape; a dropped
+    /// host reports nothing.
+    pub fn register_metrics(
+        &self,
+        registry: &mut crate::metrics::prometheus_client::registry::Registry,
+    ) {
+        registry.register_collector(Box::new(HostCollector(Arc::downgrade(&self.inner))));
+    }
+
+    /// Every metric of [`Host::register_metrics`] in the OpenMetrics text format
+    /// (content type [`crate::metrics::exposition::CONTENT_TYPE`]).
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = self.inner.metrics.render();
+        crate::metrics::exposition::render(HostCollector(Arc::downgrade(&self.inner)))
+    }
+
+    fn encode_metrics(
+        &self,
+        encoder: &mut crate::metrics::prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use crate::metrics::exposition::{MetricType::*, family};
+        self.inner.metrics.encode_families(encoder)?;
         let providers = self.snapshot();
-        let _ = writeln!(
-            out,
-            "# HELP reauth_cache_entries Keys the token cache holds.\n# TYPE reauth_cache_entries gauge\nreauth_cache_entries {}",
-            self.inner.cache.len()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP reauth_breaker_open Whether the provider's circuit breaker is open (cooling down).\n# TYPE reauth_breaker_open gauge"
-        );
         let ready = || {
             providers.iter().filter_map(|(name, slot)| match slot {
-                Slot::Ready { ready, .. } => Some((name, ready)),
+                Slot::Ready { ready, .. } => Some((name.as_str(), ready)),
                 Slot::Failed(_) => None,
             })
         };
-        for (name, ready) in ready() {
-            let open = ready.runtime.breaker().cooling_down_for.is_some();
-            let _ = writeln!(
-                out,
-                "reauth_breaker_open{{provider=\"{}\"}} {}",
-                crate::metrics::label(name),
-                u8::from(open)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP reauth_rollout_rolled_back Whether the provider's candidate version was rolled back (absent: no candidate).\n# TYPE reauth_rollout_rolled_back gauge"
-        );
-        for (name, ready) in ready() {
-            if let Some(r) = &ready.rollout {
-                let _ = writeln!(
-                    out,
-                    "reauth_rollout_rolled_back{{provider=\"{}\"}} {}",
-                    crate::metrics::label(name),
-                    u8::from(r.rolled_back())
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP reauth_egress_requests_total HTTP requests plugins made (sent) and the host refused (denied: host not allowed, plain http, userinfo…).\n# TYPE reauth_egress_requests_total counter"
-        );
-        for (name, ready) in ready() {
-            let (sent, denied) = ready.runtime.egress_counts();
-            let (failed, _) = ready.runtime.egress_failures_and_bytes();
-            for (outcome, n) in [("sent", sent), ("denied", denied), ("failed", failed)] {
-                let _ = writeln!(
-                    out,
-                    "reauth_egress_requests_total{{provider=\"{}\",outcome=\"{outcome}\"}} {n}",
-                    crate::metrics::label(name)
-                );
-            }
-        }
-        // Per provider version: these restart from 0 when a reload replaces it
-        // (a counter reset, which rate() handles).
-        let mut family =
-            |name: &str, kind: &str, help: &str, value: &dyn Fn(&Ready) -> Vec<Sample>| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-                for (provider, ready) in ready() {
-                    for (kind, n) in value(ready) {
-                        let extra = kind.map(|k| format!(",kind=\"{k}\"")).unwrap_or_default();
-                        let _ = writeln!(
-                            out,
-                            "{name}{{provider=\"{}\"{extra}}} {n}",
-                            crate::metrics::label(provider)
-                        );
+        family(
+            encoder,
+            "reauth_cache_entries",
+            "Keys the token cache holds.",
+            Gauge,
+            |s| s.gauge(&[], self.inner.cache.len()),
+        )?;
+        family(
+            encoder,
+            "reauth_breaker_open",
+            "Whether the provider's circuit breaker is open (cooling down).",
+            Gauge,
+            |s| {
+                for (name, ready) in ready() {
+                    let open = ready.runtime.breaker().cooling_down_for.is_some();
+                    s.gauge(&[("provider", name)], u32::from(open))?;
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            encoder,
+            "reauth_rollout_rolled_back",
+            "Whether the provider's candidate version was rolled back (absent: no candidate).",
+            Gauge,
+            |s| {
+                for (name, ready) in ready() {
+                    if let Some(r) = &ready.rollout {
+                        s.gauge(&[("provider", name)], u32::from(r.rolled_back()))?;
                     }
                 }
-            };
+                Ok(())
+            },
+        )?;
         family(
+            encoder,
+            "reauth_egress_requests_total",
+            "HTTP requests plugins made (sent) and the host refused (denied: host not allowed, plain http, userinfo…).",
+            Counter,
+            |s| {
+                for (name, ready) in ready() {
+                    let (sent, denied) = ready.runtime.egress_counts();
+                    let (failed, _) = ready.runtime.egress_failures_and_bytes();
+                    for (outcome, n) in [("sent", sent), ("denied", denied), ("failed", failed)] {
+                        s.counter(&[("provider", name), ("outcome", outcome)], n)?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        // Per provider version: these restart from 0 when a reload replaces it
+        // (a counter reset, which rate() handles).
+        let mut per_provider = |name: &str,
+                                kind,
+                                help: &str,
+                                value: &dyn Fn(&Ready) -> Vec<Sample>|
+         -> std::fmt::Result {
+            family(encoder, name, help, kind, |s| {
+                for (provider, ready) in ready() {
+                    for (k, n) in value(ready) {
+                        match k {
+                            Some(k) => {
+                                s.counter_or_gauge(kind, &[("provider", provider), ("kind", k)], n)?
+                            }
+                            None => s.counter_or_gauge(kind, &[("provider", provider)], n)?,
+                        }
+                    }
+                }
+                Ok(())
+            })
+        };
+        per_provider(
             "reauth_egress_response_bytes_total",
-            "counter",
+            Counter,
             "Response body bytes the provider's HTTP requests received.",
             &|r| vec![(None, r.runtime.egress_failures_and_bytes().1)],
-        );
-        family(
+        )?;
+        per_provider(
             "reauth_instances_total",
-            "counter",
+            Counter,
             "Calls by instance: fresh (instantiated for the call) or reused (kept, instances.reuse).",
             &|r| {
                 let stats = r.runtime.stats();
@@ -2194,42 +2246,44 @@ impl Host {
                     (Some("reused"), stats.reused.load(Ordering::Relaxed)),
                 ]
             },
-        );
-        family(
+        )?;
+        per_provider(
             "reauth_call_slots_in_use",
-            "gauge",
+            Gauge,
             "Calls running now, of limits.max_concurrent_calls.",
             &|r| vec![(None, u64::from(r.runtime.call_slots_in_use()))],
-        );
-        family(
+        )?;
+        per_provider(
             "reauth_call_slot_waits_total",
-            "counter",
+            Counter,
             "Calls that waited for a call slot (past limits.queue_timeout_ms they fail as busy).",
             &|r| vec![(None, r.runtime.stats().slot_waits.load(Ordering::Relaxed))],
-        );
+        )?;
         let by_provider = self.inner.cache.len_by_provider();
-        let _ = writeln!(
-            out,
-            "# HELP reauth_cache_provider_entries Keys the token cache holds for the provider.\n# TYPE reauth_cache_provider_entries gauge"
-        );
-        for (name, _) in ready() {
-            let n = by_provider.get(name.as_str()).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "reauth_cache_provider_entries{{provider=\"{}\"}} {n}",
-                crate::metrics::label(name)
-            );
-        }
+        family(
+            encoder,
+            "reauth_cache_provider_entries",
+            "Keys the token cache holds for the provider.",
+            Gauge,
+            |s| {
+                for (name, _) in ready() {
+                    let n = by_provider.get(name).copied().unwrap_or(0);
+                    s.gauge(&[("provider", name)], n)?;
+                }
+                Ok(())
+            },
+        )?;
         #[cfg(feature = "fleet")]
         if let Some(fleet) = &self.inner.fleet {
-            fleet.render_metrics(&mut out);
+            fleet.encode_metrics(encoder)?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP reauth_build_info The reauth version serving.\n# TYPE reauth_build_info gauge\nreauth_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        out
+        family(
+            encoder,
+            "reauth_build_info",
+            "The reauth version serving.",
+            Info,
+            |s| s.info(&[("version", env!("CARGO_PKG_VERSION"))]),
+        )
     }
 
     /// The fleet this host belongs to, if `[fleet]` (or [`HostBuilder::fleet`])

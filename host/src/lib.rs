@@ -107,6 +107,49 @@ mod api {
         );
     }
 
+    /// An embedder's own `prometheus-client` registry carries reauth's metrics
+    /// next to its own; a dropped host reports nothing.
+    #[test]
+    fn metrics_register_into_an_embedders_registry() {
+        use crate::metrics::prometheus_client::{
+            encoding::text::encode, metrics::counter::Counter, registry::Registry,
+        };
+        let host = crate::Host::builder().build().unwrap();
+        let mut registry = Registry::default();
+        let requests: Counter = Counter::default();
+        registry.register(
+            "app_requests",
+            "The application's own requests.",
+            requests.clone(),
+        );
+        requests.inc();
+        host.register_metrics(&mut registry);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(text.contains("\napp_requests_total 1\n"), "{text}");
+        assert!(text.contains("\nreauth_cache_entries 0\n"), "{text}");
+        let build = format!(
+            "\nreauth_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(
+            host.render_metrics()
+                .matches("# TYPE reauth_cache_entries gauge\n")
+                .count(),
+            1
+        );
+        drop(host);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(text.contains("app_requests_total 1"), "{text}");
+        assert!(
+            !text.contains("reauth_"),
+            "a dropped host reports nothing: {text}"
+        );
+    }
+
     fn send_sync<T: Send + Sync>() {}
     fn debug<T: std::fmt::Debug>() {}
 

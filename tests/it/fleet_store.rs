@@ -488,8 +488,7 @@ async fn invalidation(engine: &Engine) {
             other => panic!("no invalidation announced within 5 s: {other:?}"),
         }
     }
-    let mut metrics = String::new();
-    b.render_metrics(&mut metrics);
+    let metrics = b.render_metrics();
     assert!(
         metrics.contains("reauth_fleet_bus_forged_total{fleet=\"inval\"} 1"),
         "{metrics}"
@@ -531,8 +530,7 @@ async fn sealing(engine: &Engine) {
     // Tampered: a miss, counted.
     engine.tamper("seal", &format!("{id}:entry")).await;
     assert_eq!(a.read(&id).await, None, "a tampered entry opened");
-    let mut metrics = String::new();
-    a.render_metrics(&mut metrics);
+    let metrics = a.render_metrics();
     assert!(
         metrics.contains("reauth_fleet_unopenable_total{fleet=\"seal\"} 2"),
         "{metrics}"
@@ -659,8 +657,7 @@ async fn redis_outage_fails_closed_for_state_and_recovers() {
         other => panic!("state while the backend is down: {:?}", other.map(|_| ())),
     }
     assert!(!a.backend_up());
-    let mut metrics = String::new();
-    a.render_metrics(&mut metrics);
+    let metrics = a.render_metrics();
     assert!(
         metrics.contains("reauth_fleet_backend_up{fleet=\"down\"} 0"),
         "{metrics}"

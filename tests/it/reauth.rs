@@ -697,7 +697,12 @@ async fn per_provider_accounting_and_the_dashboard_agree() {
     }
     assert!(names.len() > 15, "{names:?}");
     for name in names {
-        let base = name.trim_end_matches("_bucket");
+        // The OpenMetrics family a sample name belongs to: counters drop
+        // `_total`, histograms their `_bucket`/`_sum`/`_count`, info `_info`.
+        let base = ["_bucket", "_sum", "_count", "_total", "_info"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
         assert!(
             text.contains(&format!("# TYPE {base} ")),
             "the dashboard queries {name}, which reauth does not export"

@@ -831,7 +831,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            reauth::metrics::exposition::CONTENT_TYPE,
         )],
         state.host.render_metrics(),
     )

@@ -1,6 +1,8 @@
-//! Metrics of a [`crate::Host`], per provider, rendered in the Prometheus text
-//! format ([`Metrics::render`]) by `reauth serve` at `/metrics` and available to
-//! embedders through [`crate::Host::metrics`].
+//! Metrics of a host, per provider: atomics recorded on the hot paths, encoded at
+//! scrape time through `prometheus-client` ([`exposition`]; the `reauth` crate's
+//! `Host::register_metrics` puts them into an embedder's registry, and
+//! `Host::render_metrics` gives the OpenMetrics text `reauth serve` serves at
+//! `/metrics`).
 //!
 //! Every label value is a provider name or a fixed word (outcome, reason, kind,
 //! decision, limit). Subjects, scopes, principals and credentials never appear in a
@@ -9,10 +11,13 @@
 //! All counters are atomics in per-provider blocks created once per provider name
 //! (kept across reloads), so recording costs a few relaxed atomic adds.
 
+/// The `prometheus-client` reauth encodes with: register a host's metrics into
+/// your own registry of this version (`reauth::Host::register_metrics`).
+pub use prometheus_client;
+
 use crate::error::{Error, LimitKind};
 use crate::types::{Decision, ProviderError, Reason, SecurityErrorKind};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -55,16 +60,25 @@ impl<const N: usize> Histogram<N> {
             .fetch_add((value * sum_unit) as u64, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64; N], sum_unit: f64) {
-        for (i, bound) in bounds.iter().enumerate() {
-            let n = self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
-        }
+    /// Its sample: per-bucket counts from the cumulative ones, `+Inf` last.
+    fn sample(
+        &self,
+        s: &mut exposition::Samples<'_>,
+        labels: exposition::Labels<'_>,
+        bounds: &[f64; N],
+        sum_unit: f64,
+    ) -> std::fmt::Result {
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let mut buckets = Vec::with_capacity(N + 1);
+        let mut below = 0u64;
+        for (i, bound) in bounds.iter().enumerate() {
+            let cumulative = self.buckets[i].load(Ordering::Relaxed).max(below);
+            buckets.push((*bound, cumulative - below));
+            below = cumulative;
+        }
+        buckets.push((f64::MAX, count.saturating_sub(below)));
         let sum = self.sum.load(Ordering::Relaxed) as f64 / sum_unit;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        s.histogram(labels, sum, count.max(below), &buckets)
     }
 }
 
@@ -565,13 +579,154 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// A Prometheus label value: escaped as the text format requires.
-#[doc(hidden)]
-pub fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Writing metric families through `prometheus-client`'s encoder (OpenMetrics
+/// text, or whatever encoder an embedder's registry uses): reauth keeps its own
+/// atomics (recording is a relaxed add on the hot path) and encodes them at
+/// scrape time as a [`Collector`](prometheus_client::collector::Collector).
+pub mod exposition {
+    use prometheus_client::encoding::{
+        DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelValue,
+        LabelValueEncoder, MetricEncoder, NoLabelSet,
+    };
+    pub use prometheus_client::metrics::MetricType;
+    use prometheus_client::registry::Unit;
+    use std::fmt::{self, Write as _};
+
+    /// A sample's labels: `(name, value)` pairs. Values are escaped here
+    /// (`prometheus-client` writes label values as given).
+    pub type Labels<'a> = &'a [(&'static str, &'a str)];
+
+    #[derive(Clone, Copy)]
+    struct Escaped<'a>(&'a str);
+
+    impl EncodeLabelValue for Escaped<'_> {
+        fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+            for c in self.0.chars() {
+                match c {
+                    '\\' => encoder.write_str("\\\\")?,
+                    '"' => encoder.write_str("\\\"")?,
+                    '\n' => encoder.write_str("\\n")?,
+                    c => encoder.write_char(c)?,
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// `collector`'s metrics in the OpenMetrics text format (what `/metrics`
+    /// serves; content type [`CONTENT_TYPE`]).
+    pub fn render(collector: impl prometheus_client::collector::Collector) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(collector));
+        let mut out = String::with_capacity(8192);
+        // Writing into a String does not fail; an encoder error would be a bug
+        // in a collector, and leaves what was written so far.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
+    /// The content type of [`render`]'s text.
+    pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+    /// The samples of one family (see [`family`]).
+    pub struct Samples<'m>(MetricEncoder<'m>);
+
+    impl std::fmt::Debug for Samples<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Samples").finish_non_exhaustive()
+        }
+    }
+
+    impl Samples<'_> {
+        fn with<R>(
+            &mut self,
+            labels: Labels<'_>,
+            write: impl FnOnce(&mut MetricEncoder<'_>) -> Result<R, fmt::Error>,
+        ) -> Result<R, fmt::Error> {
+            if labels.is_empty() {
+                return write(&mut self.0);
+            }
+            let escaped: Vec<(&str, Escaped<'_>)> =
+                labels.iter().map(|(k, v)| (*k, Escaped(v))).collect();
+            write(&mut self.0.encode_family(&escaped)?)
+        }
+
+        /// A counter sample.
+        pub fn counter(
+            &mut self,
+            labels: Labels<'_>,
+            value: impl EncodeCounterValue,
+        ) -> fmt::Result {
+            self.with(labels, |m| {
+                m.encode_counter::<NoLabelSet, _, u64>(&value, None)
+            })
+        }
+
+        /// A gauge sample.
+        pub fn gauge(&mut self, labels: Labels<'_>, value: impl EncodeGaugeValue) -> fmt::Result {
+            self.with(labels, |m| m.encode_gauge(&value))
+        }
+
+        /// A counter or gauge sample, as `kind` says (other kinds: a gauge).
+        pub fn counter_or_gauge(
+            &mut self,
+            kind: MetricType,
+            labels: Labels<'_>,
+            value: u64,
+        ) -> fmt::Result {
+            match kind {
+                MetricType::Counter => self.counter(labels, value),
+                _ => self.gauge(labels, value),
+            }
+        }
+
+        /// A histogram sample: `buckets` are `(upper bound, count in that bucket)`
+        /// (not cumulative), the last bound `f64::MAX` for `+Inf`.
+        pub fn histogram(
+            &mut self,
+            labels: Labels<'_>,
+            sum: f64,
+            count: u64,
+            buckets: &[(f64, u64)],
+        ) -> fmt::Result {
+            self.with(labels, |m| {
+                m.encode_histogram::<NoLabelSet>(sum, count, buckets, None)
+            })
+        }
+
+        /// An info sample (value 1).
+        pub fn info(&mut self, labels: Labels<'_>) -> fmt::Result {
+            let escaped: Vec<(&str, Escaped<'_>)> =
+                labels.iter().map(|(k, v)| (*k, Escaped(v))).collect();
+            self.0.encode_info(&escaped)
+        }
+    }
+
+    /// Write the family `name` (as exposed: counters end in `_total`, info metrics
+    /// in `_info`; a `_seconds` or `_bytes` suffix becomes its unit) and its
+    /// samples.
+    pub fn family(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: impl FnOnce(&mut Samples<'_>) -> fmt::Result,
+    ) -> fmt::Result {
+        let base = match kind {
+            MetricType::Counter => name.strip_suffix("_total").unwrap_or(name),
+            MetricType::Info => name.strip_suffix("_info").unwrap_or(name),
+            _ => name,
+        };
+        let (base, unit) = if let Some(b) = base.strip_suffix("_seconds") {
+            (b, Some(Unit::Seconds))
+        } else if let Some(b) = base.strip_suffix("_bytes") {
+            (b, Some(Unit::Bytes))
+        } else {
+            (base, None)
+        };
+        let metric = encoder.encode_descriptor(base, help, unit.as_ref(), kind)?;
+        samples(&mut Samples(metric))
+    }
 }
 
 impl Metrics {
@@ -593,325 +748,312 @@ impl Metrics {
             .clone()
     }
 
-    /// Every metric in the Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
+    /// Every provider's metrics through a `prometheus-client` encoder (the
+    /// embedder's crate wraps this in its host collector, with the host's
+    /// gauges).
+    pub fn encode_families(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use exposition::{MetricType::*, family};
         let providers = self
             .providers
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut out = String::with_capacity(4096);
-        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         family(
-            &mut out,
+            encoder,
             "reauth_plugin_calls_total",
-            "counter",
             "Plugin calls by provider, function and outcome.",
-        );
-        for (p, m) in &providers {
-            for (f, function) in FUNCTIONS.iter().enumerate() {
-                for (i, outcome) in CallOutcome::ALL.iter().enumerate() {
-                    let n = m.calls[f][i].load(Ordering::Relaxed);
-                    let _ = writeln!(
-                        out,
-                        "reauth_plugin_calls_total{{provider=\"{}\",function=\"{function}\",outcome=\"{}\"}} {n}",
-                        label(p),
-                        outcome.name()
-                    );
-                }
-            }
-        }
-        family(
-            &mut out,
-            "reauth_plugin_call_duration_seconds",
-            "histogram",
-            "Wall time of plugin calls (fresh instance included).",
-        );
-        for (p, m) in &providers {
-            for (f, function) in FUNCTIONS.iter().enumerate() {
-                let labels = format!("provider=\"{}\",function=\"{function}\"", label(p));
-                m.durations[f].render(
-                    &mut out,
-                    "reauth_plugin_call_duration_seconds",
-                    &labels,
-                    &CALL_BUCKETS,
-                    1e6,
-                );
-            }
-        }
-        family(
-            &mut out,
-            "reauth_cache_lookups_total",
-            "counter",
-            "Credential lookups by how they were served (join: waited for another caller's fetch).",
-        );
-        for (p, m) in &providers {
-            for (i, kind) in LookupKind::ALL.iter().enumerate() {
-                let n = m.lookups[i].get();
-                let _ = writeln!(
-                    out,
-                    "reauth_cache_lookups_total{{provider=\"{}\",result=\"{}\"}} {n}",
-                    label(p),
-                    kind.name()
-                );
-            }
-        }
-        family(
-            &mut out,
-            "reauth_fetches_total",
-            "counter",
-            "get-credentials calls by reason (refresh_ahead: callers keep the old credential meanwhile; initial, expired, after_security_error: a caller waits).",
-        );
-        for (p, m) in &providers {
-            for (i, reason) in REASONS.iter().enumerate() {
-                let (name, _) = reason_labels(*reason);
-                let n = m.fetches[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "reauth_fetches_total{{provider=\"{}\",reason=\"{name}\"}} {n}",
-                    label(p)
-                );
-            }
-        }
-        family(
-            &mut out,
-            "reauth_security_errors_total",
-            "counter",
-            "Security errors reported to providers, by kind and the provider's decision.",
-        );
-        for (p, m) in &providers {
-            for (k, kind) in KINDS.iter().enumerate() {
-                for (d, decision) in DECISIONS.iter().enumerate() {
-                    let n = m.security_errors[k][d].load(Ordering::Relaxed);
-                    let _ = writeln!(
-                        out,
-                        "reauth_security_errors_total{{provider=\"{}\",kind=\"{}\",decision=\"{decision}\"}} {n}",
-                        label(p),
-                        kind_name(*kind)
-                    );
-                }
-            }
-        }
-        family(
-            &mut out,
-            "reauth_retries_total",
-            "counter",
-            "Operation retries by with_credentials: re-authentications and retry-after waits.",
-        );
-        for (p, m) in &providers {
-            let _ = writeln!(
-                out,
-                "reauth_retries_total{{provider=\"{}\",kind=\"reauthenticate\"}} {}",
-                label(p),
-                m.reauthentications.load(Ordering::Relaxed)
-            );
-            let _ = writeln!(
-                out,
-                "reauth_retries_total{{provider=\"{}\",kind=\"retry_after\"}} {}",
-                label(p),
-                m.retry_after_waits.load(Ordering::Relaxed)
-            );
-        }
-        family(
-            &mut out,
-            "reauth_credential_ttl_seconds",
-            "histogram",
-            "Lifetime of credentials when issued (those with an expiry).",
-        );
-        for (p, m) in &providers {
-            let labels = format!("provider=\"{}\"", label(p));
-            m.ttl.render(
-                &mut out,
-                "reauth_credential_ttl_seconds",
-                &labels,
-                &TTL_BUCKETS,
-                1000.0,
-            );
-        }
-        family(
-            &mut out,
-            "reauth_last_refresh_timestamp_seconds",
-            "gauge",
-            "When the provider last returned credentials, in Unix seconds of the host's clock (absent: never). Alert on time() minus it.",
-        );
-        for (p, m) in &providers {
-            let last = m.last_success_ms.load(Ordering::Relaxed);
-            if last > 0 {
-                let _ = writeln!(
-                    out,
-                    "reauth_last_refresh_timestamp_seconds{{provider=\"{}\"}} {}",
-                    label(p),
-                    last as f64 / 1000.0
-                );
-            }
-        }
-        family(
-            &mut out,
-            "reauth_contract_violations_total",
-            "counter",
-            "Credentials refused because the provider broke the contract (already expired, principal switched).",
-        );
-        for (p, m) in &providers {
-            let n = m.contract_violations.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "reauth_contract_violations_total{{provider=\"{}\"}} {n}",
-                label(p)
-            );
-        }
-        family(
-            &mut out,
-            "reauth_shared_cache_events_total",
-            "counter",
-            "Shared (cross-process) token cache events: hit, join (took another process's fetch), miss, write, invalidation, error.",
-        );
-        for (p, m) in &providers {
-            for (i, event) in SharedEvent::ALL.iter().enumerate() {
-                let n = m.shared[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "reauth_shared_cache_events_total{{provider=\"{}\",event=\"{}\"}} {n}",
-                    label(p),
-                    event.name()
-                );
-            }
-        }
-        family(
-            &mut out,
-            "reauth_state_lock_waits_total",
-            "counter",
-            "Calls that waited for their provider's state, held by another call of this or another process.",
-        );
-        for (p, m) in &providers {
-            let n = m.state_lock_waits.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "reauth_state_lock_waits_total{{provider=\"{}\"}} {n}",
-                label(p)
-            );
-        }
-        family(
-            &mut out,
-            "reauth_state_lock_wait_seconds_total",
-            "counter",
-            "Time calls spent waiting for their provider's state.",
-        );
-        for (p, m) in &providers {
-            let us = m.state_lock_wait_us.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "reauth_state_lock_wait_seconds_total{{provider=\"{}\"}} {}",
-                label(p),
-                us as f64 / 1e6
-            );
-        }
-        for (name, help, field) in [
-            (
-                "reauth_fetch_budget_waits_total",
-                "Fetches that waited for their turn in the provider's fetch budget ([rate]).",
-                0,
-            ),
-            (
-                "reauth_fetch_budget_refused_total",
-                "Fetches refused because their turn in the fetch budget was further off than rate.wait_ms.",
-                1,
-            ),
-            (
-                "reauth_retry_budget_refused_total",
-                "Re-runs (refresh-and-retry, retry-after) refused because the provider's retry budget was spent.",
-                2,
-            ),
-        ] {
-            family(&mut out, name, "counter", help);
-            for (p, m) in &providers {
-                let n = [&m.budget_waits, &m.throttled, &m.retries_refused][field]
-                    .load(Ordering::Relaxed);
-                let _ = writeln!(out, "{name}{{provider=\"{}\"}} {n}", label(p));
-            }
-        }
-        family(
-            &mut out,
-            "reauth_rollout_fetches_total",
-            "counter",
-            "Fetches of providers with a candidate version, by version (stable, candidate) and outcome (ok, error, fault).",
-        );
-        for (p, m) in &providers {
-            for (v, version) in ["stable", "candidate"].iter().enumerate() {
-                for (o, outcome) in ["ok", "error", "fault"].iter().enumerate() {
-                    let n = m.rollout[v][o].load(Ordering::Relaxed);
-                    if n > 0 {
-                        let _ = writeln!(
-                            out,
-                            "reauth_rollout_fetches_total{{provider=\"{}\",version=\"{version}\",outcome=\"{outcome}\"}} {n}",
-                            label(p)
-                        );
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    for (f, function) in FUNCTIONS.iter().enumerate() {
+                        for (i, outcome) in CallOutcome::ALL.iter().enumerate() {
+                            s.counter(
+                                &[
+                                    ("provider", p),
+                                    ("function", function),
+                                    ("outcome", outcome.name()),
+                                ],
+                                load(&m.calls[f][i]),
+                            )?;
+                        }
                     }
                 }
-            }
-        }
+                Ok(())
+            },
+        )?;
         family(
-            &mut out,
+            encoder,
+            "reauth_plugin_call_duration_seconds",
+            "Wall time of plugin calls (fresh instance included).",
+            Histogram,
+            |s| {
+                for (p, m) in &providers {
+                    for (f, function) in FUNCTIONS.iter().enumerate() {
+                        m.durations[f].sample(
+                            s,
+                            &[("provider", p), ("function", function)],
+                            &CALL_BUCKETS,
+                            1e6,
+                        )?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            encoder,
+            "reauth_cache_lookups_total",
+            "Credential lookups by how they were served (join: waited for another caller's fetch).",
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    for (i, kind) in LookupKind::ALL.iter().enumerate() {
+                        s.counter(
+                            &[("provider", p), ("result", kind.name())],
+                            m.lookups[i].get(),
+                        )?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            encoder,
+            "reauth_fetches_total",
+            "get-credentials calls by reason (refresh_ahead: callers keep the old credential meanwhile; initial, expired, after_security_error: a caller waits).",
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    for (i, reason) in REASONS.iter().enumerate() {
+                        let (name, _) = reason_labels(*reason);
+                        s.counter(&[("provider", p), ("reason", name)], load(&m.fetches[i]))?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            encoder,
+            "reauth_security_errors_total",
+            "Security errors reported to providers, by kind and the provider's decision.",
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    for (k, kind) in KINDS.iter().enumerate() {
+                        for (d, decision) in DECISIONS.iter().enumerate() {
+                            s.counter(
+                                &[
+                                    ("provider", p),
+                                    ("kind", kind_name(*kind)),
+                                    ("decision", decision),
+                                ],
+                                load(&m.security_errors[k][d]),
+                            )?;
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            encoder,
+            "reauth_retries_total",
+            "Operation retries by with_credentials: re-authentications and retry-after waits.",
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    s.counter(
+                        &[("provider", p), ("kind", "reauthenticate")],
+                        load(&m.reauthentications),
+                    )?;
+                    s.counter(
+                        &[("provider", p), ("kind", "retry_after")],
+                        load(&m.retry_after_waits),
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            encoder,
+            "reauth_credential_ttl_seconds",
+            "Lifetime of credentials when issued (those with an expiry).",
+            Histogram,
+            |s| {
+                for (p, m) in &providers {
+                    m.ttl.sample(s, &[("provider", p)], &TTL_BUCKETS, 1000.0)?;
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            encoder,
+            "reauth_last_refresh_timestamp_seconds",
+            "When the provider last returned credentials, in Unix seconds of the host's clock (absent: never). Alert on time() minus it.",
+            Gauge,
+            |s| {
+                for (p, m) in &providers {
+                    let last = load(&m.last_success_ms);
+                    if last > 0 {
+                        s.gauge(&[("provider", p)], last as f64 / 1000.0)?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let per_provider = |encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+                            name: &str,
+                            help: &str,
+                            value: &dyn Fn(&ProviderMetrics) -> u64|
+         -> std::fmt::Result {
+            family(encoder, name, help, Counter, |s| {
+                for (p, m) in &providers {
+                    s.counter(&[("provider", p)], value(m))?;
+                }
+                Ok(())
+            })
+        };
+        per_provider(
+            encoder,
+            "reauth_contract_violations_total",
+            "Credentials refused because the provider broke the contract (already expired, principal switched).",
+            &|m| load(&m.contract_violations),
+        )?;
+        family(
+            encoder,
+            "reauth_shared_cache_events_total",
+            "Shared (cross-process) token cache events: hit, join (took another process's fetch), miss, write, invalidation, error.",
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    for (i, event) in SharedEvent::ALL.iter().enumerate() {
+                        s.counter(
+                            &[("provider", p), ("event", event.name())],
+                            load(&m.shared[i]),
+                        )?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        per_provider(
+            encoder,
+            "reauth_state_lock_waits_total",
+            "Calls that waited for their provider's state, held by another call of this or another process.",
+            &|m| load(&m.state_lock_waits),
+        )?;
+        family(
+            encoder,
+            "reauth_state_lock_wait_seconds_total",
+            "Time calls spent waiting for their provider's state.",
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    s.counter(&[("provider", p)], load(&m.state_lock_wait_us) as f64 / 1e6)?;
+                }
+                Ok(())
+            },
+        )?;
+        per_provider(
+            encoder,
+            "reauth_fetch_budget_waits_total",
+            "Fetches that waited for their turn in the provider's fetch budget ([rate]).",
+            &|m| load(&m.budget_waits),
+        )?;
+        per_provider(
+            encoder,
+            "reauth_fetch_budget_refused_total",
+            "Fetches refused because their turn in the fetch budget was further off than rate.wait_ms.",
+            &|m| load(&m.throttled),
+        )?;
+        per_provider(
+            encoder,
+            "reauth_retry_budget_refused_total",
+            "Re-runs (refresh-and-retry, retry-after) refused because the provider's retry budget was spent.",
+            &|m| load(&m.retries_refused),
+        )?;
+        family(
+            encoder,
+            "reauth_rollout_fetches_total",
+            "Fetches of providers with a candidate version, by version (stable, candidate) and outcome (ok, error, fault).",
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    for (v, version) in ["stable", "candidate"].iter().enumerate() {
+                        for (o, outcome) in ["ok", "error", "fault"].iter().enumerate() {
+                            let n = load(&m.rollout[v][o]);
+                            if n > 0 {
+                                s.counter(
+                                    &[("provider", p), ("version", version), ("outcome", outcome)],
+                                    n,
+                                )?;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        per_provider(
+            encoder,
             "reauth_plugin_fuel_consumed_total",
-            "counter",
             "WebAssembly fuel (roughly instructions) the provider's calls consumed.",
-        );
-        for (p, m) in &providers {
-            let n = m.fuel_consumed.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "reauth_plugin_fuel_consumed_total{{provider=\"{}\"}} {n}",
-                label(p)
-            );
-        }
+            &|m| load(&m.fuel_consumed),
+        )?;
         family(
-            &mut out,
+            encoder,
             "reauth_plugin_memory_peak_bytes",
-            "gauge",
             "The most linear memory one of the provider's calls held (since start).",
-        );
-        for (p, m) in &providers {
-            let n = m.memory_peak.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "reauth_plugin_memory_peak_bytes{{provider=\"{}\"}} {n}",
-                label(p)
-            );
-        }
+            Gauge,
+            |s| {
+                for (p, m) in &providers {
+                    s.gauge(
+                        &[("provider", p)],
+                        i64::try_from(load(&m.memory_peak)).unwrap_or(i64::MAX),
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
         family(
-            &mut out,
+            encoder,
             "reauth_fetch_budget_wait_seconds_total",
-            "counter",
             "Time fetches spent waiting for their turn in the provider's fetch budget.",
-        );
-        for (p, m) in &providers {
-            let us = m.budget_wait_us.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "reauth_fetch_budget_wait_seconds_total{{provider=\"{}\"}} {}",
-                label(p),
-                us as f64 / 1e6
-            );
-        }
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    s.counter(&[("provider", p)], load(&m.budget_wait_us) as f64 / 1e6)?;
+                }
+                Ok(())
+            },
+        )?;
         family(
-            &mut out,
+            encoder,
             "reauth_limit_hits_total",
-            "counter",
             "Sandbox limits hit by plugin calls, by limit.",
-        );
-        for (p, m) in &providers {
-            for (i, limit) in LIMITS.iter().enumerate() {
-                let n = m.limits[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "reauth_limit_hits_total{{provider=\"{}\",limit=\"{limit}\"}} {n}",
-                    label(p)
-                );
-            }
-        }
-        out
+            Counter,
+            |s| {
+                for (p, m) in &providers {
+                    for (i, limit) in LIMITS.iter().enumerate() {
+                        s.counter(&[("provider", p), ("limit", limit)], load(&m.limits[i]))?;
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+}
+
+impl prometheus_client::collector::Collector for Metrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        self.encode_families(&mut encoder)
     }
 }
 
@@ -930,7 +1072,7 @@ mod tests {
 
     #[test]
     fn renders_counters_and_histograms() {
-        let metrics = Metrics::default();
+        let metrics = Arc::new(Metrics::default());
         let m = metrics.provider("api \"x\"");
         let now = SystemTime::now();
         m.fetched(
@@ -960,7 +1102,7 @@ mod tests {
             &Ok(Decision::RefreshAndRetry),
         );
         m.reauthenticated();
-        let text = metrics.render();
+        let text = exposition::render(metrics.clone());
         let line = |needle: &str| {
             text.lines()
                 .find(|l| l.starts_with(needle))
@@ -980,7 +1122,9 @@ mod tests {
             ))
             .ends_with(" 1")
         );
-        assert!(line(&format!("reauth_plugin_call_duration_seconds_bucket{{{p},function=\"get-credentials\",le=\"0.005\"}}")).ends_with(" 2"));
+        // `le` first: prometheus-client writes it before the family's labels.
+        assert!(line(&format!("reauth_plugin_call_duration_seconds_bucket{{le=\"0.005\",{p},function=\"get-credentials\"}}")).ends_with(" 2"));
+        assert!(line(&format!("reauth_plugin_call_duration_seconds_bucket{{le=\"+Inf\",{p},function=\"get-credentials\"}}")).ends_with(" 3"));
         assert!(
             line(&format!(
                 "reauth_plugin_call_duration_seconds_count{{{p},function=\"get-credentials\"}}"
@@ -1003,13 +1147,13 @@ mod tests {
         assert!(line(&format!("reauth_limit_hits_total{{{p},limit=\"memory\"}}")).ends_with(" 1"));
         assert!(
             line(&format!(
-                "reauth_credential_ttl_seconds_bucket{{{p},le=\"300\"}}"
+                "reauth_credential_ttl_seconds_bucket{{le=\"300.0\",{p}}}"
             ))
             .ends_with(" 2")
         );
         assert!(
             line(&format!(
-                "reauth_credential_ttl_seconds_bucket{{{p},le=\"60\"}}"
+                "reauth_credential_ttl_seconds_bucket{{le=\"60.0\",{p}}}"
             ))
             .ends_with(" 0")
         );
@@ -1021,5 +1165,32 @@ mod tests {
         );
         assert!(line(&format!("reauth_last_refresh_timestamp_seconds{{{p}}}")).len() > 10);
         assert!(!text.contains("secret-token-value") && !text.contains("alice"));
+        // OpenMetrics: counters are typed without `_total`, units declared.
+        assert!(
+            text.contains("# TYPE reauth_plugin_calls counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# UNIT reauth_plugin_call_duration_seconds seconds\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// A label value cannot break out of its quotes or its line, whatever the
+    /// provider is called.
+    #[test]
+    fn label_values_are_escaped() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.provider("a\\\"}\nreauth_forged_total 1\n");
+        let text = exposition::render(metrics);
+        assert!(
+            !text.lines().any(|l| l.starts_with("reauth_forged")),
+            "{text}"
+        );
+        assert!(
+            text.contains("reauth_contract_violations_total{provider=\"a\\\\\\\"}\\nreauth_forged_total 1\\n\"} 0\n"),
+            "{text}"
+        );
     }
 }

@@ -250,6 +250,15 @@ impl Drop for Inner {
     }
 }
 
+impl crate::metrics::prometheus_client::collector::Collector for Fleet {
+    fn encode(
+        &self,
+        mut encoder: crate::metrics::prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        self.encode_metrics(&mut encoder)
+    }
+}
+
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fleet")
@@ -364,55 +373,71 @@ impl Fleet {
         self.inner.health.up.load(Ordering::Relaxed)
     }
 
-    /// Prometheus lines for the fleet (`reauth_fleet_*`).
-    pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
+    /// The fleet's metrics alone in the OpenMetrics text format (a host's
+    /// `render_metrics` includes them).
+    pub fn render_metrics(&self) -> String {
+        crate::metrics::exposition::render(self.clone())
+    }
+
+    /// The fleet's metrics (`reauth_fleet_*`), labelled with its name.
+    pub fn encode_metrics(
+        &self,
+        encoder: &mut crate::metrics::prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        use crate::metrics::exposition::{MetricType::*, family};
         let i = &self.inner;
-        let fleet = &i.options.name;
+        let fleet: &str = &i.options.name;
         let c = &i.counters;
-        let _ = writeln!(
-            out,
-            "# HELP reauth_fleet_backend_up Whether the fleet backend answered the last operation.\n# TYPE reauth_fleet_backend_up gauge\nreauth_fleet_backend_up{{fleet=\"{fleet}\"}} {}",
-            u8::from(self.backend_up())
-        );
-        let lines = [
+        family(
+            encoder,
+            "reauth_fleet_backend_up",
+            "Whether the fleet backend answered the last operation.",
+            Gauge,
+            |s| s.gauge(&[("fleet", fleet)], u32::from(self.backend_up())),
+        )?;
+        for (name, help, value) in [
             (
                 "reauth_fleet_backend_errors_total",
                 "Fleet backend operations that failed or timed out.",
-                c.errors.load(Ordering::Relaxed),
+                &c.errors,
             ),
             (
                 "reauth_fleet_lease_lost_total",
                 "Writes refused because the writer's lease had lapsed.",
-                c.lease_lost.load(Ordering::Relaxed),
+                &c.lease_lost,
             ),
             (
                 "reauth_fleet_unopenable_total",
                 "Stored values that did not open (tampered, foreign, unknown key): treated as missing.",
-                c.unopenable.load(Ordering::Relaxed),
+                &c.unopenable,
             ),
             (
                 "reauth_fleet_bus_messages_total",
                 "Announcements received from the fleet's bus.",
-                c.bus_messages.load(Ordering::Relaxed),
+                &c.bus_messages,
             ),
             (
                 "reauth_fleet_bus_forged_total",
                 "Bus messages ignored because their MAC did not check out (sent without the fleet's key).",
-                c.forged.load(Ordering::Relaxed),
+                &c.forged,
             ),
-        ];
-        for (name, help, value) in lines {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{fleet=\"{fleet}\"}} {value}"
-            );
+        ] {
+            family(encoder, name, help, Counter, |s| {
+                s.counter(&[("fleet", fleet)], value.load(Ordering::Relaxed))
+            })?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP reauth_fleet_clock_offset_seconds The backend's clock minus this host's.\n# TYPE reauth_fleet_clock_offset_seconds gauge\nreauth_fleet_clock_offset_seconds{{fleet=\"{fleet}\"}} {}",
-            i.offset_ms.load(Ordering::Relaxed) as f64 / 1000.0
-        );
+        family(
+            encoder,
+            "reauth_fleet_clock_offset_seconds",
+            "The backend's clock minus this host's.",
+            Gauge,
+            |s| {
+                s.gauge(
+                    &[("fleet", fleet)],
+                    i.offset_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+                )
+            },
+        )
     }
 
     /// Start listening to the fleet's bus (once; needs a tokio runtime). The
