@@ -28,7 +28,7 @@
 //! What a reload does per provider is described at [`Host::reload`]: a provider
 //! whose new version fails to load keeps serving the old one.
 
-use crate::error::{BoxError, Result};
+use crate::error::Result;
 use crate::host::{Host, ReloadReport};
 use notify::{RecursiveMode, Watcher as _};
 use std::collections::BTreeSet;
@@ -77,9 +77,21 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
+/// The watches or the `SIGHUP` handler could not be set up ([`Watcher::new`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// The file watcher (inotify) could not start.
+    #[error("watching the config's files: {0}")]
+    Files(#[from] notify::Error),
+    /// The `SIGHUP` handler could not be installed (outside a tokio runtime?).
+    #[error("installing the SIGHUP handler: {0}")]
+    Signal(#[from] std::io::Error),
+}
+
 impl Watcher {
     /// Set up the file watches and the `SIGHUP` handler (inside a tokio runtime).
-    pub fn new(host: Host) -> std::result::Result<Self, BoxError> {
+    pub fn new(host: Host) -> std::result::Result<Self, WatchError> {
         let (tx, changed) = tokio::sync::mpsc::channel::<()>(1);
         let relevant: Relevant = Arc::default();
         let filter = Arc::clone(&relevant);

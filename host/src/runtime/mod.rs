@@ -177,6 +177,17 @@ state_host!(
     bindings::v01::reauth::provider0_1_0::state::Host
 );
 
+/// The WebAssembly engine could not be set up ([`Runtime::new`]).
+#[derive(Debug, thiserror::Error)]
+#[error("starting the WebAssembly engine: {0}")]
+pub struct EngineError(#[source] BoxError);
+
+/// A component could not be compiled or loaded from the precompiled cache
+/// ([`Runtime::compile`]); the message says which check or step failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CompileError(#[source] BoxError);
+
 /// Settings of the shared engine.
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
@@ -259,7 +270,11 @@ impl Runtime {
 
     /// Build the engine (epoch interruption, pooling allocator), start its epoch
     /// ticker and link every interface a provider may import.
-    pub fn new(options: RuntimeOptions, clock: Arc<dyn Clock>) -> Result<Self, BoxError> {
+    pub fn new(options: RuntimeOptions, clock: Arc<dyn Clock>) -> Result<Self, EngineError> {
+        Self::start(options, clock).map_err(EngineError)
+    }
+
+    fn start(options: RuntimeOptions, clock: Arc<dyn Clock>) -> Result<Self, BoxError> {
         let mut pool = PoolingAllocationConfig::new();
         let instances = options.max_instances.max(16);
         // Every component is bounded in the core instances, memories and tables it
@@ -393,6 +408,14 @@ impl Runtime {
     /// header against the engine once more. Anything else is recompiled (and the
     /// cache entry rewritten), never trusted.
     pub fn compile(
+        &self,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<(Component, CompileSource), CompileError> {
+        self.compile_or_load(bytes, sha256).map_err(CompileError)
+    }
+
+    fn compile_or_load(
         &self,
         bytes: &[u8],
         sha256: &str,
@@ -694,7 +717,7 @@ impl ProviderRuntime {
                 "limits.fuel is set but this host's engine does not meter fuel".into(),
             ));
         }
-        let (component, source) = runtime.compile(&bytes, &sha256).map_err(load_err)?;
+        let (component, source) = runtime.compile_or_load(&bytes, &sha256).map_err(load_err)?;
         let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
             load_err(
                 match integrity::world_mismatch(&runtime.engine, &component) {
