@@ -8,6 +8,7 @@
 //! work on a machine without the wasm target or the kits): the error is printed
 //! as a cargo warning, recorded for `reauth_tests::plugins()` to report at the
 //! first test that needs a component, and the next build tries again.
+//! `REAUTH_SKIP_GUEST_BUILD=1` skips it (for an editor's build-script runs).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -26,12 +27,36 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
     }
 
-    let mut failures = Vec::new();
-    if let Err(e) = rust_guests(&root) {
-        failures.push(e);
+    let guests = root.join("plugins/target/wasm32-wasip2/release");
+    let components = root.join("plugins/target/components");
+    // The outputs too: a deleted component (`cargo clean` in plugins/) is a
+    // missing path, which makes cargo run this again.
+    for name in RUST_GUESTS {
+        println!(
+            "cargo:rerun-if-changed={}",
+            guests.join(format!("{name}.wasm")).display()
+        );
     }
-    if let Err(e) = other_guests(&root) {
-        failures.push(e);
+    for name in OTHER_GUESTS {
+        println!(
+            "cargo:rerun-if-changed={}",
+            components.join(format!("{name}.wasm")).display()
+        );
+    }
+    println!("cargo:rerun-if-env-changed=REAUTH_SKIP_GUEST_BUILD");
+
+    let mut failures = Vec::new();
+    if std::env::var_os("REAUTH_SKIP_GUEST_BUILD").is_some() {
+        // For editors' build-script runs (rust-analyzer): the tests then report
+        // this at the first component they need.
+        failures.push("REAUTH_SKIP_GUEST_BUILD is set: the guests were not built".to_string());
+    } else {
+        if let Err(e) = rust_guests(&root) {
+            failures.push(e);
+        }
+        if let Err(e) = other_guests(&root) {
+            failures.push(e);
+        }
     }
     for failure in &failures {
         for line in failure.lines().take(40) {
@@ -47,8 +72,6 @@ fn main() {
     }
 
     let mut code = String::new();
-    let guests = root.join("plugins/target/wasm32-wasip2/release");
-    let components = root.join("plugins/target/components");
     let _ = writeln!(
         code,
         "/// Where the Rust guests are.\npub const GUESTS: &str = {:?};",
@@ -64,7 +87,70 @@ fn main() {
         "/// Why building the guests failed, if it did.\npub const BUILD_ERROR: Option<&str> = {:?};",
         (!failures.is_empty()).then(|| failures.join("\n"))
     );
-    std::fs::write(out.join("guests.rs"), code).expect("writing guests.rs");
+    // Unchanged content, untouched file: nothing that includes it recompiles.
+    let path = out.join("guests.rs");
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(code.as_str()) {
+        std::fs::write(&path, code).expect("writing guests.rs");
+    }
+}
+
+/// The Rust guests `reauth_tests::plugins()` hands out (file stems).
+const RUST_GUESTS: &[&str] = &[
+    "static",
+    "password_rotation",
+    "oidc_refresh_token",
+    "oauth2_client_credentials",
+    "fixture_testkit",
+    "fixture_hostile",
+    "fixture_other_world",
+    "fixture_bench_logic",
+    "fixture_flawed",
+    "acme_sts",
+    "aws_sts",
+    "fixture_contract_0_1",
+];
+
+/// The Python and JavaScript components it hands out.
+const OTHER_GUESTS: &[&str] = &[
+    "oauth2-client-credentials-py",
+    "password-rotation-js",
+    "hostile-py",
+    "hostile-js",
+    "acme-sts-py",
+    "acme-sts-js",
+];
+
+/// What cargo tells a build script about the outer build, which must not reach
+/// the nested one (a nested build script would see the host's `cfg`s).
+fn outer_build_env(name: &str) -> bool {
+    [
+        "CARGO_CFG_",
+        "CARGO_FEATURE_",
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "DEP_",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+        || matches!(
+            name,
+            "CARGO_TARGET_DIR"
+                | "CARGO_BUILD_TARGET_DIR"
+                | "RUSTFLAGS"
+                | "CARGO_ENCODED_RUSTFLAGS"
+                | "CARGO_BUILD_TARGET"
+                | "RUSTC_WORKSPACE_WRAPPER"
+                | "RUSTC_LINKER"
+                | "CLIPPY_ARGS"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "OUT_DIR"
+                | "TARGET"
+                | "HOST"
+                | "OPT_LEVEL"
+                | "PROFILE"
+                | "DEBUG"
+                | "NUM_JOBS"
+        )
 }
 
 /// Every file under `dir` a guest build reads: not build output, installed
@@ -95,18 +181,19 @@ fn sources(dir: &Path, into: &mut Vec<PathBuf>) {
 /// workspace and target directory).
 fn rust_guests(root: &Path) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    command
         .args(["build", "--release", "--target", "wasm32-wasip2"])
-        .current_dir(root.join("plugins"))
-        // The outer build's settings are for the host, not for guests (and
-        // under `cargo clippy`, clippy's wrapper is for this workspace only).
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("CLIPPY_ARGS")
-        .env_remove("CARGO_PRIMARY_PACKAGE")
+        .current_dir(root.join("plugins"));
+    // The outer build's settings are for the host, not for guests (and under
+    // `cargo clippy`, clippy's wrapper is for this workspace only). The
+    // jobserver (CARGO_MAKEFLAGS) stays: the nested build shares the cores.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(outer_build_env) {
+            command.env_remove(&name);
+        }
+    }
+    let output = command
         .output()
         .map_err(|e| format!("building the guests: running cargo: {e}"))?;
     if output.status.success() {
@@ -124,7 +211,13 @@ fn rust_guests(root: &Path) -> Result<(), String> {
 /// components newer than their sources, and the kits install their tools on
 /// first use).
 fn other_guests(root: &Path) -> Result<(), String> {
-    let output = Command::new(root.join("scripts/build-components.sh"))
+    // Under a lock: two builds at once (another target directory, an editor)
+    // never write one component together.
+    std::fs::create_dir_all(root.join("plugins/target"))
+        .map_err(|e| format!("creating plugins/target: {e}"))?;
+    let output = Command::new("flock")
+        .arg(root.join("plugins/target/components.lock"))
+        .arg(root.join("scripts/build-components.sh"))
         .current_dir(root)
         .output()
         .map_err(|e| format!("running scripts/build-components.sh: {e}"))?;

@@ -394,6 +394,39 @@ fn misses(
 fn section_miss(smoke: bool) -> Result<String> {
     let rt = runtime();
     let n = if smoke { 5 } else { 400 };
+    let static_provider =
+        || unmetered(ProviderConfig::new(&plugins().static_).config("token", "static-bench-token"));
+    // REAUTH_BENCH_PROFILE_MISS=<n>: only `static` misses, n of them, for a profiler.
+    if let Some(runs) = std::env::var("REAUTH_BENCH_PROFILE_MISS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let host = Host::builder()
+            .provider("static", static_provider())
+            .build()?;
+        // On a worker thread, as a server's request handler runs.
+        let samples = rt.block_on(rt.spawn(async move {
+            let mut samples = Vec::with_capacity(runs);
+            for i in 0..runs {
+                let request = Request::new().subject(format!("s{i}"));
+                let start = Instant::now();
+                let c = host.get_credentials("static", &request).await?;
+                samples.push(start.elapsed());
+                std::hint::black_box(c);
+            }
+            Ok::<_, reauth::Error>(samples)
+        }))??;
+        let s = stats(samples);
+        return Ok(format!(
+            "static misses: p50 {} p99 {}\n",
+            fmt(s.p50),
+            fmt(s.p99)
+        ));
+    }
+    // The least a miss costs: `static` (no HTTP, no crypto), a fresh instance.
+    let bare = stats(misses(&rt, static_provider(), n, |s| {
+        Request::new().subject(s)
+    })?);
     // A new subject per call: a new key and a fresh instance every time.
     let component = misses(&rt, logic_provider(), n, |s| Request::new().subject(s))?;
     // The same misses with `instances.reuse`: one subject, a new scope per call
@@ -429,11 +462,15 @@ fn section_miss(smoke: bool) -> Result<String> {
     Ok(format!(
         "### Miss path: the same provider logic two ways\n\n\
          | | p50 | p99 | mean | samples |\n| --- | --- | --- | --- | --- |\n\
+         | `static` (the least a miss costs), fresh instance per call (+ cache insert) | {} | {} | {} | {n} |\n\
          | reauth component, fresh instance per call (+ cache insert) | {} | {} | {} | {n} |\n\
          | reauth component, reused instance (`instances.reuse`; one subject, a new scope per call) | {} | {} | {} | {n} |\n\
          | exec credential plugin, a process per fetch (spawn, ExecCredential JSON, parse) | {} | {} | {} | {runs} |\n\
          {extism}\n\
          Exec / reauth (p50): **{:.0}×** with fresh instances, **{:.0}×** with reused ones.\n",
+        fmt(bare.p50),
+        fmt(bare.p99),
+        fmt(bare.mean),
         fmt(c.p50),
         fmt(c.p99),
         fmt(c.mean),

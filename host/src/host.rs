@@ -2131,7 +2131,9 @@ impl Host {
     /// requests per provider, instances, call slots, the fleet's, build info —
     /// into an embedder's own `prometheus-client` registry (re-exported as
     /// [`crate::metrics::prometheus_client`]). Encoded at each scrape; a dropped
-    /// host reports nothing.
+    /// host reports nothing. Two hosts in one registry need a label apart
+    /// (`registry.sub_registry_with_label(("host", "a".into()))`), or their
+    /// families collide.
     pub fn register_metrics(
         &self,
         registry: &mut crate::metrics::prometheus_client::registry::Registry,

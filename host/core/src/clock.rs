@@ -149,8 +149,8 @@ impl Clock for TokioClock {
 }
 
 /// A duration written for people: one or more `<number><unit>` parts, units `ms`,
-/// `s`, `m`, `h`, `d` (`"250ms"`, `"5s"`, `"2m"`, `"1h30m"`; spaces between parts
-/// allowed). The config's duration keys and the CLI's duration flags take it.
+/// `s`, `m`, `h`, `d` (`"250ms"`, `"5s"`, `"10 s"`, `"2m"`, `"1h30m"`; spaces
+/// between a number and its unit and between parts allowed). The config's duration keys and the CLI's duration flags take it.
 /// Errors say what is wrong; a sum past `u64::MAX` milliseconds is an error, never
 /// a wrap.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -172,7 +172,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let number: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("`{whole}`: the number is too large"))?;
-        rest = &rest[digits..];
+        rest = rest[digits..].trim_start();
         let unit_len = rest
             .find(|c: char| !c.is_ascii_alphabetic())
             .unwrap_or(rest.len());
@@ -257,7 +257,8 @@ mod tests {
         assert_eq!(ms("1h 30m 5s"), Ok(5_405_000));
         assert_eq!(ms("1d"), Ok(86_400_000));
         assert_eq!(ms("0s"), Ok(0));
-        for bad in ["", "s", "5", "5x", "-5s", "5.5s", "1h30", "ms5", "5 s"] {
+        assert_eq!(ms("10 s"), Ok(10_000));
+        for bad in ["", "s", "5", "5x", "-5s", "5.5s", "1h30", "ms5", "5 5s"] {
             let e = parse_duration(bad).unwrap_err();
             assert!(!e.is_empty(), "{bad}");
         }

@@ -676,7 +676,9 @@ pub mod exposition {
         ) -> fmt::Result {
             match kind {
                 MetricType::Counter => self.counter(labels, value),
-                _ => self.gauge(labels, value),
+                // The encoder refuses a gauge above i64::MAX (failing the whole
+                // scrape): saturate.
+                _ => self.gauge(labels, i64::try_from(value).unwrap_or(i64::MAX)),
             }
         }
 

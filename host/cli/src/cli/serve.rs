@@ -93,7 +93,11 @@ pub(super) async fn command(
 pub(super) async fn terminated() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+        // No SIGTERM handler: Ctrl-C still stops it.
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
