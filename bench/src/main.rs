@@ -376,7 +376,10 @@ fn misses(
     n: usize,
     request: impl Fn(String) -> Request,
 ) -> Result<Vec<Duration>> {
-    let host = Host::builder().provider("logic", provider).build()?;
+    let host = Host::builder()
+        .runtime_options(bench_runtime_options())
+        .provider("logic", provider)
+        .build()?;
     for i in 0..(n / 10).max(1) {
         rt.block_on(host.get_credentials("logic", &request(format!("warm{i}"))))?;
     }
@@ -391,6 +394,20 @@ fn misses(
     Ok(samples)
 }
 
+/// The engine's options for the miss benchmarks: the defaults, except
+/// `REAUTH_BENCH_KEEP_RESIDENT=<bytes>` (0: `madvise` every finished call's
+/// memory, as before #18 §2) for an A/B comparison.
+fn bench_runtime_options() -> reauth::runtime::RuntimeOptions {
+    let mut options = reauth::runtime::RuntimeOptions::default();
+    if let Some(bytes) = std::env::var("REAUTH_BENCH_KEEP_RESIDENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        options.keep_resident_bytes = bytes;
+    }
+    options
+}
+
 fn section_miss(smoke: bool) -> Result<String> {
     let rt = runtime();
     let n = if smoke { 5 } else { 400 };
@@ -402,6 +419,7 @@ fn section_miss(smoke: bool) -> Result<String> {
         .and_then(|v| v.parse::<usize>().ok())
     {
         let host = Host::builder()
+            .runtime_options(bench_runtime_options())
             .provider("static", static_provider())
             .build()?;
         // On a worker thread, as a server's request handler runs.
@@ -419,6 +437,21 @@ fn section_miss(smoke: bool) -> Result<String> {
         let s = stats(samples);
         return Ok(format!(
             "static misses: p50 {} p99 {}\n",
+            fmt(s.p50),
+            fmt(s.p99)
+        ));
+    }
+    // REAUTH_BENCH_PROFILE_REUSE=<n>: only the reused-instance misses.
+    if let Some(runs) = std::env::var("REAUTH_BENCH_PROFILE_REUSE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let mut reusing = logic_provider();
+        reusing.instances.reuse = true;
+        reusing.instances.max_calls = 1_000_000;
+        let s = stats(misses(&rt, reusing, runs, |s| Request::new().scope(s))?);
+        return Ok(format!(
+            "reused misses: p50 {} p99 {}\n",
             fmt(s.p50),
             fmt(s.p99)
         ));
