@@ -156,8 +156,10 @@ pub fn create(
     dir: &Path,
     sdk: &Path,
 ) -> Result<Vec<PathBuf>, ScaffoldError> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
+    // A provider name by the config's one rule, and also a package name in
+    // every language the kit scaffolds (lowercase, starting with a letter, no
+    // `_`, not ending in `-`).
+    let valid = crate::config::valid_provider_name(name)
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
             .chars()
