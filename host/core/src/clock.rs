@@ -202,30 +202,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(total_ms))
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for a system time (UTC), cut to whole seconds (rounded
-/// down); times before 1970 print as the epoch.
+/// `YYYY-MM-DDTHH:MM:SSZ` for a system time (UTC, through `humantime`), cut to
+/// whole seconds (rounded down); times before 1970 print as the epoch, times
+/// past the year-9999 cap ([`MAX_UNIX_SECS`]) as the cap.
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .min(MAX_UNIX_SECS);
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 #[cfg(test)]
@@ -290,5 +276,20 @@ mod tests {
                 .contains("too long")
         );
         assert!(parse_duration(&"9".repeat(10_000)).is_err());
+    }
+
+    #[test]
+    fn rfc3339_is_utc_seconds_and_never_panics() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_764_100_000_999)),
+            "2025-11-25T19:46:40Z"
+        );
+        let before = UNIX_EPOCH - Duration::from_secs(86_400);
+        assert_eq!(rfc3339(before), "1970-01-01T00:00:00Z");
+        let cap = UNIX_EPOCH + Duration::from_secs(MAX_UNIX_SECS);
+        assert_eq!(rfc3339(cap), "9999-12-31T23:59:59Z");
+        let past = UNIX_EPOCH + Duration::from_secs(MAX_UNIX_SECS + 86_400 * 400);
+        assert_eq!(rfc3339(past), "9999-12-31T23:59:59Z");
     }
 }
