@@ -27,7 +27,7 @@ kits:
 ## wasm32-wasip2), then Python and JavaScript (plugins/target/components/).
 plugins: setup kits
 	cd plugins && $(CARGO) build --release --target wasm32-wasip2
-	scripts/build-components.sh
+	flock plugins/target/components.lock scripts/build-components.sh
 
 ## `reauth test` on every shipped provider (Rust, Python, JavaScript).
 SHIPPED := static password-rotation oauth2-client-credentials oidc-refresh-token \

@@ -340,7 +340,7 @@ impl HostBuilder {
         )
         .map_err(|e| Error::Io {
             context: "starting the WebAssembly engine".into(),
-            source: std::io::Error::other(e),
+            source: std::io::Error::other(e.into_cause()),
         })?;
         let runtime = Arc::new(runtime);
         let keys = key_ring(&config)?;

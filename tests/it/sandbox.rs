@@ -1207,3 +1207,43 @@ async fn a_hostile_describe_fails_its_provider_only_and_does_no_io() {
         );
     }
 }
+
+/// Nothing a call leaves in linear memory reaches a later instance in the pool,
+/// of the same provider or another one (the slot is reset; wasmtime's
+/// `PAGEMAP_SCAN` reset, which can skip a swapped-out dirty page, is not used).
+/// The writer leaves 3 MiB of a pattern computed at run time; the reader grows
+/// its memory and scans all of it. The control shows the scan finds the pattern
+/// when it is there.
+#[tokio::test]
+async fn memory_a_call_leaves_never_reaches_the_next_instance() {
+    reauth_tests::logs();
+    let host = Host::builder()
+        .provider("writer", hostile("leave-marker"))
+        .provider("reader", hostile("find-marker"))
+        .provider("control", hostile("leave-and-find-marker"))
+        .build()
+        .unwrap();
+    let get = |name: &'static str, subject: String| {
+        let host = host.clone();
+        async move {
+            let c = host
+                .get_credentials(name, &Request::new().subject(subject))
+                .await
+                .unwrap();
+            bearer(&c)
+        }
+    };
+    let control = get("control", "c".into()).await;
+    assert!(control.starts_with("found-at-"), "{control}");
+    for round in 0..4 {
+        let left = get("writer", format!("w{round}")).await;
+        assert!(left.starts_with("left-at-"), "{left}");
+        let seen = get("reader", format!("r{round}")).await;
+        assert!(seen.starts_with("clean-"), "round {round}: {seen}");
+        // The writer's own next instance (same component, likely the same slot).
+        let again = get("control", format!("c{round}")).await;
+        assert!(again.starts_with("found-at-"), "{again}");
+        let seen = get("reader", format!("r{round}b")).await;
+        assert!(seen.starts_with("clean-"), "round {round}: {seen}");
+    }
+}

@@ -3,7 +3,7 @@
 //! ([`crate::adapters`]). The API is described in `host/openapi.json`.
 //!
 //! - `GET /healthz`: liveness and provider counts;
-//! - `GET /metrics`: Prometheus text ([`crate::metrics`]);
+//! - `GET /metrics`: OpenMetrics text ([`crate::metrics`]);
 //! - `GET /v1/providers`: names and status, no secrets;
 //! - `POST /v1/providers/{name}/credentials`: `{subject?, scopes?, audience?}` →
 //!   the credential and its expiry (cached, single-flight across requests);

@@ -102,9 +102,6 @@ const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 32;
 const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
 /// Tables one component may have.
 const MAX_TABLES_PER_COMPONENT: u32 = 32;
-/// Unused pool slots kept warm (their memory resident up to
-/// `RuntimeOptions::keep_resident_bytes`); wasmtime's default is 100.
-const MAX_UNUSED_WARM_SLOTS: u32 = 32;
 
 /// Largest `get-random-bytes` / `get-insecure-random-bytes` request: a host call
 /// cannot be interrupted, so its work is kept short (64 MiB took ~0.5 s).
@@ -185,6 +182,13 @@ state_host!(
 #[error("starting the WebAssembly engine: {0}")]
 pub struct EngineError(#[source] BoxError);
 
+impl EngineError {
+    /// What failed, without this error's own context.
+    pub(crate) fn into_cause(self) -> BoxError {
+        self.0
+    }
+}
+
 /// A component could not be compiled or loaded from the precompiled cache
 /// ([`Runtime::compile`]); the message says which check or step failed.
 #[derive(Debug, thiserror::Error)]
@@ -212,11 +216,11 @@ pub struct RuntimeOptions {
     /// Component instances in the pool (`runtime.max_instances`), shared out as
     /// providers' reservations.
     pub max_instances: u32,
-    /// How much of a linear memory is reset in place (dirty pages only) when a
-    /// call's instance goes away, instead of being returned to the kernel.
-    /// Default 1 MiB: a miss of a small provider takes ~35 µs instead of ~60 µs
-    /// here (BENCHMARKS.md); at most 32 unused slots keep theirs (≤ 32 MiB).
-    /// 0: `madvise` everything (least memory held).
+    /// How much of a linear memory (and, up to 64 KiB, of a table) is reset with
+    /// `memset` when a call's instance goes away, instead of being returned to
+    /// the kernel with `madvise`; every memory slot that was used keeps that
+    /// much resident. Default 0 (`madvise` everything: least memory held, and
+    /// no faster here with `memset` — see BENCHMARKS.md, miss path).
     pub keep_resident_bytes: usize,
 }
 
@@ -229,7 +233,7 @@ impl Default for RuntimeOptions {
             epoch_interruption: true,
             limit_memory: true,
             max_instances: crate::config::defaults::max_instances(),
-            keep_resident_bytes: 1 << 20,
+            keep_resident_bytes: 0,
         }
     }
 }
@@ -302,16 +306,16 @@ impl Runtime {
             .total_stacks(instances)
             .max_memory_size(usize::try_from(options.max_memory_bytes)?);
         // A fresh instance per call: the slot's memory is reset when the call
-        // ends. Up to `keep_resident_bytes` of it is reset in place (only the
-        // pages the call dirtied, found with Linux's PAGEMAP_SCAN where the
-        // kernel has it, ≥ 6.7) instead of `madvise`d away, which would cost a
-        // TLB shootdown on every core and page faults on the next call. The
-        // unused warm slots bound what stays resident.
+        // ends, by default all of it with `madvise`. `keep_resident_bytes` resets
+        // that much with `memset` instead (the rest still `madvise`d). Not
+        // with Linux's PAGEMAP_SCAN (faster: only dirty pages), because its scan
+        // matches only pages in RAM: a dirty page swapped out at that moment
+        // would be neither reset nor dropped, and the next instance in the slot
+        // — maybe another provider's — would read it (wasmtime PR #14357).
         if options.keep_resident_bytes > 0 {
             pool.linear_memory_keep_resident(options.keep_resident_bytes)
                 .table_keep_resident(options.keep_resident_bytes.min(64 << 10))
-                .pagemap_scan(wasmtime::Enabled::Auto)
-                .max_unused_warm_slots(MAX_UNUSED_WARM_SLOTS.min(instances));
+                .pagemap_scan(wasmtime::Enabled::No);
         }
         let mut config = Config::new();
         config
