@@ -1223,7 +1223,8 @@ fn section_fleet(smoke: bool) -> Result<String> {
     }
 
     // 4. 32 replicas over 10 token lifetimes, with and without the fleet.
-    let short = Idp::start(&dir.path().join("keys-short.json"), 2, None);
+    // The same signing keys as the first IdP: no second RSA key generation.
+    let short = Idp::start(&dir.path().join("keys.json"), 2, None);
     let (n, lifetimes) = if smoke { (2, 2) } else { (32, 10) };
     out += &format!(
         "\n{n} replicas, one caller each (a request every 100 ms), {lifetimes} token lifetimes of 2 s \

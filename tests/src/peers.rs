@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use reauth::verify::Verifier;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,7 +92,9 @@ impl Drop for Peer {
 }
 
 /// The JSON line a peer prints on stdout once it listens, within `wait`; the peer
-/// is stopped and the test fails (pointing at its log) if none comes.
+/// is stopped and the test fails if none comes, with what it takes to tell why on a
+/// machine one cannot log into (CI): how long it waited, the process's state and
+/// kernel wait channel, and the end of its log.
 fn ready_line(child: &mut Child, name: &str, wait: Duration) -> serde_json::Value {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -101,12 +103,34 @@ fn ready_line(child: &mut Child, name: &str, wait: Duration) -> serde_json::Valu
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
+    let started = Instant::now();
     match rx.recv_timeout(wait) {
         Ok(line) if !line.is_empty() => serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("{name}: not a JSON ready line ({e}): {line}")),
         other => {
+            let pid = child.id();
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(") ")
+                        .map(|(_, rest)| rest.chars().take(1).collect::<String>())
+                })
+                .unwrap_or_else(|| "gone".into());
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
             stop_process(child, "-TERM", Duration::from_secs(2));
-            panic!("{name} did not start (see target/test-logs/peers/{name}.log): {other:?}");
+            let log = crate::log_dir().join(format!("peers/{name}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{name} did not start: {other:?} after {:.1?} (pid {pid}, state {state}, \
+                 wchan {wchan:?}, loadavg {}); the end of {}:\n{}",
+                started.elapsed(),
+                load.trim(),
+                log.display(),
+                tail.join("\n")
+            );
         }
     }
 }
@@ -180,14 +204,22 @@ impl Idp {
         if let Some(jwk) = &self.client_jwk {
             cmd.arg("--client-jwk").arg(jwk);
         }
+        let mut log = peer_log("idp");
+        let _ = writeln!(
+            log,
+            "--- reauth tests: starting the IdP (ttl {} s)",
+            self.ttl
+        );
         let mut child = cmd
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(peer_log("idp"))
+            .stderr(log)
             .spawn()
             .expect("starting node tests/peers/idp/idp.mjs");
-        let ready = ready_line(&mut child, "idp", Duration::from_secs(30));
+        // Generous: Node.js loading oidc-provider and generating an RSA key on a
+        // machine whose two cores are busy with replicas and databases.
+        let ready = ready_line(&mut child, "idp", Duration::from_secs(120));
         self.issuer = ready["issuer"].as_str().expect("issuer").to_string();
         self.port = self
             .issuer
