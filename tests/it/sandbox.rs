@@ -501,6 +501,7 @@ async fn the_precompiled_cache_never_serves_an_artifact_for_other_bytes() {
         })
         .unwrap()
         .clone();
+    writable(&hostile_art);
     std::fs::copy(&static_art, &hostile_art).unwrap();
     std::fs::copy(
         static_art.with_extension("meta.json"),
@@ -525,6 +526,7 @@ async fn the_precompiled_cache_never_serves_an_artifact_for_other_bytes() {
     let mut bytes = std::fs::read(&hostile_art).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
+    writable(&hostile_art);
     std::fs::write(&hostile_art, bytes).unwrap();
     let fourth = build();
     assert!(
@@ -532,6 +534,202 @@ async fn the_precompiled_cache_never_serves_an_artifact_for_other_bytes() {
         "a corrupted artifact must be recompiled"
     );
     assert!(from_cache(&fourth, "static"));
+}
+
+/// The lines of this process's memory map that name `path`.
+fn mappings_of(path: &std::path::Path) -> usize {
+    let path = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(path.as_ref()))
+        .count()
+}
+
+/// The one precompiled artifact in `dir`.
+fn only_artifact(dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".cwasm"))
+        .unwrap()
+}
+
+/// Open `path` for writing without waiting for a lease (`O_NONBLOCK`).
+fn write_now(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(0o4000)
+        .open(path)
+}
+
+/// Make an artifact (written 0400) writable again, as a user would before
+/// damaging it (root needs not, but the tests may run as anyone).
+fn writable(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Precompiled code is mapped from the cache (not copied) under a read lease:
+/// truncating an artifact while a host runs its code, even in the middle of a
+/// call, neither crashes the host nor changes what it runs. The writer waits
+/// until the host has swapped the mapping for its own copy. A host built
+/// afterwards notices the damage and recompiles, also when the artifact was
+/// verified earlier and then rewritten in place at the same size.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[tokio::test]
+async fn an_artifact_truncated_while_its_code_runs_does_not_crash_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    reauth_tests::logs();
+    let sysctl = |name: &str| std::fs::read_to_string(format!("/proc/sys/fs/{name}")).unwrap();
+    if sysctl("leases-enable").trim() != "1"
+        || sysctl("lease-break-time").trim().parse::<u64>().unwrap() < 10
+    {
+        eprintln!("skipped: file leases are disabled or too short on this machine");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let build = || {
+        Host::builder()
+            .cache_dir(cache.path())
+            .provider("sleep", hostile("sleep").config("sleep_ms", "1500"))
+            .build()
+            .unwrap()
+    };
+    let from_cache = |host: &Host| match &host.status()["sleep"] {
+        ProviderStatus::Ready { from_cache, .. } => *from_cache,
+        other => panic!("{other:?}"),
+    };
+    let compiled = build();
+    assert!(!from_cache(&compiled));
+    drop(compiled);
+    let art = only_artifact(cache.path());
+    let mode = std::fs::metadata(&art).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o400, "artifacts are written read-only");
+    writable(&art);
+    assert!(
+        write_now(&art).is_ok(),
+        "no host holds it: nothing to wait for"
+    );
+
+    // 1. A writer that would wait: the lease turns it away at once, the host
+    //    swaps in its copy, the file is no longer mapped, and the host keeps
+    //    running the code it loaded.
+    let host = build();
+    assert!(from_cache(&host));
+    assert!(mappings_of(&art) > 0, "the code is mapped from {art:?}");
+    let e = write_now(&art).expect_err("a host maps it: the lease holds writers");
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mappings_of(&art) > 0 {
+        assert!(Instant::now() < deadline, "the mapping was never swapped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::fs::write(&art, b"").unwrap();
+    let c = host
+        .get_credentials("sleep", &Request::new().subject("after-cut"))
+        .await
+        .unwrap();
+    assert_eq!(bearer(&c), "slept");
+    drop(host);
+
+    // 2. Truncated in the middle of a call (the plugin sleeps in a host call
+    //    while the file is cut, then runs on): the call completes.
+    let host = build();
+    assert!(
+        !from_cache(&host),
+        "a truncated artifact must be recompiled"
+    );
+    drop(host);
+    let art = only_artifact(cache.path());
+    let host = Arc::new(build());
+    assert!(from_cache(&host));
+    assert!(mappings_of(&art) > 0);
+    let call = {
+        let host = host.clone();
+        tokio::spawn(async move {
+            host.get_credentials("sleep", &Request::new().subject("during-cut"))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writable(&art);
+    let cut = {
+        let art = art.clone();
+        tokio::task::spawn_blocking(move || {
+            // A plain open for writing, truncating: waits for the lease.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&art)
+                .map(drop)
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), cut)
+        .await
+        .expect("the truncating writer was let through")
+        .unwrap()
+        .unwrap();
+    assert_eq!(std::fs::metadata(&art).unwrap().len(), 0);
+    assert_eq!(mappings_of(&art), 0);
+    let c = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(bearer(&c), "slept");
+    drop(host);
+
+    // 3. Verified once, then trusted by its stamp: once it has settled, a load
+    //    records the stamp; a rewrite in place at the same size changes it, so
+    //    the next load hashes, finds the damage and recompiles.
+    let host = build();
+    assert!(!from_cache(&host));
+    drop(host);
+    let art = only_artifact(cache.path());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let host = build();
+    assert!(from_cache(&host));
+    drop(host);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(art.with_extension("meta.json")).unwrap()).unwrap();
+    assert!(
+        meta["verified"].is_object(),
+        "a settled artifact's stamp is recorded: {meta}"
+    );
+    let mut bytes = std::fs::read(&art).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    writable(&art);
+    std::fs::write(&art, &bytes).unwrap();
+    let host = build();
+    assert!(
+        !from_cache(&host),
+        "an artifact changed in place must be recompiled"
+    );
+
+    // 4. Dropping a host releases its lease (the guard may hold the entry for
+    //    one more check).
+    let art = only_artifact(cache.path());
+    let mapped = build();
+    assert!(from_cache(&mapped));
+    drop(mapped);
+    drop(host);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mappings_of(&art) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "still mapped after its host went"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writable(&art);
+    while let Err(e) = write_now(&art) {
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+        assert!(Instant::now() < deadline, "the lease outlived its host");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An artifact compiled by an engine with other settings (here: fuel metering
@@ -569,6 +767,7 @@ async fn an_artifact_from_another_engine_config_is_recompiled() {
     );
     // Put the fuel-less artifact where the fuel engine looks, with a meta that
     // vouches for it.
+    writable(&b_art);
     std::fs::copy(&a_art, &b_art).unwrap();
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(b_art.with_extension("meta.json")).unwrap()).unwrap();

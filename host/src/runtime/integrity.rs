@@ -127,6 +127,10 @@ pub(crate) struct ArtifactMeta {
     pub(crate) artifact_sha256: String,
     /// The compiling engine's compatibility hash (wasmtime version and settings).
     pub(crate) engine: String,
+    /// The artifact file as it was when its digest was last checked (see
+    /// [`super::artifact`]): a load finding the file with this stamp skips the hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) verified: Option<super::artifact::Stamp>,
 }
 
 impl ArtifactMeta {
@@ -135,17 +139,17 @@ impl ArtifactMeta {
             source_sha256: source_sha256.to_string(),
             artifact_sha256: hex::encode(Sha256::digest(artifact)),
             engine: engine.to_string(),
+            verified: None,
         }
     }
 
-    /// Read the artifact at `path` with its meta; `Err(why)` unless the meta says it
-    /// was compiled from `source_sha256` by an engine like `engine` and the bytes
-    /// match.
-    pub(crate) fn read_verified(
+    /// The meta beside the artifact at `path`, if it names `source_sha256` and
+    /// `engine`.
+    pub(crate) fn read_matching(
         path: &Path,
         source_sha256: &str,
         engine: &str,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<ArtifactMeta, String> {
         let meta_path = path.with_extension("meta.json");
         let meta: ArtifactMeta = std::fs::read(&meta_path)
             .map_err(|e| format!("no readable meta ({e})"))
@@ -162,6 +166,35 @@ impl ArtifactMeta {
                 meta.engine
             ));
         }
+        Ok(meta)
+    }
+
+    /// Rewrite the meta beside the artifact at `path` (best effort: a failure only
+    /// costs a hash at the next load).
+    pub(crate) fn rewrite(&self, path: &Path) {
+        let written = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                crate::store::file::write_atomically(
+                    &path.with_extension("meta.json"),
+                    &bytes,
+                    true,
+                )
+            });
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "could not record a verified artifact");
+        }
+    }
+
+    /// Read the artifact at `path` with its meta; `Err(why)` unless the meta says it
+    /// was compiled from `source_sha256` by an engine like `engine` and the bytes
+    /// match.
+    pub(crate) fn read_verified(
+        path: &Path,
+        source_sha256: &str,
+        engine: &str,
+    ) -> Result<Vec<u8>, String> {
+        let meta = Self::read_matching(path, source_sha256, engine)?;
         // Read whole, not memory-mapped: a mapped file that someone truncates or
         // rewrites in place (`cp` over it) would crash the host with SIGBUS.
         let artifact = std::fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
@@ -180,6 +213,12 @@ impl ArtifactMeta {
     ) -> std::io::Result<()> {
         let meta = ArtifactMeta::new(source_sha256, artifact, engine);
         crate::store::file::write_atomically(path, artifact, true)?;
+        // Read-only: written once, never opened for writing again (a mapped
+        // artifact must not change; see `artifact`). Replaced by renaming.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400))?;
+        }
         crate::store::file::write_atomically(
             &path.with_extension("meta.json"),
             &serde_json::to_vec(&meta).map_err(std::io::Error::other)?,

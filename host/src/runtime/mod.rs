@@ -31,6 +31,7 @@
 //! `reauth:provider` world — a mismatch lists the missing export and every import
 //! the host does not offer.
 
+mod artifact;
 mod bindings;
 mod capture;
 pub mod egress;
@@ -322,7 +323,11 @@ impl Runtime {
             .wasm_component_model(true)
             .epoch_interruption(options.epoch_interruption)
             .consume_fuel(options.consume_fuel)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            // Linear memories' initial images come from memory, never from a
+            // mapped artifact file (see `artifact`: only the code is mapped, and
+            // the guard can swap only that mapping for a copy).
+            .force_memory_init_memfd(true);
         let engine = Engine::new(&config).map_err(|e| e.into_boxed_dyn_error())?;
         if options.epoch_interruption {
             spawn_epoch_ticker(&engine)?;
@@ -520,6 +525,54 @@ impl Runtime {
         found
     }
 
+    /// Map the cached artifact for the plugin `sha256` instead of reading it, if
+    /// there is one and a read lease on it can be had (see [`artifact`]); `None`
+    /// sends the caller to [`Runtime::compile_or_load`], which reads (or compiles).
+    fn load_mapped(&self, sha256: &str) -> Option<(Component, artifact::Lease)> {
+        let dir = self.cache_dir.as_ref()?;
+        let exact = dir.join(format!("{sha256}-{}.cwasm", self.engine_hash));
+        for (path, engine_hash) in self.artifact_candidates(dir, sha256, &exact) {
+            let Ok(mut meta) = ArtifactMeta::read_matching(&path, sha256, &engine_hash) else {
+                continue;
+            };
+            let leased = artifact::LeasedFile::open(&path)?;
+            let stamp = artifact::Stamp::of(&leased.file().metadata().ok()?);
+            if meta.verified != Some(stamp) {
+                // Hashed under the lease: nobody can write it meanwhile.
+                if artifact::digest_file(leased.file()).ok()? != meta.artifact_sha256 {
+                    // The copy path says why, and recompiles.
+                    return None;
+                }
+                if artifact::fs_now(dir).is_some_and(|now| stamp.settled(now)) {
+                    meta.verified = Some(stamp);
+                    meta.rewrite(&path);
+                }
+            }
+            // SAFETY: as in `compile_or_load` (an artifact of an engine with this
+            // compatibility hash, for exactly these source bytes, its digest
+            // checked under the lease now or when the file last had this very
+            // stamp); and the file cannot change under the mapping: it is
+            // read-only (0400) and under a read lease, which makes every writer
+            // wait until the guard has swapped the mapping for a copy; the lease
+            // holds a clone of the component and is released only after that
+            // clone is dropped (see `artifact` for the one gap, a root-only
+            // `O_RDONLY | O_TRUNC`). `fd_path` opens the very file the lease is on.
+            #[allow(unsafe_code)]
+            let component = unsafe { Component::deserialize_file(&self.engine, leased.fd_path()) };
+            match component {
+                Ok(component) => {
+                    let lease = leased.guard(&component);
+                    return Some((component, lease));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "unusable precompiled artifact: {e}");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
     #[cfg(feature = "cranelift")]
     fn compile_now(&self, bytes: &[u8]) -> Result<Component, BoxError> {
         Component::new(&self.engine, bytes)
@@ -655,6 +708,11 @@ pub struct ProviderRuntime {
     borrowed: Arc<Mutex<Vec<(u64, Secret)>>>,
     /// Numbers the calls' entries in `borrowed`.
     borrow_ids: AtomicU64,
+    /// The read lease on the artifact the component's code is mapped from, if
+    /// it is (see [`artifact`]). The last field: dropped after `pre` and `idle`
+    /// (every other reference to the component), so the file stays protected
+    /// until the mapping is gone.
+    _lease: Option<artifact::Lease>,
 }
 
 /// Whether a fetch still has to take its turn in the provider's fetch budget.
@@ -729,21 +787,63 @@ impl ProviderRuntime {
             path: spec.plugin.clone(),
             source,
         };
-        let bytes = std::fs::read(&spec.plugin).map_err(|e| load_err(Box::new(e)))?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        if let Some(expected) = &spec.sha256
-            && !expected.eq_ignore_ascii_case(&sha256)
-        {
-            return Err(load_err(
-                format!("sha256 mismatch: expected {expected}, file has {sha256}").into(),
-            ));
-        }
         if spec.limits.fuel.is_some() && !runtime.consume_fuel {
             return Err(load_err(
                 "limits.fuel is set but this host's engine does not meter fuel".into(),
             ));
         }
-        let (component, source) = runtime.compile_or_load(&bytes, &sha256).map_err(load_err)?;
+        let pinned = |sha256: &str| match &spec.sha256 {
+            Some(expected) if !expected.eq_ignore_ascii_case(sha256) => Err(load_err(
+                format!("sha256 mismatch: expected {expected}, file has {sha256}").into(),
+            )),
+            _ => Ok(()),
+        };
+        // A plugin unchanged since it was last hashed, whose artifact is in the
+        // cache: mapped without reading either file.
+        let known = runtime
+            .cache_dir
+            .as_deref()
+            .and_then(|dir| artifact::known_source_digest(dir, &spec.plugin));
+        let mut mapped = None;
+        if let Some(sha256) = &known {
+            pinned(sha256)?;
+            mapped = runtime.load_mapped(sha256);
+        }
+        // Declared before everything that refers to the component, so that on an
+        // early return it is dropped after them (see `ProviderRuntime::_lease`).
+        let lease: Option<artifact::Lease>;
+        let (component, source, sha256) = match (mapped, known) {
+            (Some((component, mapped_lease)), Some(sha256)) => {
+                lease = Some(mapped_lease);
+                (component, CompileSource::Cache, sha256)
+            }
+            (_, known) => {
+                let file_meta = std::fs::metadata(&spec.plugin);
+                let bytes = std::fs::read(&spec.plugin).map_err(|e| load_err(Box::new(e)))?;
+                let sha256 = hex::encode(Sha256::digest(&bytes));
+                pinned(&sha256)?;
+                if let (Some(dir), Ok(file_meta)) = (&runtime.cache_dir, &file_meta) {
+                    artifact::record_source_digest(dir, &spec.plugin, file_meta, &sha256);
+                }
+                let mapped = match known {
+                    // Tried just now, for these very bytes.
+                    Some(k) if k == sha256 => None,
+                    _ => runtime.load_mapped(&sha256),
+                };
+                match mapped {
+                    Some((component, mapped_lease)) => {
+                        lease = Some(mapped_lease);
+                        (component, CompileSource::Cache, sha256)
+                    }
+                    None => {
+                        lease = None;
+                        let (component, source) =
+                            runtime.compile_or_load(&bytes, &sha256).map_err(load_err)?;
+                        (component, source, sha256)
+                    }
+                }
+            }
+        };
         let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
             load_err(
                 match integrity::world_mismatch(&runtime.engine, &component) {
@@ -899,6 +999,7 @@ impl ProviderRuntime {
             borrowed,
             borrow_ids: AtomicU64::new(0),
             name,
+            _lease: lease,
         })
     }
 
