@@ -1452,6 +1452,45 @@ fn section_polyglot(smoke: bool) -> Result<String> {
             &[("mode", "ok")],
         ),
     ];
+    // REAUTH_BENCH_PROFILE_POLYGLOT=<row>,<n>: only row's fresh instance + call,
+    // n of them (the component precompiled first, outside the measured loop), for
+    // a profiler (`perf stat -e page-faults`, `perf record`).
+    if let Some((row, runs)) = std::env::var("REAUTH_BENCH_PROFILE_POLYGLOT")
+        .ok()
+        .and_then(|v| {
+            let (row, n) = v.split_once(',')?;
+            Some((row.parse::<usize>().ok()?, n.parse::<usize>().ok()?))
+        })
+    {
+        let (label, plugin, config) = langs.get(row).context("no such row")?;
+        let dir = tempfile::tempdir()?;
+        let runtime = Runtime::new(
+            RuntimeOptions {
+                cache_dir: Some(dir.path().to_path_buf()),
+                ..RuntimeOptions::default()
+            },
+            std::sync::Arc::new(reauth::clock::SystemClock),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let provider = polyglot_provider(&runtime, plugin, config, false)?;
+        let request = Request::new();
+        let mut samples = Vec::with_capacity(runs);
+        rt.block_on(async {
+            for _ in 0..runs {
+                let start = Instant::now();
+                let c = provider.get_credentials(&runtime, &request).await?;
+                samples.push(start.elapsed());
+                std::hint::black_box(c);
+            }
+            anyhow::Ok(())
+        })?;
+        let s = stats(samples);
+        return Ok(format!(
+            "{label}: fresh instance + call p50 {} p99 {}\n",
+            fmt(s.p50),
+            fmt(s.p99)
+        ));
+    }
     let (compiles, loads, calls) = if smoke { (1, 2, 5) } else { (3, 20, 400) };
     let mut out = String::from(
         "### Polyglot providers: compile, load, instantiate\n\n\
