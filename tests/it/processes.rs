@@ -252,11 +252,18 @@ impl Grant {
                 );
             }
             // (The precompiled plugin holds these words as its own literals, and
-            // the record of its source's digest names its file.)
+            // the record of its source's digest names its file: only those, in
+            // the test's own artifact cache.)
             let code = file
-                .extension()
-                .is_some_and(|e| e == "cwasm" || e == "json")
-                && file.ancestors().skip(1).any(|d| d.ends_with("artifacts"));
+                .strip_prefix(self.dir.path().join("artifacts"))
+                .is_ok_and(|rel| {
+                    let name = rel.to_string_lossy();
+                    let parts: Vec<_> = rel.components().collect();
+                    (parts.len() == 1 && (name.ends_with(".cwasm") || name.ends_with(".meta.json")))
+                        || (parts.len() == 2
+                            && rel.starts_with("sources")
+                            && name.ends_with(".json"))
+                });
             assert!(
                 code || !(text.contains("refresh_token") || text.contains("access_token")),
                 "{} holds a token record in clear",

@@ -15,7 +15,7 @@
 //!   beside it), so that a write within the timestamp granularity cannot go
 //!   unseen (git's "racy clean" rule). The price: an artifact corrupted on disk
 //!   after its first check is no longer caught at load (wasmtime still checks its
-//!   header); delete the cache to re-verify.
+//!   header); delete the cache (`rm -rf`: artifacts are read-only) to re-verify.
 //! - **Nobody truncates or rewrites a mapped artifact.** A mapped page whose file
 //!   was truncated faults with `SIGBUS` when touched, in the middle of a call. reauth
 //!   never rewrites an artifact (it writes a new file and renames it into place)
@@ -131,29 +131,33 @@ pub(crate) fn known_source_digest(cache_dir: &Path, plugin: &Path) -> Option<Str
         .then_some(record.sha256)
 }
 
-/// Record that `plugin`, as it is now (`meta`, taken before it was read), hashes to
-/// `sha256`, if it has settled and lives on a trusted file system next to the
-/// cache (whose clock says whether it settled). Best effort: a failure only costs
-/// a hash next time.
+/// Read `plugin` through one open file: its bytes, and its stamps before and
+/// after the read (equal unless it changed meanwhile).
+pub(crate) fn read_stamped(plugin: &Path) -> std::io::Result<(Vec<u8>, (Stamp, Stamp))> {
+    use std::io::Read;
+    let mut file = File::open(plugin)?;
+    let before = Stamp::of(&file.metadata()?);
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let after = Stamp::of(&file.metadata()?);
+    Ok((bytes, (before, after)))
+}
+
+/// Record that `plugin` (read through one open file whose stamps before and after
+/// the read were `stamps`) hashes to `sha256`, if it did not change meanwhile, is
+/// on a trusted file system, the same one as the cache, and had settled by
+/// `fs_now` (the cache's file system clock, read before the plugin was opened).
+/// Best effort: a failure only costs a hash next time.
 pub(crate) fn record_source_digest(
     cache_dir: &Path,
     plugin: &Path,
-    meta: &std::fs::Metadata,
+    stamps: (Stamp, Stamp),
+    fs_now: i128,
     sha256: &str,
 ) {
-    let stamp = Stamp::of(meta);
-    // Re-stat: the file must not have changed while it was read.
-    let unchanged = std::fs::metadata(plugin).is_ok_and(|now| Stamp::of(&now) == stamp);
-    if !unchanged || !trusted_fs(plugin) {
-        return;
-    }
-    // Settled by the clock of the plugin's own file system (the cache's, which
-    // must be the same one).
-    let Some(now) = fs_now(cache_dir) else {
-        return;
-    };
-    let same_fs = std::fs::metadata(cache_dir).is_ok_and(|c| c.dev() == meta.dev());
-    if !same_fs || !stamp.settled(now) {
+    let (stamp, after) = stamps;
+    let same_fs = std::fs::metadata(cache_dir).is_ok_and(|c| c.dev() == stamp.dev);
+    if stamp != after || !same_fs || !stamp.settled(fs_now) || !trusted_fs(plugin) {
         return;
     }
     let record = SourceRecord {
@@ -187,6 +191,12 @@ pub(crate) fn digest_file(file: &File) -> std::io::Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Whether artifacts in `dir` would be mapped under a lease (leases usable on
+/// this machine, `dir` on a trusted file system).
+pub(crate) fn can_map(dir: &Path) -> bool {
+    imp::leases_usable() && trusted_fs(dir)
 }
 
 pub(crate) use imp::{Lease, LeasedFile};
@@ -238,7 +248,7 @@ mod imp {
 
     /// Whether leases give the guard time to act: enabled, and a writer is held
     /// for at least 10 s (read at every load: an administrator may change it).
-    fn leases_usable() -> bool {
+    pub(super) fn leases_usable() -> bool {
         std::fs::read_to_string("/proc/sys/fs/leases-enable").is_ok_and(|s| s.trim() == "1")
             && std::fs::read_to_string("/proc/sys/fs/lease-break-time")
                 .ok()
@@ -333,7 +343,9 @@ mod imp {
             let page = page_size();
             let start = image.start as usize & !(page - 1);
             let end = (image.end as usize).div_ceil(page) * page;
+            let len = self.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
             let entry = Arc::new(Entry {
+                len,
                 file: self.file,
                 path: self.path,
                 range: (start, end),
@@ -370,6 +382,8 @@ mod imp {
     struct Entry {
         /// Holds the lease; closing it releases the lease.
         file: File,
+        /// The file's length when it was mapped.
+        len: u64,
         path: PathBuf,
         /// Page-aligned bounds of the mapping.
         range: (usize, usize),
@@ -486,39 +500,42 @@ mod imp {
     impl Entry {
         /// If someone wants to write the file, detach the mapping and let them.
         fn check(&self) {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if !matches!(*state, State::Mapped { .. }) {
-                return;
-            }
-            let fd = self.file.as_raw_fd();
-            // SAFETY: F_GETLEASE on a descriptor this entry owns.
-            if unsafe { libc::fcntl(fd, libc::F_GETLEASE) } == libc::F_RDLCK {
-                return;
-            }
-            match detach(self.range, &self.file) {
-                Ok(()) => {
-                    // Our clone no longer needs to pin the mapping.
+            let outcome = {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if !matches!(*state, State::Mapped { .. }) {
+                    return;
+                }
+                let fd = self.file.as_raw_fd();
+                // SAFETY: F_GETLEASE on a descriptor this entry owns.
+                if unsafe { libc::fcntl(fd, libc::F_GETLEASE) } == libc::F_RDLCK {
+                    return;
+                }
+                let outcome = detach(self.range, &self.file, self.len);
+                if outcome.is_ok() {
+                    // Our clone no longer needs to pin the mapping (dropped here,
+                    // never the last one: the lease's owner holds the component).
                     *state = State::Detached;
                     // SAFETY: as above.
                     unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
-                    tracing::info!(
-                        artifact = %self.path.display(),
-                        "a precompiled artifact in use is being written or truncated: the host now runs its own copy"
-                    );
                 }
-                Err(e) => {
-                    // Retried at every poll (pages copied already stay copied)
-                    // until the kernel's break time runs out; said once.
-                    if self.reported.swap(true, Ordering::Relaxed) {
-                        return;
-                    }
-                    tracing::error!(
-                        artifact = %self.path.display(),
-                        error = %e,
-                        "a precompiled artifact in use is being written or truncated, and the host could not copy it; \
-                         if the writer truncates it, calls of this provider will crash the process: restart it"
-                    );
-                }
+                outcome
+            };
+            // Logged outside the lock (a slow subscriber must not hold up a
+            // lease's owner).
+            match outcome {
+                Ok(()) => tracing::info!(
+                    artifact = %self.path.display(),
+                    "a precompiled artifact in use is being written or truncated: the host now runs its own copy"
+                ),
+                // Retried at every poll (pages copied already stay copied) until
+                // the kernel's break time runs out; said once.
+                Err(e) if !self.reported.swap(true, Ordering::Relaxed) => tracing::error!(
+                    artifact = %self.path.display(),
+                    error = %e,
+                    "a precompiled artifact in use is being written or truncated, and the host could not copy it; \
+                     if the writer truncates it, calls of this provider will crash the process: restart it"
+                ),
+                Err(_) => {}
             }
         }
     }
@@ -529,7 +546,7 @@ mod imp {
     /// fault) and with the same protections. Every copy is made first, then all
     /// are swapped in, each atomically (`mremap`); pages that are anonymous
     /// already (an earlier, partial attempt) are left alone.
-    fn detach(range: (usize, usize), file: &File) -> std::io::Result<()> {
+    fn detach(range: (usize, usize), file: &File, len: u64) -> std::io::Result<()> {
         struct Segment {
             start: usize,
             len: usize,
@@ -592,6 +609,11 @@ mod imp {
             ));
         }
         let size = file.metadata()?.len();
+        if size < len {
+            return Err(std::io::Error::other(format!(
+                "the artifact was cut to {size} of {len} bytes before the host could copy it"
+            )));
+        }
         let mut copies: Vec<(*mut libc::c_void, &Segment)> = Vec::new();
         let unmap_all = |copies: &[(*mut libc::c_void, &Segment)]| {
             for (copy, seg) in copies {
@@ -655,7 +677,10 @@ mod imp {
             };
             if moved == libc::MAP_FAILED {
                 let e = std::io::Error::last_os_error();
-                unmap_all(&copies[i..]);
+                // The kernel may have unmapped the target already: this copy
+                // may be the only good one of these bytes, so it is kept (a
+                // leak, on a path that needs the kernel out of memory).
+                unmap_all(&copies[i + 1..]);
                 return Err(e);
             }
         }
@@ -672,6 +697,10 @@ mod imp {
     use wasmtime::component::Component;
 
     pub(super) fn trusted_fs(_path: &Path) -> bool {
+        false
+    }
+
+    pub(super) fn leases_usable() -> bool {
         false
     }
 
@@ -710,17 +739,23 @@ mod tests {
         std::fs::write(&path, b"one").unwrap();
         let a = Stamp::of(&std::fs::metadata(&path).unwrap());
         assert_eq!(a, Stamp::of(&std::fs::metadata(&path).unwrap()));
-        let now = fs_now(dir.path()).unwrap();
-        assert!(!a.settled(now), "just written");
         let settled = i128::try_from(SETTLED.as_nanos()).unwrap();
-        assert!(a.settled(now + settled + 1_000_000_000));
+        assert!(!a.settled(a.ctime_ns + 1), "just written");
+        assert!(!a.settled(a.ctime_ns + settled), "not yet");
+        assert!(a.settled(a.ctime_ns + settled + 1));
+        assert!(
+            fs_now(dir.path()).unwrap() >= a.ctime_ns,
+            "the file system's clock"
+        );
         // A rewrite in place, same size, after the file system's clock moved on:
-        // the change time differs.
+        // the change time differs (on file systems with sub-second timestamps).
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&path, b"two").unwrap();
         let b = Stamp::of(&std::fs::metadata(&path).unwrap());
         assert_eq!((a.size, a.ino), (b.size, b.ino));
-        assert_ne!(a, b, "a same-size rewrite must change the stamp");
+        if a.ctime_ns % 1_000_000_000 != 0 {
+            assert_ne!(a, b, "a same-size rewrite must change the stamp");
+        }
     }
 
     #[test]
@@ -730,16 +765,24 @@ mod tests {
         let plugin = dir.path().join("p.wasm");
         std::fs::write(&plugin, b"plugin bytes").unwrap();
         let meta = std::fs::metadata(&plugin).unwrap();
-        record_source_digest(&cache, &plugin, &meta, &"a".repeat(64));
+        let now = fs_now(&cache).unwrap();
+        let (_, stamps) = read_stamped(&plugin).unwrap();
+        record_source_digest(&cache, &plugin, stamps, now, &"a".repeat(64));
         assert_eq!(known_source_digest(&cache, &plugin), None, "not settled");
-        // Settled (by the file system's clock): recorded.
-        let old = dir.path().join("old.wasm");
-        std::fs::write(&old, b"old plugin").unwrap();
-        let old_meta = std::fs::metadata(&old).unwrap();
-        std::thread::sleep(SETTLED + Duration::from_millis(100));
-        record_source_digest(&cache, &old, &old_meta, &"c".repeat(64));
-        if trusted_fs(&old) {
-            assert_eq!(known_source_digest(&cache, &old), Some("c".repeat(64)));
+        // Changed during the read (stamps differ): never recorded.
+        let settled = i128::try_from(SETTLED.as_nanos()).unwrap();
+        let mut moved = stamps.1;
+        moved.size += 1;
+        record_source_digest(&cache, &plugin, (stamps.0, moved), now + 2 * settled, "d");
+        assert_eq!(
+            known_source_digest(&cache, &plugin),
+            None,
+            "changed meanwhile"
+        );
+        // Settled by the file system's clock, on the cache's file system: recorded.
+        record_source_digest(&cache, &plugin, stamps, now + 2 * settled, &"c".repeat(64));
+        if trusted_fs(&plugin) {
+            assert_eq!(known_source_digest(&cache, &plugin), Some("c".repeat(64)));
         }
         // An old file (mtime and ctime can only be aged by rewinding the clock,
         // so write the record as if it were settled).

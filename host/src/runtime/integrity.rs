@@ -217,7 +217,11 @@ impl ArtifactMeta {
         // artifact must not change; see `artifact`). Replaced by renaming.
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400))?;
+            // Best effort (some file systems refuse modes): the lease is the
+            // guard that matters.
+            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400)) {
+                tracing::debug!(path = %path.display(), error = %e, "could not make an artifact read-only");
+            }
         }
         crate::store::file::write_atomically(
             &path.with_extension("meta.json"),
@@ -257,6 +261,11 @@ mod tests {
                 .contains("compiled from aaaa")
         );
         assert!(read("aaaa", "e2").unwrap_err().contains("another engine"));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Written read-only (0400): a user makes it writable first.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         std::fs::write(&path, b"artifacT").unwrap();
         assert!(read("aaaa", "e1").unwrap_err().contains("do not match"));
         std::fs::remove_file(path.with_extension("meta.json")).unwrap();

@@ -536,12 +536,15 @@ impl Runtime {
                 continue;
             };
             let leased = artifact::LeasedFile::open(&path)?;
-            let stamp = artifact::Stamp::of(&leased.file().metadata().ok()?);
+            let Ok(file_meta) = leased.file().metadata() else {
+                continue;
+            };
+            let stamp = artifact::Stamp::of(&file_meta);
             if meta.verified != Some(stamp) {
                 // Hashed under the lease: nobody can write it meanwhile.
-                if artifact::digest_file(leased.file()).ok()? != meta.artifact_sha256 {
-                    // The copy path says why, and recompiles.
-                    return None;
+                if artifact::digest_file(leased.file()).ok() != Some(meta.artifact_sha256.clone()) {
+                    // The copy path says why (and recompiles if none is usable).
+                    continue;
                 }
                 if artifact::fs_now(dir).is_some_and(|now| stamp.settled(now)) {
                     meta.verified = Some(stamp);
@@ -565,8 +568,8 @@ impl Runtime {
                     return Some((component, lease));
                 }
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), "unusable precompiled artifact: {e}");
-                    return None;
+                    tracing::debug!(path = %path.display(), "unusable precompiled artifact: {e}");
+                    continue;
                 }
             }
         }
@@ -588,6 +591,13 @@ impl Runtime {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
+}
+
+/// Whether precompiled artifacts in `dir` are mapped under a read lease on this
+/// machine (rather than read at every load); for tests.
+#[doc(hidden)]
+pub fn artifacts_can_be_mapped(dir: &Path) -> bool {
+    artifact::can_map(dir)
 }
 
 /// Advance the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
@@ -818,12 +828,17 @@ impl ProviderRuntime {
                 (component, CompileSource::Cache, sha256)
             }
             (_, known) => {
-                let file_meta = std::fs::metadata(&spec.plugin);
-                let bytes = std::fs::read(&spec.plugin).map_err(|e| load_err(Box::new(e)))?;
+                // One open file: its stamp before and after the read, and the
+                // bytes in between, all of the same inode (whatever the path
+                // names meanwhile); "now" taken before, so a write during the
+                // read is never taken for a settled file.
+                let fs_now = runtime.cache_dir.as_deref().and_then(artifact::fs_now);
+                let (bytes, stamps) =
+                    artifact::read_stamped(&spec.plugin).map_err(|e| load_err(Box::new(e)))?;
                 let sha256 = hex::encode(Sha256::digest(&bytes));
                 pinned(&sha256)?;
-                if let (Some(dir), Ok(file_meta)) = (&runtime.cache_dir, &file_meta) {
-                    artifact::record_source_digest(dir, &spec.plugin, file_meta, &sha256);
+                if let (Some(dir), Some(now)) = (&runtime.cache_dir, fs_now) {
+                    artifact::record_source_digest(dir, &spec.plugin, stamps, now, &sha256);
                 }
                 let mapped = match known {
                     // Tried just now, for these very bytes.
