@@ -56,9 +56,12 @@ impl Engine {
             Arc::new(KeyRing::parse(ring, "test ring").unwrap()),
             FleetOptions {
                 name: fleet.to_string(),
-                lease: Duration::from_millis(1500),
+                // Generous for a loaded CI machine: a release that times out is
+                // (rightly) not a clean one, and the conformance steps lapse
+                // leases explicitly rather than waiting for them.
+                lease: Duration::from_millis(5000),
                 wait: Duration::from_secs(10),
-                timeout: Duration::from_millis(700),
+                timeout: Duration::from_millis(2500),
             },
         )
     }
