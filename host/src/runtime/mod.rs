@@ -455,7 +455,7 @@ impl Runtime {
         let Some(dir) = &self.cache_dir else {
             return Ok((self.compile_now(bytes)?, CompileSource::Compiled));
         };
-        let path = dir.join(format!("{sha256}-{}.cwasm", self.engine_hash));
+        let path = self.artifact_path(dir, sha256);
         for (path, engine_hash) in self.artifact_candidates(dir, sha256, &path) {
             let loaded =
                 ArtifactMeta::read_verified(&path, sha256, &engine_hash).and_then(|artifact| {
@@ -490,6 +490,11 @@ impl Runtime {
             Err(e) => tracing::warn!(error = %e, "could not serialize component"),
         }
         Ok((component, CompileSource::Compiled))
+    }
+
+    /// Where this engine's artifact for the plugin `sha256` lives in `dir`.
+    fn artifact_path(&self, dir: &Path, sha256: &str) -> PathBuf {
+        dir.join(format!("{sha256}-{}.cwasm", self.engine_hash))
     }
 
     /// The precompiled artifacts to try for the plugin `sha256`: this engine's
@@ -530,7 +535,12 @@ impl Runtime {
     /// sends the caller to [`Runtime::compile_or_load`], which reads (or compiles).
     fn load_mapped(&self, sha256: &str) -> Option<(Component, artifact::Lease)> {
         let dir = self.cache_dir.as_ref()?;
-        let exact = dir.join(format!("{sha256}-{}.cwasm", self.engine_hash));
+        // Where no lease can be had, do not read the meta only to read it again
+        // on the copy path.
+        if !artifact::can_map(dir) {
+            return None;
+        }
+        let exact = self.artifact_path(dir, sha256);
         for (path, engine_hash) in self.artifact_candidates(dir, sha256, &exact) {
             let Ok(mut meta) = ArtifactMeta::read_matching(&path, sha256, &engine_hash) else {
                 continue;
