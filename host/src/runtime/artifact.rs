@@ -127,8 +127,9 @@ pub(crate) fn known_source_digest(cache_dir: &Path, plugin: &Path) -> Option<Str
     let stamp = Stamp::of(&std::fs::metadata(plugin).ok()?);
     let record: SourceRecord =
         serde_json::from_slice(&std::fs::read(source_record_path(cache_dir, plugin)).ok()?).ok()?;
-    (record.path == plugin && record.stamp == stamp && record.sha256.len() == 64)
-        .then_some(record.sha256)
+    // A digest names files in the cache: hex only, whatever the record says.
+    let hex = record.sha256.len() == 64 && record.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+    (record.path == plugin && record.stamp == stamp && hex).then_some(record.sha256)
 }
 
 /// Read `plugin` through one open file: its bytes, and its stamps before and
