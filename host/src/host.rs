@@ -280,7 +280,7 @@ impl HostBuilder {
             .await
             .map_err(|e| Error::Io {
                 context: "building the host on the blocking pool".into(),
-                source: std::io::Error::other(e.to_string()),
+                source: std::sync::Arc::new(std::io::Error::other(e.to_string())),
             })?
     }
 
@@ -340,7 +340,7 @@ impl HostBuilder {
         )
         .map_err(|e| Error::Io {
             context: "starting the WebAssembly engine".into(),
-            source: std::io::Error::other(e.into_cause()),
+            source: std::sync::Arc::new(std::io::Error::other(e.into_cause())),
         })?;
         let runtime = Arc::new(runtime);
         let keys = key_ring(&config)?;
@@ -700,12 +700,15 @@ tokio::task_local! {
 }
 
 /// One metric sample of a provider: an optional `kind` label and the value.
+#[cfg(feature = "metrics")]
 type Sample = (Option<&'static str>, u64);
 
 /// The host's metrics as a `prometheus-client` collector (see
 /// [`Host::register_metrics`]); holds the host weakly.
+#[cfg(feature = "metrics")]
 struct HostCollector(std::sync::Weak<Inner>);
 
+#[cfg(feature = "metrics")]
 impl std::fmt::Debug for HostCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostCollector")
@@ -714,6 +717,7 @@ impl std::fmt::Debug for HostCollector {
     }
 }
 
+#[cfg(feature = "metrics")]
 impl crate::metrics::prometheus_client::collector::Collector for HostCollector {
     fn encode(
         &self,
@@ -2134,6 +2138,7 @@ impl Host {
     /// host reports nothing. Two hosts in one registry need a label apart
     /// (`registry.sub_registry_with_label(("host", "a".into()))`), or their
     /// families collide.
+    #[cfg(feature = "metrics")]
     pub fn register_metrics(
         &self,
         registry: &mut crate::metrics::prometheus_client::registry::Registry,
@@ -2143,10 +2148,12 @@ impl Host {
 
     /// Every metric of [`Host::register_metrics`] in the OpenMetrics text format
     /// (content type [`crate::metrics::exposition::CONTENT_TYPE`]).
+    #[cfg(feature = "metrics")]
     pub fn render_metrics(&self) -> String {
         crate::metrics::exposition::render(HostCollector(Arc::downgrade(&self.inner)))
     }
 
+    #[cfg(feature = "metrics")]
     fn encode_metrics(
         &self,
         encoder: &mut crate::metrics::prometheus_client::encoding::DescriptorEncoder<'_>,

@@ -66,7 +66,7 @@ use reauth_core::{error, secret, types};
 
 pub use host::{Host, HostBuilder, ProviderHandle, ProviderStatus, ReloadReport};
 pub use reauth_core::{
-    BoxError, BreakerConfig, CacheConfig, CacheEvent, CacheKey, Challenge, ConfigError, Credential,
+    BreakerConfig, CacheConfig, CacheEvent, CacheKey, Cause, Challenge, ConfigError, Credential,
     Credentials, Decision, Error, HostConfig, KeyRef, KeyStats, LimitKind, LimitsConfig, Lookup,
     OperationError, ProviderConfig, ProviderError, RateConfig, Reason, Rejection, Request, Result,
     RetryConfig, RetryPolicy, SecurityError, SecurityErrorKind,

@@ -13,7 +13,10 @@ use crate::types::{Credentials, ProviderError, Request};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's monotonic clock, as the cache's sleeps and the fetch budget use: one
+// time source that tests can pause and advance.
+use tokio::time::Instant;
 
 /// How one fetch of a version ended, for the rollback bounds and the metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,6 +210,7 @@ impl Rollout {
     }
 
     /// Whether it was rolled back.
+    #[cfg(feature = "metrics")]
     pub(crate) fn rolled_back(&self) -> bool {
         self.rolled_back.load(Ordering::Relaxed)
     }

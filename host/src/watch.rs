@@ -149,7 +149,7 @@ impl Watcher {
                 .unwrap_or_else(|e| {
                     Err(crate::Error::Io {
                         context: "reloading".into(),
-                        source: std::io::Error::other(e.to_string()),
+                        source: std::sync::Arc::new(std::io::Error::other(e.to_string())),
                     })
                 });
             on_reload(trigger, outcome);

@@ -207,3 +207,68 @@ async fn the_minimal_embedder_gets_credentials_and_prints_no_secret() {
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown provider `nope`"));
 }
+
+/// The smallest embedder compiles none of the tools: no HTTP server, CLI parser,
+/// file watcher, log subscriber or JWT stack (`rsa` is flagged by
+/// RUSTSEC-2023-0071) in its normal dependency tree, and no tokio `full` or
+/// `test-util`. (`anyhow` is there only because wasmtime itself depends on it.)
+#[test]
+fn the_minimal_embedder_compiles_none_of_the_tools() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let tree = |args: &[&str]| {
+        let output = Command::new(&cargo)
+            .args(["tree", "--offline", "--manifest-path"])
+            .arg(&manifest)
+            .args(["-p", "reauth-embedder-example", "-e"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let packages = tree(&["normal", "--prefix", "none"]);
+    let names: std::collections::BTreeSet<&str> = packages
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(names.contains("reauth"), "{packages}");
+    for tool in [
+        "axum",
+        "clap",
+        "notify",
+        "tracing-subscriber",
+        "p256",
+        "rsa",
+        "jsonwebtoken",
+        "reauth-cli",
+        "reauth-verify",
+        "prometheus-client",
+    ] {
+        assert!(!names.contains(tool), "{tool} is in the embedder's tree");
+    }
+    // Who brings anyhow: wasmtime's own crates only.
+    let anyhow = tree(&["normal", "--prefix", "none", "-i", "anyhow", "--depth", "1"]);
+    for dependent in anyhow
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("anyhow "))
+    {
+        assert!(
+            ["wasm", "wit-", "cranelift"]
+                .iter()
+                .any(|p| dependent.starts_with(p)),
+            "anyhow through {dependent}"
+        );
+    }
+    let features = tree(&["normal,features", "-i", "tokio"]);
+    for feature in ["tokio feature \"full\"", "tokio feature \"test-util\""] {
+        assert!(
+            !features.contains(feature),
+            "{feature} in the embedder's tree"
+        );
+    }
+}

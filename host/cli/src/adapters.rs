@@ -11,11 +11,11 @@
 //! `reauth serve` reached over its Unix socket or loopback TCP, so that many
 //! short-lived tool processes share one cache and one IdP session.
 
-use crate::error::BoxError;
+use crate::BoxError;
 use crate::host::Host;
 use crate::secret::Secret;
 use crate::types::{Decision, Request};
-use crate::wire::{WireCredential, WireCredentials, WireErrorKind, WireRequest, WireSecurityError};
+use crate::wire::{WireCredential, WireCredentials, WireRequest, WireSecurityError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -40,7 +40,8 @@ impl std::fmt::Debug for Backend {
     }
 }
 
-/// A client of the sidecar API.
+/// A client of the sidecar API (`Debug` shows the target, never the token).
+#[derive(Debug)]
 pub struct Client {
     target: String,
     token: Option<Secret>,
@@ -207,7 +208,7 @@ impl Backend {
 
 fn unauthorized(code: &str, message: &str) -> WireSecurityError {
     WireSecurityError {
-        kind: WireErrorKind::Unauthorized,
+        kind: reauth::SecurityErrorKind::Unauthorized,
         status: Some(401),
         code: Some(code.to_string()),
         message: Some(message.to_string()),
@@ -319,7 +320,7 @@ impl Ledger {
     /// The ledger's directory, if it is private to this user.
     fn dir() -> Option<PathBuf> {
         use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
-        let uid = std::fs::metadata("/proc/self").ok()?.uid();
+        let uid = rustix::process::geteuid().as_raw();
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)

@@ -65,6 +65,21 @@ pub struct DevIssuerConfig {
     pub clock: Arc<dyn Clock>,
 }
 
+impl std::fmt::Debug for DevIssuerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Client ids only: their secrets stay out.
+        f.debug_struct("DevIssuerConfig")
+            .field("listen", &self.listen)
+            .field(
+                "clients",
+                &self.clients.iter().map(|c| &c.id).collect::<Vec<_>>(),
+            )
+            .field("token_lifetime", &self.token_lifetime)
+            .field("default_audience", &self.default_audience)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for DevIssuerConfig {
     fn default() -> Self {
         DevIssuerConfig {

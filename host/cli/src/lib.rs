@@ -10,6 +10,10 @@
 
 #![deny(missing_docs)]
 
+/// What a command that failed at run time reports (printed on stderr, exit code
+/// 3): the tools' own error, not part of the embedder's API.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 pub mod adapters;
 pub mod cli;
 pub mod conformance;

@@ -301,6 +301,17 @@ pub enum Invalidation {
 #[doc(hidden)]
 pub struct TokenCache(Arc<Inner>);
 
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Counts only: keys name subjects, entries hold credentials.
+        let keys: usize = self.0.counts.lock().map(|c| c.values().sum()).unwrap_or(0);
+        f.debug_struct("TokenCache")
+            .field("keys", &keys)
+            .field("max_entries", &self.0.max_entries)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Counts of what the cache did for one key (for tests, metrics and the demo).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeyStats {
@@ -553,7 +564,7 @@ impl TokenCache {
                         return Ok((entry.credentials.clone(), Lookup::Stale));
                     }
                     if let Some(error) = &st.last_error {
-                        return Err(error.replay());
+                        return Err(error.clone());
                     }
                 }
                 if request.reason != Reason::Initial {
@@ -598,7 +609,7 @@ impl TokenCache {
                         tracing::warn!(provider = %slot.key.provider, error = %error, "refresh failed; serving the still-valid cached credential");
                         return Ok((entry.credentials.clone(), Lookup::Stale));
                     }
-                    st.last_error = Some(error.replay());
+                    st.last_error = Some(error.clone());
                     Err(error)
                 }
             };

@@ -1,5 +1,16 @@
 //! Time as an injectable dependency: expiry logic and plugins read the same clock,
 //! so tests can use a virtual one.
+//!
+//! reauth reads time from two sources, each for one purpose:
+//! - the wall clock, through the host's [`Clock`]: credential validity, refresh
+//!   times, backoff, what plugins see, timestamps in metrics (so a manual clock
+//!   moves all of them together);
+//! - tokio's monotonic clock (`tokio::time`): sleeps, the fetch budget, the circuit
+//!   breaker's cool-down and the rollout window (paused and advanced in tests).
+//!
+//! Only the sandbox's call deadlines (enforced by wasmtime's epoch ticker, which
+//! runs in real time) and the durations recorded in metrics read
+//! `std::time::Instant` directly.
 
 use std::sync::Arc;
 use std::sync::Mutex;

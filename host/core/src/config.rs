@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 
 /// An invalid configuration. The message names the file, the line where known, the
 /// provider and the key.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{}{}: {message}", .file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "<config>".into()), .line.map(|l| format!(":{l}")).unwrap_or_default())]
 pub struct ConfigError {
     /// The config file, if the config came from one.
@@ -209,16 +209,12 @@ pub enum FleetBackendKind {
     Postgres,
 }
 
-impl FleetBackendKind {
-    /// Its name in the configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FleetBackendKind::Redis => "redis",
-            FleetBackendKind::RedisCluster => "redis-cluster",
-            FleetBackendKind::Postgres => "postgres",
-        }
-    }
-}
+// FleetBackendKind: its name in the configuration.
+names!(FleetBackendKind {
+    Redis => "redis",
+    RedisCluster => "redis-cluster",
+    Postgres => "postgres",
+});
 
 /// `[fleet]`: the replicas of one service (every host configured with the same
 /// `name`, `backend` and `url`) share fresh credentials and provider state, so

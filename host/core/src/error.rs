@@ -2,12 +2,63 @@
 
 use crate::types::ProviderError;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-/// A boxed underlying cause.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// The underlying cause of an [`Error::Load`] or [`Error::Plugin`] (a wasmtime
+/// error, a trap, an I/O error): its message through `Display`, its own causes
+/// through `source()`. Shared, not copied: every caller that waited on one fetch
+/// gets the same cause ([`Error`] is `Clone`).
+#[derive(Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl Cause {
+    /// Wrap `error` (any error, or a message).
+    pub fn new(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Cause(Arc::from(error.into()))
+    }
+}
+
+impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for Cause {
+    fn from(error: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        Cause(Arc::from(error))
+    }
+}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Self {
+        Cause::new(message)
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Self {
+        Cause::new(message)
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
 
 /// Everything that can go wrong in the host. Every variant about a provider names it.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Clone` shares the causes (moka's `try_get_with`): a fetch's error reaches every
+/// caller that waited on it as the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid; the message names file, provider and key.
@@ -30,7 +81,7 @@ pub enum Error {
         path: PathBuf,
         /// Why.
         #[source]
-        source: BoxError,
+        source: Cause,
     },
 
     /// The provider is configured but failed to load; `reason` is the load error,
@@ -62,7 +113,7 @@ pub enum Error {
         function: &'static str,
         /// The trap or failure.
         #[source]
-        source: BoxError,
+        source: Cause,
     },
 
     /// The call exceeded the provider's `timeout_ms`.
@@ -170,7 +221,7 @@ pub enum Error {
         context: String,
         /// The I/O error.
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 }
 
@@ -191,116 +242,6 @@ impl Error {
             | Error::Throttled { provider, .. }
             | Error::State { provider, .. } => Some(provider),
             Error::Config(_) | Error::Io { .. } => None,
-        }
-    }
-
-    /// A copy of this error for another caller waiting on the same fetch (sources
-    /// that cannot be cloned are kept as their message).
-    pub fn replay(&self) -> Error {
-        let source_copy = |s: &BoxError| -> BoxError { s.to_string().into() };
-        match self {
-            Error::Config(e) => Error::Config(crate::config::ConfigError {
-                file: e.file.clone(),
-                line: e.line,
-                message: e.message.clone(),
-            }),
-            Error::UnknownProvider { provider } => Error::UnknownProvider {
-                provider: provider.clone(),
-            },
-            Error::Load {
-                provider,
-                path,
-                source,
-            } => Error::Load {
-                provider: provider.clone(),
-                path: path.clone(),
-                source: source_copy(source),
-            },
-            Error::NotLoaded { provider, reason } => Error::NotLoaded {
-                provider: provider.clone(),
-                reason: reason.clone(),
-            },
-            Error::Provider { provider, error } => Error::Provider {
-                provider: provider.clone(),
-                error: error.clone(),
-            },
-            Error::Plugin {
-                provider,
-                function,
-                source,
-            } => Error::Plugin {
-                provider: provider.clone(),
-                function,
-                source: source_copy(source),
-            },
-            Error::Timeout {
-                provider,
-                function,
-                timeout_ms,
-            } => Error::Timeout {
-                provider: provider.clone(),
-                function,
-                timeout_ms: *timeout_ms,
-            },
-            Error::Limit {
-                provider,
-                function,
-                limit,
-                detail,
-            } => Error::Limit {
-                provider: provider.clone(),
-                function,
-                limit: *limit,
-                detail: detail.clone(),
-            },
-            Error::CoolingDown {
-                provider,
-                faults,
-                retry_in_ms,
-                last_fault,
-            } => Error::CoolingDown {
-                provider: provider.clone(),
-                faults: *faults,
-                retry_in_ms: *retry_in_ms,
-                last_fault: last_fault.clone(),
-            },
-            Error::Busy {
-                provider,
-                max_concurrent_calls,
-                waited_ms,
-            } => Error::Busy {
-                provider: provider.clone(),
-                max_concurrent_calls: *max_concurrent_calls,
-                waited_ms: *waited_ms,
-            },
-            Error::Throttled {
-                provider,
-                per_second,
-                burst,
-                retry_in_ms,
-            } => Error::Throttled {
-                provider: provider.clone(),
-                per_second: *per_second,
-                burst: *burst,
-                retry_in_ms: *retry_in_ms,
-            },
-            Error::Contract { provider, detail } => Error::Contract {
-                provider: provider.clone(),
-                detail: detail.clone(),
-            },
-            Error::State {
-                provider,
-                detail,
-                holder,
-            } => Error::State {
-                provider: provider.clone(),
-                detail: detail.clone(),
-                holder: *holder,
-            },
-            Error::Io { context, source } => Error::Io {
-                context: context.clone(),
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            },
         }
     }
 
@@ -353,6 +294,19 @@ pub enum LimitKind {
     /// (e.g. random bytes).
     HostResources,
 }
+
+// LimitKind: its name in metric labels (`key` is its config key).
+names!(LimitKind {
+    Memory => "memory",
+    Fuel => "fuel",
+    Stack => "stack",
+    Table => "table",
+    CredentialSize => "credential_size",
+    ResponseBody => "response_body",
+    Output => "output",
+    RequestsInFlight => "requests_in_flight",
+    HostResources => "host_resources",
+});
 
 impl LimitKind {
     /// The config key of the limit.

@@ -8,6 +8,15 @@
 //! classification of server errors ([`classify`]), clocks ([`clock`]), metrics
 //! ([`metrics`]) and the JSON hand-over shapes ([`wire`]).
 //!
+//! ## Crate features
+//!
+//! - `wire` (default): [`wire`], the JSON shapes of credentials and security
+//!   errors between processes.
+//! - `prometheus` (default): [`metrics::exposition`], the counters encoded
+//!   through `prometheus-client`.
+//!
+//! Unix only (the clock reads `CLOCK_REALTIME_COARSE` through libc on Linux).
+//!
 //! Embedders normally depend on `reauth`, which re-exports all of this at the
 //! same paths (`reauth::config::…`, `reauth::Secret`, …) and adds the runtime.
 //!
@@ -23,6 +32,42 @@
 
 #![deny(missing_docs)]
 
+/// The one name table of a fieldless enum: `ALL` (every case, in declaration
+/// order), `as_str` (its name) and `index` (its place in `ALL`, for per-case
+/// counters). A case left out does not compile (`as_str`'s match), and a case
+/// listed out of order fails a compile-time check.
+macro_rules! names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every case, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// Its name.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+
+            /// Its position in [`Self::ALL`].
+            pub const fn index(self) -> usize {
+                self as usize
+            }
+        }
+
+        const _: () = {
+            let mut i = 0;
+            while i < $ty::ALL.len() {
+                assert!(
+                    $ty::ALL[i] as usize == i,
+                    concat!("names!(", stringify!($ty), "): list every case in declaration order")
+                );
+                i += 1;
+            }
+        };
+    };
+}
+
 pub mod budget;
 pub mod cache;
 pub mod classify;
@@ -37,6 +82,7 @@ pub mod secret;
 #[doc(hidden)]
 pub mod sharded;
 pub mod types;
+#[cfg(feature = "wire")]
 pub mod wire;
 
 pub use cache::{CacheEvent, CacheKey, KeyRef, KeyStats, Lookup};
@@ -44,7 +90,7 @@ pub use config::{
     BreakerConfig, CacheConfig, ConfigError, HostConfig, LimitsConfig, ProviderConfig, RateConfig,
     RetryConfig,
 };
-pub use error::{BoxError, Error, LimitKind, Result};
+pub use error::{Cause, Error, LimitKind, Result};
 pub use retry::{OperationError, Rejection, RetryPolicy};
 pub use secret::{Secret, constant_time_eq};
 pub use types::{

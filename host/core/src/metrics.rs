@@ -13,6 +13,7 @@
 
 /// The `prometheus-client` reauth encodes with: register a host's metrics into
 /// your own registry of this version (`reauth::Host::register_metrics`).
+#[cfg(feature = "prometheus")]
 pub use prometheus_client;
 
 use crate::error::{Error, LimitKind};
@@ -61,6 +62,7 @@ impl<const N: usize> Histogram<N> {
     }
 
     /// Its sample: per-bucket counts from the cumulative ones, `+Inf` last.
+    #[cfg(feature = "prometheus")]
     fn sample(
         &self,
         s: &mut exposition::Samples<'_>,
@@ -102,29 +104,17 @@ pub enum CallOutcome {
     Busy,
 }
 
+names!(CallOutcome {
+    Ok => "ok",
+    Unavailable => "unavailable",
+    Denied => "denied",
+    Misconfigured => "misconfigured",
+    Fault => "fault",
+    CoolingDown => "cooling_down",
+    Busy => "busy",
+});
+
 impl CallOutcome {
-    const ALL: [CallOutcome; 7] = [
-        CallOutcome::Ok,
-        CallOutcome::Unavailable,
-        CallOutcome::Denied,
-        CallOutcome::Misconfigured,
-        CallOutcome::Fault,
-        CallOutcome::CoolingDown,
-        CallOutcome::Busy,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            CallOutcome::Ok => "ok",
-            CallOutcome::Unavailable => "unavailable",
-            CallOutcome::Denied => "denied",
-            CallOutcome::Misconfigured => "misconfigured",
-            CallOutcome::Fault => "fault",
-            CallOutcome::CoolingDown => "cooling_down",
-            CallOutcome::Busy => "busy",
-        }
-    }
-
     /// The outcome of a call that returned `result`.
     pub fn of<T>(result: &Result<T, Error>) -> CallOutcome {
         match result {
@@ -156,130 +146,59 @@ pub enum LookupKind {
     Error,
 }
 
-impl LookupKind {
-    const ALL: [LookupKind; 5] = [
-        LookupKind::Hit,
-        LookupKind::Join,
-        LookupKind::Miss,
-        LookupKind::Stale,
-        LookupKind::Error,
-    ];
-    fn name(self) -> &'static str {
-        match self {
-            LookupKind::Hit => "hit",
-            LookupKind::Join => "join",
-            LookupKind::Miss => "miss",
-            LookupKind::Stale => "stale",
-            LookupKind::Error => "error",
-        }
-    }
-}
+names!(LookupKind {
+    Hit => "hit",
+    Join => "join",
+    Miss => "miss",
+    Stale => "stale",
+    Error => "error",
+});
 
-const REASONS: [Reason; 4] = [
-    Reason::Initial,
-    Reason::RefreshAhead,
-    Reason::Expired,
-    Reason::AfterSecurityError,
-];
-
-fn reason_index(r: Reason) -> usize {
-    match r {
-        Reason::Initial => 0,
-        Reason::RefreshAhead => 1,
-        Reason::Expired => 2,
-        Reason::AfterSecurityError => 3,
-    }
-}
-
-fn reason_labels(r: Reason) -> (&'static str, &'static str) {
-    // The tier follows botocore: refreshing ahead is advisory (callers keep the old
-    // credential), anything a caller has to wait for is mandatory.
-    match r {
-        Reason::Initial => ("initial", "mandatory"),
-        Reason::RefreshAhead => ("refresh_ahead", "advisory"),
-        Reason::Expired => ("expired", "mandatory"),
-        Reason::AfterSecurityError => ("after_security_error", "mandatory"),
-    }
-}
-
-const KINDS: [SecurityErrorKind; 4] = [
-    SecurityErrorKind::TokenExpired,
-    SecurityErrorKind::Unauthorized,
-    SecurityErrorKind::Forbidden,
-    SecurityErrorKind::Other,
-];
 const DECISIONS: [&str; 4] = ["refresh_and_retry", "retry_after", "fail", "error"];
 
-fn kind_index(k: SecurityErrorKind) -> usize {
-    match k {
-        SecurityErrorKind::TokenExpired => 0,
-        SecurityErrorKind::Unauthorized => 1,
-        SecurityErrorKind::Forbidden => 2,
-        SecurityErrorKind::Other => 3,
-    }
-}
-
-fn kind_name(k: SecurityErrorKind) -> &'static str {
-    match k {
-        SecurityErrorKind::TokenExpired => "token_expired",
-        SecurityErrorKind::Unauthorized => "unauthorized",
-        SecurityErrorKind::Forbidden => "forbidden",
-        SecurityErrorKind::Other => "other",
-    }
-}
-
-const LIMITS: [&str; 11] = [
-    "memory",
-    "fuel",
-    "stack",
-    "table",
-    "credential_size",
-    "response_body",
-    "output",
-    "timeout",
-    "requests_in_flight",
-    "host_resources",
-    "concurrent_calls",
-];
+/// Limit labels beyond [`LimitKind`]'s: a call that timed out, a call refused
+/// because every call slot stayed busy.
+const OTHER_LIMITS: [&str; 2] = ["timeout", "concurrent_calls"];
+/// Every limit label: [`LimitKind`]'s, then [`OTHER_LIMITS`].
+const LIMITS: usize = LimitKind::ALL.len() + OTHER_LIMITS.len();
 
 fn limit_index(e: &Error) -> Option<usize> {
     Some(match e {
-        Error::Limit { limit, .. } => match limit {
-            LimitKind::Memory => 0,
-            LimitKind::Fuel => 1,
-            LimitKind::Stack => 2,
-            LimitKind::Table => 3,
-            LimitKind::CredentialSize => 4,
-            LimitKind::ResponseBody => 5,
-            LimitKind::Output => 6,
-            LimitKind::RequestsInFlight => 8,
-            LimitKind::HostResources => 9,
-        },
-        Error::Timeout { .. } => 7,
-        Error::Busy { .. } => 10,
+        Error::Limit { limit, .. } => limit.index(),
+        Error::Timeout { .. } => LimitKind::ALL.len(),
+        Error::Busy { .. } => LimitKind::ALL.len() + 1,
         _ => return None,
     })
 }
 
+#[cfg(feature = "prometheus")]
+fn limit_label(i: usize) -> &'static str {
+    match LimitKind::ALL.get(i) {
+        Some(limit) => limit.as_str(),
+        None => OTHER_LIMITS[i - LimitKind::ALL.len()],
+    }
+}
+
 /// The functions a plugin exports.
+#[cfg(feature = "prometheus")]
 const FUNCTIONS: [&str; 2] = ["get-credentials", "handle-security-error"];
 
 /// The counters of one provider.
 #[derive(Default)]
 pub struct ProviderMetrics {
-    calls: [[AtomicU64; 7]; 2],
+    calls: [[AtomicU64; CallOutcome::ALL.len()]; 2],
     durations: [Histogram<12>; 2],
     /// Sharded: a hit on every core counts without a shared cache line.
-    lookups: [crate::sharded::Counter; 5],
-    fetches: [AtomicU64; 4],
-    security_errors: [[AtomicU64; 4]; 4],
+    lookups: [crate::sharded::Counter; LookupKind::ALL.len()],
+    fetches: [AtomicU64; Reason::ALL.len()],
+    security_errors: [[AtomicU64; DECISIONS.len()]; SecurityErrorKind::ALL.len()],
     reauthentications: AtomicU64,
     retry_after_waits: AtomicU64,
     ttl: Histogram<10>,
     last_success_ms: AtomicU64,
-    limits: [AtomicU64; 11],
+    limits: [AtomicU64; LIMITS],
     contract_violations: AtomicU64,
-    shared: [AtomicU64; 6],
+    shared: [AtomicU64; SharedEvent::ALL.len()],
     state_lock_waits: AtomicU64,
     state_lock_wait_us: AtomicU64,
     budget_waits: AtomicU64,
@@ -320,29 +239,14 @@ pub enum SharedEvent {
     Error,
 }
 
-impl SharedEvent {
-    /// Every event, in metric order.
-    pub const ALL: [SharedEvent; 6] = [
-        SharedEvent::Hit,
-        SharedEvent::Join,
-        SharedEvent::Miss,
-        SharedEvent::Write,
-        SharedEvent::Invalidation,
-        SharedEvent::Error,
-    ];
-
-    /// The label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            SharedEvent::Hit => "hit",
-            SharedEvent::Join => "join",
-            SharedEvent::Miss => "miss",
-            SharedEvent::Write => "write",
-            SharedEvent::Invalidation => "invalidation",
-            SharedEvent::Error => "error",
-        }
-    }
-}
+names!(SharedEvent {
+    Hit => "hit",
+    Join => "join",
+    Miss => "miss",
+    Write => "write",
+    Invalidation => "invalidation",
+    Error => "error",
+});
 
 impl ProviderMetrics {
     /// Record one `get-credentials` call made for `reason`.
@@ -354,7 +258,7 @@ impl ProviderMetrics {
         result: &Result<T, Error>,
         now: SystemTime,
     ) {
-        self.fetches[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+        self.fetches[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.call(0, elapsed, result);
         if let Ok(c) = result {
             if let Some(ttl) = c.expires_at().and_then(|e| e.duration_since(now).ok()) {
@@ -384,15 +288,12 @@ impl ProviderMetrics {
             Ok(Decision::Fail) => 2,
             Err(_) => 3,
         };
-        self.security_errors[kind_index(kind)][decision].fetch_add(1, Ordering::Relaxed);
+        self.security_errors[kind.index()][decision].fetch_add(1, Ordering::Relaxed);
     }
 
     fn call<T>(&self, function: usize, elapsed: Duration, result: &Result<T, Error>) {
         let outcome = CallOutcome::of(result);
-        let i = CallOutcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or(0);
+        let i = outcome.index();
         self.calls[function][i].fetch_add(1, Ordering::Relaxed);
         if outcome != CallOutcome::CoolingDown {
             self.durations[function].observe(&CALL_BUCKETS, elapsed.as_secs_f64(), 1e6);
@@ -407,7 +308,7 @@ impl ProviderMetrics {
     /// Record how a lookup was served.
     #[doc(hidden)]
     pub fn lookup(&self, kind: LookupKind) {
-        let i = LookupKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = kind.index();
         self.lookups[i].incr();
     }
 
@@ -421,19 +322,13 @@ impl ProviderMetrics {
     /// Record a shared-cache event.
     #[doc(hidden)]
     pub fn shared(&self, event: SharedEvent) {
-        let i = SharedEvent::ALL
-            .iter()
-            .position(|e| *e == event)
-            .unwrap_or(0);
+        let i = event.index();
         self.shared[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Shared-cache events of `event`'s kind so far.
     pub fn shared_events(&self, event: SharedEvent) -> u64 {
-        let i = SharedEvent::ALL
-            .iter()
-            .position(|e| *e == event)
-            .unwrap_or(0);
+        let i = event.index();
         self.shared[i].load(Ordering::Relaxed)
     }
 
@@ -549,7 +444,7 @@ impl ProviderMetrics {
 
     /// Lookups of `kind` so far.
     pub fn lookups(&self, kind: LookupKind) -> u64 {
-        let i = LookupKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = kind.index();
         self.lookups[i].get()
     }
 }
@@ -583,6 +478,7 @@ impl std::fmt::Debug for Metrics {
 /// text, or whatever encoder an embedder's registry uses): reauth keeps its own
 /// atomics (recording is a relaxed add on the hot path) and encodes them at
 /// scrape time as a [`Collector`](prometheus_client::collector::Collector).
+#[cfg(feature = "prometheus")]
 pub mod exposition {
     use prometheus_client::encoding::{
         DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelValue,
@@ -753,6 +649,7 @@ impl Metrics {
     /// Every provider's metrics through a `prometheus-client` encoder (the
     /// embedder's crate wraps this in its host collector, with the host's
     /// gauges).
+    #[cfg(feature = "prometheus")]
     pub fn encode_families(
         &self,
         encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
@@ -777,7 +674,7 @@ impl Metrics {
                                 &[
                                     ("provider", p),
                                     ("function", function),
-                                    ("outcome", outcome.name()),
+                                    ("outcome", outcome.as_str()),
                                 ],
                                 load(&m.calls[f][i]),
                             )?;
@@ -815,7 +712,7 @@ impl Metrics {
                 for (p, m) in &providers {
                     for (i, kind) in LookupKind::ALL.iter().enumerate() {
                         s.counter(
-                            &[("provider", p), ("result", kind.name())],
+                            &[("provider", p), ("result", kind.as_str())],
                             m.lookups[i].get(),
                         )?;
                     }
@@ -830,9 +727,10 @@ impl Metrics {
             Counter,
             |s| {
                 for (p, m) in &providers {
-                    for (i, reason) in REASONS.iter().enumerate() {
-                        let (name, _) = reason_labels(*reason);
-                        s.counter(&[("provider", p), ("reason", name)], load(&m.fetches[i]))?;
+                    for (i, reason) in Reason::ALL.iter().enumerate() {
+                        // The contract's name, in the snake_case of label values.
+                        let name = reason.as_str().replace('-', "_");
+                        s.counter(&[("provider", p), ("reason", &name)], load(&m.fetches[i]))?;
                     }
                 }
                 Ok(())
@@ -845,12 +743,12 @@ impl Metrics {
             Counter,
             |s| {
                 for (p, m) in &providers {
-                    for (k, kind) in KINDS.iter().enumerate() {
+                    for (k, kind) in SecurityErrorKind::ALL.iter().enumerate() {
                         for (d, decision) in DECISIONS.iter().enumerate() {
                             s.counter(
                                 &[
                                     ("provider", p),
-                                    ("kind", kind_name(*kind)),
+                                    ("kind", kind.as_str()),
                                     ("decision", decision),
                                 ],
                                 load(&m.security_errors[k][d]),
@@ -934,7 +832,7 @@ impl Metrics {
                 for (p, m) in &providers {
                     for (i, event) in SharedEvent::ALL.iter().enumerate() {
                         s.counter(
-                            &[("provider", p), ("event", event.name())],
+                            &[("provider", p), ("event", event.as_str())],
                             load(&m.shared[i]),
                         )?;
                     }
@@ -1040,8 +938,8 @@ impl Metrics {
             Counter,
             |s| {
                 for (p, m) in &providers {
-                    for (i, limit) in LIMITS.iter().enumerate() {
-                        s.counter(&[("provider", p), ("limit", limit)], load(&m.limits[i]))?;
+                    for (i, count) in m.limits.iter().enumerate() {
+                        s.counter(&[("provider", p), ("limit", limit_label(i))], load(count))?;
                     }
                 }
                 Ok(())
@@ -1050,6 +948,7 @@ impl Metrics {
     }
 }
 
+#[cfg(feature = "prometheus")]
 impl prometheus_client::collector::Collector for Metrics {
     fn encode(
         &self,
@@ -1059,7 +958,7 @@ impl prometheus_client::collector::Collector for Metrics {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "prometheus"))]
 mod tests {
     use super::*;
     use crate::types::{Credential, Credentials};

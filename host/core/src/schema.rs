@@ -24,17 +24,15 @@ pub enum ValueType {
     Url,
 }
 
-impl ValueType {
-    /// The WIT name (`text`, `integer`, `boolean`, `url`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ValueType::Text => "text",
-            ValueType::Integer => "integer",
-            ValueType::Boolean => "boolean",
-            ValueType::Url => "url",
-        }
-    }
+// ValueType: its WIT name.
+names!(ValueType {
+    Text => "text",
+    Integer => "integer",
+    Boolean => "boolean",
+    Url => "url",
+});
 
+impl ValueType {
     /// Why `value` is not of this type, if it is not (the message never contains
     /// the value: it may be a secret).
     pub fn check(self, value: &str) -> Option<&'static str> {

@@ -96,18 +96,13 @@ pub struct Request {
     pub reason: Reason,
 }
 
-impl Reason {
-    /// Its name in the WIT contract (`initial`, `refresh-ahead`, `expired`,
-    /// `after-security-error`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Initial => "initial",
-            Reason::RefreshAhead => "refresh-ahead",
-            Reason::Expired => "expired",
-            Reason::AfterSecurityError => "after-security-error",
-        }
-    }
-}
+// Reason: its name in the WIT contract.
+names!(Reason {
+    Initial => "initial",
+    RefreshAhead => "refresh-ahead",
+    Expired => "expired",
+    AfterSecurityError => "after-security-error",
+});
 
 impl Request {
     /// A request for the provider's own identity with no scopes or audience.
@@ -216,6 +211,11 @@ impl fmt::Display for ProviderError {
 /// Non-exhaustive: it mirrors the versioned WIT contract, and a later contract
 /// version may add a case (match with a `_` arm).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "wire",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum SecurityErrorKind {
     /// The credential expired.
@@ -227,6 +227,14 @@ pub enum SecurityErrorKind {
     /// Anything else security-related.
     Other,
 }
+
+// SecurityErrorKind: its name in metric labels and on the wire.
+names!(SecurityErrorKind {
+    TokenExpired => "token_expired",
+    Unauthorized => "unauthorized",
+    Forbidden => "forbidden",
+    Other => "other",
+});
 
 /// One challenge of a `WWW-Authenticate` header (RFC 9110 §11.6.1), any scheme;
 /// parsed by [`crate::classify::parse_www_authenticate`].

@@ -231,7 +231,7 @@ impl From<WireRequest> for Request {
 #[serde(deny_unknown_fields)]
 pub struct WireSecurityError {
     /// `token_expired`, `unauthorized`, `forbidden` or `other`.
-    pub kind: WireErrorKind,
+    pub kind: SecurityErrorKind,
     /// HTTP status, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
@@ -250,20 +250,6 @@ pub struct WireSecurityError {
     pub retry_after: Option<String>,
 }
 
-/// [`SecurityErrorKind`] on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WireErrorKind {
-    /// The credential expired.
-    TokenExpired,
-    /// The credential was not accepted.
-    Unauthorized,
-    /// Accepted but lacking permission.
-    Forbidden,
-    /// Anything else security-related.
-    Other,
-}
-
 impl WireSecurityError {
     /// The security error it reports; `now` places an HTTP-date `Retry-After`.
     /// A `Retry-After` that is neither a number nor an HTTP date is ignored.
@@ -277,12 +263,7 @@ impl WireSecurityError {
             .code
             .or_else(|| crate::classify::challenge_code(&challenges).map(str::to_string));
         SecurityError {
-            kind: match self.kind {
-                WireErrorKind::TokenExpired => SecurityErrorKind::TokenExpired,
-                WireErrorKind::Unauthorized => SecurityErrorKind::Unauthorized,
-                WireErrorKind::Forbidden => SecurityErrorKind::Forbidden,
-                WireErrorKind::Other => SecurityErrorKind::Other,
-            },
+            kind: self.kind,
             code,
             status: self.status,
             message: self.message,

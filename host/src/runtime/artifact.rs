@@ -95,8 +95,8 @@ impl Stamp {
 /// "Now" by the clock of the file system holding `dir` (the change time of a file
 /// created there), if `dir` is writable.
 pub(crate) fn fs_now(dir: &Path) -> Option<i128> {
-    crate::store::file::private_dir(dir).ok()?;
-    let probe = crate::store::file::temp_file_in(dir).ok()?;
+    crate::store::fs::private_dir(dir).ok()?;
+    let probe = crate::store::fs::temp_file_in(dir).ok()?;
     let meta = probe.as_file().metadata().ok()?;
     Some(nanos(meta.ctime(), meta.ctime_nsec()))
 }
@@ -167,7 +167,7 @@ pub(crate) fn record_source_digest(
         sha256: sha256.to_string(),
     };
     if let Ok(bytes) = serde_json::to_vec(&record)
-        && let Err(e) = crate::store::file::write_atomically(
+        && let Err(e) = crate::store::fs::write_atomically(
             &source_record_path(cache_dir, plugin),
             &bytes,
             false,
@@ -792,7 +792,7 @@ mod tests {
             stamp: Stamp::of(&meta),
             sha256: "b".repeat(64),
         };
-        crate::store::file::write_atomically(
+        crate::store::fs::write_atomically(
             &source_record_path(&cache, &plugin),
             &serde_json::to_vec(&record).unwrap(),
             false,

@@ -7,7 +7,7 @@
 //! call's [`CallHits`], so the call's error names `limits.max_output_bytes`
 //! whatever the guest makes of the failed write.
 
-use super::limits::CallHits;
+use super::limiter::CallHits;
 use crate::error::LimitKind;
 use bytes::{Bytes, BytesMut};
 use std::pin::Pin;

@@ -25,7 +25,7 @@
 //! - Everything a plugin controls that reaches a log line or an error (host, path)
 //!   passes the provider's redactor first.
 
-use super::limits::CallHits;
+use super::limiter::CallHits;
 use crate::error::LimitKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -175,11 +175,7 @@ impl ArtifactMeta {
         let written = serde_json::to_vec(self)
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
-                crate::store::file::write_atomically(
-                    &path.with_extension("meta.json"),
-                    &bytes,
-                    true,
-                )
+                crate::store::fs::write_atomically(&path.with_extension("meta.json"), &bytes, true)
             });
         if let Err(e) = written {
             tracing::debug!(path = %path.display(), error = %e, "could not record a verified artifact");
@@ -212,7 +208,7 @@ impl ArtifactMeta {
         engine: &str,
     ) -> std::io::Result<()> {
         let meta = ArtifactMeta::new(source_sha256, artifact, engine);
-        crate::store::file::write_atomically(path, artifact, true)?;
+        crate::store::fs::write_atomically(path, artifact, true)?;
         // Read-only: written once, never opened for writing again (a mapped
         // artifact must not change; see `artifact`). Replaced by renaming.
         {
@@ -223,7 +219,7 @@ impl ArtifactMeta {
                 tracing::debug!(path = %path.display(), error = %e, "could not make an artifact read-only");
             }
         }
-        crate::store::file::write_atomically(
+        crate::store::fs::write_atomically(
             &path.with_extension("meta.json"),
             &serde_json::to_vec(&meta).map_err(std::io::Error::other)?,
             true,

@@ -9,7 +9,7 @@
 //! entry id), so a file copied under another name does not open.
 
 use super::StoreError;
-use super::file::{loose_permissions, private_dir};
+use super::fs::{loose_permissions, private_dir};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use std::io::Read;
@@ -93,7 +93,7 @@ impl KeyRing {
                     source: std::io::Error::other("no randomness"),
                 })?;
             let line = format!("{KEY_VERSION} {} {}\n", key_id(&key), hex::encode(key));
-            let created = super::file::temp_file_in(dir)
+            let created = super::fs::temp_file_in(dir)
                 .and_then(|mut f| {
                     use std::io::Write;
                     f.write_all(line.as_bytes())?;

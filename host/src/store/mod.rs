@@ -32,10 +32,12 @@
 pub(crate) mod file;
 #[cfg(feature = "fleet")]
 pub mod fleet;
+pub(crate) mod fs;
 pub(crate) mod keys;
 mod shared;
 
-pub use file::{FileStateStore, MemoryStateStore, loose_permissions};
+pub use file::{FileStateStore, MemoryStateStore};
+pub use fs::loose_permissions;
 pub use keys::{KeyRing, default_key_file};
 pub use shared::{FileSharedCache, SharedEntry};
 

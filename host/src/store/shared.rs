@@ -1,7 +1,8 @@
 //! The local backend of [`SharedCache`]: one sealed file per key in a 0700
 //! directory, a `flock(2)` per key for cross-process single-flight.
 
-use super::file::{FileLock, private_dir, remove_debris, write_atomically};
+use super::file::FileLock;
+use super::fs::{private_dir, remove_debris, write_atomically};
 use super::keys::{KeyRing, wipe};
 use super::{SharedCache, StoreError, StoreFuture};
 use crate::types::Credentials;
@@ -362,11 +363,11 @@ mod tests {
             );
         }
         assert_eq!(
-            super::super::file::loose_permissions(&dir.path().join("l2.keys/key")),
+            super::super::fs::loose_permissions(&dir.path().join("l2.keys/key")),
             None
         );
         assert_eq!(
-            super::super::file::loose_permissions(&dir.path().join("l2")),
+            super::super::fs::loose_permissions(&dir.path().join("l2")),
             None
         );
     }

@@ -69,10 +69,10 @@ pub(super) async fn get(args: GetArgs, out: &mut (dyn Write + Send)) -> Result<E
     if let Some(kind) = after_error {
         let error = crate::wire::WireSecurityError {
             kind: match kind {
-                ErrorKind::TokenExpired => crate::wire::WireErrorKind::TokenExpired,
-                ErrorKind::Unauthorized => crate::wire::WireErrorKind::Unauthorized,
-                ErrorKind::Forbidden => crate::wire::WireErrorKind::Forbidden,
-                ErrorKind::Other => crate::wire::WireErrorKind::Other,
+                ErrorKind::TokenExpired => reauth::SecurityErrorKind::TokenExpired,
+                ErrorKind::Unauthorized => reauth::SecurityErrorKind::Unauthorized,
+                ErrorKind::Forbidden => reauth::SecurityErrorKind::Forbidden,
+                ErrorKind::Other => reauth::SecurityErrorKind::Other,
             },
             status,
             code,

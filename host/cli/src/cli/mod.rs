@@ -16,8 +16,8 @@ pub use demo::DEMO_PLUGIN;
 pub use get::GetArgs;
 pub use serve::ServeArgs;
 
+use crate::BoxError;
 use crate::config::HostConfig;
-use crate::error::BoxError;
 use crate::host::{Host, ProviderStatus};
 use crate::issuer::{DevClient, DevIssuer, DevIssuerConfig};
 use crate::retry::Rejection;

@@ -173,7 +173,8 @@ pub(super) async fn watch(
                                 writeln!(out, "FAIL {name}: {e}")?;
                             }
                         }
-                        Err(e) => writeln!(out, "reload ({why}) refused, nothing changed: {e}")?,
+                        // An error: on stderr, like every command's.
+                        Err(e) => eprintln!("reload ({why}) refused, nothing changed: {e}"),
                     }
                     out.flush()
                 })();

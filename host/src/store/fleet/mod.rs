@@ -291,9 +291,11 @@ impl Fleet {
             &keys.derive(format!("reauth-fleet bus {}", options.name).as_bytes()),
         );
         let options = options.sane();
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
+        let host = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .trim()
+            .to_string();
         let host: String = host
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
