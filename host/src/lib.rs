@@ -40,8 +40,26 @@
 //! adapters, the conformance kit and the dev issuer live in the `reauth-cli`
 //! crate; the engine-free core in `reauth-core`. [`verify`] checks bearer JWTs for
 //! servers that embed reauth (static keys or JWKS, expired told apart from invalid).
+//!
+//! ## Crate features
+//!
+//! - `cranelift` (default): compile plugins from `.wasm`. Without it only
+//!   artifacts precompiled by the same reauth version into `runtime.cache_dir` load.
+//! - `metrics` (default): [`Host::register_metrics`] and [`Host::render_metrics`]
+//!   through `prometheus-client`; without it the counters are still kept
+//!   ([`Host::metrics`]).
+//! - `verify` (default): [`verify`], bearer-token verification (crate `reauth-verify`).
+//! - `watch` (default): [`watch`], reload on config, plugin and secret-file changes.
+//! - `fleet`: `[fleet]`, tokens and provider state shared across replicas through
+//!   Redis or PostgreSQL ([`store::fleet`]).
+//!
+//! Unix only. The artifact mapping (leases), `CLOCK_REALTIME_COARSE` and the
+//! `/proc`-based checks are Linux-only and fall back elsewhere.
 
 #![deny(missing_docs)]
+// Every public type makes a deliberate choice: `#[non_exhaustive]`, or an
+// `allow` saying why it is complete.
+#![warn(clippy::exhaustive_enums, clippy::exhaustive_structs)]
 
 mod host;
 mod rollout;

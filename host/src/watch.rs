@@ -46,6 +46,7 @@ pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// What set off a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Trigger {
     /// `SIGHUP`.
     Signal,

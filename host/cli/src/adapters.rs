@@ -473,7 +473,7 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// 1. client-go ran it (`KUBERNETES_EXEC_INFO` is set; a shell running the adapter
 ///    never triggers anything), and the same process (PID, start time and program)
 ///    was handed this very token, which has not reached its
-///    `expirationTimestamp` (see [`Ledger::kubectl_rerun`]);
+///    `expirationTimestamp` (see `Ledger::kubectl_rerun`);
 /// 2. the API server itself answers 401 to the token: the adapter sends one
 ///    `GET <server>/version` with it, to the server and CA that kubectl uses
 ///    (`provideClusterInfo: true` in the kubeconfig hands them over; without it,

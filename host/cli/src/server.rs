@@ -3,7 +3,7 @@
 //! ([`crate::adapters`]). The API is described in `host/openapi.json`.
 //!
 //! - `GET /healthz`: liveness and provider counts;
-//! - `GET /metrics`: OpenMetrics text ([`crate::metrics`]);
+//! - `GET /metrics`: OpenMetrics text (`reauth::metrics`);
 //! - `GET /v1/providers`: names and status, no secrets;
 //! - `POST /v1/providers/{name}/credentials`: `{subject?, scopes?, audience?}` →
 //!   the credential and its expiry (cached, single-flight across requests);
@@ -874,6 +874,7 @@ async fn list_providers(State(state): State<AppState>) -> Response {
                 contract,
                 descriptor,
                 rollout,
+                ..
             } => json!({
                 "name": name,
                 "status": if breaker.cooling_down_for.is_some() { "cooling_down" } else { "ready" },
@@ -888,6 +889,7 @@ async fn list_providers(State(state): State<AppState>) -> Response {
             ProviderStatus::Failed(why) => {
                 json!({"name": name, "status": "failed", "last_error": why})
             }
+            other => json!({"name": name, "status": "failed", "last_error": format!("{other:?}")}),
         })
         .collect();
     axum::Json(json!({ "providers": providers })).into_response()

@@ -33,6 +33,7 @@ struct Bucket {
 
 /// A fetch the bucket could not fit within its wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OverBudget {
     /// How long the fetch would have had to wait for its turn.
     pub retry_in: Duration,

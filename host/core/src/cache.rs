@@ -55,6 +55,10 @@ use tokio::sync::broadcast;
 
 /// Identifies one cached credential.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "the cache key is exactly these four parts; a new part would change which credentials are shared"
+)]
 pub struct CacheKey {
     /// Provider name.
     pub provider: Arc<str>,
@@ -135,6 +139,7 @@ impl Equivalent<CacheKey> for KeyRef<'_> {
 
 /// Where a credential came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Lookup {
     /// Served from the cache.
     Hit,
@@ -150,6 +155,7 @@ pub enum Lookup {
 
 /// What happened to a key, for embedders holding long-lived connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CacheEvent {
     /// The key's credential was replaced by a newly fetched one
     /// (`generation` counts the credentials this key has had).
@@ -284,6 +290,7 @@ struct Inner {
 /// What [`TokenCache::invalidate_if`] did with a report of a rejected credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[doc(hidden)]
+#[non_exhaustive]
 pub enum Invalidation {
     /// The entry held the rejected credential and was dropped: the next lookup
     /// fetches.
@@ -314,6 +321,7 @@ impl std::fmt::Debug for TokenCache {
 
 /// Counts of what the cache did for one key (for tests, metrics and the demo).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KeyStats {
     /// Consecutive failed fetches.
     pub failures: u32,

@@ -63,6 +63,10 @@ pub const COARSE_LAG: Duration = Duration::from_secs(1);
 
 /// The system's wall clock.
 #[derive(Debug, Clone, Copy, Default)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "a unit struct callers name as a value"
+)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {

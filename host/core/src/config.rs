@@ -41,6 +41,10 @@ use std::path::{Path, PathBuf};
 /// provider and the key.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{}{}: {message}", .file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "<config>".into()), .line.map(|l| format!(":{l}")).unwrap_or_default())]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "where (file, line) and what: an error's complete location and message"
+)]
 pub struct ConfigError {
     /// The config file, if the config came from one.
     pub file: Option<PathBuf>,

@@ -31,6 +31,9 @@
 //! ```
 
 #![deny(missing_docs)]
+// Every public type makes a deliberate choice: `#[non_exhaustive]`, or an
+// `allow` saying why it is complete.
+#![warn(clippy::exhaustive_enums, clippy::exhaustive_structs)]
 
 /// The one name table of a fieldless enum: `ALL` (every case, in declaration
 /// order), `as_str` (its name) and `index` (its place in `ALL`, for per-case

@@ -86,6 +86,7 @@ impl<const N: usize> Histogram<N> {
 
 /// What a plugin call ended with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CallOutcome {
     /// Returned a result (credentials or a decision).
     Ok,
@@ -133,6 +134,7 @@ impl CallOutcome {
 
 /// How a cache lookup was served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LookupKind {
     /// From the cache.
     Hit,

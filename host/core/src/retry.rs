@@ -17,6 +17,10 @@ use std::time::Duration;
 /// How an operation run through `Host::with_credentials` failed, as reported by
 /// the caller's closure.
 #[derive(Debug)]
+#[allow(
+    clippy::exhaustive_enums,
+    reason = "what an operation reports: a server's security error or any other failure; the two cases are the contract of `with_credentials`"
+)]
 pub enum Rejection<E> {
     /// The server rejected the credential (classify it with [`crate::classify`]).
     Security {
@@ -38,6 +42,7 @@ impl<E> Rejection<E> {
 
 /// Why `Host::with_credentials` gave up.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum OperationError<E> {
     /// No credentials could be obtained.
     Credentials(Error),
@@ -93,6 +98,10 @@ pub struct InvalidRetryPolicy(&'static str);
 
 /// What a provider's decision allows, within the operation's budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(
+    clippy::exhaustive_enums,
+    reason = "the three things a retry can do; the host handles each"
+)]
 pub enum Action {
     /// Drop the credential, fetch a new one and run the operation again.
     Reauthenticate,

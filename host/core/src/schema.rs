@@ -228,6 +228,7 @@ pub const MAX_TEXT: usize = 256;
 
 /// One way a provider's config breaks its schema.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Violation {
     /// The config key concerned.
     pub key: String,

@@ -11,6 +11,10 @@ use std::time::{Duration, SystemTime};
 /// one to one, and a new variant is a contract change (a new WIT version) that
 /// every consumer — the host's conversions included — must handle on purpose.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[allow(
+    clippy::exhaustive_enums,
+    reason = "the credential shapes of the versioned WIT contract: a new one comes only with a new contract version, and callers must handle every shape"
+)]
 pub enum Credential {
     /// Username and password.
     Basic {
@@ -55,6 +59,10 @@ impl Credential {
 
 /// A credential with its lifetime and identity, as returned by a provider.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "a record of the versioned WIT contract (changes only with a new contract version); providers and embedders build it with a literal"
+)]
 pub struct Credentials {
     /// The credential itself.
     pub credential: Credential,
@@ -85,6 +93,10 @@ pub enum Reason {
 /// What credentials are wanted. Together with the provider name this is the cache key
 /// (the `reason` is not part of the key).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "a record of the versioned WIT contract (changes only with a new contract version); built with a literal or the builder"
+)]
 pub struct Request {
     /// Per-user / per-session identity; `None` is the provider's own identity.
     pub subject: Option<String>,
@@ -239,6 +251,10 @@ names!(SecurityErrorKind {
 /// One challenge of a `WWW-Authenticate` header (RFC 9110 §11.6.1), any scheme;
 /// parsed by [`crate::classify::parse_www_authenticate`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "one RFC 9110 challenge: scheme, token68, parameters; nothing else exists to add"
+)]
 pub struct Challenge {
     /// The auth scheme, as sent (compare case-insensitively).
     pub scheme: String,
@@ -260,6 +276,10 @@ impl Challenge {
 
 /// A server rejected an operation for an authentication reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "a record of the versioned WIT contract (changes only with a new contract version); built with a literal or the builder"
+)]
 pub struct SecurityError {
     /// Classification.
     pub kind: SecurityErrorKind,

@@ -23,6 +23,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// "username": …, "password": …}` or `{"kind": "headers", "headers": {…}}`.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[allow(
+    clippy::exhaustive_enums,
+    reason = "a JSON shape of the sidecar's versioned API (openapi.json); mirrors the contract's credential shapes"
+)]
 pub enum WireCredential {
     /// A bearer token.
     Bearer {
@@ -84,6 +88,10 @@ pub enum WireError {
 /// Credentials as JSON: the credential's fields, plus `expires_at` (RFC 3339, UTC),
 /// `expires_at_unix` (seconds) and `principal` when known.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "a JSON shape of the sidecar's versioned API (openapi.json); the tools build it with a literal"
+)]
 pub struct WireCredentials {
     /// The credential.
     #[serde(flatten)]
@@ -203,6 +211,10 @@ impl TryFrom<WireCredentials> for Credentials {
 /// What credentials are wanted (the cache key beside the provider name).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "a JSON shape of the sidecar's versioned API (openapi.json); the tools build it with a literal"
+)]
 pub struct WireRequest {
     /// Per-user identity; absent for the provider's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -229,6 +241,10 @@ impl From<WireRequest> for Request {
 /// A server's rejection, as reported to `POST /v1/providers/{name}/security-errors`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "a JSON shape of the sidecar's versioned API (openapi.json); the tools build it with a literal"
+)]
 pub struct WireSecurityError {
     /// `token_expired`, `unauthorized`, `forbidden` or `other`.
     pub kind: SecurityErrorKind,

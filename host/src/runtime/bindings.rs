@@ -384,7 +384,7 @@ pub mod fuzzing {
     use super::*;
 
     /// Build a guest credential from raw parts, run it through
-    /// [`credentials_from_guest`] and check what must hold for any input: no panic,
+    /// `credentials_from_guest` and check what must hold for any input: no panic,
     /// the size limit enforced, and no secret in the error or in `Debug` output.
     /// With `jwt_payload`, a bearer token is a JWT carrying that payload (its
     /// `exp` is hostile too), and an accepted credential is then placed on the

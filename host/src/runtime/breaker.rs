@@ -26,6 +26,7 @@ struct BreakerState {
 
 /// A snapshot of a breaker, for status reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BreakerStatus {
     /// Faults in a row (reset by a call that completes).
     pub consecutive_faults: u32,

@@ -1,5 +1,5 @@
 //! Egress control: every `wasi:http` request a plugin makes passes through
-//! [`EgressHooks::send_request`], which checks the provider's `allowed_hosts` and
+//! `EgressHooks::send_request`, which checks the provider's `allowed_hosts` and
 //! the scheme before anything touches the network. Sockets are never granted (the
 //! WASI context has no network capability), so this hook is the only way out.
 //!

@@ -40,6 +40,10 @@ pub struct CompileError(#[source] BoxError);
 
 /// Settings of the shared engine.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "engine settings read once at start, built as `RuntimeOptions { field, ..Default::default() }` (a field added later does not break that)"
+)]
 pub struct RuntimeOptions {
     /// Directory for precompiled artifacts; `None` compiles at every load.
     pub cache_dir: Option<PathBuf>,
@@ -112,6 +116,7 @@ impl std::fmt::Debug for Runtime {
 
 /// Where a provider's compiled code came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CompileSource {
     /// Compiled now from the `.wasm` (and stored in the cache, if one is set).
     Compiled,

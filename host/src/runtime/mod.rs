@@ -112,6 +112,10 @@ const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 
 /// Everything needed to load one provider.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "the runtime's complete input for one provider, built from a `ProviderConfig` by `Host` (and by the conformance kit)"
+)]
 pub struct ProviderSpec {
     /// Provider name.
     pub name: String,
@@ -149,6 +153,7 @@ pub struct ProviderSpec {
 
 /// Call counters of one provider.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct CallStats {
     /// `get-credentials` calls made.
     pub get_credentials: AtomicU64,

@@ -23,7 +23,9 @@ struct Key {
     raw: [u8; 32],
 }
 
-/// Keys that seal data at rest (see the [module docs](self)).
+/// Keys that seal data at rest: a key file of lines `v1 <key id> <64 hex digits>`;
+/// the first key seals, every key opens (ChaCha20-Poly1305, the provider or entry
+/// bound as associated data).
 pub struct KeyRing {
     keys: Vec<Key>,
     /// Keys added to the key file after start (rotation): they open, the

@@ -111,6 +111,7 @@ fn holder_text(holder: Option<u32>) -> String {
 /// its process died (or was killed), or the call was cut off (timeout, trap)
 /// after touching the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeadHolder {
     /// Its process id.
     pub pid: u32,
@@ -197,6 +198,7 @@ pub enum RemoteEvent {
 /// A fetch of a key that failed, shared so that the other processes back off
 /// too instead of calling the identity provider again.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SharedFailure {
     /// The error's message (as the host reports it: redacted).
     pub message: String,

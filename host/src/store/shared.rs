@@ -14,6 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// One shared credential and when it was stored.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "what a `SharedCache` stores: backends outside this crate build and read it whole"
+)]
 pub struct SharedEntry {
     /// The credential; `expires_at` is the expiry the writer's cache placed it on
     /// (its own, its JWT's, or the configured default lifetime).

@@ -36,6 +36,10 @@
 //! # Ok(()) }
 //! ```
 
+// Every public type makes a deliberate choice: `#[non_exhaustive]`, or an
+// `allow` saying why it is complete.
+#![warn(clippy::exhaustive_enums, clippy::exhaustive_structs)]
+
 use bytes::Bytes;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
@@ -115,6 +119,7 @@ pub struct VerifierConfigError(String);
 
 /// The claims of an accepted token.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 pub struct Claims {
     /// Subject.
     #[serde(default)]

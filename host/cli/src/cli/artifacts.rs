@@ -10,7 +10,7 @@ use super::*;
 ///
 /// Loading a precompiled artifact runs its code, so the directory is used only
 /// when no other user can change it or any directory above it (see
-/// [`private_to`]); otherwise there is no cache, with a warning. An artifact is
+/// `private_to`); otherwise there is no cache, with a warning. An artifact is
 /// also loaded only after its digest and engine are checked.
 pub fn user_artifact_dir() -> Option<PathBuf> {
     let dir = match std::env::var_os("REAUTH_CACHE_DIR") {

@@ -133,6 +133,7 @@ async fn check_json(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<Exi
                 contract,
                 descriptor,
                 rollout,
+                ..
             } => json!({
                 "name": name,
                 "status": "ok",
@@ -149,6 +150,11 @@ async fn check_json(config: PathBuf, out: &mut (dyn Write + Send)) -> Result<Exi
             ProviderStatus::Failed(e) => {
                 failed += 1;
                 json!({"name": name, "status": "failed", "error": e})
+            }
+            // A status this command does not know yet: not serving.
+            other => {
+                failed += 1;
+                json!({"name": name, "status": "failed", "error": format!("{other:?}")})
             }
         })
         .collect();
@@ -234,6 +240,7 @@ pub(super) fn print_status(
             contract,
             descriptor,
             rollout,
+            ..
         } => {
             let about = match descriptor.as_deref() {
                 Some(d) if !d.name.is_empty() => format!(
@@ -288,6 +295,10 @@ pub(super) fn print_status(
         }
         ProviderStatus::Failed(e) => {
             writeln!(out, "FAIL {name}: {e}")?;
+            Ok(false)
+        }
+        other => {
+            writeln!(out, "FAIL {name}: {other:?}")?;
             Ok(false)
         }
     }

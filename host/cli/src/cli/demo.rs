@@ -80,6 +80,7 @@ pub(super) async fn demo(
         Lookup::Joined => "joined another caller's fetch".to_string(),
         Lookup::Stale => "stale cache hit (IdP failing)".to_string(),
         Lookup::Fetched(reason) => format!("fetched from the IdP ({})", Reason::as_str(reason)),
+        other => format!("{other:?}"),
     };
     let until = |t: Option<SystemTime>| {
         t.and_then(|t| t.duration_since(SystemTime::now()).ok())

@@ -192,7 +192,7 @@ pub enum Command {
         /// Language.
         #[arg(long, value_enum, default_value_t = crate::scaffold::Lang::Rust)]
         lang: crate::scaffold::Lang,
-        /// Directory to create (default: ./<name>).
+        /// Directory to create (default: `./<name>`).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// The reauth SDK directory (`sdk/` of a reauth checkout). Default:

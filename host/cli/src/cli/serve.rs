@@ -165,6 +165,7 @@ pub(super) async fn watch(
                     let why = match trigger {
                         crate::watch::Trigger::Signal => "SIGHUP",
                         crate::watch::Trigger::FileChange => "file change",
+                        _ => "reload",
                     };
                     match outcome {
                         Ok(report) => {

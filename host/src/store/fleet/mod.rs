@@ -58,6 +58,10 @@ pub type BusStream = Pin<Box<dyn futures_util::Stream<Item = String> + Send>>;
 
 /// A lease the backend handed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "what a `FleetBackend` answers to a lease: backends outside this crate build it"
+)]
 pub struct Acquired {
     /// Its fencing number (grows with every lease of the name).
     pub fence: u64,
@@ -71,6 +75,10 @@ pub struct Acquired {
 /// A stored value: sealed bytes, the version they were sealed for, and a tag to
 /// compare without opening them.
 #[derive(Clone, PartialEq, Eq)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "what a `FleetBackend` stores and returns: backends outside this crate build it"
+)]
 pub struct Record {
     /// The writer's fence (bound into the seal).
     pub version: u64,
@@ -164,6 +172,10 @@ pub trait FleetBackend: Send + Sync + 'static {
 /// How a fleet behaves (from `[fleet]`; [`Fleet::new`] brings values outside
 /// the ranges `[fleet]` accepts into them).
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::exhaustive_structs,
+    reason = "every setting of a fleet handle, all required (no default to fall back on)"
+)]
 pub struct FleetOptions {
     /// The fleet's name (prefix of every key or row).
     pub name: String,
