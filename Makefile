@@ -62,6 +62,12 @@ lint: setup wit-check
 	cd bench/extism && $(CARGO) fmt --all -- --check
 	cd sdk && $(CARGO) clippy --target wasm32-wasip2 --all-features -- -D warnings
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# The lean builds an embedder gets (a workspace build unites every member's
+	# features and would hide code that needs a feature it does not enable).
+	$(CARGO) clippy -p reauth-core --no-default-features -- -D warnings
+	$(CARGO) clippy -p reauth --no-default-features -- -D warnings
+	$(CARGO) clippy -p reauth --no-default-features --features fleet -- -D warnings
+	$(CARGO) clippy -p reauth-embedder-example -- -D warnings
 	cd plugins && $(CARGO) clippy --release --target wasm32-wasip2 --workspace -- -D warnings
 
 ## wit/deps must match the WIT inside the pinned wasmtime crates.

@@ -15,7 +15,7 @@ use crate::store::{
 use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -164,7 +164,7 @@ struct Inner {
     /// The cells [`ProviderHandle`]s read, by provider name: set to the serving
     /// version at every swap of `providers` (under this lock), `None` while the
     /// provider is not loaded or not configured.
-    handles: Mutex<BTreeMap<String, Arc<arc_swap::ArcSwapOption<Ready>>>>,
+    handles: Mutex<BTreeMap<String, Arc<HandleCell>>>,
     cache: TokenCache,
     /// The configuration currently applied (runtime settings are fixed at build).
     config: Mutex<HostConfig>,
@@ -1489,7 +1489,9 @@ impl Host {
         let handles = self.inner.handles.lock().unwrap_or_else(|e| e.into_inner());
         self.inner.providers.store(next.clone());
         for (name, cell) in handles.iter() {
-            cell.store(serving(&next, name));
+            let ready = serving(&next, name);
+            cell.serving.store(ready.is_some(), Ordering::Release);
+            cell.ready.store(ready);
         }
     }
 
@@ -1511,12 +1513,19 @@ impl Host {
         };
         let cell = handles
             .entry(name.clone())
-            .or_insert_with(|| Arc::new(arc_swap::ArcSwapOption::new(serving(&snapshot, name))))
+            .or_insert_with(|| {
+                let ready = serving(&snapshot, name);
+                Arc::new(HandleCell {
+                    serving: AtomicBool::new(ready.is_some()),
+                    ready: arc_swap::ArcSwapOption::new(ready),
+                })
+            })
             .clone();
         Ok(ProviderHandle {
             host: self.clone(),
             name: Arc::from(name.as_str()),
-            ready: cell,
+            metrics: self.inner.metrics.provider(name),
+            cell,
         })
     }
 
@@ -2330,20 +2339,31 @@ fn serving(providers: &Providers, name: &str) -> Option<Arc<Ready>> {
     }
 }
 
+/// What the handles of one provider share: the version that serves, swapped by
+/// every reload.
+struct HandleCell {
+    /// Whether a version serves (`ready` is `Some`): all a cache hit needs to
+    /// know, read without touching the `ArcSwap`'s per-thread debt slots.
+    serving: AtomicBool,
+    ready: arc_swap::ArcSwapOption<Ready>,
+}
+
 /// One provider of a [`Host`], looked up once ([`Host::handle`]). Cheap to clone;
 /// follows reloads.
 #[derive(Clone)]
 pub struct ProviderHandle {
     host: Host,
     name: Arc<str>,
-    ready: Arc<arc_swap::ArcSwapOption<Ready>>,
+    /// The provider's counters (one block per provider name, kept across reloads).
+    metrics: Arc<ProviderMetrics>,
+    cell: Arc<HandleCell>,
 }
 
 impl std::fmt::Debug for ProviderHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProviderHandle")
             .field("provider", &self.name)
-            .field("loaded", &self.ready.load().is_some())
+            .field("loaded", &self.cell.serving.load(Ordering::Acquire))
             .finish()
     }
 }
@@ -2364,13 +2384,20 @@ impl ProviderHandle {
         &self,
         request: &Request,
     ) -> Result<(Arc<Credentials>, Lookup)> {
-        // The hit path borrows the serving version (no reference count touched).
-        if let Some(ready) = &*self.ready.load()
-            && let Some(hit) = self.host.hit(ready, request)
+        // The hit path: whether a version serves (a load of a line that only
+        // reloads write), then the cache (no lock, no reference count touched but
+        // this thread's). A reload drops the keys of a version it replaces.
+        if self.cell.serving.load(Ordering::Acquire)
+            && let Some(credentials) = self
+                .host
+                .inner
+                .cache
+                .fresh_hit(&KeyRef::new(&self.name, request))
         {
-            return Ok(hit);
+            self.metrics.lookup(LookupKind::Hit);
+            return Ok((credentials, Lookup::Hit));
         }
-        match self.ready.load_full() {
+        match self.cell.ready.load_full() {
             Some(ready) => self.host.lookup(&ready, request).await,
             // Not loaded (or removed): the host says why.
             None => self.host.get_credentials_traced(&self.name, request).await,

@@ -45,16 +45,17 @@
 //!
 //! - `cranelift` (default): compile plugins from `.wasm`. Without it only
 //!   artifacts precompiled by the same reauth version into `runtime.cache_dir` load.
-//! - `metrics` (default): [`Host::register_metrics`] and [`Host::render_metrics`]
-//!   through `prometheus-client`; without it the counters are still kept
-//!   ([`Host::metrics`]).
+//! - `metrics` (default): `Host::register_metrics` and `Host::render_metrics`
+//!   through `prometheus-client`; without it nothing is encoded, and
+//!   [`Host::metrics`] still answers the counters it has getters for (lookups,
+//!   throttled fetches, refused retries, fuel, peak memory, shared-cache events).
 //! - `verify` (default): [`verify`], bearer-token verification (crate `reauth-verify`).
 //! - `watch` (default): [`watch`], reload on config, plugin and secret-file changes.
 //! - `fleet`: `[fleet]`, tokens and provider state shared across replicas through
 //!   Redis or PostgreSQL ([`store::fleet`]).
 //!
-//! Unix only. The artifact mapping (leases), `CLOCK_REALTIME_COARSE` and the
-//! `/proc`-based checks are Linux-only and fall back elsewhere.
+//! Unix only. The artifact mapping (leases) and `CLOCK_REALTIME_COARSE` are
+//! Linux-only and fall back elsewhere.
 
 #![deny(missing_docs)]
 // Every public type makes a deliberate choice: `#[non_exhaustive]`, or an
@@ -128,6 +129,7 @@ mod api {
     /// An embedder's own `prometheus-client` registry carries reauth's metrics
     /// next to its own; a dropped host reports nothing.
     #[test]
+    #[cfg(feature = "metrics")]
     fn metrics_register_into_an_embedders_registry() {
         use crate::metrics::prometheus_client::{
             encoding::text::encode, metrics::counter::Counter, registry::Registry,

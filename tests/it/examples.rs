@@ -218,7 +218,7 @@ fn the_minimal_embedder_compiles_none_of_the_tools() {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let tree = |args: &[&str]| {
         let output = Command::new(&cargo)
-            .args(["tree", "--offline", "--manifest-path"])
+            .args(["tree", "--offline", "--locked", "--manifest-path"])
             .arg(&manifest)
             .args(["-p", "reauth-embedder-example", "-e"])
             .args(args)

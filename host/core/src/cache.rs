@@ -311,7 +311,8 @@ pub struct TokenCache(Arc<Inner>);
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Counts only: keys name subjects, entries hold credentials.
-        let keys: usize = self.0.counts.lock().map(|c| c.values().sum()).unwrap_or(0);
+        // `try_lock`: printing the cache never waits on it (or deadlocks).
+        let keys: Option<usize> = self.0.counts.try_lock().ok().map(|c| c.values().sum());
         f.debug_struct("TokenCache")
             .field("keys", &keys)
             .field("max_entries", &self.0.max_entries)

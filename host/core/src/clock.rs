@@ -8,9 +8,10 @@
 //! - tokio's monotonic clock (`tokio::time`): sleeps, the fetch budget, the circuit
 //!   breaker's cool-down and the rollout window (paused and advanced in tests).
 //!
-//! Only the sandbox's call deadlines (enforced by wasmtime's epoch ticker, which
-//! runs in real time) and the durations recorded in metrics read
-//! `std::time::Instant` directly.
+//! `std::time::Instant` is read directly where real elapsed time is the point:
+//! the sandbox's call deadlines (enforced by wasmtime's epoch ticker, which runs in
+//! real time), lock and lease waits of the state stores and the fleet (bounded
+//! against other processes), and the durations recorded in metrics.
 
 use std::sync::Arc;
 use std::sync::Mutex;

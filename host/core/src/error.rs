@@ -16,6 +16,17 @@ impl Cause {
     pub fn new(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
         Cause(Arc::from(error.into()))
     }
+
+    /// The underlying error (e.g. to tell a missing plugin file, an
+    /// `std::io::Error`, from a compile error).
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+
+    /// The underlying error as a `T`, if it is one.
+    pub fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.0.downcast_ref::<T>()
+    }
 }
 
 impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for Cause {

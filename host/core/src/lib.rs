@@ -6,13 +6,13 @@
 //! validation ([`config`], [`hosts`]), the token cache ([`cache`]: refresh-ahead,
 //! single-flight, compare-and-invalidate), the retry policy ([`retry`]), the
 //! classification of server errors ([`classify`]), clocks ([`clock`]), metrics
-//! ([`metrics`]) and the JSON hand-over shapes ([`wire`]).
+//! ([`metrics`]) and the JSON hand-over shapes (`wire`).
 //!
 //! ## Crate features
 //!
-//! - `wire` (default): [`wire`], the JSON shapes of credentials and security
+//! - `wire` (default): `reauth_core::wire`, the JSON shapes of credentials and security
 //!   errors between processes.
-//! - `prometheus` (default): [`metrics::exposition`], the counters encoded
+//! - `prometheus` (default): `metrics::exposition`, the counters encoded
 //!   through `prometheus-client`.
 //!
 //! Unix only (the clock reads `CLOCK_REALTIME_COARSE` through libc on Linux).

@@ -997,6 +997,21 @@ mod tests {
             detail: "x".into(),
         });
         m.fetched(Reason::Expired, Duration::from_millis(9), &limit, now);
+        // The two limit labels that are not a `LimitKind`.
+        let timeout: Result<Credentials, Error> = Err(Error::Timeout {
+            provider: "api".into(),
+            function: "get-credentials",
+            timeout_ms: 5,
+        });
+        let q = metrics.provider("limits");
+        q.fetched(Reason::Expired, Duration::from_millis(9), &limit, now);
+        q.fetched(Reason::Expired, Duration::from_millis(9), &timeout, now);
+        let busy: Result<Credentials, Error> = Err(Error::Busy {
+            provider: "api".into(),
+            max_concurrent_calls: 1,
+            waited_ms: 5,
+        });
+        q.fetched(Reason::Expired, Duration::from_millis(9), &busy, now);
         m.lookup(LookupKind::Hit);
         m.lookup(LookupKind::Join);
         m.security_error(
@@ -1013,6 +1028,20 @@ mod tests {
                 .to_string()
         };
         let p = "provider=\"api \\\"x\\\"\"";
+        for (limit, n) in [
+            ("memory", 1),
+            ("timeout", 1),
+            ("concurrent_calls", 1),
+            ("fuel", 0),
+        ] {
+            assert!(
+                line(&format!(
+                    "reauth_limit_hits_total{{provider=\"limits\",limit=\"{limit}\"}}"
+                ))
+                .ends_with(&format!(" {n}")),
+                "{limit}"
+            );
+        }
         assert!(
             line(&format!(
                 "reauth_plugin_calls_total{{{p},function=\"get-credentials\",outcome=\"ok\"}}"

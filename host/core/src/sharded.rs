@@ -56,8 +56,11 @@ impl Counter {
     /// Add one.
     #[inline]
     pub fn incr(&self) {
-        let cell = &self.0[shard() % self.0.len()];
-        cell.0.fetch_add(1, Ordering::Relaxed);
+        // `shard()` is below `shards()`, this counter's length: no modulo (an
+        // integer division costs more than the rest of the increment).
+        if let Some(cell) = self.0.get(shard()) {
+            cell.0.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The total (a sum of relaxed loads: exact once increments stop).
@@ -69,8 +72,10 @@ impl Counter {
 }
 
 /// Copies a [`Replicated`] keeps besides its primary (threads of further shards
-/// share them): inline, so a hit follows no pointer to find its copy.
+/// share them): inline, so a hit follows no pointer to find its copy. One less
+/// than a power of two: a shard picks its copy with a mask, not a division.
 const COPIES: usize = 7;
+const _: () = assert!((COPIES + 1).is_power_of_two());
 
 /// One value shared as `Arc<T>`, with a copy per shard made on first use there:
 /// cloning the `Arc` writes to the reference count of this thread's copy only.
@@ -92,7 +97,7 @@ impl<T: Clone> Replicated<T> {
     /// A clone of this thread's copy.
     #[inline]
     pub fn get(&self) -> Arc<T> {
-        match shard() % shards().min(COPIES + 1) {
+        match shard() & COPIES {
             0 => self.primary.clone(),
             i => self.copies[i - 1]
                 .get_or_init(|| Arc::new(T::clone(&self.primary)))

@@ -61,7 +61,8 @@ use crate::clock::Clock;
 use crate::config::{BreakerConfig, InstancesConfig, LimitsConfig, RateConfig};
 use crate::error::{Error, LimitKind};
 
-/// A boxed cause, inside the runtime (the public API wraps it in [`Cause`]).
+/// A boxed cause, inside the runtime (the public API wraps it in
+/// [`crate::error::Cause`]).
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 use crate::secret::Secret;
 use crate::types;

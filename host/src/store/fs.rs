@@ -75,7 +75,7 @@ pub(crate) fn remove_debris(dir: &Path) -> usize {
                 )
             });
         // Old enough that no writer can still be busy with it (a PID check alone
-        // is blind across PID namespaces and where there is no /proc).
+        // is blind across PID namespaces).
         let old = entry
             .metadata()
             .and_then(|m| m.modified())

@@ -174,8 +174,12 @@ pub(super) async fn watch(
                                 writeln!(out, "FAIL {name}: {e}")?;
                             }
                         }
-                        // An error: on stderr, like every command's.
-                        Err(e) => eprintln!("reload ({why}) refused, nothing changed: {e}"),
+                        // An error: on stderr, like every command's (a closed
+                        // stderr is recorded, not a panic).
+                        Err(e) => writeln!(
+                            std::io::stderr(),
+                            "reload ({why}) refused, nothing changed: {e}"
+                        )?,
                     }
                     out.flush()
                 })();

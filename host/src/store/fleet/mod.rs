@@ -262,6 +262,7 @@ impl Drop for Inner {
     }
 }
 
+#[cfg(feature = "metrics")]
 impl crate::metrics::prometheus_client::collector::Collector for Fleet {
     fn encode(
         &self,
@@ -389,11 +390,13 @@ impl Fleet {
 
     /// The fleet's metrics alone in the OpenMetrics text format (a host's
     /// `render_metrics` includes them).
+    #[cfg(feature = "metrics")]
     pub fn render_metrics(&self) -> String {
         crate::metrics::exposition::render(self.clone())
     }
 
     /// The fleet's metrics (`reauth_fleet_*`), labelled with its name.
+    #[cfg(feature = "metrics")]
     pub fn encode_metrics(
         &self,
         encoder: &mut crate::metrics::prometheus_client::encoding::DescriptorEncoder<'_>,
