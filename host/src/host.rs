@@ -15,6 +15,7 @@ use crate::store::{
 use crate::types::{Credentials, Decision, Reason, Request, SecurityError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -1874,28 +1875,41 @@ impl Host {
     ///
     /// The credential is shared (`Arc`): a hit copies nothing. (Use
     /// [`Host::handle`] for a provider asked on every request.)
-    pub async fn get_credentials(
-        &self,
-        provider: &str,
-        request: &Request,
-    ) -> Result<Arc<Credentials>> {
-        self.get_credentials_traced(provider, request)
-            .await
-            .map(|(c, _)| c)
+    ///
+    /// The future looks the cache up when first polled; a hit completes in that
+    /// poll without allocating (the fetch path is boxed).
+    pub fn get_credentials<'a>(
+        &'a self,
+        provider: &'a str,
+        request: &'a Request,
+    ) -> impl Future<Output = Result<Arc<Credentials>>> + Send + 'a {
+        CredentialsFuture::start(Source::Host(self, provider), request, |(c, _)| c)
     }
 
     /// Like [`Host::get_credentials`], also saying whether the cache served it.
-    pub async fn get_credentials_traced(
+    pub fn get_credentials_traced<'a>(
+        &'a self,
+        provider: &'a str,
+        request: &'a Request,
+    ) -> impl Future<Output = Result<(Arc<Credentials>, Lookup)>> + Send + 'a {
+        CredentialsFuture::start(Source::Host(self, provider), request, |hit| hit)
+    }
+
+    /// The hit path by name: no lock, no reference count touched but this
+    /// thread's.
+    fn hit_by_name(&self, provider: &str, request: &Request) -> Option<(Arc<Credentials>, Lookup)> {
+        match self.inner.providers.load().get(provider) {
+            Some(Slot::Ready { ready, .. }) => self.hit(ready, request),
+            _ => None,
+        }
+    }
+
+    /// The lookup by name that may fetch.
+    async fn lookup_by_name(
         &self,
         provider: &str,
         request: &Request,
     ) -> Result<(Arc<Credentials>, Lookup)> {
-        // The hit path: no lock, no reference count touched but this thread's.
-        if let Some(Slot::Ready { ready, .. }) = self.inner.providers.load().get(provider)
-            && let Some(hit) = self.hit(ready, request)
-        {
-            return Ok(hit);
-        }
         let ready = self.provider(provider)?;
         self.lookup(&ready, request).await
     }
@@ -2375,32 +2389,43 @@ impl ProviderHandle {
     }
 
     /// [`Host::get_credentials`] for this provider.
-    pub async fn get_credentials(&self, request: &Request) -> Result<Arc<Credentials>> {
-        self.get_credentials_traced(request).await.map(|(c, _)| c)
+    pub fn get_credentials<'a>(
+        &'a self,
+        request: &'a Request,
+    ) -> impl Future<Output = Result<Arc<Credentials>>> + Send + 'a {
+        CredentialsFuture::start(Source::Handle(self), request, |(c, _)| c)
     }
 
     /// [`Host::get_credentials_traced`] for this provider.
-    pub async fn get_credentials_traced(
-        &self,
-        request: &Request,
-    ) -> Result<(Arc<Credentials>, Lookup)> {
-        // The hit path: whether a version serves (a load of a line that only
-        // reloads write), then the cache (no lock, no reference count touched but
-        // this thread's). A reload drops the keys of a version it replaces.
-        if self.cell.serving.load(Ordering::Acquire)
-            && let Some(credentials) = self
-                .host
-                .inner
-                .cache
-                .fresh_hit(&KeyRef::new(&self.name, request))
-        {
-            self.metrics.lookup(LookupKind::Hit);
-            return Ok((credentials, Lookup::Hit));
+    pub fn get_credentials_traced<'a>(
+        &'a self,
+        request: &'a Request,
+    ) -> impl Future<Output = Result<(Arc<Credentials>, Lookup)>> + Send + 'a {
+        CredentialsFuture::start(Source::Handle(self), request, |hit| hit)
+    }
+
+    /// The hit path: whether a version serves (a load of a line that only
+    /// reloads write), then the cache (no lock, no reference count touched but
+    /// this thread's). A reload drops the keys of a version it replaces.
+    fn hit(&self, request: &Request) -> Option<(Arc<Credentials>, Lookup)> {
+        if !self.cell.serving.load(Ordering::Acquire) {
+            return None;
         }
+        let credentials = self
+            .host
+            .inner
+            .cache
+            .fresh_hit(&KeyRef::new(&self.name, request))?;
+        self.metrics.lookup(LookupKind::Hit);
+        Some((credentials, Lookup::Hit))
+    }
+
+    /// The lookup that may fetch.
+    async fn lookup(&self, request: &Request) -> Result<(Arc<Credentials>, Lookup)> {
         match self.cell.ready.load_full() {
             Some(ready) => self.host.lookup(&ready, request).await,
             // Not loaded (or removed): the host says why.
-            None => self.host.get_credentials_traced(&self.name, request).await,
+            None => self.host.lookup_by_name(&self.name, request).await,
         }
     }
 
@@ -2427,5 +2452,85 @@ impl ProviderHandle {
         Fut: Future<Output = std::result::Result<T, Rejection<E>>>,
     {
         self.host.with_credentials(&self.name, request, op).await
+    }
+}
+
+/// Where a [`CredentialsFuture`] looks.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Host(&'a Host, &'a str),
+    Handle(&'a ProviderHandle),
+}
+
+/// The result of a lookup with the fetch path boxed: what may fetch.
+type Fetching<'a> = Pin<Box<dyn Future<Output = Result<(Arc<Credentials>, Lookup)>> + Send + 'a>>;
+
+/// The future of `get_credentials`: small (a few pointers), it looks the cache
+/// up when first polled, so a hit completes in that poll with nothing allocated
+/// or moved but the result; only a miss boxes the lookup that fetches.
+enum CredentialsFuture<'a, T> {
+    Start {
+        source: Source<'a>,
+        request: &'a Request,
+        map: fn((Arc<Credentials>, Lookup)) -> T,
+    },
+    Fetching {
+        lookup: Fetching<'a>,
+        map: fn((Arc<Credentials>, Lookup)) -> T,
+    },
+    Done,
+}
+
+impl<'a, T> CredentialsFuture<'a, T> {
+    fn start(
+        source: Source<'a>,
+        request: &'a Request,
+        map: fn((Arc<Credentials>, Lookup)) -> T,
+    ) -> Self {
+        CredentialsFuture::Start {
+            source,
+            request,
+            map,
+        }
+    }
+}
+
+impl<T> Future for CredentialsFuture<'_, T> {
+    type Output = Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<T>> {
+        // Unpin: it holds references, a function pointer and a box.
+        let this = self.get_mut();
+        if let CredentialsFuture::Start {
+            source,
+            request,
+            map,
+        } = *this
+        {
+            let hit = match source {
+                Source::Host(host, provider) => host.hit_by_name(provider, request),
+                Source::Handle(handle) => handle.hit(request),
+            };
+            if let Some(hit) = hit {
+                *this = CredentialsFuture::Done;
+                return std::task::Poll::Ready(Ok(map(hit)));
+            }
+            let lookup: Fetching<'_> = match source {
+                Source::Host(host, provider) => Box::pin(host.lookup_by_name(provider, request)),
+                Source::Handle(handle) => Box::pin(handle.lookup(request)),
+            };
+            *this = CredentialsFuture::Fetching { lookup, map };
+        }
+        match this {
+            CredentialsFuture::Fetching { lookup, map } => match lookup.as_mut().poll(cx) {
+                std::task::Poll::Ready(result) => {
+                    let map: fn((Arc<Credentials>, Lookup)) -> T = *map;
+                    *this = CredentialsFuture::Done;
+                    std::task::Poll::Ready(result.map(map))
+                }
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+            _ => panic!("a get_credentials future polled after it completed"),
+        }
     }
 }

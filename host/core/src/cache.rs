@@ -99,6 +99,7 @@ pub struct KeyRef<'a> {
 
 impl<'a> KeyRef<'a> {
     /// The key of `request` for `provider`.
+    #[inline]
     pub fn new(provider: &'a Arc<str>, request: &'a Request) -> Self {
         let normalized = request.scopes.windows(2).all(|w| w[0] < w[1]);
         let scopes = if normalized {
@@ -242,7 +243,11 @@ struct Place {
 
 impl Place {
     fn touch(&self, now: SystemTime) {
-        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.touch_secs(now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+    }
+
+    #[inline]
+    fn touch_secs(&self, secs: u64) {
         if self.last_used.load(Ordering::Relaxed) != secs {
             self.last_used.store(secs, Ordering::Relaxed);
         }
@@ -252,9 +257,9 @@ impl Place {
 /// A fresh entry as the hit path sees it.
 struct Hot {
     refresh_at: SystemTime,
-    /// `refresh_at` less [`crate::clock::COARSE_LAG`]: before it the coarse clock
-    /// decides; from it on, the precise one.
-    coarse_until: SystemTime,
+    /// `refresh_at` less [`crate::clock::COARSE_LAG`], since the epoch: before it
+    /// the coarse clock decides; from it on, the precise one.
+    coarse_until: Duration,
     credentials: Replicated<Credentials>,
 }
 
@@ -631,19 +636,22 @@ impl TokenCache {
     /// scale with cores. `None`: not cached, or due for a refresh (the caller
     /// takes the path that starts one).
     #[doc(hidden)]
+    #[inline]
     pub fn fresh_hit(&self, key: &KeyRef<'_>) -> Option<Arc<Credentials>> {
         let guard = self.0.slots.guard();
         let place = self.0.slots.get(key, &guard)?;
         let hot = place.hot.load();
         let hot = hot.as_ref()?;
-        let mut now = self.0.clock.now_coarse();
-        if now >= hot.coarse_until {
-            now = self.0.clock.now();
+        let coarse = self.0.clock.now_coarse_since_epoch();
+        if coarse >= hot.coarse_until {
+            let now = self.0.clock.now();
             if now >= hot.refresh_at {
                 return None;
             }
+            place.touch(now);
+        } else {
+            place.touch_secs(coarse.as_secs());
         }
-        place.touch(now);
         Some(hot.credentials.get())
     }
 
@@ -677,7 +685,8 @@ impl TokenCache {
                 coarse_until: e
                     .refresh_at
                     .checked_sub(crate::clock::COARSE_LAG)
-                    .unwrap_or(UNIX_EPOCH),
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .unwrap_or(Duration::ZERO),
                 credentials: Replicated::new(e.credentials.clone()),
             })
         }));

@@ -54,6 +54,15 @@ pub trait Clock: Send + Sync + 'static {
     fn now_coarse(&self) -> SystemTime {
         self.now()
     }
+
+    /// [`Clock::now_coarse`] as the time since the Unix epoch (zero before it):
+    /// what the cache-hit path compares, without a round trip through
+    /// `SystemTime`.
+    fn now_coarse_since_epoch(&self) -> Duration {
+        self.now_coarse()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+    }
 }
 
 /// The most [`Clock::now_coarse`] may lag behind [`Clock::now`]. The kernel's
@@ -82,14 +91,29 @@ impl Clock for SystemClock {
     /// off Linux, the precise clock.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     fn now_coarse(&self) -> SystemTime {
+        UNIX_EPOCH
+            .checked_add(self.now_coarse_since_epoch())
+            .unwrap_or_else(SystemTime::now)
+    }
+
+    /// See [`SystemClock::now_coarse`]; the kernel's reading as it comes, with no
+    /// conversion to `SystemTime` and back.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[inline]
+    fn now_coarse_since_epoch(&self) -> Duration {
         static FAKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let faked = || {
             std::env::var_os("FAKETIME").is_some()
                 || std::env::var_os("FAKETIME_TIMESTAMP_FILE").is_some()
                 || std::env::var("LD_PRELOAD").is_ok_and(|v| v.contains("faketime"))
         };
+        let precise = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+        };
         if *FAKED.get_or_init(faked) {
-            return SystemTime::now();
+            return precise();
         }
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -100,13 +124,9 @@ impl Clock for SystemClock {
         #[allow(unsafe_code)]
         let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
         match (rc, u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec)) {
-            (0, Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => {
-                let since = Duration::new(secs, nanos);
-                let precise_floor = UNIX_EPOCH.checked_add(since);
-                precise_floor.unwrap_or_else(SystemTime::now)
-            }
+            (0, Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => Duration::new(secs, nanos),
             // No coarse clock (or a time before 1970): the precise one.
-            _ => SystemTime::now(),
+            _ => precise(),
         }
     }
 }

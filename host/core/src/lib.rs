@@ -53,6 +53,7 @@ macro_rules! names {
             }
 
             /// Its position in [`Self::ALL`].
+            #[inline]
             pub const fn index(self) -> usize {
                 self as usize
             }

@@ -309,6 +309,7 @@ impl ProviderMetrics {
 
     /// Record how a lookup was served.
     #[doc(hidden)]
+    #[inline]
     pub fn lookup(&self, kind: LookupKind) {
         let i = kind.index();
         self.lookups[i].incr();
