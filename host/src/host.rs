@@ -1876,8 +1876,10 @@ impl Host {
     /// The credential is shared (`Arc`): a hit copies nothing. (Use
     /// [`Host::handle`] for a provider asked on every request.)
     ///
-    /// The future looks the cache up when first polled; a hit completes in that
-    /// poll without allocating (the fetch path is boxed).
+    /// The future (`Send` and `Unpin`) looks the cache up when first polled: a
+    /// fresh hit (before its refresh time) completes in that poll, allocating
+    /// nothing when the request's scopes are already sorted and distinct; a miss,
+    /// a refresh-ahead and a stale hit go through the boxed fetch path.
     pub fn get_credentials<'a>(
         &'a self,
         provider: &'a str,

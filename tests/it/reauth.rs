@@ -113,6 +113,54 @@ async fn a_provider_handle_follows_reloads_and_shares_the_cached_credential() {
     assert!(format!("{handle:?}").contains("api"));
 }
 
+/// `get_credentials`' future does nothing until polled, completes a fresh hit in
+/// its first poll (by name and through a handle), is `Send` and `Unpin`, and
+/// panics when polled after it completed (as an `async fn`'s does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_hit_completes_in_the_first_poll_and_the_future_is_lazy() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    reauth_tests::logs();
+    fn send_unpin<F: Future + Send + Unpin>(f: F) -> F {
+        f
+    }
+    let host = Host::builder()
+        .provider(
+            "api",
+            ProviderConfig::new(&plugins().static_).config("token", "lazy-token"),
+        )
+        .build_async()
+        .await
+        .unwrap();
+    let handle = host.handle("api").unwrap();
+    let r = Request::new().scope("orders:read");
+    let mut cx = Context::from_waker(Waker::noop());
+
+    let unpolled = send_unpin(host.get_credentials("api", &r));
+    let unpolled_traced = send_unpin(handle.get_credentials_traced(&r));
+    drop((unpolled, unpolled_traced));
+    assert_eq!(host.plugin_calls("api"), 0, "an unpolled future fetched");
+
+    let first = send_unpin(handle.get_credentials(&r)).await.unwrap();
+    assert_eq!(host.plugin_calls("api"), 1);
+
+    let mut by_name = send_unpin(host.get_credentials_traced("api", &r));
+    match std::pin::Pin::new(&mut by_name).poll(&mut cx) {
+        Poll::Ready(Ok((c, reauth::Lookup::Hit))) => assert_eq!(*c, *first),
+        other => panic!("a hit by name did not complete in its first poll: {other:?}"),
+    }
+    let mut through_handle = send_unpin(handle.get_credentials_traced(&r));
+    match std::pin::Pin::new(&mut through_handle).poll(&mut cx) {
+        Poll::Ready(Ok((c, reauth::Lookup::Hit))) => assert_eq!(*c, *first),
+        other => panic!("a hit through a handle did not complete in its first poll: {other:?}"),
+    }
+    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = std::pin::Pin::new(&mut through_handle).poll(&mut cx);
+    }));
+    assert!(again.is_err(), "a completed future polled again must panic");
+    assert_eq!(host.plugin_calls("api"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_1000_rejections_of_the_same_token_causes_one_refresh() {
     reauth_tests::logs();

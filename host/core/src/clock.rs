@@ -57,7 +57,9 @@ pub trait Clock: Send + Sync + 'static {
 
     /// [`Clock::now_coarse`] as the time since the Unix epoch (zero before it):
     /// what the cache-hit path compares, without a round trip through
-    /// `SystemTime`.
+    /// `SystemTime`. An override must keep [`Clock::now_coarse`]'s bounds (never
+    /// later than [`Clock::now`], at most [`COARSE_LAG`] earlier) and agree with
+    /// it.
     fn now_coarse_since_epoch(&self) -> Duration {
         self.now_coarse()
             .duration_since(UNIX_EPOCH)
@@ -91,8 +93,8 @@ impl Clock for SystemClock {
     /// off Linux, the precise clock.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     fn now_coarse(&self) -> SystemTime {
-        UNIX_EPOCH
-            .checked_add(self.now_coarse_since_epoch())
+        coarse_since_epoch()
+            .and_then(|d| UNIX_EPOCH.checked_add(d))
             .unwrap_or_else(SystemTime::now)
     }
 
@@ -101,19 +103,28 @@ impl Clock for SystemClock {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     #[inline]
     fn now_coarse_since_epoch(&self) -> Duration {
+        coarse_since_epoch().unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+        })
+    }
+}
+
+/// `CLOCK_REALTIME_COARSE` since the epoch; `None` under libfaketime, when there
+/// is no coarse clock, or before 1970 (the callers then read the precise clock).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[inline]
+fn coarse_since_epoch() -> Option<Duration> {
+    {
         static FAKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let faked = || {
             std::env::var_os("FAKETIME").is_some()
                 || std::env::var_os("FAKETIME_TIMESTAMP_FILE").is_some()
                 || std::env::var("LD_PRELOAD").is_ok_and(|v| v.contains("faketime"))
         };
-        let precise = || {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)
-        };
         if *FAKED.get_or_init(faked) {
-            return precise();
+            return None;
         }
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -124,9 +135,9 @@ impl Clock for SystemClock {
         #[allow(unsafe_code)]
         let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
         match (rc, u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec)) {
-            (0, Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => Duration::new(secs, nanos),
+            (0, Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => Some(Duration::new(secs, nanos)),
             // No coarse clock (or a time before 1970): the precise one.
-            _ => precise(),
+            _ => None,
         }
     }
 }

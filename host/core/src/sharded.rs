@@ -58,7 +58,9 @@ impl Counter {
     pub fn incr(&self) {
         // `shard()` is below `shards()`, this counter's length: no modulo (an
         // integer division costs more than the rest of the increment).
-        if let Some(cell) = self.0.get(shard()) {
+        let shard = shard();
+        debug_assert!(shard < self.0.len(), "a shard beyond the counter");
+        if let Some(cell) = self.0.get(shard) {
             cell.0.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -861,9 +861,9 @@ struct FleetClock {
     offset_ms: Arc<AtomicI64>,
 }
 
-impl Clock for FleetClock {
-    fn now(&self) -> SystemTime {
-        let now = self.base.now();
+impl FleetClock {
+    /// `now` moved by the backend's offset.
+    fn corrected(&self, now: SystemTime) -> SystemTime {
         let offset = self.offset_ms.load(Ordering::Relaxed);
         let by = Duration::from_millis(offset.unsigned_abs());
         if offset >= 0 {
@@ -873,6 +873,18 @@ impl Clock for FleetClock {
                 .filter(|t| *t >= UNIX_EPOCH)
                 .unwrap_or(UNIX_EPOCH)
         }
+    }
+}
+
+impl Clock for FleetClock {
+    fn now(&self) -> SystemTime {
+        self.corrected(self.base.now())
+    }
+
+    /// The base clock's coarse reading moved by the same offset: the same lag
+    /// bound against [`FleetClock::now`].
+    fn now_coarse(&self) -> SystemTime {
+        self.corrected(self.base.now_coarse())
     }
 }
 
