@@ -1918,11 +1918,20 @@ impl Host {
 
     /// A fresh cached credential of `ready` for `request`, counted as a hit.
     fn hit(&self, ready: &Ready, request: &Request) -> Option<(Arc<Credentials>, Lookup)> {
-        let credentials = self
-            .inner
-            .cache
-            .fresh_hit(&KeyRef::new(&ready.name, request))?;
-        ready.metrics.lookup(LookupKind::Hit);
+        self.counted_hit(&ready.name, &ready.metrics, request)
+    }
+
+    /// A fresh cached credential of provider `name` for `request`, counted as a
+    /// hit in `metrics` (the by-name and the handle paths).
+    #[inline]
+    fn counted_hit(
+        &self,
+        name: &Arc<str>,
+        metrics: &ProviderMetrics,
+        request: &Request,
+    ) -> Option<(Arc<Credentials>, Lookup)> {
+        let credentials = self.inner.cache.fresh_hit(&KeyRef::new(name, request))?;
+        metrics.lookup(LookupKind::Hit);
         Some((credentials, Lookup::Hit))
     }
 
@@ -2413,13 +2422,7 @@ impl ProviderHandle {
         if !self.cell.serving.load(Ordering::Acquire) {
             return None;
         }
-        let credentials = self
-            .host
-            .inner
-            .cache
-            .fresh_hit(&KeyRef::new(&self.name, request))?;
-        self.metrics.lookup(LookupKind::Hit);
-        Some((credentials, Lookup::Hit))
+        self.host.counted_hit(&self.name, &self.metrics, request)
     }
 
     /// The lookup that may fetch.
