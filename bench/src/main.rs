@@ -376,10 +376,7 @@ fn misses(
     n: usize,
     request: impl Fn(String) -> Request,
 ) -> Result<Vec<Duration>> {
-    let host = Host::builder()
-        .runtime_options(bench_runtime_options())
-        .provider("logic", provider)
-        .build()?;
+    let host = bench_builder().provider("logic", provider).build()?;
     for i in 0..(n / 10).max(1) {
         rt.block_on(host.get_credentials("logic", &request(format!("warm{i}"))))?;
     }
@@ -394,9 +391,9 @@ fn misses(
     Ok(samples)
 }
 
-/// The engine's options for the miss benchmarks: the defaults, except
+/// The engine's options for the miss and polyglot benchmarks: the defaults, except
 /// `REAUTH_BENCH_KEEP_RESIDENT=<bytes>` (0: `madvise` every finished call's
-/// memory, as before #18 §2) for an A/B comparison.
+/// memory, the default before #18 §2) for an A/B comparison.
 fn bench_runtime_options() -> reauth::runtime::RuntimeOptions {
     let mut options = reauth::runtime::RuntimeOptions::default();
     if let Some(bytes) = std::env::var("REAUTH_BENCH_KEEP_RESIDENT")
@@ -406,6 +403,14 @@ fn bench_runtime_options() -> reauth::runtime::RuntimeOptions {
         options.keep_resident_bytes = bytes;
     }
     options
+}
+
+/// A host builder with the engine options of [`bench_runtime_options`] (the
+/// configuration's `runtime.keep_resident_kib` wins over the builder's options).
+fn bench_builder() -> reauth::HostBuilder {
+    let mut config = reauth::HostConfig::default();
+    config.runtime.keep_resident_kib = (bench_runtime_options().keep_resident_bytes >> 10) as u64;
+    Host::builder_from_config(config)
 }
 
 fn section_miss(smoke: bool) -> Result<String> {
@@ -418,8 +423,7 @@ fn section_miss(smoke: bool) -> Result<String> {
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
     {
-        let host = Host::builder()
-            .runtime_options(bench_runtime_options())
+        let host = bench_builder()
             .provider("static", static_provider())
             .build()?;
         // On a worker thread, as a server's request handler runs.
@@ -1467,7 +1471,7 @@ fn section_polyglot(smoke: bool) -> Result<String> {
         let runtime = Runtime::new(
             RuntimeOptions {
                 cache_dir: Some(dir.path().to_path_buf()),
-                ..RuntimeOptions::default()
+                ..bench_runtime_options()
             },
             std::sync::Arc::new(reauth::clock::SystemClock),
         )
@@ -1510,7 +1514,7 @@ fn section_polyglot(smoke: bool) -> Result<String> {
             Runtime::new(
                 RuntimeOptions {
                     cache_dir: Some(dir.to_path_buf()),
-                    ..RuntimeOptions::default()
+                    ..bench_runtime_options()
                 },
                 std::sync::Arc::new(reauth::clock::SystemClock),
             )

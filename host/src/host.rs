@@ -265,7 +265,8 @@ impl HostBuilder {
 
     /// Engine settings beyond the config file's (to measure the cost of the
     /// sandbox's limits). `cache_dir` here is used when the configuration sets no
-    /// `runtime.cache_dir`; `max_memory_bytes` is overridden by the configuration.
+    /// `runtime.cache_dir`; `max_memory_bytes`, `max_instances` and
+    /// `keep_resident_bytes` are overridden by the configuration's `[runtime]`.
     pub fn runtime_options(mut self, options: RuntimeOptions) -> Self {
         self.runtime_options = Some(options);
         self
@@ -338,6 +339,10 @@ impl HostBuilder {
                     .or(defaults.cache_dir.clone()),
                 max_memory_bytes: config.runtime.max_memory_mib << 20,
                 max_instances: config.runtime.max_instances,
+                keep_resident_bytes: usize::try_from(
+                    config.runtime.keep_resident_kib.saturating_mul(1024),
+                )
+                .unwrap_or(usize::MAX),
                 ..defaults
             },
             clock.clone(),
@@ -562,10 +567,10 @@ fn load_provider(
                 .cloned()
                 .chain(std::iter::once(provider.clone()))
                 .collect::<Vec<_>>();
-            // Its own task: a caller that goes away (a client that disconnects, a
-            // sidecar shutting down) never cuts a fetch in half — say, after the
+            // Driven by its caller, finished on its own task if the caller goes
+            // away (see `detach`): a fetch is never cut in half — say, after the
             // IdP rotated a refresh token and before the provider saved it.
-            let task = tokio::spawn(BORROW_CHAIN.scope(Arc::new(chain), async move {
+            let task = crate::detach::Detached::new(BORROW_CHAIN.scope(Arc::new(chain), async move {
                 let call = async {
                     let started = std::time::Instant::now();
                     let run = |version: Arc<ProviderRuntime>| {
@@ -630,11 +635,11 @@ fn load_provider(
                 }
             }));
             Box::pin(async move {
-                task.await.unwrap_or_else(|e| {
+                task.await.unwrap_or_else(|_panic| {
                     Err(Error::Plugin {
                         provider: provider.to_string(),
                         function: "get-credentials",
-                        source: format!("the fetch task ended abnormally: {e}").into(),
+                        source: "the fetch panicked (a defect in reauth)".into(),
                     })
                 })
             })

@@ -62,6 +62,7 @@
 // `allow` saying why it is complete.
 #![warn(clippy::exhaustive_enums, clippy::exhaustive_structs)]
 
+mod detach;
 mod host;
 mod rollout;
 pub mod runtime;

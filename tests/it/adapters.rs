@@ -93,6 +93,10 @@ fn run(cmd: &mut Command, stdin: &str) -> Output {
 }
 
 fn kubectl_binary() -> PathBuf {
+    // One install at a time: two tests unpacking the same package at once
+    // break each other's (seen on a fresh machine; CI installs it first).
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let path = root().join("target/peers/kubectl/usr/bin/kubectl");
     if !path.exists() {
         let status = Command::new("bash")

@@ -758,6 +758,61 @@ async fn per_provider_accounting_and_the_dashboard_agree() {
     }
 }
 
+/// A caller that gives up (a timeout around `get_credentials`, a client that
+/// disconnects) never cuts its fetch in half: the fetch is driven by the caller
+/// (no hop to another task on the way) and finishes on its own task when the
+/// caller goes away — the IdP's answer is read and the call is accounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_outlives_the_caller_that_gave_up_on_it() {
+    reauth_tests::logs();
+    let endpoint =
+        reauth_tests::peers::SlowEndpoint::start("late-token-4321", Duration::from_millis(400))
+            .await;
+    let host = Host::builder()
+        .provider(
+            "slow",
+            ProviderConfig::new(&plugins().testkit)
+                .config("mode", "fetch")
+                .config("url", &endpoint.url)
+                .allow_host(endpoint.authority()),
+        )
+        .build()
+        .unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        host.get_credentials("slow", &Request::new().subject("impatient")),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the caller gave up before the IdP answered"
+    );
+    assert_eq!(endpoint.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The IdP's answer read whole (egress bytes), then the call accounted
+    // (fuel: booked after the call returned).
+    let finished = |text: &str| {
+        text.lines()
+            .any(|l| l == "reauth_egress_response_bytes_total{provider=\"slow\"} 15")
+            && text.lines().any(|l| {
+                l.strip_prefix("reauth_plugin_fuel_consumed_total{provider=\"slow\"} ")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|fuel| fuel > 0.0)
+            })
+    };
+    let mut text = host.render_metrics();
+    for _ in 0..100 {
+        if finished(&text) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = host.render_metrics();
+    }
+    assert!(
+        finished(&text),
+        "the fetch was cut off with its caller:\n{text}"
+    );
+}
+
 fn rollout_config(testkit: &std::path::Path, candidate: Option<(&str, u32, f64)>) -> String {
     let mut s = format!(
         "[providers.api]\nplugin = \"{}\"\n[providers.api.config]\nmode = \"flaky\"\nfail_percent = \"0\"\nprefix = \"stable\"\n",

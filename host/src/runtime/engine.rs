@@ -38,6 +38,12 @@ impl EngineError {
 #[error("{0}")]
 pub struct CompileError(#[source] BoxError);
 
+/// How much of each table a finished call's instance leaves resident (reset
+/// with `memset`, not `madvise`): every fresh instance initialises its tables,
+/// and faulting their pages back in was a sixth of a fresh `static` miss
+/// (BENCHMARKS.md, miss path). A table slot holds at most this much.
+const TABLE_KEEP_RESIDENT: usize = 64 << 10;
+
 /// Settings of the shared engine.
 #[derive(Debug, Clone)]
 #[allow(
@@ -63,11 +69,11 @@ pub struct RuntimeOptions {
     /// Component instances in the pool (`runtime.max_instances`), shared out as
     /// providers' reservations.
     pub max_instances: u32,
-    /// How much of a linear memory (and, up to 64 KiB, of a table) is reset with
+    /// How much of a linear memory is reset with
     /// `memset` when a call's instance goes away, instead of being returned to
     /// the kernel with `madvise`; every memory slot that was used keeps that
-    /// much resident. Default 0 (`madvise` everything: least memory held, and
-    /// no faster here with `memset` — see BENCHMARKS.md, miss path).
+    /// much resident (`runtime.keep_resident_kib`). Default 0: only providers
+    /// with big heaps gain from it (BENCHMARKS.md, miss path).
     pub keep_resident_bytes: usize,
 }
 
@@ -80,7 +86,10 @@ impl Default for RuntimeOptions {
             epoch_interruption: true,
             limit_memory: true,
             max_instances: crate::config::defaults::max_instances(),
-            keep_resident_bytes: 0,
+            keep_resident_bytes: usize::try_from(
+                crate::config::defaults::keep_resident_kib() << 10,
+            )
+            .unwrap_or(usize::MAX),
         }
     }
 }
@@ -153,18 +162,17 @@ impl Runtime {
             .total_tables(instances.saturating_mul(MAX_TABLES_PER_COMPONENT))
             .total_stacks(instances)
             .max_memory_size(usize::try_from(options.max_memory_bytes)?);
-        // A fresh instance per call: the slot's memory is reset when the call
-        // ends, by default all of it with `madvise`. `keep_resident_bytes` resets
-        // that much with `memset` instead (the rest still `madvise`d). Not
-        // with Linux's PAGEMAP_SCAN (faster: only dirty pages), because its scan
-        // matches only pages in RAM: a dirty page swapped out at that moment
-        // would be neither reset nor dropped, and the next instance in the slot
-        // — maybe another provider's — would read it (wasmtime PR #14357).
-        if options.keep_resident_bytes > 0 {
-            pool.linear_memory_keep_resident(options.keep_resident_bytes)
-                .table_keep_resident(options.keep_resident_bytes.min(64 << 10))
-                .pagemap_scan(wasmtime::Enabled::No);
-        }
+        // A fresh instance per call: the slot's memory and tables are reset when
+        // the call ends: the first `keep_resident_bytes` of a memory and
+        // `TABLE_KEEP_RESIDENT` of a table with `memset` (back to their initial
+        // contents), the rest with `madvise`. Never with Linux's PAGEMAP_SCAN
+        // (faster: only dirty pages), because its scan matches only pages in
+        // RAM: a dirty page swapped out at that moment would be neither reset
+        // nor dropped, and the next instance in the slot — maybe another
+        // provider's — would read it (wasmtime PR #14357).
+        pool.linear_memory_keep_resident(options.keep_resident_bytes)
+            .table_keep_resident(TABLE_KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::No);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
