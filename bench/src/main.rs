@@ -405,12 +405,9 @@ fn bench_runtime_options() -> reauth::runtime::RuntimeOptions {
     options
 }
 
-/// A host builder with the engine options of [`bench_runtime_options`] (the
-/// configuration's `runtime.keep_resident_kib` wins over the builder's options).
+/// A host builder with the engine options of [`bench_runtime_options`].
 fn bench_builder() -> reauth::HostBuilder {
-    let mut config = reauth::HostConfig::default();
-    config.runtime.keep_resident_kib = (bench_runtime_options().keep_resident_bytes >> 10) as u64;
-    Host::builder_from_config(config)
+    Host::builder().runtime_options(bench_runtime_options())
 }
 
 fn section_miss(smoke: bool) -> Result<String> {

@@ -265,8 +265,9 @@ impl HostBuilder {
 
     /// Engine settings beyond the config file's (to measure the cost of the
     /// sandbox's limits). `cache_dir` here is used when the configuration sets no
-    /// `runtime.cache_dir`; `max_memory_bytes`, `max_instances` and
-    /// `keep_resident_bytes` are overridden by the configuration's `[runtime]`.
+    /// `runtime.cache_dir`, `keep_resident_bytes` when it sets no
+    /// `runtime.keep_resident_kib`; `max_memory_bytes` and `max_instances` are
+    /// the configuration's.
     pub fn runtime_options(mut self, options: RuntimeOptions) -> Self {
         self.runtime_options = Some(options);
         self
@@ -339,10 +340,12 @@ impl HostBuilder {
                     .or(defaults.cache_dir.clone()),
                 max_memory_bytes: config.runtime.max_memory_mib << 20,
                 max_instances: config.runtime.max_instances,
-                keep_resident_bytes: usize::try_from(
-                    config.runtime.keep_resident_kib.saturating_mul(1024),
-                )
-                .unwrap_or(usize::MAX),
+                keep_resident_bytes: config
+                    .runtime
+                    .keep_resident_kib
+                    .map_or(defaults.keep_resident_bytes, |kib| {
+                        usize::try_from(kib.saturating_mul(1024)).unwrap_or(usize::MAX)
+                    }),
                 ..defaults
             },
             clock.clone(),
@@ -567,9 +570,10 @@ fn load_provider(
                 .cloned()
                 .chain(std::iter::once(provider.clone()))
                 .collect::<Vec<_>>();
-            // Driven by its caller, finished on its own task if the caller goes
-            // away (see `detach`): a fetch is never cut in half — say, after the
-            // IdP rotated a refresh token and before the provider saved it.
+            // Polled first by its caller, on its own task once it has to wait
+            // (see `detach`): a fetch is never cut in half by a caller that goes
+            // away — say, after the IdP rotated a refresh token and before the
+            // provider saved it — and one with nothing to wait for saves the hop.
             let task = crate::detach::Detached::new(BORROW_CHAIN.scope(Arc::new(chain), async move {
                 let call = async {
                     let started = std::time::Instant::now();
@@ -635,11 +639,11 @@ fn load_provider(
                 }
             }));
             Box::pin(async move {
-                task.await.unwrap_or_else(|_panic| {
+                task.await.unwrap_or_else(|abnormal| {
                     Err(Error::Plugin {
                         provider: provider.to_string(),
                         function: "get-credentials",
-                        source: "the fetch panicked (a defect in reauth)".into(),
+                        source: abnormal.to_string().into(),
                     })
                 })
             })

@@ -778,16 +778,29 @@ async fn a_fetch_outlives_the_caller_that_gave_up_on_it() {
         )
         .build()
         .unwrap();
-    let gave_up = tokio::time::timeout(
-        Duration::from_millis(100),
-        host.get_credentials("slow", &Request::new().subject("impatient")),
-    )
-    .await;
+    // The caller gives up as soon as the IdP has the request (it answers
+    // 400 ms later).
+    let request = Request::new().subject("impatient");
+    let mut call = Box::pin(host.get_credentials("slow", &request));
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            tokio::select! {
+                result = &mut call => break Some(result),
+                () = tokio::time::sleep(Duration::from_millis(5)) => {
+                    if endpoint.hits.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                        break None;
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("the request never reached the IdP");
     assert!(
-        gave_up.is_err(),
-        "the caller gave up before the IdP answered"
+        answered.is_none(),
+        "the IdP answered before the caller gave up"
     );
-    assert_eq!(endpoint.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    drop(call);
     // The IdP's answer read whole (egress bytes), then the call accounted
     // (fuel: booked after the call returned).
     let finished = |text: &str| {

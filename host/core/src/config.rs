@@ -174,9 +174,9 @@ pub struct RuntimeConfig {
     /// Either way the next instance sees pristine memory. Larger is faster for
     /// providers with big heaps (a JavaScript provider's fresh instance: 0.85 ms
     /// at 0, 0.38 ms at 16384 on the machine of BENCHMARKS.md) and keeps up to
-    /// that much resident per memory slot used. 0–65536, default 0.
-    #[serde(default = "defaults::keep_resident_kib")]
-    pub keep_resident_kib: u64,
+    /// that much resident per memory slot used. 0–65536; unset: 0 (or what an
+    /// embedder set in `RuntimeOptions::keep_resident_bytes`).
+    pub keep_resident_kib: Option<u64>,
     /// `[runtime.shared_cache]`: the token cache shared by the reauth processes of
     /// one user on this machine (L2).
     #[serde(default)]
@@ -363,7 +363,7 @@ impl Default for RuntimeConfig {
             max_memory_mib: defaults::max_memory_mib(),
             max_cache_entries: defaults::max_cache_entries(),
             max_instances: defaults::max_instances(),
-            keep_resident_kib: defaults::keep_resident_kib(),
+            keep_resident_kib: None,
             shared_cache: SharedCacheConfig::default(),
             key_file: None,
             key: None,
@@ -1295,10 +1295,6 @@ pub mod defaults {
     pub fn max_instances() -> u32 {
         256
     }
-    /// `runtime.keep_resident_kib`.
-    pub fn keep_resident_kib() -> u64 {
-        0
-    }
     /// `limits.max_concurrent_calls`.
     pub fn max_concurrent_calls() -> u32 {
         8
@@ -1434,7 +1430,11 @@ impl HostConfig {
                 "must be between 16 and 2048",
             ));
         }
-        if self.runtime.keep_resident_kib > 65_536 {
+        if self
+            .runtime
+            .keep_resident_kib
+            .is_some_and(|kib| kib > 65_536)
+        {
             return Err(ConfigError::at(
                 file,
                 "runtime.keep_resident_kib",
@@ -2082,8 +2082,8 @@ mod tests {
     fn runtime_keep_resident_is_bounded_and_named() {
         let ok = parse("[runtime]\nkeep_resident_kib = 65536\n").unwrap();
         ok.validate().unwrap();
-        assert_eq!(ok.runtime.keep_resident_kib, 65_536);
-        assert_eq!(parse("").unwrap().runtime.keep_resident_kib, 0);
+        assert_eq!(ok.runtime.keep_resident_kib, Some(65_536));
+        assert_eq!(parse("").unwrap().runtime.keep_resident_kib, None);
         for value in ["65537", "18446744073709551615"] {
             let e = parse(&format!("[runtime]\nkeep_resident_kib = {value}\n"))
                 .and_then(|c| c.validate())

@@ -41,8 +41,10 @@ pub struct CompileError(#[source] BoxError);
 /// How much of each table a finished call's instance leaves resident (reset
 /// with `memset`, not `madvise`): every fresh instance initialises its tables,
 /// and faulting their pages back in was a sixth of a fresh `static` miss
-/// (BENCHMARKS.md, miss path). A table slot holds at most this much.
-const TABLE_KEEP_RESIDENT: usize = 64 << 10;
+/// (BENCHMARKS.md, miss path; 16 KiB gained as much as 1 MiB). At most this
+/// much per table slot used: 128 MiB if all of the default 256 instances' 32
+/// table slots had held a table of 2,048 elements or more.
+const TABLE_KEEP_RESIDENT: usize = 16 << 10;
 
 /// Settings of the shared engine.
 #[derive(Debug, Clone)]
@@ -86,10 +88,7 @@ impl Default for RuntimeOptions {
             epoch_interruption: true,
             limit_memory: true,
             max_instances: crate::config::defaults::max_instances(),
-            keep_resident_bytes: usize::try_from(
-                crate::config::defaults::keep_resident_kib() << 10,
-            )
-            .unwrap_or(usize::MAX),
+            keep_resident_bytes: 0,
         }
     }
 }
