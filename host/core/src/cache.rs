@@ -41,14 +41,14 @@ use crate::config::CacheConfig;
 use crate::error::Error;
 use crate::sharded::Replicated;
 use crate::types::{Credential, Credentials, Reason, Request};
-use arc_swap::ArcSwapOption;
 use base64::Engine as _;
 use hashbrown::Equivalent;
+use papaya::Guard as _;
 use std::borrow::Cow;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
@@ -130,8 +130,10 @@ impl<'a> KeyRef<'a> {
 }
 
 impl Equivalent<CacheKey> for KeyRef<'_> {
+    #[inline]
     fn equivalent(&self, key: &CacheKey) -> bool {
-        **self.provider == *key.provider
+        // Keys of one provider usually share its name's allocation.
+        (Arc::ptr_eq(self.provider, &key.provider) || **self.provider == *key.provider)
             && self.subject == key.subject.as_deref()
             && *self.scopes == *key.scopes
             && self.audience == key.audience.as_deref()
@@ -231,14 +233,44 @@ struct Slot {
 /// A key's place in the map: what the hit path reads sits inline, in the map's
 /// own allocation (one pointer less to follow on every hit), beside the slot.
 struct Place {
-    /// The entry's credential and refresh-at, republished (under the slot's
-    /// state lock) whenever the entry changes.
-    hot: ArcSwapOption<Hot>,
+    /// The entry's credential and refresh-at (null: none), republished under the
+    /// slot's state lock whenever the entry changes. Owned by the place: read
+    /// only under a guard of the map's collector, which also keeps the place
+    /// itself alive; a replaced one is retired into that collector (freed once
+    /// no guard that could have read it is left), the last one freed with the
+    /// place. An `ArcSwap` here cost a fenced write per hit (its debt slot).
+    hot: AtomicPtr<Hot>,
     /// Last use, in seconds since the epoch (for eviction: keys used within the
     /// same second are equally recent); written only when it changes, so hits
     /// write to it at most once a second.
     last_used: AtomicU64,
     slot: Arc<Slot>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let hot = *self.hot.get_mut();
+        if !hot.is_null() {
+            // SAFETY: `hot` came from `Box::into_raw` (in `publish`) and is owned
+            // by this place: a replaced pointer is retired, never left here. The
+            // map drops a place only once no guard that could have read it (or
+            // a pointer loaded from it) is left, so nothing else refers to it.
+            #[allow(unsafe_code)]
+            drop(unsafe { Box::from_raw(hot) });
+        }
+    }
+}
+
+/// Free a retired [`Hot`] (the map's collector calls it once no guard that could
+/// have loaded the pointer is left).
+///
+/// # Safety
+///
+/// `hot` came from `Box::into_raw` and is retired once.
+#[allow(unsafe_code)]
+unsafe fn reclaim_hot(hot: *mut Hot, _: &seize::Collector) {
+    // SAFETY: the caller's contract (seize calls it once per retired pointer).
+    drop(unsafe { Box::from_raw(hot) });
 }
 
 impl Place {
@@ -407,7 +439,7 @@ impl TokenCache {
         slots.insert(
             owned,
             Place {
-                hot: ArcSwapOption::empty(),
+                hot: AtomicPtr::new(std::ptr::null_mut()),
                 last_used: AtomicU64::new(0),
                 slot: slot.clone(),
             },
@@ -640,8 +672,13 @@ impl TokenCache {
     pub fn fresh_hit(&self, key: &KeyRef<'_>) -> Option<Arc<Credentials>> {
         let guard = self.0.slots.guard();
         let place = self.0.slots.get(key, &guard)?;
-        let hot = place.hot.load();
-        let hot = hot.as_ref()?;
+        let hot = guard.protect(&place.hot, Ordering::Acquire);
+        // SAFETY: a non-null `hot` points to a `Hot` published by `publish`
+        // (`Box::into_raw`), freed only when retired into the map's collector
+        // or with its place, both after every guard that could have loaded it
+        // — `guard`, alive for this whole function, among them — is gone.
+        #[allow(unsafe_code)]
+        let hot = unsafe { hot.as_ref() }?;
         let coarse = self.0.clock.now_coarse_since_epoch();
         if coarse >= hot.coarse_until {
             let now = self.0.clock.now();
@@ -672,15 +709,15 @@ impl TokenCache {
     /// Make the hit path see `slot`'s entry (call with its state locked, after
     /// every change of the entry). Nothing to do for a slot no longer in the map.
     fn publish(&self, slot: &Arc<Slot>, st: &SlotState) {
-        let slots = self.0.slots.pin();
-        let Some(place) = slots.get(&slot.key) else {
+        let guard = self.0.slots.guard();
+        let Some(place) = self.0.slots.get(&slot.key, &guard) else {
             return;
         };
         if !Arc::ptr_eq(&place.slot, slot) {
             return;
         }
-        place.hot.store(st.entry.as_ref().map(|e| {
-            Arc::new(Hot {
+        let hot = st.entry.as_ref().map_or(std::ptr::null_mut(), |e| {
+            Box::into_raw(Box::new(Hot {
                 refresh_at: e.refresh_at,
                 coarse_until: e
                     .refresh_at
@@ -688,8 +725,19 @@ impl TokenCache {
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .unwrap_or(Duration::ZERO),
                 credentials: Replicated::new(e.credentials.clone()),
-            })
-        }));
+            }))
+        });
+        // Publishes of one slot are serialised by its state lock (held here).
+        let replaced = place.hot.swap(hot, Ordering::AcqRel);
+        if !replaced.is_null() {
+            // SAFETY: `replaced` came from `Box::into_raw` and was owned by the
+            // place until this swap took it out: it is retired once, into the
+            // collector of the guards the hit path reads it under.
+            #[allow(unsafe_code)]
+            unsafe {
+                guard.defer_retire(replaced, reclaim_hot)
+            };
+        }
     }
 
     /// Make `entry` (checked by [`accept`]) the key's credential.

@@ -5,31 +5,83 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// How many shards: the machine's parallelism (a thread index picks one), at
-/// most 64.
+/// How many shards a [`Counter`] has of its own: twice the machine's
+/// parallelism (the runtime's workers and a few other threads), 4 to 64.
 pub fn shards() -> usize {
     static SHARDS: OnceLock<usize> = OnceLock::new();
     *SHARDS.get_or_init(|| {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())
-            .clamp(1, 64)
+            .saturating_mul(2)
+            .clamp(4, 64)
     })
 }
 
-/// This thread's shard in `0..shards()` (threads take shards round-robin in the
-/// order they first ask).
+/// A thread's shard while it has none yet.
+const UNASSIGNED: usize = usize::MAX;
+/// A thread's shard when all are taken (or the thread is exiting): the shared
+/// one, incremented atomically.
+const SHARED: usize = usize::MAX - 1;
+
+/// Shards given back by threads that ended.
+static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// This thread's shard: below `shards()` it is this thread's alone.
+    static INDEX: Cell<usize> = const { Cell::new(UNASSIGNED) };
+    /// Gives this thread's shard back when the thread ends.
+    static OWNER: Owner = const { Owner(Cell::new(SHARED)) };
+}
+
+struct Owner(Cell<usize>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let index = self.0.get();
+        if index < shards() {
+            // From now on (other thread-local destructors) this thread counts
+            // on the shared shard, so the freed one has one writer again.
+            let _ = INDEX.try_with(|i| i.set(SHARED));
+            FREE.lock().unwrap_or_else(|e| e.into_inner()).push(index);
+        }
+    }
+}
+
+fn assign() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let index = FREE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop()
+        .or_else(|| {
+            NEXT.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < shards()).then_some(n + 1)
+            })
+            .ok()
+        });
+    // The shard is this thread's only if it can be given back when the thread
+    // ends (its destructor registered); otherwise the shared one.
+    match index {
+        Some(index) if OWNER.try_with(|o| o.0.set(index)).is_ok() => index,
+        Some(index) => {
+            FREE.lock().unwrap_or_else(|e| e.into_inner()).push(index);
+            SHARED
+        }
+        None => SHARED,
+    }
+}
+
+/// This thread's shard: an index below `shards()` that no other running
+/// thread has (threads take them in the order they first ask, and give them
+/// back when they end), or [`SHARED`] once all are taken.
 #[inline]
 pub fn shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
     INDEX.with(|i| {
         let mut v = i.get();
-        if v == usize::MAX {
-            v = NEXT.fetch_add(1, Ordering::Relaxed) % shards();
+        if v == UNASSIGNED {
+            v = assign();
             i.set(v);
         }
         v
@@ -43,12 +95,21 @@ pub fn shard() -> usize {
 struct Padded(AtomicU64);
 
 /// A counter that threads increment on their own shard; reads add the shards.
+/// A thread's own shard has one writer, so an increment is a plain load and
+/// store (no locked instruction); threads beyond the shards share one more,
+/// incremented atomically.
 #[derive(Debug)]
-pub struct Counter(Box<[Padded]>);
+pub struct Counter {
+    own: Box<[Padded]>,
+    shared: Padded,
+}
 
 impl Default for Counter {
     fn default() -> Self {
-        Counter((0..shards()).map(|_| Padded::default()).collect())
+        Counter {
+            own: (0..shards()).map(|_| Padded::default()).collect(),
+            shared: Padded::default(),
+        }
     }
 }
 
@@ -56,19 +117,23 @@ impl Counter {
     /// Add one.
     #[inline]
     pub fn incr(&self) {
-        // `shard()` is below `shards()`, this counter's length: no modulo (an
-        // integer division costs more than the rest of the increment).
-        let shard = shard();
-        debug_assert!(shard < self.0.len(), "a shard beyond the counter");
-        if let Some(cell) = self.0.get(shard) {
-            cell.0.fetch_add(1, Ordering::Relaxed);
+        match self.own.get(shard()) {
+            // This thread's alone: nobody else writes it.
+            Some(cell) => cell.0.store(
+                cell.0.load(Ordering::Relaxed).wrapping_add(1),
+                Ordering::Relaxed,
+            ),
+            None => {
+                self.shared.0.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
     /// The total (a sum of relaxed loads: exact once increments stop).
     pub fn get(&self) -> u64 {
-        self.0
+        self.own
             .iter()
+            .chain(std::iter::once(&self.shared))
             .fold(0u64, |n, c| n.wrapping_add(c.0.load(Ordering::Relaxed)))
     }
 }
@@ -123,6 +188,24 @@ mod tests {
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());
         assert_eq!(c.get(), 4000);
+    }
+
+    /// More threads than shards, and threads that end and are replaced: no
+    /// increment is lost (a shard never has two writers at once).
+    #[test]
+    fn a_counter_loses_nothing_with_more_threads_than_shards() {
+        let c = Arc::new(Counter::default());
+        let threads = shards() * 3;
+        for _round in 0..3 {
+            let running: Vec<_> = (0..threads)
+                .map(|_| {
+                    let c = c.clone();
+                    std::thread::spawn(move || (0..1_000_000).for_each(|_| c.incr()))
+                })
+                .collect();
+            running.into_iter().for_each(|t| t.join().unwrap());
+        }
+        assert_eq!(c.get(), 3 * threads as u64 * 1_000_000);
     }
 
     #[test]
