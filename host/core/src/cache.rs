@@ -261,17 +261,11 @@ impl Drop for Place {
     }
 }
 
-/// Free a retired [`Hot`] (the map's collector calls it once no guard that could
-/// have loaded the pointer is left).
-///
-/// # Safety
-///
-/// `hot` came from `Box::into_raw` and is retired once.
-#[allow(unsafe_code)]
-unsafe fn reclaim_hot(hot: *mut Hot, _: &seize::Collector) {
-    // SAFETY: the caller's contract (seize calls it once per retired pointer).
-    drop(unsafe { Box::from_raw(hot) });
-}
+// Retired `Hot`s are freed by whichever thread reclaims them.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<Hot>()
+};
 
 impl Place {
     fn touch(&self, now: SystemTime) {
@@ -735,8 +729,16 @@ impl TokenCache {
             // collector of the guards the hit path reads it under.
             #[allow(unsafe_code)]
             unsafe {
-                guard.defer_retire(replaced, reclaim_hot)
+                guard.defer_retire(replaced, |hot, _| {
+                    // SAFETY: called once per retired pointer, once no guard
+                    // that could have loaded it is left.
+                    drop(Box::from_raw(hot))
+                })
             };
+            // The replaced credential is freed (and wiped) once the readers
+            // that may hold it are done; start that now rather than when this
+            // thread's batch of retirements fills up.
+            guard.flush();
         }
     }
 

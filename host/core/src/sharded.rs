@@ -43,8 +43,10 @@ impl Drop for Owner {
         if index < shards() {
             // From now on (other thread-local destructors) this thread counts
             // on the shared shard, so the freed one has one writer again.
-            let _ = INDEX.try_with(|i| i.set(SHARED));
-            FREE.lock().unwrap_or_else(|e| e.into_inner()).push(index);
+            // (If that ever failed, the shard is leaked rather than shared.)
+            if INDEX.try_with(|i| i.set(SHARED)).is_ok() {
+                FREE.lock().unwrap_or_else(|e| e.into_inner()).push(index);
+            }
         }
     }
 }
@@ -75,7 +77,8 @@ fn assign() -> usize {
 
 /// This thread's shard: an index below `shards()` that no other running
 /// thread has (threads take them in the order they first ask, and give them
-/// back when they end), or [`SHARED`] once all are taken.
+/// back when they end), or [`SHARED`] once all are taken (a thread keeps the
+/// shared one for its life, even after others gave theirs back).
 #[inline]
 pub fn shard() -> usize {
     INDEX.with(|i| {
