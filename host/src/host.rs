@@ -1894,7 +1894,7 @@ impl Host {
         provider: &'a str,
         request: &'a Request,
     ) -> impl Future<Output = Result<Arc<Credentials>>> + Send + 'a {
-        CredentialsFuture::start(Source::Host(self, provider), request, |(c, _)| c)
+        CredentialsFuture::start(Source::Host(self, provider), request, CredentialsOnly)
     }
 
     /// Like [`Host::get_credentials`], also saying whether the cache served it.
@@ -1903,7 +1903,7 @@ impl Host {
         provider: &'a str,
         request: &'a Request,
     ) -> impl Future<Output = Result<(Arc<Credentials>, Lookup)>> + Send + 'a {
-        CredentialsFuture::start(Source::Host(self, provider), request, |hit| hit)
+        CredentialsFuture::start(Source::Host(self, provider), request, Traced)
     }
 
     /// The hit path by name: no lock, no reference count touched but this
@@ -2413,7 +2413,7 @@ impl ProviderHandle {
         &'a self,
         request: &'a Request,
     ) -> impl Future<Output = Result<Arc<Credentials>>> + Send + 'a {
-        CredentialsFuture::start(Source::Handle(self), request, |(c, _)| c)
+        CredentialsFuture::start(Source::Handle(self), request, CredentialsOnly)
     }
 
     /// [`Host::get_credentials_traced`] for this provider.
@@ -2421,7 +2421,7 @@ impl ProviderHandle {
         &'a self,
         request: &'a Request,
     ) -> impl Future<Output = Result<(Arc<Credentials>, Lookup)>> + Send + 'a {
-        CredentialsFuture::start(Source::Handle(self), request, |hit| hit)
+        CredentialsFuture::start(Source::Handle(self), request, Traced)
     }
 
     /// The hit path: whether a version serves (a load of a line that only
@@ -2479,46 +2479,78 @@ enum Source<'a> {
 /// The result of a lookup with the fetch path boxed: what may fetch.
 type Fetching<'a> = Pin<Box<dyn Future<Output = Result<(Arc<Credentials>, Lookup)>> + Send + 'a>>;
 
+/// What a [`CredentialsFuture`] answers with, made from the lookup's result: a
+/// zero-sized type per public function (a function pointer here cost an
+/// indirect call per hit, and kept the hit path from being inlined into it).
+trait Answer: Copy + Unpin {
+    type Output;
+    fn answer(self, hit: (Arc<Credentials>, Lookup)) -> Self::Output;
+}
+
+/// The credential alone (`get_credentials`).
+#[derive(Clone, Copy)]
+struct CredentialsOnly;
+
+impl Answer for CredentialsOnly {
+    type Output = Arc<Credentials>;
+    #[inline]
+    fn answer(self, (credentials, _): (Arc<Credentials>, Lookup)) -> Arc<Credentials> {
+        credentials
+    }
+}
+
+/// The credential and where it came from (`get_credentials_traced`).
+#[derive(Clone, Copy)]
+struct Traced;
+
+impl Answer for Traced {
+    type Output = (Arc<Credentials>, Lookup);
+    #[inline]
+    fn answer(self, hit: (Arc<Credentials>, Lookup)) -> (Arc<Credentials>, Lookup) {
+        hit
+    }
+}
+
 /// The future of `get_credentials`: small (a few pointers), it looks the cache
 /// up when first polled, so a hit completes in that poll with nothing allocated
 /// or moved but the result; only a miss boxes the lookup that fetches.
-enum CredentialsFuture<'a, T> {
+enum CredentialsFuture<'a, A> {
     Start {
         source: Source<'a>,
         request: &'a Request,
-        map: fn((Arc<Credentials>, Lookup)) -> T,
+        answer: A,
     },
     Fetching {
         lookup: Fetching<'a>,
-        map: fn((Arc<Credentials>, Lookup)) -> T,
+        answer: A,
     },
     Done,
 }
 
-impl<'a, T> CredentialsFuture<'a, T> {
-    fn start(
-        source: Source<'a>,
-        request: &'a Request,
-        map: fn((Arc<Credentials>, Lookup)) -> T,
-    ) -> Self {
+impl<'a, A> CredentialsFuture<'a, A> {
+    fn start(source: Source<'a>, request: &'a Request, answer: A) -> Self {
         CredentialsFuture::Start {
             source,
             request,
-            map,
+            answer,
         }
     }
 }
 
-impl<T> Future for CredentialsFuture<'_, T> {
-    type Output = Result<T>;
+impl<A: Answer> Future for CredentialsFuture<'_, A> {
+    type Output = Result<A::Output>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<T>> {
-        // Unpin: it holds references, a function pointer and a box.
+    #[inline]
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<A::Output>> {
+        // Unpin: it holds references, a zero-sized answer and a box.
         let this = self.get_mut();
         if let CredentialsFuture::Start {
             source,
             request,
-            map,
+            answer,
         } = *this
         {
             let hit = match source {
@@ -2527,20 +2559,20 @@ impl<T> Future for CredentialsFuture<'_, T> {
             };
             if let Some(hit) = hit {
                 *this = CredentialsFuture::Done;
-                return std::task::Poll::Ready(Ok(map(hit)));
+                return std::task::Poll::Ready(Ok(answer.answer(hit)));
             }
             let lookup: Fetching<'_> = match source {
                 Source::Host(host, provider) => Box::pin(host.lookup_by_name(provider, request)),
                 Source::Handle(handle) => Box::pin(handle.lookup(request)),
             };
-            *this = CredentialsFuture::Fetching { lookup, map };
+            *this = CredentialsFuture::Fetching { lookup, answer };
         }
         match this {
-            CredentialsFuture::Fetching { lookup, map } => match lookup.as_mut().poll(cx) {
+            CredentialsFuture::Fetching { lookup, answer } => match lookup.as_mut().poll(cx) {
                 std::task::Poll::Ready(result) => {
-                    let map: fn((Arc<Credentials>, Lookup)) -> T = *map;
+                    let answer = *answer;
                     *this = CredentialsFuture::Done;
-                    std::task::Poll::Ready(result.map(map))
+                    std::task::Poll::Ready(result.map(|hit| answer.answer(hit)))
                 }
                 std::task::Poll::Pending => std::task::Poll::Pending,
             },
