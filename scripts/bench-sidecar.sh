@@ -33,11 +33,19 @@ wrk.headers["Content-Type"] = "application/json"
 LUA
 curl -sf -X POST -H 'content-type: application/json' -d '{}' http://127.0.0.1:$port/v1/providers/api/credentials > /dev/null
 echo "== wrk: POST /v1/providers/api/credentials (cached, 600-byte token), 2 threads"
-for c in 8 32; do
+for c in 8 16 32; do
     echo "-- $c connections"
     wrk -t2 -c$c -d${SECONDS_PER_RUN}s --latency -s "$work/post.lua" http://127.0.0.1:$port/v1/providers/api/credentials \
         | grep -E "Requests/sec|Latency  |  50%|  99%"
 done
+# The floor (#18 §4): bare hyper on the same runtime answering the same JSON.
+cargo build -q --release -p reauth-bench --bin sidecar-floor
+floor_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+target/release/sidecar-floor 127.0.0.1:$floor_port > "$work/floor.log" 2>&1 &
+for _ in $(seq 100); do grep -q "listening" "$work/floor.log" && break; sleep 0.1; done
+echo "== wrk: the floor (bare hyper, same response), 16 connections"
+wrk -t2 -c16 -d${SECONDS_PER_RUN}s --latency -s "$work/post.lua" http://127.0.0.1:$floor_port/v1/providers/api/credentials \
+    | grep -E "Requests/sec|Latency  |  50%|  99%"
 echo "== hyperfine: adapter process start to output"
 hyperfine -N --warmup 3 --runs 30 \
     -n "standalone (own host, precompiled cache)" "$bin kubectl-credential --provider api --config $work/reauth.toml" \
