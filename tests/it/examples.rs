@@ -272,10 +272,23 @@ fn the_minimal_embedder_compiles_none_of_the_tools() {
         );
     }
     // No membarrier registration at start (8.7 ms per process on a small VM,
-    // paid by every adapter run): papaya without `fast-barrier`.
+    // paid by every adapter run): papaya without `fast-barrier`, here and in
+    // the CLI that runs the adapters.
     let seize = tree(&["normal,features", "-i", "seize"]);
     assert!(
         seize.contains("seize") && !seize.contains("fast-barrier"),
         "{seize}"
+    );
+    let output = Command::new(&cargo)
+        .args(["tree", "--offline", "--locked", "--manifest-path"])
+        .arg(&manifest)
+        .args(["-p", "reauth-cli", "-e", "normal,features", "-i", "seize"])
+        .output()
+        .unwrap();
+    let cli = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && cli.contains("seize") && !cli.contains("fast-barrier"),
+        "{cli}{}",
+        String::from_utf8_lossy(&output.stderr)
     );
 }

@@ -759,9 +759,10 @@ async fn per_provider_accounting_and_the_dashboard_agree() {
 }
 
 /// A caller that gives up (a timeout around `get_credentials`, a client that
-/// disconnects) never cuts its fetch in half: the fetch is driven by the caller
-/// (no hop to another task on the way) and finishes on its own task when the
-/// caller goes away — the IdP's answer is read and the call is accounted.
+/// disconnects) never cuts its fetch in half: a fetch that has to wait (here on
+/// the IdP) goes on in a task of its own — the IdP's answer is read and the call
+/// is accounted. (That a fetch with nothing to wait for stays on its caller's
+/// task is `detach`'s unit tests'.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_outlives_the_caller_that_gave_up_on_it() {
     reauth_tests::logs();

@@ -378,7 +378,15 @@ impl TokenCache {
     ) -> Self {
         let (events, _) = broadcast::channel(1024);
         TokenCache(Arc::new(Inner {
-            slots: Slots::with_hasher(foldhash::fast::RandomState::default()),
+            // Every retirement tries to reclaim at once (seize's default waits
+            // for 32 per thread): a replaced or invalidated credential is freed
+            // — and wiped — as soon as no lookup may hold it if no other thread
+            // is inside a lookup at that moment, else at this thread's next
+            // retirement (an `ArcSwap` freed it when its last reader left).
+            slots: papaya::HashMap::builder()
+                .hasher(foldhash::fast::RandomState::default())
+                .collector(seize::Collector::new().batch_size(1))
+                .build(),
             structure: std::sync::Mutex::new(()),
             counts: Default::default(),
             clock,
@@ -735,9 +743,9 @@ impl TokenCache {
                     drop(Box::from_raw(hot))
                 })
             };
-            // The replaced credential is freed (and wiped) once the readers
-            // that may hold it are done; start that now rather than when this
-            // thread's batch of retirements fills up.
+            // Freed (and its credential wiped) once no guard that could have
+            // loaded it is left: at once if no other thread is in a lookup
+            // right now, else at this thread's next retirement or flush.
             guard.flush();
         }
     }

@@ -172,9 +172,11 @@ pub struct RuntimeConfig {
     /// to its initial contents in place (`memset`) and the rest is handed back
     /// to the kernel (`madvise`), whose pages the next instance faults in again.
     /// Either way the next instance sees pristine memory. Larger is faster for
-    /// providers with big heaps (a JavaScript provider's fresh instance: 0.85 ms
-    /// at 0, 0.38 ms at 16384 on the machine of BENCHMARKS.md) and keeps up to
-    /// that much resident per memory slot used. 0–65536; unset: 0 (or what an
+    /// providers with big heaps (a JavaScript provider's fresh instance: 869 µs
+    /// at 0, 373 µs at 16384 on the machine of BENCHMARKS.md, polyglot section),
+    /// applies to every provider, and keeps up to that much resident per memory
+    /// slot used: at most 4 × `max_instances` slots (64 GiB for 65536 at the
+    /// default 256, if every slot were used). 0–65536; unset: 0 (or what an
     /// embedder set in `RuntimeOptions::keep_resident_bytes`).
     pub keep_resident_kib: Option<u64>,
     /// `[runtime.shared_cache]`: the token cache shared by the reauth processes of

@@ -41,9 +41,10 @@ pub struct CompileError(#[source] BoxError);
 /// How much of each table a finished call's instance leaves resident (reset
 /// with `memset`, not `madvise`): every fresh instance initialises its tables,
 /// and faulting their pages back in was a sixth of a fresh `static` miss
-/// (BENCHMARKS.md, miss path; 16 KiB gained as much as 1 MiB). At most this
+/// (BENCHMARKS.md, miss path: 16 KiB gained as much as 64 KiB). At most this
 /// much per table slot used: 128 MiB if all of the default 256 instances' 32
-/// table slots had held a table of 2,048 elements or more.
+/// table slots had held a table of 2,048 elements or more (1 GiB at 2,048
+/// instances).
 const TABLE_KEEP_RESIDENT: usize = 16 << 10;
 
 /// Settings of the shared engine.
@@ -75,7 +76,7 @@ pub struct RuntimeOptions {
     /// `memset` when a call's instance goes away, instead of being returned to
     /// the kernel with `madvise`; every memory slot that was used keeps that
     /// much resident (`runtime.keep_resident_kib`). Default 0: only providers
-    /// with big heaps gain from it (BENCHMARKS.md, miss path).
+    /// with big heaps gain from it (BENCHMARKS.md, polyglot section).
     pub keep_resident_bytes: usize,
 }
 

@@ -920,3 +920,30 @@ async fn a_lagging_coarse_clock_never_serves_a_hit_past_the_refresh_time() {
         "at the refresh time the coarse clock still reads before it; the hit path must not trust it"
     );
 }
+
+/// A replaced or dropped credential is not kept alive by the hit path's
+/// published entry once nobody reads it (it is freed, and wiped, then): the
+/// map's collector reclaims one retirement at a time.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_credential_is_freed_once_nobody_reads_it() {
+    let (cache, fake, settings, _clock) = setup(Duration::from_secs(3600));
+    let fetch = fake.fetcher();
+    let request = Request::new().subject("u");
+    let k = key(Some("u"));
+    let key = k.as_ref();
+    let (first, _) = cache.get(&key, &request, &settings, &fetch).await.unwrap();
+    // A hit hands out the published entry's copy.
+    let hit = cache.fresh_hit(&key).expect("a fresh hit");
+    let (weak_first, weak_hit) = (Arc::downgrade(&first), Arc::downgrade(&hit));
+    drop((first, hit));
+    assert!(
+        weak_first.upgrade().is_some(),
+        "the cache holds the credential"
+    );
+    assert!(cache.drop_if(&key, |_| true));
+    let (first, hit) = (weak_first, weak_hit);
+    assert!(
+        first.upgrade().is_none() && hit.upgrade().is_none(),
+        "a dropped credential is still alive"
+    );
+}
